@@ -1,0 +1,93 @@
+"""Server configuration: pydantic at the edge (YAML, env), plain values inside."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from platformdirs import user_cache_dir, user_data_dir
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(value: int | str) -> int:
+    """'2GiB' -> 2147483648; plain integers are bytes."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", value)
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (use e.g. 512MiB, 2GiB or a number of bytes)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def data_dir() -> Path:
+    """Where durable state (the SQLite history) lives unless configured; SESSIONSERVE_DATA_DIR overrides."""
+    return Path(os.environ.get("SESSIONSERVE_DATA_DIR") or user_data_dir("sessionserve"))
+
+
+def cache_dir() -> Path:
+    """Where converted models live; SESSIONSERVE_CACHE_DIR overrides."""
+    return Path(os.environ.get("SESSIONSERVE_CACHE_DIR") or user_cache_dir("sessionserve"))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("builtin:smollm2-135m-instruct", description="builtin:NAME, a Hugging Face id or a local folder")
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    dtype: str = Field("auto", description="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16, float16")
+    torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores of the process")
+
+
+class EngineConfig(_Section):
+    max_batch_size: int = Field(32, ge=1, description="most sequences in one forward pass")
+    max_batch_tokens: int = Field(2048, ge=16, description="most tokens (decode + prefill chunks) in one step")
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    kv_cache_memory: int = Field(2 * 2**30, description="device bytes for the KV pool")
+    host_cache_memory: int = Field(4 * 2**30, description="host bytes for offloaded idle sessions' KV")
+
+    @field_validator("kv_cache_memory", "host_cache_memory", mode="before")
+    @classmethod
+    def _sizes(cls, value: int | str) -> int:
+        return parse_bytes(value)
+
+
+class SessionsConfig(_Section):
+    store: str = Field("", description="sqlite:///PATH, memory://; empty = sqlite in the data dir")
+    idle_ttl_s: float = Field(86400, gt=0, description="idle sessions expire after this many seconds")
+    max_sessions: int = Field(10000, ge=1, description="live sessions at most")
+
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{data_dir() / 'sessions.db'}"
+
+
+class ServingConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    replicas: int = Field(1, ge=1)
+    gpus_per_replica: float = Field(0, ge=0)
+    cpus_per_replica: float = Field(1, gt=0, description="Ray CPUs reserved for each model replica")
+    api_keys: tuple[str, ...] = Field((), description="bearer tokens; empty = no auth")
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    sessions: SessionsConfig = SessionsConfig()
+    serving: ServingConfig = ServingConfig()
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML file (every key optional) and apply dotted-free nested overrides on top."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    return Config.model_validate(raw)

@@ -1,0 +1,92 @@
+"""The engine's public contract: what callers submit and what streams back.
+
+Everything above the engine (service, server, clients) depends only on these types and on the
+`Engine` protocol, so the one-at-a-time engine and the continuous-batching engine are interchangeable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "cancelled"]
+KVTier = Literal["device", "host", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens; temperature 0 means greedy (exactly argmax)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings; the reply is cut before the first match
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One generation: the full prompt's token ids and, for a session, the key whose KV it may reuse.
+
+    `cache_key` names the KV the engine keeps after the request finishes (a session id); requests
+    without one are stateless and their KV is freed at the end.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    cache_key: str | None = None
+
+
+@dataclass(slots=True)
+class GenerationChunk:
+    """A piece of a streamed reply. The last chunk has `finish_reason` set."""
+
+    token_ids: list[int]  # tokens new in this chunk (a stop string's tokens are not withheld)
+    text: str  # text new in this chunk, with stop strings already cut out
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0  # prompt length (set on every chunk)
+    cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed
+
+
+@dataclass(frozen=True, slots=True)
+class KVInfo:
+    """Where a session's KV lives and how many tokens it covers."""
+
+    tier: KVTier
+    tokens: int
+
+
+class Engine(Protocol):
+    """Asynchronous submit / stream / cancel, plus lifecycle of per-session KV."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Submit a request and stream its reply. Closing the iterator early cancels the request."""
+        ...
+
+    async def cancel(self, request_id: str) -> None:
+        """Stop a running request; its stream ends with finish_reason 'cancelled'."""
+        ...
+
+    def release(self, cache_key: str) -> None:
+        """Forget a session's KV (destroy, clear, or history edited)."""
+        ...
+
+    def kv_info(self, cache_key: str) -> KVInfo:
+        """Tier and token count of a session's KV; tier 'none' when nothing is held."""
+        ...
+
+    def fork(self, source_key: str, target_key: str) -> None:
+        """Make `target_key` share `source_key`'s KV (copy-on-write where supported)."""
+        ...
+
+    @property
+    def max_context_tokens(self) -> int:
+        """Longest prompt + reply the model accepts."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Stop background work and free memory."""
+        ...

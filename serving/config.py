@@ -51,6 +51,7 @@ class EngineConfig(_Section):
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     kv_cache_memory: int = Field(2 * 2**30, description="device bytes for the KV pool")
     host_cache_memory: int = Field(4 * 2**30, description="host bytes for offloaded idle sessions' KV")
+    max_model_len: int = Field(0, ge=0, description="context limit in tokens (prompt + reply); 0 = the model's")
 
     @field_validator("kv_cache_memory", "host_cache_memory", mode="before")
     @classmethod

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from serving.client import LocalClient, SessionClient
 from serving.config import ModelConfig
 from serving.models import SMOLLM2, TINY_RANDOM, LoadedModel, load_model, prepare_smollm2
+from tests.support import deploy, smollm2_config
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +33,54 @@ def tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One small local Ray cluster for the whole test session (~15 s to start)."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    serve.shutdown()
+    ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster) -> int:
+    """Ray Serve's HTTP proxy on a free loopback port (fixed for the cluster's life)."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+@pytest.fixture(scope="session")
+def local_client(smollm2_dir, tmp_path_factory):
+    store = f"sqlite:///{tmp_path_factory.mktemp('local') / 'sessions.db'}"
+    client = LocalClient(smollm2_config(store))
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def http_url(smollm2_dir, serve_port, tmp_path_factory):
+    store = f"sqlite:///{tmp_path_factory.mktemp('http') / 'sessions.db'}"
+    return deploy(smollm2_config(store), serve_port)
+
+
+@pytest.fixture(scope="session")
+def http_client(http_url):
+    client = SessionClient(http_url)
+    yield client
+    client.close()

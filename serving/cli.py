@@ -1,0 +1,106 @@
+"""`sessionserve serve | chat | model prepare`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Session-aware LLM inference server.", no_args_is_help=True, add_completion=False)
+model_app = typer.Typer(help="Manage models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+console = Console()
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/default.yaml)")]
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="bind address (overrides config)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (overrides config)")] = None,
+    engine: Annotated[str | None, typer.Option(help="engine kind (default: the factory's default)")] = None,
+) -> None:
+    """Start Ray Serve with the ingress and model deployments, and serve until interrupted."""
+    import ray
+    from ray import serve as ray_serve
+
+    from serving.config import load_config
+    from serving.models import SMOLLM2, prepare_smollm2
+    from serving.server.builder import build_app
+
+    settings = load_config(config, {"serving": {k: v for k, v in {"host": host, "port": port}.items() if v}})
+    if settings.model.name == SMOLLM2:
+        prepare_smollm2()  # convert once here, not inside every replica
+    ray.init(ignore_reinit_error=True, include_dashboard=False)
+    ray_serve.start(http_options={"host": settings.serving.host, "port": settings.serving.port})
+    ray_serve.run(build_app(settings, engine), name="sessionserve", route_prefix="/")
+    console.print(f"[green]sessionserve[/] on http://{settings.serving.host}:{settings.serving.port}  (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
+
+
+@app.command()
+def chat(
+    url: Annotated[str, typer.Option(help="server URL")] = "http://127.0.0.1:8000",
+    local: Annotated[bool, typer.Option("--local", help="run the model in-process instead of over HTTP")] = False,
+    config: ConfigOption = None,
+    session_id: Annotated[str | None, typer.Option(help="resume this session")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="system prompt of a new session")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    api_key: Annotated[str | None, typer.Option(envvar="SESSIONSERVE_API_KEY")] = None,
+) -> None:
+    """Chat in the terminal, streaming replies. Empty line or Ctrl-D quits; the session stays on the server."""
+    from serving.server.protocol import APIError
+
+    if local:
+        from serving.client import LocalClient
+        from serving.config import load_config
+
+        client = LocalClient(load_config(config))
+    else:
+        from serving.client import SessionClient
+
+        client = SessionClient(url, api_key=api_key)
+    try:
+        sid = session_id or client.create_session(uuid.uuid4().hex, system_prompt=system_prompt)
+        console.print(f"[dim]session {sid}[/]")
+        while True:
+            try:
+                text = console.input("[bold cyan]you>[/] ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+            console.print("[bold magenta]bot>[/] ", end="")
+            try:
+                for piece in client.stream(text, session_id=sid, max_new_tokens=max_new_tokens):
+                    console.print(piece, end="", markup=False, highlight=False)
+            except APIError as error:
+                console.print(f"[red]{error.message}[/]", end="")
+            console.print()
+    finally:
+        client.close()
+
+
+@model_app.command("prepare")
+def prepare(name: Annotated[str, typer.Argument(help="model name")] = "builtin:smollm2-135m-instruct") -> None:
+    """Convert/download a model once so serving starts fast."""
+    from serving.models import SMOLLM2, prepare_smollm2
+
+    if name != SMOLLM2:
+        console.print(f"nothing to prepare for {name}: Hugging Face ids and folders load directly")
+        return
+    folder = prepare_smollm2()
+    console.print(f"[green]ready[/] {name} -> {folder}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,242 @@
+"""Python clients with one set of methods: SessionClient (HTTP) and LocalClient (in-process, no Ray).
+
+`query` also takes DeepSpeed-MII's call shape, `query({"query": text}, session_id=..., max_new_tokens=...)`,
+so MII session code works unchanged. SessionClient imports only httpx and the wire protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from pydantic import ValidationError
+
+from serving.server.protocol import (
+    APIError,
+    AppendRequest,
+    CreateSessionRequest,
+    ForkSessionRequest,
+    MessageOut,
+    MessagesResponse,
+    QueryRequest,
+    QueryResponse,
+    SessionInfo,
+)
+
+if TYPE_CHECKING:
+    from serving.config import Config
+    from serving.server.api import SessionAPI
+
+Prompt = str | dict[str, Any]
+
+
+def _validated(model: type, **fields: Any) -> Any:
+    """Build a request model, turning pydantic's error into the same 422 the server gives."""
+    try:
+        return model(**fields)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
+        raise APIError(422, "invalid_request", f"invalid request: {problems}") from None
+
+
+def _query_request(prompt: Prompt, stream: bool, params: dict[str, Any]) -> QueryRequest:
+    if isinstance(prompt, dict):  # DeepSpeed-MII: {"query": text}
+        if "query" not in prompt:
+            raise APIError(422, "invalid_request", "a dict prompt needs a 'query' key (DeepSpeed-MII shape)")
+        prompt = prompt["query"]
+    return _validated(QueryRequest, prompt=prompt, stream=stream, **params)
+
+
+class SessionClient:
+    """HTTP client for a sessionserve server."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 600):
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise self._error(response)
+        return response
+
+    @staticmethod
+    def _error(response: httpx.Response) -> APIError:
+        try:
+            detail = response.json()["error"]
+            return APIError(response.status_code, detail["code"], detail["message"])
+        except (ValueError, KeyError, TypeError):
+            return APIError(response.status_code, "http_error", response.text[:500])
+
+    def create_session(
+        self,
+        session_id: str | None = None,
+        *,
+        system_prompt: str | None = None,
+        messages: Sequence[dict] = (),
+        metadata: dict | None = None,
+    ) -> str:
+        body = _validated(
+            CreateSessionRequest,
+            session_id=session_id,
+            system_prompt=system_prompt,
+            messages=list(messages),
+            metadata=metadata or {},
+        )
+        response = self._request("POST", "/v1/sessions", json=body.model_dump(exclude_none=True))
+        return SessionInfo.model_validate(response.json()).session_id
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        return SessionInfo.model_validate(self._request("GET", f"/v1/sessions/{session_id}").json())
+
+    def destroy_session(self, session_id: str) -> None:
+        self._request("DELETE", f"/v1/sessions/{session_id}")
+
+    def fork(self, session_id: str, new_session_id: str | None = None) -> str:
+        body = ForkSessionRequest(session_id=new_session_id).model_dump(exclude_none=True)
+        response = self._request("POST", f"/v1/sessions/{session_id}/fork", json=body)
+        return SessionInfo.model_validate(response.json()).session_id
+
+    def query(self, prompt: Prompt, *, session_id: str, **params: Any) -> QueryResponse:
+        body = _query_request(prompt, False, params)
+        response = self._request("POST", f"/v1/sessions/{session_id}/query", json=body.model_dump())
+        return QueryResponse.model_validate(response.json())
+
+    def stream(self, prompt: Prompt, *, session_id: str, **params: Any) -> Iterator[str]:
+        """Yield text pieces as the server streams them (Server-Sent Events)."""
+        body = _query_request(prompt, True, params)
+        with self._http.stream("POST", f"/v1/sessions/{session_id}/query", json=body.model_dump()) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise self._error(response)
+            event = ""
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line[5:])
+                    if event == "delta":
+                        yield data["text"]
+                    elif event == "error":
+                        raise APIError(500, data["error"]["code"], data["error"]["message"])
+
+    def history(self, session_id: str, window: int | None = None) -> list[MessageOut]:
+        params = {"window": window} if window is not None else {}
+        response = self._request("GET", f"/v1/sessions/{session_id}/messages", params=params)
+        return MessagesResponse.model_validate(response.json()).messages
+
+    def append(self, session_id: str, messages: Sequence[dict]) -> list[MessageOut]:
+        body = _validated(AppendRequest, messages=list(messages))
+        response = self._request("POST", f"/v1/sessions/{session_id}/messages", json=body.model_dump())
+        return MessagesResponse.model_validate(response.json()).messages
+
+    def clear(self, session_id: str) -> None:
+        self._request("DELETE", f"/v1/sessions/{session_id}/messages")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> SessionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalClient:
+    """The same methods, in-process: loads the model here and runs the engine on a private event loop."""
+
+    def __init__(self, config: Config | None = None, *, engine_kind: str | None = None) -> None:
+        from serving.config import Config
+        from serving.server.api import SessionAPI
+        from serving.service import SessionService
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sessionserve-local", daemon=True)
+        self._thread.start()
+        self.api: SessionAPI = SessionAPI(SessionService.from_config(config or Config(), engine_kind))
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def create_session(
+        self,
+        session_id: str | None = None,
+        *,
+        system_prompt: str | None = None,
+        messages: Sequence[dict] = (),
+        metadata: dict | None = None,
+    ) -> str:
+        body = _validated(
+            CreateSessionRequest,
+            session_id=session_id,
+            system_prompt=system_prompt,
+            messages=list(messages),
+            metadata=metadata or {},
+        )
+        return self._run(self.api.create_session(body)).session_id
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        return self._run(self.api.get_session(session_id))
+
+    def destroy_session(self, session_id: str) -> None:
+        self._run(self.api.destroy_session(session_id))
+
+    def fork(self, session_id: str, new_session_id: str | None = None) -> str:
+        return self._run(self.api.fork_session(session_id, ForkSessionRequest(session_id=new_session_id))).session_id
+
+    def query(self, prompt: Prompt, *, session_id: str, **params: Any) -> QueryResponse:
+        return self._run(self.api.query(session_id, _query_request(prompt, False, params)))
+
+    def stream(self, prompt: Prompt, *, session_id: str, **params: Any) -> Iterator[str]:
+        """Yield text pieces as they are generated; leaving the loop early cancels the turn."""
+        request = _query_request(prompt, True, params)
+        pieces: queue.Queue[Any] = queue.Queue()
+        done = object()
+
+        async def pump(events: AsyncIterator[str | QueryResponse]) -> None:
+            try:
+                async for event in events:
+                    if isinstance(event, str):
+                        pieces.put(event)
+            except BaseException as error:  # handed to the consuming thread
+                pieces.put(error)
+            finally:
+                pieces.put(done)
+
+        task = asyncio.run_coroutine_threadsafe(pump(self.api.query_stream(session_id, request)), self._loop)
+        try:
+            while (item := pieces.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            task.cancel()
+
+    def history(self, session_id: str, window: int | None = None) -> list[MessageOut]:
+        if window is not None and window < 1:
+            raise APIError(422, "invalid_request", "window must be at least 1")
+        return self._run(self.api.messages(session_id, window)).messages
+
+    def append(self, session_id: str, messages: Sequence[dict]) -> list[MessageOut]:
+        body = _validated(AppendRequest, messages=list(messages))
+        return self._run(self.api.append(session_id, body)).messages
+
+    def clear(self, session_id: str) -> None:
+        self._run(self.api.clear(session_id))
+
+    def close(self) -> None:
+        self._run(self.api.service.shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> LocalClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,32 @@
+"""Build the configured engine. Each kind is one entry in `_BUILDERS`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from serving.config import EngineConfig
+from serving.engine.types import Engine
+from serving.models import LoadedModel
+
+
+def _simple(loaded: LoadedModel, engine_config: EngineConfig) -> Engine:
+    from serving.engine.simple_engine import SimpleEngine
+
+    return SimpleEngine(loaded, max_model_len=engine_config.max_model_len)
+
+
+_BUILDERS: dict[str, Callable[[LoadedModel, EngineConfig], Engine]] = {
+    "simple": _simple,
+}
+
+
+def engine_kinds() -> tuple[str, ...]:
+    return tuple(_BUILDERS)
+
+
+def build_engine(loaded: LoadedModel, engine_config: EngineConfig, kind: str = "simple") -> Engine:
+    try:
+        builder = _BUILDERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown engine kind {kind!r}; known: {', '.join(_BUILDERS)}") from None
+    return builder(loaded, engine_config)

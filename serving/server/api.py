@@ -1,0 +1,163 @@
+"""SessionAPI: protocol models in, protocol models out, errors as APIError.
+
+The one adapter between the wire format and SessionService. The Ray model deployment and the
+in-process LocalClient both call it, so the two clients see exactly the same behaviour.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import ParamSpec, TypeVar
+
+from serving.server.errors import to_api_error
+from serving.server.openai_api import OpenAIChat
+from serving.server.openai_protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
+from serving.server.protocol import (
+    AppendRequest,
+    CreateSessionRequest,
+    ForkSessionRequest,
+    KVState,
+    MessageOut,
+    MessagesResponse,
+    QueryRequest,
+    QueryResponse,
+    SessionInfo,
+    Timing,
+    Usage,
+)
+from serving.service import SessionService, TextDelta, TurnParams, TurnResult
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _as_api_errors(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Any exception leaving a public method becomes an APIError with an HTTP status."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except Exception as error:
+            raise to_api_error(error) from error
+
+    return wrapper
+
+
+def turn_params(request: QueryRequest) -> TurnParams:
+    return TurnParams(
+        max_new_tokens=request.max_new_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        seed=request.seed,
+        stop=tuple(request.stop),
+    )
+
+
+def query_response(result: TurnResult) -> QueryResponse:
+    return QueryResponse(
+        session_id=result.session_id,
+        response=result.response,
+        finish_reason=result.finish_reason,
+        usage=Usage(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            cached_tokens=result.cached_tokens,
+        ),
+        timing=Timing(ttft_ms=round(result.ttft_ms, 3), total_ms=round(result.total_ms, 3)),
+    )
+
+
+class SessionAPI:
+    """Every public operation; raises APIError (status, code, message) for anything refused."""
+
+    def __init__(self, service: SessionService, model_name: str = "sessionserve") -> None:
+        self.service = service
+        self.openai = OpenAIChat(service, model_name)
+
+    @_as_api_errors
+    async def create_session(self, request: CreateSessionRequest, owner: str | None = None) -> SessionInfo:
+        record = self.service.create_session(
+            request.session_id,
+            system_prompt=request.system_prompt,
+            messages=[m.model_dump(exclude_none=True) for m in request.messages],
+            metadata=request.metadata,
+            owner=owner,
+        )
+        return self._info(record.session_id, owner)
+
+    @_as_api_errors
+    async def get_session(self, session_id: str, owner: str | None = None) -> SessionInfo:
+        return self._info(session_id, owner)
+
+    @_as_api_errors
+    async def destroy_session(self, session_id: str, owner: str | None = None) -> None:
+        self.service.destroy_session(session_id, owner)
+
+    @_as_api_errors
+    async def fork_session(self, session_id: str, request: ForkSessionRequest, owner: str | None = None) -> SessionInfo:
+        child = self.service.fork(session_id, request.session_id, owner)
+        return self._info(child.session_id, owner)
+
+    @_as_api_errors
+    async def query(self, session_id: str, request: QueryRequest, owner: str | None = None) -> QueryResponse:
+        result = await self.service.query(session_id, request.prompt, turn_params(request), owner)
+        return query_response(result)
+
+    async def query_stream(
+        self, session_id: str, request: QueryRequest, owner: str | None = None
+    ) -> AsyncIterator[str | QueryResponse]:
+        """Text deltas (str), then the final QueryResponse. Errors before the first token raise APIError."""
+        try:
+            async for event in self.service.stream(session_id, request.prompt, turn_params(request), owner):
+                yield event.text if isinstance(event, TextDelta) else query_response(event)
+        except Exception as error:
+            raise to_api_error(error) from error
+
+    @_as_api_errors
+    async def chat_completion(
+        self, request: ChatCompletionRequest, session_id: str | None = None, owner: str | None = None
+    ) -> ChatCompletionResponse:
+        return await self.openai.complete(request, session_id, owner)
+
+    async def chat_completion_stream(
+        self, request: ChatCompletionRequest, session_id: str | None = None, owner: str | None = None
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        try:
+            async for chunk in self.openai.stream(request, session_id, owner):
+                yield chunk
+        except Exception as error:
+            raise to_api_error(error) from error
+
+    @_as_api_errors
+    async def messages(self, session_id: str, window: int | None = None, owner: str | None = None) -> MessagesResponse:
+        history = self.service.history(session_id, window, owner)
+        return MessagesResponse(
+            session_id=session_id, messages=[MessageOut(role=m.role, content=m.content) for m in history]
+        )
+
+    @_as_api_errors
+    async def append(self, session_id: str, request: AppendRequest, owner: str | None = None) -> MessagesResponse:
+        self.service.append(session_id, [m.model_dump(exclude_none=True) for m in request.messages], owner)
+        return await self.messages(session_id, None, owner)
+
+    @_as_api_errors
+    async def clear(self, session_id: str, owner: str | None = None) -> None:
+        self.service.clear(session_id, owner)
+
+    def _info(self, session_id: str, owner: str | None) -> SessionInfo:
+        details = self.service.details(session_id, owner)
+        record = details.record
+        return SessionInfo(
+            session_id=record.session_id,
+            system_prompt=record.system_prompt,
+            metadata=record.metadata,
+            created_at=record.created_at,
+            last_active_at=record.last_active_at,
+            turns=details.turns,
+            messages=details.messages,
+            context_tokens=details.context_tokens,
+            kv=KVState(tier=details.kv.tier, tokens=details.kv.tokens),
+        )

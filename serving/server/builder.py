@@ -1,0 +1,48 @@
+"""build_app(config) -> serve.Application: the one place that wires ingress to model replicas.
+
+`app_builder` is the YAML entry point: `import_path: serving.server.builder:app_builder`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from serving.config import Config, load_config
+from serving.server.ingress import Ingress
+from serving.server.llm_server import LLMServer
+
+
+def api_keys(config: Config) -> tuple[str, ...]:
+    """Configured keys plus SESSIONSERVE_API_KEYS (comma separated), so secrets can stay out of YAML."""
+    from_env = tuple(k.strip() for k in os.environ.get("SESSIONSERVE_API_KEYS", "").split(",") if k.strip())
+    return tuple(config.serving.api_keys) + from_env
+
+
+# Consistent hashing over the session id: every turn of a session reaches the replica holding its KV, and
+# when a replica dies the ring moves only that replica's sessions (they rebuild KV from the shared history).
+SESSION_AFFINITY = RequestRouterConfig(
+    request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
+    request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 0},
+)
+
+
+def build_app(config: Config, engine_kind: str | None = None) -> serve.Application:
+    serving = config.serving
+    model = LLMServer.options(
+        num_replicas=serving.replicas,
+        request_router_config=SESSION_AFFINITY,
+        ray_actor_options={"num_cpus": serving.cpus_per_replica, "num_gpus": serving.gpus_per_replica},
+    ).bind(config.model_dump(mode="json"), engine_kind)
+    return Ingress.bind(model, config.model.name, api_keys(config))
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Ray Serve config-file entry: args may hold `config` (a YAML path) and nested overrides."""
+    path = args.get("config")
+    overrides = {k: v for k, v in args.items() if k != "config" and isinstance(v, dict)}
+    return build_app(load_config(Path(path) if path else None, overrides))

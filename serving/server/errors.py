@@ -1,0 +1,37 @@
+"""Typed exceptions -> HTTP status and error envelope, in one place."""
+
+from __future__ import annotations
+
+from serving.server.protocol import APIError, ErrorDetail, ErrorResponse
+from sessions.errors import (
+    ContextTooLong,
+    InvalidRequest,
+    SessionBusy,
+    SessionError,
+    SessionExists,
+    SessionNotFound,
+    TooManySessions,
+)
+
+STATUS_BY_ERROR: dict[type[SessionError], int] = {
+    SessionNotFound: 404,
+    SessionExists: 409,
+    SessionBusy: 409,
+    ContextTooLong: 413,
+    InvalidRequest: 422,
+    TooManySessions: 429,
+}
+
+
+def to_api_error(error: Exception) -> APIError:
+    """Map any exception to what the client sees; unknown errors are 500s with no internals leaked."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, SessionError):
+        status = next((s for cls, s in STATUS_BY_ERROR.items() if isinstance(error, cls)), 400)
+        return APIError(status, error.code, str(error))
+    return APIError(500, "internal_error", f"the server failed to handle the request ({type(error).__name__})")
+
+
+def error_body(error: APIError) -> dict:
+    return ErrorResponse(error=ErrorDetail(code=error.code, message=error.message)).model_dump()

@@ -1,0 +1,125 @@
+"""HTTP request/response shapes: the one place that defines the wire format.
+
+Imported by the server and by `SessionClient`, so it must stay light: pydantic only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_PROMPT_CHARS = 1_000_000
+MAX_NEW_TOKENS_CAP = 8192
+
+
+class _Strict(BaseModel):
+    """Our own routes refuse unknown fields, so a typo ('max_tokens') is a 422, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="'text'; other part types are refused for text-only models")
+    text: str | None = None
+    value: str | None = Field(None, description="MLServer spelling of text")
+
+
+class MessageIn(_Strict):
+    role: str = Field(description="system, user or assistant")
+    content: str | list[TextPart]
+
+
+class MessageOut(BaseModel):
+    role: str
+    content: str
+
+
+class CreateSessionRequest(_Strict):
+    session_id: str | None = Field(None, description="1-128 chars of A-Z a-z 0-9 . _ : -; a UUID4 if omitted")
+    system_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    messages: list[MessageIn] = Field(default_factory=list, description="initial history (user/assistant)")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ForkSessionRequest(_Strict):
+    session_id: str | None = Field(None, description="id of the new session; a UUID4 if omitted")
+
+
+class KVState(BaseModel):
+    tier: Literal["device", "host", "none"]
+    tokens: int
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    system_prompt: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: float
+    last_active_at: float
+    turns: int
+    messages: int
+    context_tokens: int
+    kv: KVState
+
+
+class QueryRequest(_Strict):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the user's message")
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS_CAP)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=16, description="stop strings")
+    stream: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class Timing(BaseModel):
+    ttft_ms: float
+    total_ms: float
+
+
+class QueryResponse(BaseModel):
+    session_id: str
+    response: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    usage: Usage
+    timing: Timing
+
+
+class AppendRequest(_Strict):
+    messages: list[MessageIn] = Field(min_length=1)
+
+
+class MessagesResponse(BaseModel):
+    session_id: str
+    messages: list[MessageOut]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class APIError(Exception):
+    """What both clients raise for a refused request: the HTTP status, a stable code and what to fix."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def __reduce__(self) -> tuple:  # crosses process boundaries (Ray) intact
+        return (APIError, (self.status, self.code, self.message))

@@ -1,0 +1,257 @@
+"""SessionService: sessions (history, prompt) + the engine (KV, generation), one turn at a time per session.
+
+This is the layer both the Ray model deployment and the in-process LocalClient call; it knows nothing
+about HTTP or Ray. A turn's messages are committed only when its generation finishes, so a failed or
+cancelled turn leaves the stored history untouched.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from serving.config import Config
+from serving.engine.types import Engine, FinishReason, GenerationRequest, KVInfo, SamplingParams
+from sessions.errors import InvalidRequest
+from sessions.manager import SessionManager
+from sessions.messages import Message
+from sessions.prompt import PromptBuilder
+from sessions.store import open_store
+from sessions.store.base import SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class TurnParams:
+    """One query's knobs, already range-checked at the edge (HTTP model or client)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=self.stop,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    session_id: str
+    response: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    ttft_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of a streamed reply."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDetails:
+    record: SessionRecord
+    messages: int
+    turns: int
+    context_tokens: int
+    kv: KVInfo
+
+
+class SessionService:
+    """create / query / stream / destroy / history / append / clear / fork for chat sessions."""
+
+    def __init__(self, manager: SessionManager, prompts: PromptBuilder, engine: Engine, max_model_len: int = 0) -> None:
+        self.manager = manager
+        self.prompts = prompts
+        self.engine = engine
+        limit = engine.max_context_tokens
+        self.max_context_tokens = min(limit, max_model_len) if max_model_len else limit
+
+    @classmethod
+    def from_config(cls, config: Config, engine_kind: str | None = None) -> SessionService:
+        """Load the model and open the store; the expensive part of a replica's start."""
+        from serving.engine.factory import build_engine  # torch is imported only here
+        from serving.models import load_model
+
+        loaded = load_model(config.model)
+        engine = (
+            build_engine(loaded, config.engine, engine_kind) if engine_kind else build_engine(loaded, config.engine)
+        )
+        store = open_store(config.sessions.store_url())
+        manager = SessionManager(
+            store, engine, max_sessions=config.sessions.max_sessions, idle_ttl_s=config.sessions.idle_ttl_s
+        )
+        return cls(manager, PromptBuilder(loaded.tokenizer), engine, config.engine.max_model_len)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def create_session(
+        self,
+        session_id: str | None = None,
+        *,
+        system_prompt: str | None = None,
+        messages: Sequence = (),
+        metadata: dict | None = None,
+        owner: str | None = None,
+    ) -> SessionRecord:
+        return self.manager.create(
+            session_id, system_prompt=system_prompt, messages=messages, metadata=metadata, owner=owner
+        )
+
+    def details(self, session_id: str, owner: str | None = None) -> SessionDetails:
+        record = self.manager.get(session_id, owner)
+        history = self.manager.history(session_id, owner=owner)
+        kv = self.engine.kv_info(session_id)
+        context = kv.tokens if kv.tokens else self._context_tokens(record, history)
+        turns = sum(1 for message in history if message.role == "assistant")
+        return SessionDetails(record=record, messages=len(history), turns=turns, context_tokens=context, kv=kv)
+
+    def destroy_session(self, session_id: str, owner: str | None = None) -> None:
+        self.manager.destroy(session_id, owner)
+
+    def history(self, session_id: str, window: int | None = None, owner: str | None = None) -> list[Message]:
+        return self.manager.history(session_id, window, owner=owner)
+
+    def append(self, session_id: str, messages: Sequence, owner: str | None = None) -> None:
+        self.manager.append(session_id, messages, owner=owner)
+
+    def clear(self, session_id: str, owner: str | None = None) -> None:
+        self.manager.clear(session_id, owner=owner)
+
+    def fork(self, session_id: str, new_session_id: str | None = None, owner: str | None = None) -> SessionRecord:
+        """A new session with the parent's history, sharing its KV (copy-on-write where the engine can)."""
+        parent = self.manager.get(session_id, owner)
+        history = self.manager.history(session_id, owner=owner)
+        child = self.manager.create(
+            new_session_id or uuid.uuid4().hex,
+            system_prompt=parent.system_prompt,
+            messages=history,
+            metadata=dict(parent.metadata),
+            owner=owner,
+        )
+        self.engine.fork(session_id, child.session_id)
+        return child
+
+    # ---- turns -----------------------------------------------------------------------------------
+    async def query(self, session_id: str, prompt: str, params: TurnParams, owner: str | None = None) -> TurnResult:
+        result: TurnResult | None = None
+        async for event in self.stream(session_id, prompt, params, owner):
+            if isinstance(event, TurnResult):
+                result = event
+        assert result is not None, "stream() always ends with a TurnResult"
+        return result
+
+    async def stream(
+        self, session_id: str, prompt: str, params: TurnParams, owner: str | None = None
+    ) -> AsyncIterator[TextDelta | TurnResult]:
+        """One user message as a turn: text deltas, then one TurnResult."""
+        if not prompt or not prompt.strip():
+            raise InvalidRequest("prompt is empty: send the user's message as a non-empty string")
+        async for event in self.stream_turn(session_id, [Message(role="user", content=prompt)], params, owner):
+            yield event
+
+    async def stream_turn(
+        self, session_id: str, new_messages: Sequence[Message], params: TurnParams, owner: str | None = None
+    ) -> AsyncIterator[TextDelta | TurnResult]:
+        """Generate after `new_messages`; they and the reply are committed only if generation finished."""
+        _require_user_last(new_messages)
+        self.manager.get(session_id, owner)  # 404 before waiting for the lock
+        async with self.manager.turn(session_id):
+            record = self.manager.get(session_id, owner)
+            history = self.manager.history(session_id, owner=owner)
+            built = self.prompts.build(
+                record.system_prompt,
+                history,
+                new_messages,
+                max_new_tokens=params.max_new_tokens,
+                max_context_tokens=self.max_context_tokens,
+            )
+            result: TurnResult | None = None
+            async for event in self._generate(session_id, built.token_ids, params, cache_key=session_id):
+                if isinstance(event, TurnResult):
+                    result = event
+                else:
+                    yield event
+            assert result is not None
+            if result.finish_reason != "cancelled":
+                self.manager.commit_turn(session_id, new_messages, Message(role="assistant", content=result.response))
+            yield result
+
+    async def stream_stateless(
+        self, system_prompt: str | None, messages: Sequence[Message], params: TurnParams
+    ) -> AsyncIterator[TextDelta | TurnResult]:
+        """A whole conversation sent by the client (OpenAI style): nothing stored, no KV kept."""
+        _require_user_last(messages)
+        built = self.prompts.build(
+            system_prompt,
+            messages[:-1],
+            messages[-1:],
+            max_new_tokens=params.max_new_tokens,
+            max_context_tokens=self.max_context_tokens,
+        )
+        async for event in self._generate("", built.token_ids, params, cache_key=None):
+            yield event
+
+    async def _generate(
+        self, session_id: str, prompt_ids: list[int], params: TurnParams, cache_key: str | None
+    ) -> AsyncIterator[TextDelta | TurnResult]:
+        request = GenerationRequest(
+            request_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, params=params.sampling(), cache_key=cache_key
+        )
+        start = time.perf_counter()
+        first_token_at: float | None = None
+        pieces: list[str] = []
+        completion_tokens = cached_tokens = 0
+        finish_reason: FinishReason = "cancelled"
+        async with aclosing(self.engine.generate(request)) as chunks:
+            async for chunk in chunks:
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                completion_tokens += len(chunk.token_ids)
+                cached_tokens = chunk.cached_tokens
+                if chunk.text:
+                    pieces.append(chunk.text)
+                    yield TextDelta(chunk.text)
+                if chunk.finish_reason is not None:
+                    finish_reason = chunk.finish_reason
+        end = time.perf_counter()
+        yield TurnResult(
+            session_id=session_id,
+            response="".join(pieces),
+            finish_reason=finish_reason,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+            ttft_ms=((first_token_at or end) - start) * 1000,
+            total_ms=(end - start) * 1000,
+        )
+
+    def _context_tokens(self, record: SessionRecord, history: list[Message]) -> int:
+        """Tokens the session's next prompt starts from (its rendered history)."""
+        built = self.prompts.build(
+            record.system_prompt, history, [], max_new_tokens=0, max_context_tokens=self.max_context_tokens
+        )
+        return len(built.token_ids)
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()
+
+
+def _require_user_last(messages: Sequence[Message]) -> None:
+    if not messages or messages[-1].role != "user":
+        raise InvalidRequest("the new messages must end with a user message for the model to answer")

@@ -1,0 +1,235 @@
+"""SessionManager: lifecycle, validation, ownership, per-session turn ordering, idle expiry and limits.
+
+Every request is validated completely before the store is touched, so a refused request changes nothing.
+The manager reaches the engine only through EngineClient.release: history is the source of truth and KV is a
+cache of it, so whenever history shrinks or disappears the session's KV must go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sessions.errors import InvalidRequest, SessionBusy, SessionExists, TooManySessions
+from sessions.messages import Message, parse_messages
+from sessions.store.base import HistoryStore, SessionRecord, check_window, not_found
+
+log = logging.getLogger(__name__)
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class EngineClient(Protocol):
+    """All the manager needs from the engine: forget the KV held under a session's cache key."""
+
+    def release(self, cache_key: str) -> None: ...
+
+
+@dataclass(slots=True)
+class _TurnLock:
+    """A session's lock plus how many turns hold or await it, so idle locks can be dropped instead of leaking."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+def _check_session_id(session_id: object) -> str:
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        raise InvalidRequest(
+            f"session id {session_id!r} is invalid: use 1-128 characters from letters, digits and . _ : -"
+        )
+    return session_id
+
+
+def _check_metadata(metadata: object) -> dict:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidRequest(f"metadata must be a JSON object, got {type(metadata).__name__}")
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as error:
+        raise InvalidRequest(f"metadata must be JSON-serialisable: {error}") from None
+    return metadata
+
+
+def _check_conversation(messages: Sequence) -> list[Message]:
+    """Parse stored-history messages; system messages are refused because the system prompt lives on the record."""
+    parsed = parse_messages(messages)
+    for index, message in enumerate(parsed):
+        if message.role == "system":
+            raise InvalidRequest(
+                f"messages[{index}]: a system message cannot be part of the history; set system_prompt instead"
+            )
+    return parsed
+
+
+class SessionManager:
+    """The one place that decides what a session may do; the store only stores and the engine only computes."""
+
+    def __init__(
+        self,
+        store: HistoryStore,
+        engine: EngineClient | None = None,
+        *,
+        max_sessions: int = 10000,
+        idle_ttl_s: float = 86400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        if idle_ttl_s <= 0:
+            raise ValueError(f"idle_ttl_s must be > 0 seconds, got {idle_ttl_s}")
+        self.store = store
+        self.engine = engine
+        self.max_sessions = max_sessions
+        self.idle_ttl_s = idle_ttl_s
+        self._clock = clock
+        self._create_lock = threading.Lock()  # count-then-create must not interleave within this process
+        self._turn_locks: dict[str, _TurnLock] = {}
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def create(
+        self,
+        session_id: str | None = None,
+        *,
+        system_prompt: str | None = None,
+        messages: Sequence = (),
+        metadata: dict | None = None,
+        owner: str | None = None,
+    ) -> SessionRecord:
+        """Create a session (uuid4 hex id if none) with optional history; all validated before anything is stored."""
+        session_id = uuid.uuid4().hex if session_id is None else _check_session_id(session_id)
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise InvalidRequest(f"system_prompt must be a string, got {type(system_prompt).__name__}")
+        history = _check_conversation(messages)
+        metadata = _check_metadata(metadata)
+        now = self._clock()
+        record = SessionRecord(session_id, system_prompt, metadata, now, now, owner)
+        with self._create_lock:
+            if self.store.get(session_id) is not None:
+                raise SessionExists(f"session {session_id!r} already exists: pick another id or omit it")
+            if self.store.count() >= self.max_sessions:
+                self.expire_idle()
+                if self.store.count() >= self.max_sessions:
+                    raise TooManySessions(
+                        f"the server already holds its maximum of {self.max_sessions} sessions: destroy sessions "
+                        "you no longer need, or raise sessions.max_sessions"
+                    )
+            self.store.create(record)  # still raises SessionExists if another process took the id meanwhile
+        if history:
+            try:
+                self.store.append(session_id, history, now)
+            except BaseException:
+                self.store.delete(session_id)  # a half-created session must not survive
+                raise
+        return record
+
+    def get(self, session_id: str, owner: str | None = None) -> SessionRecord:
+        """The record; SessionNotFound also when `owner` differs, so callers cannot probe others' ids."""
+        record = self.store.get(session_id)
+        if record is None or (owner is not None and record.owner != owner):
+            raise not_found(session_id)
+        return record
+
+    def destroy(self, session_id: str, owner: str | None = None) -> None:
+        """Delete history and record, and free the session's KV."""
+        self.get(session_id, owner)
+        if not self.store.delete(session_id):
+            raise not_found(session_id)  # deleted concurrently
+        self._turn_locks.pop(session_id, None)
+        self._release(session_id)
+
+    def count(self) -> int:
+        return self.store.count()
+
+    def expire_idle(self) -> list[str]:
+        """Destroy sessions idle longer than idle_ttl_s, except those running a turn here; returns their ids."""
+        cutoff = self._clock() - self.idle_ttl_s
+        expired = []
+        for session_id in self.store.idle_since(cutoff):
+            entry = self._turn_locks.get(session_id)
+            if entry is not None and entry.users:
+                continue
+            record = self.store.get(session_id)  # re-check: another process may have used it since the scan
+            if record is None or record.last_active_at >= cutoff or not self.store.delete(session_id):
+                continue
+            self._turn_locks.pop(session_id, None)
+            self._release(session_id)
+            expired.append(session_id)
+        if expired:
+            log.info("expired %d idle sessions", len(expired))
+        return expired
+
+    # ---- history -----------------------------------------------------------------------------------
+    def history(self, session_id: str, window: int | None = None, owner: str | None = None) -> list[Message]:
+        """The last `window` messages (all if None), oldest first; the system prompt is on the record."""
+        check_window(window)
+        self.get(session_id, owner)
+        return self.store.messages(session_id, window)
+
+    def message_count(self, session_id: str, owner: str | None = None) -> int:
+        self.get(session_id, owner)
+        return self.store.message_count(session_id)
+
+    def append(self, session_id: str, messages: Sequence, owner: str | None = None) -> None:
+        """Add messages without generating. The session's KV stays valid: history only grows."""
+        parsed = _check_conversation(messages)
+        if not parsed:
+            raise InvalidRequest("messages is empty: send at least one {role, content} message to append")
+        self.get(session_id, owner)
+        self.store.append(session_id, parsed, self._clock())
+
+    def clear(self, session_id: str, owner: str | None = None) -> None:
+        """Delete the messages but keep the session and its system prompt; its KV no longer matches, so free it."""
+        self.get(session_id, owner)
+        self.store.clear(session_id)
+        self.store.touch(session_id, self._clock())
+        self._release(session_id)
+
+    def commit_turn(self, session_id: str, new_messages: Sequence[Message], reply: Message) -> None:
+        """Store a finished turn in one atomic append, so a failed or cancelled generation leaves no half turn."""
+        parsed = _check_conversation([*new_messages, reply])
+        if parsed[-1].role != "assistant":
+            raise InvalidRequest(f"a turn's reply must be an assistant message, got role {parsed[-1].role!r}")
+        self.store.append(session_id, parsed, self._clock())
+
+    # ---- turn ordering -----------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def turn(self, session_id: str, *, wait: bool = True) -> AsyncIterator[None]:
+        """Hold the session's lock for one turn so turns run strictly in arrival order (asyncio.Lock is FIFO).
+
+        With wait=False a turn already running raises SessionBusy instead of queueing.
+        """
+        entry = self._turn_locks.get(session_id)
+        if entry is None:
+            entry = self._turn_locks[session_id] = _TurnLock()
+        if not wait and entry.lock.locked():
+            raise SessionBusy(
+                f"session {session_id!r} is already running a turn: wait for it to finish (or cancel it) and retry"
+            )
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0 and self._turn_locks.get(session_id) is entry:
+                del self._turn_locks[session_id]
+
+    def _release(self, session_id: str) -> None:
+        if self.engine is None:
+            return
+        try:
+            self.engine.release(session_id)
+        except Exception:  # the history change already happened; a KV leak must not turn it into an error
+            log.exception("engine failed to release the KV of session %r", session_id)

@@ -1,0 +1,31 @@
+"""The Ray app can be redeployed on the same SQLite file without losing a session."""
+
+from __future__ import annotations
+
+import pytest
+from ray import serve
+
+from serving.client import SessionClient
+from tests.support import deploy, smollm2_config
+
+pytestmark = [pytest.mark.model, pytest.mark.ray]
+
+
+def test_history_survives_an_app_restart(smollm2_dir, serve_port, tmp_path):
+    config = smollm2_config(f"sqlite:///{tmp_path / 'restart.db'}")
+    name, prefix = "sessionserve-restart", "/restart"
+    url = deploy(config, serve_port, name, prefix)
+    with SessionClient(url) as client:
+        sid = client.create_session("survivor")
+        first = client.query("What is the capital of France?", session_id=sid, max_new_tokens=16)
+    serve.delete(name)
+    url = deploy(config, serve_port, name, prefix)  # new replicas: empty KV, same history file
+    try:
+        with SessionClient(url) as client:
+            assert [m.content for m in client.history(sid)] == ["What is the capital of France?", first.response]
+            second = client.query("And of Spain?", session_id=sid, max_new_tokens=16)
+            assert second.usage.cached_tokens == 0
+            assert "Madrid" in second.response
+            assert len(client.history(sid)) == 4
+    finally:
+        serve.delete(name)

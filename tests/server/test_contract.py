@@ -1,0 +1,150 @@
+"""One contract, two clients: LocalClient (in-process) and SessionClient (HTTP on Ray Serve)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from serving.server.protocol import APIError
+
+pytestmark = pytest.mark.model
+
+
+def new_id() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def test_capital_of_france(client):
+    sid = client.create_session(new_id())
+    reply = client.query("What is the capital of France?", session_id=sid, max_new_tokens=24)
+    assert "Paris" in reply.response
+    assert reply.finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens > 0
+    client.destroy_session(sid)
+
+
+def test_second_turn_reuses_first_turns_kv(client):
+    sid = client.create_session(new_id(), system_prompt="You are terse.")
+    first = client.query("Name a colour.", session_id=sid, max_new_tokens=8)
+    second = client.query({"query": "Name another one."}, session_id=sid, max_new_tokens=8)  # MII call shape
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens
+    history = client.history(sid)
+    assert [m.role for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[1].content == first.response and history[3].content == second.response
+    info = client.session_info(sid)
+    assert info.turns == 2 and info.kv.tokens >= second.usage.prompt_tokens
+    client.destroy_session(sid)
+
+
+def test_stream_pieces_form_the_committed_reply(client):
+    sid = client.create_session(new_id())
+    pieces = list(client.stream("Count from one to five.", session_id=sid, max_new_tokens=16))
+    assert len(pieces) > 1
+    assert client.history(sid)[-1].content == "".join(pieces)
+    client.destroy_session(sid)
+
+
+def test_create_with_generated_id_and_initial_messages(client):
+    sid = client.create_session(
+        system_prompt="Be brief.",
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "text", "value": "hello"}]},
+        ],
+        metadata={"team": "a"},
+    )
+    assert len(sid) >= 16
+    info = client.session_info(sid)
+    assert info.system_prompt == "Be brief." and info.metadata == {"team": "a"} and info.turns == 1
+    assert info.context_tokens > 0 and info.kv.tier == "none"
+    assert [m.content for m in client.history(sid)] == ["hi", "hello"]
+    client.destroy_session(sid)
+
+
+def test_history_window_append_and_clear(client):
+    sid = client.create_session(new_id(), system_prompt="Keep me.")
+    client.append(sid, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    client.append(sid, [{"role": "user", "content": [{"type": "text", "text": "c"}]}])
+    assert [m.content for m in client.history(sid, window=2)] == ["b", "c"]
+    client.clear(sid)
+    assert client.history(sid) == []
+    assert client.session_info(sid).system_prompt == "Keep me."
+    client.destroy_session(sid)
+
+
+def expect(status: int, call, *args, **kwargs) -> APIError:
+    with pytest.raises(APIError) as caught:
+        call(*args, **kwargs)
+    assert caught.value.status == status, caught.value
+    assert caught.value.message
+    return caught.value
+
+
+def test_unknown_session_is_404_everywhere(client):
+    missing = new_id()
+    for call, args in [
+        (client.session_info, (missing,)),
+        (client.destroy_session, (missing,)),
+        (client.history, (missing,)),
+        (client.clear, (missing,)),
+        (client.append, (missing, [{"role": "user", "content": "x"}])),
+    ]:
+        expect(404, call, *args)
+    error = expect(404, client.query, "hello", session_id=missing)
+    assert missing in error.message
+
+
+def test_duplicate_id_is_409_and_keeps_the_original(client):
+    sid = client.create_session(new_id(), system_prompt="original")
+    expect(409, client.create_session, sid, system_prompt="impostor")
+    assert client.session_info(sid).system_prompt == "original"
+    client.destroy_session(sid)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "fragment"),
+    [
+        ("", {}, "prompt"),
+        ("hi", {"max_new_tokens": -1}, "max_new_tokens"),
+        ("hi", {"temperature": -0.5}, "temperature"),
+        ("hi", {"top_p": 0}, "top_p"),
+    ],
+)
+def test_bad_query_is_422_and_stores_nothing(client, prompt, params, fragment):
+    sid = client.create_session(new_id())
+    client.append(sid, [{"role": "user", "content": "before"}, {"role": "assistant", "content": "ok"}])
+    error = expect(422, client.query, prompt, session_id=sid, **params)
+    assert fragment in error.message
+    assert [m.content for m in client.history(sid)] == ["before", "ok"]
+    client.destroy_session(sid)
+
+
+def test_bad_messages_are_422_and_store_nothing(client):
+    sid = client.create_session(new_id())
+    error = expect(422, client.append, sid, [{"role": "user", "content": "ok"}, {"role": "wizard", "content": "x"}])
+    assert "role" in error.message
+    expect(422, client.append, sid, [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
+    assert client.history(sid) == []
+    expect(422, client.create_session, new_id(), messages=[{"role": "villain", "content": "x"}])
+    client.destroy_session(sid)
+
+
+def test_prompt_that_cannot_fit_is_413_and_stores_nothing(client):
+    sid = client.create_session(new_id())
+    error = expect(413, client.query, "word " * 2000, session_id=sid, max_new_tokens=16)
+    assert "token" in error.message
+    assert client.history(sid) == []
+    client.destroy_session(sid)
+
+
+def test_trimming_drops_oldest_turns_keeps_system_prompt(client):
+    sid = client.create_session(new_id(), system_prompt="You answer in English.")
+    filler = "This is an old message about nothing in particular. " * 12
+    client.append(sid, [{"role": r, "content": f"{i}: {filler}"} for i in range(12) for r in ("user", "assistant")])
+    reply = client.query("What is the capital of France?", session_id=sid, max_new_tokens=16)
+    assert reply.usage.prompt_tokens + 16 <= 1024  # the configured max_model_len
+    assert "Paris" in reply.response
+    assert len(client.history(sid)) == 26  # trimming shapes the prompt, never the stored history
+    client.destroy_session(sid)

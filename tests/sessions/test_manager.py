@@ -1,0 +1,325 @@
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionNotFound, TooManySessions
+from sessions.manager import SessionManager
+from sessions.messages import Message
+
+U1, A1, U2, A2 = Message("user", "u1"), Message("assistant", "a1"), Message("user", "u2"), Message("assistant", "a2")
+
+
+@pytest.fixture
+def manager(store, engine, clock) -> SessionManager:
+    return SessionManager(store, engine, max_sessions=3, idle_ttl_s=60, clock=clock)
+
+
+def snapshot(manager: SessionManager) -> dict:
+    """Everything the store holds, to prove a refused request changed nothing."""
+    ids = manager.store.idle_since(float("inf"))
+    return {i: (manager.store.get(i), manager.store.messages(i)) for i in ids}
+
+
+# ---- create ------------------------------------------------------------------------------------------
+def test_create_with_everything(manager, clock):
+    record = manager.create(
+        "chat-1",
+        system_prompt="Be terse.",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}, A1],
+        metadata={"lang": "en"},
+        owner="alice",
+    )
+    assert record.session_id == "chat-1"
+    assert manager.get("chat-1") == record
+    assert (record.created_at, record.last_active_at) == (clock.now, clock.now)
+    assert manager.history("chat-1") == [Message("user", "hi"), A1]
+    assert manager.get("chat-1").system_prompt == "Be terse."
+    assert manager.get("chat-1").metadata == {"lang": "en"}
+
+
+def test_create_picks_a_uuid4_hex_id(manager):
+    first, second = manager.create(), manager.create()
+    assert re.fullmatch(r"[0-9a-f]{32}", first.session_id)
+    assert first.session_id != second.session_id
+
+
+@pytest.mark.parametrize("session_id", ["", "a" * 129, "has space", "slash/id", "ümlaut", "x\n", 42])
+def test_create_refuses_bad_ids(manager, session_id):
+    with pytest.raises(InvalidRequest, match="session id"):
+        manager.create(session_id)
+    assert manager.count() == 0
+
+
+def test_create_accepts_every_allowed_character(manager):
+    session_id = "Az09._:-" + "x" * 120
+    assert manager.create(session_id).session_id == session_id
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"messages": [U1, {"role": "robot", "content": "x"}]}, r"messages\[1\]"),
+        ({"messages": [{"role": "system", "content": "sneaky"}]}, "system_prompt"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "text-only"),
+        ({"metadata": ["not", "a", "dict"]}, "metadata"),
+        ({"metadata": {"when": object()}}, "JSON"),
+        ({"system_prompt": 7}, "system_prompt"),
+    ],
+)
+def test_create_validates_everything_before_storing(manager, kwargs, match):
+    with pytest.raises(InvalidRequest, match=match):
+        manager.create("s1", **kwargs)
+    assert manager.count() == 0
+    assert manager.store.get("s1") is None
+
+
+def test_create_existing_id_is_409_and_keeps_the_original(manager):
+    manager.create("s1", system_prompt="original", messages=[U1])
+    before = snapshot(manager)
+    with pytest.raises(SessionExists):
+        manager.create("s1", system_prompt="replacement", messages=[U2, A2])
+    assert snapshot(manager) == before
+
+
+def test_too_many_sessions(manager, clock):
+    for i in range(3):
+        manager.create(f"s{i}")
+    before = snapshot(manager)
+    with pytest.raises(TooManySessions, match="max_sessions"):
+        manager.create("s3")
+    assert snapshot(manager) == before
+
+
+def test_full_server_expires_idle_sessions_to_make_room(manager, clock, engine):
+    manager.create("old")
+    clock.advance(61)
+    manager.create("a")
+    manager.create("b")
+    manager.create("c")  # at the limit: "old" has been idle longer than the TTL and makes room
+    assert manager.store.get("old") is None
+    assert engine.released == ["old"]
+    assert manager.count() == 3
+
+
+# ---- get / owner -------------------------------------------------------------------------------------
+def test_missing_session_is_404_everywhere(manager):
+    for call in (
+        lambda: manager.get("nope"),
+        lambda: manager.destroy("nope"),
+        lambda: manager.history("nope"),
+        lambda: manager.append("nope", [U1]),
+        lambda: manager.clear("nope"),
+        lambda: manager.commit_turn("nope", [U1], A1),
+    ):
+        with pytest.raises(SessionNotFound, match="nope"):
+            call()
+    assert manager.count() == 0
+
+
+def test_owner_isolation_does_not_leak_existence(manager, engine):
+    manager.create("mine", owner="alice", messages=[U1])
+    before = snapshot(manager)
+    for call in (
+        lambda: manager.get("mine", owner="bob"),
+        lambda: manager.history("mine", owner="bob"),
+        lambda: manager.append("mine", [U2], owner="bob"),
+        lambda: manager.clear("mine", owner="bob"),
+        lambda: manager.destroy("mine", owner="bob"),
+    ):
+        with pytest.raises(SessionNotFound) as caught:
+            call()
+        with pytest.raises(SessionNotFound) as missing:
+            manager.get("absent", owner="bob")
+        assert str(caught.value).replace("mine", "X") == str(missing.value).replace("absent", "X")
+    assert snapshot(manager) == before
+    assert engine.released == []
+    assert manager.get("mine", owner="alice").owner == "alice"
+    assert manager.get("mine").owner == "alice"  # no owner given: trusted internal caller
+
+
+# ---- history, append, clear, destroy -------------------------------------------------------------------
+def test_history_window(manager):
+    manager.create("s1", messages=[U1, A1, U2, A2])
+    assert manager.history("s1", window=3) == [A1, U2, A2]
+    assert manager.history("s1") == [U1, A1, U2, A2]
+    assert manager.message_count("s1") == 4
+
+
+@pytest.mark.parametrize("window", [0, -1, 1.5, "2", True])
+def test_history_window_must_be_positive(manager, window):
+    manager.create("s1", messages=[U1])
+    with pytest.raises(InvalidRequest, match="window"):
+        manager.history("s1", window=window)
+
+
+def test_append_validates_all_first_and_keeps_kv(manager, engine, clock):
+    manager.create("s1", messages=[U1])
+    before = snapshot(manager)
+    clock.advance(5)
+    with pytest.raises(InvalidRequest, match=r"messages\[1\]"):
+        manager.append("s1", [A1, {"role": "user", "content": None}, U2])
+    with pytest.raises(InvalidRequest, match="system_prompt"):
+        manager.append("s1", [{"role": "system", "content": "new rules"}])
+    with pytest.raises(InvalidRequest, match="empty"):
+        manager.append("s1", [])
+    assert snapshot(manager) == before
+    manager.append("s1", [A1, {"role": "user", "content": [{"type": "text", "value": "u2"}]}])
+    assert manager.history("s1") == [U1, A1, U2]
+    assert manager.get("s1").last_active_at == clock.now
+    assert engine.released == []  # history only grew: the KV prefix is still valid
+
+
+def test_clear_keeps_system_prompt_and_releases_kv(manager, engine):
+    manager.create("s1", system_prompt="Be terse.", messages=[U1, A1])
+    manager.clear("s1")
+    assert manager.history("s1") == []
+    assert manager.get("s1").system_prompt == "Be terse."
+    assert engine.released == ["s1"]
+
+
+def test_destroy_deletes_and_releases_kv(manager, engine):
+    manager.create("s1", messages=[U1, A1])
+    manager.destroy("s1")
+    assert manager.store.get("s1") is None
+    assert engine.released == ["s1"]
+    with pytest.raises(SessionNotFound):
+        manager.destroy("s1")
+    assert engine.released == ["s1"]
+
+
+def test_engine_release_failure_does_not_undo_destroy(store, clock):
+    class BrokenEngine:
+        def release(self, cache_key: str) -> None:
+            raise RuntimeError("engine down")
+
+    manager = SessionManager(store, BrokenEngine(), clock=clock)
+    manager.create("s1")
+    manager.destroy("s1")
+    assert manager.count() == 0
+
+
+def test_works_without_an_engine(store, clock):
+    manager = SessionManager(store, None, clock=clock)
+    manager.create("s1", messages=[U1])
+    manager.clear("s1")
+    manager.destroy("s1")
+    assert manager.count() == 0
+
+
+# ---- turns ---------------------------------------------------------------------------------------------
+def test_commit_turn_stores_prompt_and_reply_together(manager, clock):
+    manager.create("s1")
+    clock.advance(3)
+    manager.commit_turn("s1", [U1], A1)
+    assert manager.history("s1") == [U1, A1]
+    assert manager.get("s1").last_active_at == clock.now
+
+
+def test_commit_turn_refuses_a_non_assistant_reply(manager):
+    manager.create("s1", messages=[U1, A1])
+    with pytest.raises(InvalidRequest, match="assistant"):
+        manager.commit_turn("s1", [U2], Message("user", "not a reply"))
+    assert manager.history("s1") == [U1, A1]
+
+
+async def test_turns_of_one_session_are_strictly_ordered(manager):
+    manager.create("s1")
+    events: list[str] = []
+
+    async def turn(n: int) -> None:
+        async with manager.turn("s1"):
+            events.append(f"start{n}")
+            await asyncio.sleep(0.01 if n == 0 else 0)  # the first turn is slowest: others must still wait
+            await asyncio.sleep(0)
+            manager.commit_turn("s1", [Message("user", f"q{n}")], Message("assistant", f"r{n}"))
+            events.append(f"end{n}")
+
+    tasks = []
+    for n in range(5):
+        tasks.append(asyncio.create_task(turn(n)))
+        await asyncio.sleep(0)  # fix the arrival order
+    await asyncio.gather(*tasks)
+    assert events == [e for n in range(5) for e in (f"start{n}", f"end{n}")]
+    assert [m.content for m in manager.history("s1")] == [x for n in range(5) for x in (f"q{n}", f"r{n}")]
+    assert manager._turn_locks == {}  # idle locks do not accumulate
+
+
+async def test_turns_of_different_sessions_overlap(manager):
+    manager.create("a")
+    manager.create("b")
+    both_inside = asyncio.Event()
+    inside = set()
+
+    async def turn(session_id: str) -> None:
+        async with manager.turn(session_id):
+            inside.add(session_id)
+            if len(inside) == 2:
+                both_inside.set()
+            await asyncio.wait_for(both_inside.wait(), timeout=1)
+
+    await asyncio.gather(turn("a"), turn("b"))
+
+
+async def test_turn_without_waiting_reports_busy(manager):
+    manager.create("s1")
+    async with manager.turn("s1"):
+        with pytest.raises(SessionBusy, match="already running"):
+            async with manager.turn("s1", wait=False):
+                pass
+    async with manager.turn("s1", wait=False):  # free again
+        pass
+
+
+async def test_failed_turn_stores_nothing_and_frees_the_lock(manager):
+    manager.create("s1", messages=[U1, A1])
+    with pytest.raises(RuntimeError):
+        async with manager.turn("s1"):
+            raise RuntimeError("generation failed before commit_turn")
+    assert manager.history("s1") == [U1, A1]
+    async with manager.turn("s1", wait=False):
+        pass
+
+
+async def test_destroy_removes_the_lock(manager):
+    manager.create("s1")
+    async with manager.turn("s1"):
+        assert "s1" in manager._turn_locks
+        manager.destroy("s1")
+        assert "s1" not in manager._turn_locks
+
+
+# ---- expiry ----------------------------------------------------------------------------------------------
+def test_expire_idle_with_a_fake_clock(manager, clock, engine):
+    manager.create("quiet")
+    manager.create("chatty")
+    clock.advance(50)
+    manager.append("chatty", [U1])
+    assert manager.expire_idle() == []
+    clock.advance(11)  # quiet: idle 61 s > 60; chatty: idle 11 s
+    assert manager.expire_idle() == ["quiet"]
+    assert engine.released == ["quiet"]
+    assert manager.store.get("quiet") is None
+    assert manager.history("chatty") == [U1]
+    clock.advance(49)  # chatty: idle exactly 60 s
+    assert manager.expire_idle() == []  # exactly the TTL is not yet idle *longer* than it
+    clock.advance(0.5)
+    assert manager.expire_idle() == ["chatty"]
+    assert manager.count() == 0
+
+
+async def test_expire_idle_spares_a_session_in_a_turn(manager, clock):
+    manager.create("busy")
+    clock.advance(120)
+    async with manager.turn("busy"):
+        assert manager.expire_idle() == []
+    assert manager.expire_idle() == ["busy"]
+
+
+def test_limits_must_be_sane(store):
+    with pytest.raises(ValueError, match="max_sessions"):
+        SessionManager(store, max_sessions=0)
+    with pytest.raises(ValueError, match="idle_ttl_s"):
+        SessionManager(store, idle_ttl_s=0)

@@ -23,7 +23,6 @@ def serve(
     config: ConfigOption = None,
     host: Annotated[str | None, typer.Option(help="bind address (overrides config)")] = None,
     port: Annotated[int | None, typer.Option(help="port (overrides config)")] = None,
-    engine: Annotated[str | None, typer.Option(help="engine kind (default: the factory's default)")] = None,
 ) -> None:
     """Start Ray Serve with the ingress and model deployments, and serve until interrupted."""
     import ray
@@ -38,7 +37,7 @@ def serve(
         prepare_smollm2()  # convert once here, not inside every replica
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     ray_serve.start(http_options={"host": settings.serving.host, "port": settings.serving.port})
-    ray_serve.run(build_app(settings, engine), name="sessionserve", route_prefix="/")
+    ray_serve.run(build_app(settings), name="sessionserve", route_prefix="/")
     console.print(f"[green]sessionserve[/] on http://{settings.serving.host}:{settings.serving.port}  (Ctrl-C stops)")
     try:
         while True:

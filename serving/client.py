@@ -151,7 +151,7 @@ class SessionClient:
 class LocalClient:
     """The same methods, in-process: loads the model here and runs the engine on a private event loop."""
 
-    def __init__(self, config: Config | None = None, *, engine_kind: str | None = None) -> None:
+    def __init__(self, config: Config | None = None) -> None:
         from serving.config import Config
         from serving.server.api import SessionAPI
         from serving.service import SessionService
@@ -159,7 +159,7 @@ class LocalClient:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sessionserve-local", daemon=True)
         self._thread.start()
-        self.api: SessionAPI = SessionAPI(SessionService.from_config(config or Config(), engine_kind))
+        self.api: SessionAPI = SessionAPI(SessionService.from_config(config or Config()))
 
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

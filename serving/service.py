@@ -84,15 +84,13 @@ class SessionService:
         self.max_context_tokens = min(limit, max_model_len) if max_model_len else limit
 
     @classmethod
-    def from_config(cls, config: Config, engine_kind: str | None = None) -> SessionService:
+    def from_config(cls, config: Config) -> SessionService:
         """Load the model and open the store; the expensive part of a replica's start."""
         from serving.engine.factory import build_engine  # torch is imported only here
         from serving.models import load_model
 
         loaded = load_model(config.model)
-        engine = (
-            build_engine(loaded, config.engine, engine_kind) if engine_kind else build_engine(loaded, config.engine)
-        )
+        engine = build_engine(loaded, config.engine)
         store = open_store(config.sessions.store_url())
         manager = SessionManager(
             store, engine, max_sessions=config.sessions.max_sessions, idle_ttl_s=config.sessions.idle_ttl_s

@@ -24,7 +24,9 @@ def engine_kinds() -> tuple[str, ...]:
     return tuple(_BUILDERS)
 
 
-def build_engine(loaded: LoadedModel, engine_config: EngineConfig, kind: str = "simple") -> Engine:
+def build_engine(loaded: LoadedModel, engine_config: EngineConfig, kind: str | None = None) -> Engine:
+    """`kind` overrides engine_config.kind (benchmarks compare kinds on one config)."""
+    kind = kind or engine_config.kind
     try:
         builder = _BUILDERS[kind]
     except KeyError:

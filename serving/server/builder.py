@@ -31,13 +31,13 @@ SESSION_AFFINITY = RequestRouterConfig(
 )
 
 
-def build_app(config: Config, engine_kind: str | None = None) -> serve.Application:
+def build_app(config: Config) -> serve.Application:
     serving = config.serving
     model = LLMServer.options(
         num_replicas=serving.replicas,
         request_router_config=SESSION_AFFINITY,
         ray_actor_options={"num_cpus": serving.cpus_per_replica, "num_gpus": serving.gpus_per_replica},
-    ).bind(config.model_dump(mode="json"), engine_kind)
+    ).bind(config.model_dump(mode="json"))
     return Ingress.bind(model, config.model.name, api_keys(config))
 
 

@@ -53,7 +53,7 @@ def _replica_name() -> str:
 class LLMServer:
     """Hosts the engine; session-affine routing sends all of a session's turns here while it lives."""
 
-    def __init__(self, config: dict, engine_kind: str | None = None) -> None:
+    def __init__(self, config: dict) -> None:
         from serving.service import SessionService  # heavy imports happen in the replica
 
         parsed = Config.model_validate(config)
@@ -65,7 +65,7 @@ class LLMServer:
                     )
                 }
             )
-        self.api = SessionAPI(SessionService.from_config(parsed, engine_kind), parsed.model.name)
+        self.api = SessionAPI(SessionService.from_config(parsed), parsed.model.name)
         self.replica = _replica_name()
 
     async def call(self, method: str, *args: Any) -> Reply:

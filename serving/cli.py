@@ -36,7 +36,8 @@ def serve(
     if settings.model.name == SMOLLM2:
         prepare_smollm2()  # convert once here, not inside every replica
     ray.init(ignore_reinit_error=True, include_dashboard=False)
-    ray_serve.start(http_options={"host": settings.serving.host, "port": settings.serving.port})
+    http = settings.serving
+    ray_serve.start(http_options={"host": http.host, "port": http.port, "request_timeout_s": http.request_timeout_s})
     ray_serve.run(build_app(settings), name="sessionserve", route_prefix="/")
     console.print(f"[green]sessionserve[/] on http://{settings.serving.host}:{settings.serving.port}  (Ctrl-C stops)")
     try:

@@ -76,6 +76,11 @@ class ServingConfig(_Section):
     gpus_per_replica: float = Field(0, ge=0)
     cpus_per_replica: float = Field(1, gt=0, description="Ray CPUs reserved for each model replica")
     api_keys: tuple[str, ...] = Field((), description="bearer tokens; empty = no auth")
+    max_new_tokens: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask for")
+    max_prompt_tokens: int = Field(
+        0, ge=0, description="prompt tokens per turn at most (older turns are trimmed); 0 = context"
+    )
+    request_timeout_s: float = Field(600, gt=0, description="an HTTP request still running after this is answered 408")
 
 
 class Config(_Section):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -46,6 +46,24 @@ class TurnParams:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnLimits:
+    """Per-request caps an operator sets (serving.max_new_tokens / max_prompt_tokens)."""
+
+    max_new_tokens: int = 4096
+    max_prompt_tokens: int = 0  # 0 = whatever fits the context
+
+    def budget(self, params: TurnParams, context: int) -> int:
+        """Tokens prompt + reply may use; raises if the request asks for more new tokens than allowed."""
+        if params.max_new_tokens > self.max_new_tokens:
+            raise InvalidRequest(
+                f"max_new_tokens {params.max_new_tokens} is over this server's limit of {self.max_new_tokens}"
+            )
+        if self.max_prompt_tokens:
+            return min(context, self.max_prompt_tokens + params.max_new_tokens)
+        return context
+
+
+@dataclass(frozen=True, slots=True)
 class TurnResult:
     session_id: str
     response: str
@@ -76,12 +94,21 @@ class SessionDetails:
 class SessionService:
     """create / query / stream / destroy / history / append / clear / fork for chat sessions."""
 
-    def __init__(self, manager: SessionManager, prompts: PromptBuilder, engine: Engine, max_model_len: int = 0) -> None:
+    def __init__(
+        self,
+        manager: SessionManager,
+        prompts: PromptBuilder,
+        engine: Engine,
+        max_model_len: int = 0,
+        limits: TurnLimits | None = None,
+    ) -> None:
         self.manager = manager
         self.prompts = prompts
         self.engine = engine
         limit = engine.max_context_tokens
         self.max_context_tokens = min(limit, max_model_len) if max_model_len else limit
+        self.limits = limits or TurnLimits()
+        self.on_turn: Callable[[TurnResult], None] | None = None  # metrics hook, called after every generation
 
     @classmethod
     def from_config(cls, config: Config) -> SessionService:
@@ -95,7 +122,8 @@ class SessionService:
         manager = SessionManager(
             store, engine, max_sessions=config.sessions.max_sessions, idle_ttl_s=config.sessions.idle_ttl_s
         )
-        return cls(manager, PromptBuilder(loaded.tokenizer), engine, config.engine.max_model_len)
+        limits = TurnLimits(config.serving.max_new_tokens, config.serving.max_prompt_tokens)
+        return cls(manager, PromptBuilder(loaded.tokenizer), engine, config.engine.max_model_len, limits)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def create_session(
@@ -177,7 +205,7 @@ class SessionService:
                 history,
                 new_messages,
                 max_new_tokens=params.max_new_tokens,
-                max_context_tokens=self.max_context_tokens,
+                max_context_tokens=self.limits.budget(params, self.max_context_tokens),
             )
             result: TurnResult | None = None
             async for event in self._generate(session_id, built.token_ids, params, cache_key=session_id):
@@ -200,7 +228,7 @@ class SessionService:
             messages[:-1],
             messages[-1:],
             max_new_tokens=params.max_new_tokens,
-            max_context_tokens=self.max_context_tokens,
+            max_context_tokens=self.limits.budget(params, self.max_context_tokens),
         )
         async for event in self._generate("", built.token_ids, params, cache_key=None):
             yield event
@@ -228,7 +256,7 @@ class SessionService:
                 if chunk.finish_reason is not None:
                     finish_reason = chunk.finish_reason
         end = time.perf_counter()
-        yield TurnResult(
+        result = TurnResult(
             session_id=session_id,
             response="".join(pieces),
             finish_reason=finish_reason,
@@ -238,6 +266,9 @@ class SessionService:
             ttft_ms=((first_token_at or end) - start) * 1000,
             total_ms=(end - start) * 1000,
         )
+        if self.on_turn is not None:
+            self.on_turn(result)
+        yield result
 
     def _context_tokens(self, record: SessionRecord, history: list[Message]) -> int:
         """Tokens the session's next prompt starts from (its rendered history)."""

@@ -73,6 +73,7 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
+    started: bool = False  # set by the worker when it takes the request
 
 
 class SimpleEngine:
@@ -143,6 +144,16 @@ class SimpleEngine:
         entry = self._requests.get(request_id)
         if entry is not None:
             entry.cancelled.set()
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            cached_sessions = len(self._sessions)
+        running = sum(1 for entry in self._requests.values() if entry.started)
+        return {
+            "running": running,
+            "waiting": len(self._requests) - running,
+            "cached_sessions": cached_sessions,
+        }
 
     def release(self, cache_key: str) -> None:
         with self._lock:
@@ -257,6 +268,7 @@ class SimpleEngine:
         return out.logits[:, -1, :]
 
     def _run(self, entry: _Request) -> None:
+        entry.started = True
         request = entry.request
         params = request.params
         prompt = list(request.prompt_token_ids)

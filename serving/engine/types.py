@@ -82,6 +82,10 @@ class Engine(Protocol):
         """Make `target_key` share `source_key`'s KV (copy-on-write where supported)."""
         ...
 
+    def stats(self) -> dict[str, float]:
+        """Gauges for /metrics: running, waiting, kv_blocks_device, kv_blocks_host, cached_sessions, ..."""
+        ...
+
     @property
     def max_context_tokens(self) -> int:
         """Longest prompt + reply the model accepts."""

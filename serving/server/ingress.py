@@ -9,11 +9,14 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serving.server import metrics
 from serving.server.auth import Authenticator
 from serving.server.errors import error_body
+from serving.server.metrics import ReplicaReport
 from serving.server.openai_protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
 from serving.server.protocol import (
     APIError,
@@ -32,7 +35,23 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (401, 404, 409, 413, 422, 429)
 }
 
+MAX_BODY_BYTES = 8 * 2**20
+
 app = FastAPI(title="sessionserve", version="0.1.0", description="Chat sessions with server-side history and KV.")
+
+
+@app.middleware("http")
+async def _limit_and_count(request: Request, call_next: Callable) -> Response:
+    """Refuse oversized bodies before reading them, and count every request by route template and status."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        error = APIError(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes: send a smaller request")
+        response: Response = JSONResponse(error_body(error), status_code=413)
+    else:
+        response = await call_next(request)
+    route = request.scope.get("route")
+    metrics.METRICS.observe_request(getattr(route, "path", "unmatched"), response.status_code)
+    return response
 
 
 @app.exception_handler(APIError)
@@ -92,6 +111,7 @@ class Ingress:
 
     async def _call(self, session_id: str | None, method: str, *args: Any, response: Response | None = None) -> Any:
         reply = await self._handle(session_id).call.remote(method, *args)
+        metrics.METRICS.observe_report(reply.report)
         if reply.error is not None:
             raise reply.error
         if response is not None:
@@ -101,6 +121,11 @@ class Ingress:
     @app.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus(self) -> Response:
+        """Prometheus text format: requests/errors by route, TTFT/TPOT, tokens, per-replica engine gauges."""
+        return Response(metrics.METRICS.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionInfo, responses=ERRORS)
     async def create_session(
@@ -162,7 +187,10 @@ class Ingress:
         async def body_stream() -> AsyncIterator[str]:
             yield sse(first)
             async for event in events:
-                yield sse(event)
+                if isinstance(event, ReplicaReport):
+                    metrics.METRICS.observe_report(event)
+                else:
+                    yield sse(event)
 
         headers = {REPLICA_HEADER: replica, "cache-control": "no-cache"}
         return StreamingResponse(body_stream(), media_type="text/event-stream", headers=headers)

@@ -1,0 +1,76 @@
+"""Prometheus metrics, kept by the ingress and served at /metrics.
+
+Model replicas live in other processes, so they hand their numbers to the ingress with every reply
+(`ReplicaReport`: gauges + the turns finished since the last report); the ingress is the one place an
+operator scrapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnSample:
+    ttft_ms: float
+    tpot_ms: float | None  # None when a turn produced one token or fewer
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class ReplicaReport:
+    """What a model replica tells the ingress alongside a reply."""
+
+    replica: str
+    gauges: dict[str, float] = field(default_factory=dict)
+    turns: list[TurnSample] = field(default_factory=list)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("sessionserve_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.errors = Counter("sessionserve_errors", "HTTP requests answered 4xx/5xx", ["route", "status"], registry=r)
+        self.ttft = Histogram("sessionserve_ttft_ms", "time to first token", buckets=_LATENCY_BUCKETS_MS, registry=r)
+        self.tpot = Histogram(
+            "sessionserve_tpot_ms", "time per output token after the first", buckets=_LATENCY_BUCKETS_MS, registry=r
+        )
+        self.prompt_tokens = Counter("sessionserve_prompt_tokens", "prompt tokens of finished turns", registry=r)
+        self.cached_tokens = Counter(
+            "sessionserve_cached_prompt_tokens", "prompt tokens whose KV was reused instead of computed", registry=r
+        )
+        self.completion_tokens = Counter("sessionserve_completion_tokens", "generated tokens", registry=r)
+        self.engine = Gauge("sessionserve_engine", "engine gauges per replica", ["replica", "name"], registry=r)
+
+    def observe_request(self, route: str, status: int) -> None:
+        self.requests.labels(route, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(route, str(status)).inc()
+
+    def observe_report(self, report: ReplicaReport | None) -> None:
+        if report is None:
+            return
+        for name, value in report.gauges.items():
+            self.engine.labels(report.replica, name).set(value)
+        for turn in report.turns:
+            self.ttft.observe(turn.ttft_ms)
+            if turn.tpot_ms is not None:
+                self.tpot.observe(turn.tpot_ms)
+            self.prompt_tokens.inc(turn.prompt_tokens)
+            self.cached_tokens.inc(turn.cached_tokens)
+            self.completion_tokens.inc(turn.completion_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# The ingress process' metrics. Always reach it as `metrics.METRICS` (module attribute): Ray pickles the FastAPI
+# app by value, so a name bound at import time in the ingress module would point at a copy in the replica.
+METRICS = Metrics()

@@ -148,3 +148,20 @@ def test_trimming_drops_oldest_turns_keeps_system_prompt(client):
     assert "Paris" in reply.response
     assert len(client.history(sid)) == 26  # trimming shapes the prompt, never the stored history
     client.destroy_session(sid)
+
+
+def test_fork_shares_history_and_continues_like_its_parent(client):
+    parent = client.create_session(new_id(), system_prompt="You are terse.")
+    client.query("What is the capital of France?", session_id=parent, max_new_tokens=12)
+    child = client.fork(parent)
+    assert child != parent
+    assert [m.content for m in client.history(child)] == [m.content for m in client.history(parent)]
+    from_child = client.query("And of Italy?", session_id=child, max_new_tokens=12)
+    from_parent = client.query("And of Italy?", session_id=parent, max_new_tokens=12)
+    assert from_child.response == from_parent.response  # greedy: same history, same answer
+    assert from_child.usage.cached_tokens > 0  # the child started from the parent's KV
+    assert len(client.history(child)) == 4 and len(client.history(parent)) == 4
+    expect(409, client.fork, parent, child)
+    expect(404, client.fork, new_id())
+    client.destroy_session(child)
+    client.destroy_session(parent)

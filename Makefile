@@ -24,11 +24,14 @@ serve: model
 	$(VENV)/bin/sessionserve serve --config $(CONFIG)
 
 lint: install
-	$(VENV)/bin/ruff check serving sessions tests
-	$(VENV)/bin/ruff format --check serving sessions tests
+	$(VENV)/bin/ruff check serving sessions tests benchmarks
+	$(VENV)/bin/ruff format --check serving sessions tests benchmarks
 
 test: model lint
 	$(VENV)/bin/pytest -q -ra --durations=15
+
+bench: model
+	$(PY) -m benchmarks.multiturn --quick --out benchmarks/results/quick.json
 
 clean:
 	rm -rf $(VENV)

@@ -56,7 +56,8 @@ class TurnLimits:
         """Tokens prompt + reply may use; raises if the request asks for more new tokens than allowed."""
         if params.max_new_tokens > self.max_new_tokens:
             raise InvalidRequest(
-                f"max_new_tokens {params.max_new_tokens} is over this server's limit of {self.max_new_tokens}"
+                f"max_new_tokens (max_tokens on /v1/chat/completions) {params.max_new_tokens} is over this"
+                f" server's limit of {self.max_new_tokens}"
             )
         if self.max_prompt_tokens:
             return min(context, self.max_prompt_tokens + params.max_new_tokens)

@@ -56,7 +56,7 @@ def _check_metadata(metadata: object) -> dict:
     if not isinstance(metadata, dict):
         raise InvalidRequest(f"metadata must be a JSON object, got {type(metadata).__name__}")
     try:
-        json.dumps(metadata)
+        json.dumps(metadata, allow_nan=False, ensure_ascii=False).encode("utf-8")  # NaN and lone surrogates too
     except (TypeError, ValueError) as error:
         raise InvalidRequest(f"metadata must be JSON-serialisable: {error}") from None
     return metadata

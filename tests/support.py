@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import httpx
 
@@ -45,3 +47,72 @@ def deploy(config: Config, port: int, name: str = APP_NAME, route_prefix: str = 
     url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
     wait_healthy(url)
     return url
+
+
+# ---- helpers for the multi-app server suites (replicas, auth, load, fuzz) --------------------------------------------
+REPLICA_HEADER = "x-sessionserve-replica"
+TINY = "builtin:tiny-random-llama"
+
+
+def app_config(
+    store: str,
+    *,
+    model: str | None = None,
+    replicas: int = 1,
+    torch_threads: int = 2,
+    api_keys: tuple[str, ...] = (),
+    serving: dict[str, object] | None = None,
+    **engine: object,
+) -> Config:
+    """smollm2_config with the knobs the multi-app suites turn: model, replicas, threads, keys, serving, engine."""
+    base = smollm2_config(store, **engine)
+    model_section = {"torch_threads": torch_threads, **({"name": model} if model else {})}
+    serving_section = {"replicas": replicas, "api_keys": tuple(api_keys), **(serving or {})}
+    return base.model_copy(
+        update={
+            "model": base.model.model_copy(update=model_section),
+            "serving": base.serving.model_copy(update=serving_section),
+        }
+    )
+
+
+@contextlib.contextmanager
+def serve_app(config: Config, port: int, name: str, route_prefix: str) -> Iterator[str]:
+    """Deploy an extra app under its own name and prefix on the session's cluster; always delete it afterwards."""
+    from ray import serve
+
+    try:
+        yield deploy(config, port, name, route_prefix)
+    finally:
+        serve.delete(name)
+
+
+def replica_actor_name(app_name: str, replica_id: str, deployment: str = "SessionModel") -> str:
+    """The Ray actor name of a Serve replica (ReplicaID.to_full_id_str), in the 'serve' namespace."""
+    return f"SERVE_REPLICA::{app_name}#{deployment}#{replica_id}"
+
+
+def kill_replica(app_name: str, replica_id: str, timeout: float = 30) -> None:
+    """Kill the replica actor behind `x-sessionserve-replica: replica_id` and wait until Ray reports it gone."""
+    import ray
+
+    name = replica_actor_name(app_name, replica_id)
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace="serve")
+        except ValueError:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"replica actor {name} still registered {timeout}s after ray.kill")
+
+
+def assert_error_envelope(response: httpx.Response, status: int) -> dict:
+    """The response has `status` and the `{"error": {"code", "message"}}` body with a non-empty message."""
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"].get("code"), str) and body["error"]["code"], body
+    assert isinstance(body["error"].get("message"), str) and body["error"]["message"], body
+    return body["error"]

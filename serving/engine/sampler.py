@@ -82,7 +82,7 @@ def sample(logits: Tensor, params: Sequence[SamplingParams], generators: Sequenc
     temps = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=torch.float32, device=device)
     scaled = logits.float() / temps.unsqueeze(-1)
     if any(p.top_k > 0 for p in params):
-        scaled = apply_top_k(scaled, torch.tensor([p.top_k for p in params], device=device))
+        scaled = apply_top_k(scaled, torch.tensor([min(p.top_k, logits.shape[-1]) for p in params], device=device))
     if any(p.top_p < 1.0 for p in params):
         scaled = apply_top_p(scaled, torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device))
     probs = torch.softmax(scaled, dim=-1)

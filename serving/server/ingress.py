@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.server import metrics
 from serving.server.auth import Authenticator
@@ -44,7 +45,16 @@ app = FastAPI(title="sessionserve", version="0.1.0", description="Chat sessions 
 async def _limit_and_count(request: Request, call_next: Callable) -> Response:
     """Refuse oversized bodies before reading them, and count every request by route template and status."""
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+    too_big = length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES)
+    if length is None and request.method in ("POST", "PUT", "PATCH"):  # chunked: count while reading
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                too_big = True
+                break
+        request._body = bytes(body)  # Starlette hands the buffered body to the route
+    if too_big:
         error = APIError(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes: send a smaller request")
         response: Response = JSONResponse(error_body(error), status_code=413)
     else:
@@ -57,6 +67,14 @@ async def _limit_and_count(request: Request, call_next: Callable) -> Response:
 @app.exception_handler(APIError)
 async def _api_error(_: Request, error: APIError) -> JSONResponse:
     return JSONResponse(error_body(error), status_code=error.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes, wrong methods, unparsable bodies: the same envelope as every other error."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
+    body = error_body(APIError(error.status_code, code, str(error.detail)))
+    return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
 
 
 @app.exception_handler(RequestValidationError)
@@ -146,8 +164,9 @@ class Ingress:
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=ERRORS)
     async def destroy_session(self, session_id: str, authorization: Annotated[str | None, Header()] = None) -> Response:
         owner = self.auth.owner(authorization)
-        await self._call(session_id, "destroy_session", session_id, owner)
-        return Response(status_code=204)
+        done = Response(status_code=204)
+        await self._call(session_id, "destroy_session", session_id, owner, response=done)
+        return done
 
     @app.post("/v1/sessions/{session_id}/fork", status_code=201, response_model=SessionInfo, responses=ERRORS)
     async def fork_session(
@@ -220,21 +239,27 @@ class Ingress:
     async def messages(
         self,
         session_id: str,
+        response: Response,
         window: Annotated[int | None, Query(ge=1, description="last N messages")] = None,
         authorization: Annotated[str | None, Header()] = None,
     ) -> MessagesResponse:
         owner = self.auth.owner(authorization)
-        return await self._call(session_id, "messages", session_id, window, owner)
+        return await self._call(session_id, "messages", session_id, window, owner, response=response)
 
     @app.post("/v1/sessions/{session_id}/messages", response_model=MessagesResponse, responses=ERRORS)
     async def append(
-        self, session_id: str, body: AppendRequest, authorization: Annotated[str | None, Header()] = None
+        self,
+        session_id: str,
+        body: AppendRequest,
+        response: Response,
+        authorization: Annotated[str | None, Header()] = None,
     ) -> MessagesResponse:
         owner = self.auth.owner(authorization)
-        return await self._call(session_id, "append", session_id, body, owner)
+        return await self._call(session_id, "append", session_id, body, owner, response=response)
 
     @app.delete("/v1/sessions/{session_id}/messages", status_code=204, responses=ERRORS)
     async def clear(self, session_id: str, authorization: Annotated[str | None, Header()] = None) -> Response:
         owner = self.auth.owner(authorization)
-        await self._call(session_id, "clear", session_id, owner)
-        return Response(status_code=204)
+        done = Response(status_code=204)
+        await self._call(session_id, "clear", session_id, owner, response=done)
+        return done

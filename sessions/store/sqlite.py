@@ -136,7 +136,7 @@ class SQLiteStore:
             rows = conn.execute(
                 "SELECT role, content FROM (SELECT seq, role, content FROM messages WHERE session_id = ?"
                 " ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-                (session_id, -1 if window is None else window),
+                (session_id, -1 if window is None else min(window, 2**63 - 1)),
             ).fetchall()
         return [Message(role, content) for role, content in rows]
 

@@ -15,8 +15,15 @@ def _simple(loaded: LoadedModel, engine_config: EngineConfig) -> Engine:
     return SimpleEngine(loaded, max_model_len=engine_config.max_model_len)
 
 
+def _paged(loaded: LoadedModel, engine_config: EngineConfig) -> Engine:
+    from serving.engine.async_engine import PagedEngine
+
+    return PagedEngine(loaded, engine_config)
+
+
 _BUILDERS: dict[str, Callable[[LoadedModel, EngineConfig], Engine]] = {
     "simple": _simple,
+    "paged": _paged,
 }
 
 

@@ -1,0 +1,142 @@
+"""`PagedEngine`: the continuous-batching engine behind the asynchronous `Engine` protocol.
+
+A background thread runs `LLMEngine.step()` while there is work and sleeps otherwise. Each request has an
+asyncio.Queue on its caller's event loop, fed with `loop.call_soon_threadsafe`; closing the stream early (or
+`cancel`) aborts the request, which leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from serving.config import EngineConfig
+from serving.engine.llm_engine import LLMEngine, RequestOutput
+from serving.engine.types import GenerationChunk, GenerationRequest, KVInfo
+from serving.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class PagedEngine:
+    """Implements `serving.engine.types.Engine` with continuous batching over a paged, tiered KV cache."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.core = LLMEngine(loaded, config or EngineConfig())
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="sessionserve-paged-engine", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------------------- contract
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self.core.max_context_tokens
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Validate and enqueue now (a bad request raises ValueError here), then stream chunks."""
+        if self._closed:
+            raise RuntimeError("engine is shut down")
+        stream = _Stream(loop=asyncio.get_running_loop())
+        if request.request_id in self._streams:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        self._streams[request.request_id] = stream  # before the worker can produce its first output
+        try:
+            self.core.add_request(request)
+        except BaseException:
+            del self._streams[request.request_id]
+            raise
+        self._wake.set()
+        return self._stream(request.request_id, stream)
+
+    async def _stream(self, request_id: str, stream: _Stream) -> AsyncIterator[GenerationChunk]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.core.abort(request_id)  # the consumer went away
+                self._wake.set()
+            self._streams.pop(request_id, None)
+
+    async def cancel(self, request_id: str) -> None:
+        self.core.abort(request_id)
+        self._wake.set()
+
+    def release(self, cache_key: str) -> None:
+        self.core.release(cache_key)
+
+    def kv_info(self, cache_key: str) -> KVInfo:
+        return self.core.kv_info(cache_key)
+
+    def fork(self, source_key: str, target_key: str) -> None:
+        self.core.fork(source_key, target_key)
+
+    def stats(self) -> dict:
+        """Counters for benchmarks: steps, forward_s, step_s, running, waiting, blocks per tier, cached tokens."""
+        return self.core.stats()
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        for request_id in list(self.core.requests):
+            self.core.abort(request_id)
+        self._closed = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join)
+        self.core.runner.close()
+
+    # ----------------------------------------------------------------------------------------- worker
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self.core.has_work():
+                try:
+                    outputs = self.core.step()
+                except Exception as error:
+                    log.exception("engine step failed; ending all requests")
+                    for request_id in self.core.fail_all():
+                        self._send(request_id, error)
+                    continue
+                for output in outputs:
+                    self._send(output.request_id, output)
+            if self._closed:
+                return
+
+    def _send(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        if isinstance(item, RequestOutput):
+            item = GenerationChunk(
+                token_ids=item.token_ids,
+                text=item.text,
+                finish_reason=item.finish_reason,
+                prompt_tokens=item.prompt_tokens,
+                cached_tokens=item.cached_tokens,
+            )
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            self.core.abort(request_id)

@@ -1,0 +1,221 @@
+"""Who holds which KV blocks, per request and per session, and in which tier (plain Python, no torch).
+
+- A request's block table covers its computed tokens; blocks are added as the scheduler gives it tokens.
+- A session (cache_key) keeps the blocks of its last turn, pinned: other traffic never discards them. When the
+  device pool runs out, the least recently used *idle* sessions move to the host tier; past the host budget the
+  least recently used host sessions are dropped (their next turn recomputes from the prompt).
+- A turn borrows its session's KV: the longest common prefix of the prompt with the session's tokens is reused
+  (whole blocks, plus the partial last block, copied first if a fork shares it); the rest is freed. When the turn
+  ends, its blocks become the session's KV.
+- A fork shares its parent's blocks (reference counts); whoever writes into a shared partial block copies it.
+
+Tensor copies (device<->host, copy-on-write) are asked of the model runner through `BlockCopier`, at once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from serving.engine.block_pool import BlockPool
+from serving.engine.request import Request
+from serving.engine.types import KVTier
+
+BlockPairs = list[tuple[int, int]]
+
+
+class BlockCopier(Protocol):
+    def swap_out(self, pairs: BlockPairs) -> None:
+        """Copy device blocks to host blocks: [(device_id, host_id), ...]."""
+
+    def swap_in(self, pairs: BlockPairs) -> None:
+        """Copy host blocks to device blocks: [(host_id, device_id), ...]."""
+
+    def copy(self, pairs: BlockPairs) -> None:
+        """Copy device blocks to device blocks: [(src_id, dst_id), ...]."""
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass(eq=False, slots=True)
+class SessionKV:
+    key: str
+    tier: KVTier = "none"
+    token_ids: list[int] = field(default_factory=list)  # tokens whose KV the blocks hold
+    block_ids: list[int] = field(default_factory=list)  # ids in the pool of `tier`
+    request: Request | None = None  # the turn currently extending this session (it holds the blocks meanwhile)
+
+
+class KVCacheManager:
+    def __init__(self, num_device_blocks: int, num_host_blocks: int, block_size: int, copier: BlockCopier) -> None:
+        self.block_size = block_size
+        self.pools = {"device": BlockPool(num_device_blocks), "host": BlockPool(num_host_blocks)}
+        self.device = self.pools["device"]
+        self.host = self.pools["host"]
+        self.copier = copier
+        self.sessions: dict[str, SessionKV] = {}
+        self._idle: dict[str, OrderedDict[str, None]] = {"device": OrderedDict(), "host": OrderedDict()}  # LRU first
+        self.counters = {"offloaded_sessions": 0, "restored_sessions": 0, "dropped_sessions": 0, "cow_copies": 0}
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ------------------------------------------------------------------------------------------ sessions
+
+    def session_info(self, key: str) -> tuple[KVTier, int]:
+        session = self.sessions.get(key)
+        if session is None:
+            return "none", 0
+        if session.request is not None:  # mid-turn: the KV lives in the request's blocks
+            computed = session.request.num_computed_tokens
+            return ("device", computed) if computed else ("none", 0)
+        return session.tier, len(session.token_ids)
+
+    def release(self, key: str) -> None:
+        """Forget a session. A turn in flight keeps its blocks until it ends, then frees them."""
+        session = self.sessions.pop(key, None)
+        if session is not None and session.request is None:
+            self._forget_kv(session)
+
+    def fork(self, source_key: str, target_key: str) -> None:
+        """`target_key` shares `source_key`'s idle KV (same tier); nothing to share leaves it empty."""
+        if source_key == target_key:
+            return
+        self.release(target_key)
+        target = self.sessions[target_key] = SessionKV(target_key)
+        source = self.sessions.get(source_key)
+        if source is None or source.request is not None or source.tier == "none":
+            return
+        self.pools[source.tier].share(source.block_ids)
+        target.tier, target.token_ids, target.block_ids = source.tier, list(source.token_ids), list(source.block_ids)
+        self._idle[target.tier][target_key] = None
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def attach(self, request: Request) -> bool:
+        """Before a request first runs: take over its session's KV for the reused prefix. False if no room."""
+        if request.attached:
+            return True
+        session = self._claim_session(request)
+        blocks: list[int] = []
+        reuse = 0
+        if session is not None and session.tier != "none":
+            reuse = min(common_prefix_length(session.token_ids, request.all_token_ids), request.num_tokens - 1)
+            keep = self.blocks_for(reuse)
+            pool = self.pools[session.tier]
+            cow = (
+                session.tier == "device" and reuse % self.block_size and pool.ref_count(session.block_ids[keep - 1]) > 1
+            )
+            if not self._make_room(keep if session.tier == "host" else int(bool(cow))):
+                session.request = None
+                self._idle[session.tier][session.key] = None
+                return False
+            pool.free(session.block_ids[keep:])
+            blocks = session.block_ids[:keep]
+            if session.tier == "host" and keep:
+                on_device = self.device.allocate(keep)
+                self.copier.swap_in(list(zip(blocks, on_device, strict=True)))
+                self.host.free(blocks)
+                blocks = on_device
+                self.counters["restored_sessions"] += 1
+            elif cow:
+                (copy,) = self.device.allocate(1)
+                self.copier.copy([(blocks[-1], copy)])
+                self.device.free([blocks[-1]])
+                blocks[-1] = copy
+                self.counters["cow_copies"] += 1
+            session.tier, session.token_ids, session.block_ids = "none", [], []
+        request.block_ids = blocks
+        request.num_computed_tokens = request.num_cached_tokens = reuse
+        request.attached = True
+        return True
+
+    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+        """Make the block table cover `num_new_tokens` more tokens, offloading idle sessions if needed."""
+        need = self.blocks_for(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
+        if need <= 0:
+            return True
+        if not self._make_room(need):
+            return False
+        request.block_ids.extend(self.device.allocate(need))
+        return True
+
+    def preempt(self, request: Request) -> None:
+        """Free all of a running request's blocks; it will recompute every token when it runs again."""
+        self.device.free(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = 0
+        if not request.num_output_tokens:  # nothing streamed yet: report the recompute honestly
+            request.num_cached_tokens = 0
+
+    def finish(self, request: Request) -> None:
+        """A request ended (any reason): its computed KV becomes its session's, or is freed."""
+        computed = request.num_computed_tokens
+        keep = self.blocks_for(computed)
+        self.device.free(request.block_ids[keep:])
+        session = self.sessions.get(request.cache_key) if request.cache_key is not None else None
+        if session is not None and session.request is request:
+            session.request = None
+            if computed:
+                session.tier, session.block_ids = "device", request.block_ids[:keep]
+                session.token_ids = request.all_token_ids[:computed]
+                self._idle["device"][session.key] = None
+            else:
+                self.device.free(request.block_ids[:keep])
+        else:
+            self.device.free(request.block_ids[:keep])
+        request.block_ids = []
+        request.attached = False
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _claim_session(self, request: Request) -> SessionKV | None:
+        """The request's session, now marked busy; None for stateless requests or a session busy elsewhere."""
+        if request.cache_key is None:
+            return None
+        session = self.sessions.setdefault(request.cache_key, SessionKV(request.cache_key))
+        if session.request is not None:
+            return None  # a concurrent turn of the same session: run without reuse, keep nothing
+        session.request = request
+        if session.tier != "none":
+            del self._idle[session.tier][session.key]
+        return session
+
+    def _make_room(self, num_blocks: int) -> bool:
+        """Free device blocks by moving least recently used idle sessions to the host tier."""
+        while self.device.num_free < num_blocks:
+            if not self._idle["device"]:
+                return False
+            self._offload(self.sessions[next(iter(self._idle["device"]))])
+        return True
+
+    def _offload(self, session: SessionKV) -> None:
+        n = len(session.block_ids)
+        while self.host.num_free < n and self._idle["host"]:
+            self._forget_kv(self.sessions[next(iter(self._idle["host"]))])
+            self.counters["dropped_sessions"] += 1
+        if self.host.num_free < n:  # bigger than the whole host tier
+            self._forget_kv(session)
+            self.counters["dropped_sessions"] += 1
+            return
+        del self._idle["device"][session.key]
+        on_host = self.host.allocate(n)
+        self.copier.swap_out(list(zip(session.block_ids, on_host, strict=True)))
+        self.device.free(session.block_ids)
+        session.tier, session.block_ids = "host", on_host
+        self._idle["host"][session.key] = None
+        self.counters["offloaded_sessions"] += 1
+
+    def _forget_kv(self, session: SessionKV) -> None:
+        """Drop an idle session's KV from whichever tier holds it; its next turn recomputes."""
+        if session.tier != "none":
+            self.pools[session.tier].free(session.block_ids)
+            self._idle[session.tier].pop(session.key, None)
+        session.tier, session.token_ids, session.block_ids = "none", [], []

@@ -1,0 +1,205 @@
+"""The synchronous engine core: add requests, abort them, and `step()` = schedule -> run -> update.
+
+Thread safety: one thread calls `step()`; other threads may call add_request / abort / release / fork /
+kv_info / stats. A lock covers the bookkeeping (scheduling, updating, session calls) but not the forward pass.
+Aborts are applied at the start of the next step, so a request never leaves mid-forward. Blocks freed while a
+forward runs (a released session) are only reallocated by the next `schedule()`, after the forward.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from serving.config import EngineConfig
+from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.kv_cache_manager import KVCacheManager
+from serving.engine.model_runner import ModelRunner
+from serving.engine.request import Request
+from serving.engine.sampler import make_generator
+from serving.engine.scheduler import Scheduler, SchedulerOutput
+from serving.engine.types import FinishReason, GenerationRequest, KVInfo
+from serving.models import LoadedModel
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]  # new this step
+    text: str  # new this step, stop strings cut
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    cached_tokens: int
+
+
+def eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    config = getattr(loaded.model, "generation_config", None)
+    for candidate in (getattr(loaded.tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
+        if candidate is not None:
+            ids.update([candidate] if isinstance(candidate, int) else candidate)
+    return frozenset(int(i) for i in ids)
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.runner = ModelRunner(loaded, config)
+        self.kv = KVCacheManager(
+            self.runner.num_device_blocks, self.runner.num_host_blocks, config.block_size, self.runner
+        )
+        self.scheduler = Scheduler(self.kv, config.max_batch_size, config.max_batch_tokens)
+        self.tokenizer = loaded.tokenizer
+        self.eos = eos_token_ids(loaded)
+        self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
+        limits = [self.runner.num_device_blocks * config.block_size, self.runner.context_cap]
+        limits += [config.max_model_len, getattr(loaded.model.config, "max_position_embeddings", None)]
+        self.max_context_tokens = min(int(x) for x in limits if x)
+        self.requests: dict[str, Request] = {}
+        self.lock = threading.RLock()
+        self._aborts: set[str] = set()
+        self.counters = {"steps": 0, "step_s": 0.0, "tokens": 0, "prompt_tokens": 0, "cached_tokens": 0}
+        self.counters |= {"generated_tokens": 0, "preemptions": 0}
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def add_request(self, spec: GenerationRequest) -> None:
+        """Queue a request; raises ValueError for one that can never run."""
+        ids, params = list(spec.prompt_token_ids), spec.params
+        if not ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if len(ids) >= self.max_context_tokens:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the engine's context is {self.max_context_tokens}: "
+                "it must leave room for at least one new token"
+            )
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if params.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        request = Request(spec.request_id, ids, params, cache_key=spec.cache_key)
+        request.max_tokens = min(len(ids) + params.max_new_tokens, self.max_context_tokens)
+        request.generator = make_generator(params, self.runner.device)
+        request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, prompt_ids=ids)
+        with self.lock:
+            if spec.request_id in self.requests:
+                raise ValueError(f"request id {spec.request_id!r} is already running")
+            self.requests[spec.request_id] = request
+            self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel at the next step (a queued request never runs); its stream ends with 'cancelled'."""
+        with self.lock:
+            if request_id in self.requests:
+                self._aborts.add(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._aborts)
+
+    def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        with self.lock:
+            outputs = self._apply_aborts()
+            out = self.scheduler.schedule()
+        if not out.is_empty:
+            tokens = self.runner.execute(out)
+            with self.lock:
+                outputs += self._update(out, tokens)
+        self._count(out, started)
+        return outputs
+
+    def fail_all(self) -> list[str]:
+        """After an error in a step: end every request (their KV up to the last good step is kept)."""
+        with self.lock:
+            ids = list(self.requests)
+            for request_id in ids:
+                self._finish(self.requests[request_id], "cancelled")
+            self._aborts.clear()
+            return ids
+
+    # ------------------------------------------------------------------------------------------ sessions
+
+    def release(self, cache_key: str) -> None:
+        with self.lock:
+            self.kv.release(cache_key)
+
+    def fork(self, source_key: str, target_key: str) -> None:
+        with self.lock:
+            self.kv.fork(source_key, target_key)
+
+    def kv_info(self, cache_key: str) -> KVInfo:
+        with self.lock:
+            tier, tokens = self.kv.session_info(cache_key)
+        return KVInfo(tier=tier, tokens=tokens)
+
+    def stats(self) -> dict:
+        with self.lock:
+            tiers = [s.tier if s.request is None else "busy" for s in self.kv.sessions.values()]
+            return {
+                **self.counters,
+                **self.runner.timings,
+                **self.kv.counters,
+                "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting),
+                "device_blocks_used": self.kv.device.num_used,
+                "device_blocks_total": self.kv.device.num_blocks,
+                "host_blocks_used": self.kv.host.num_used,
+                "host_blocks_total": self.kv.host.num_blocks,
+                "block_size": self.kv.block_size,
+                "sessions": {tier: tiers.count(tier) for tier in ("device", "host", "none", "busy")},
+            }
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _apply_aborts(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id in sorted(self._aborts):
+            request = self.requests[request_id]
+            text = request.detokenizer.flush()
+            outputs.append(self._output(request, [], text, "cancelled"))
+            self._finish(request, "cancelled")
+        self._aborts.clear()
+        return outputs
+
+    def _update(self, out: SchedulerOutput, tokens: dict[str, int]) -> list[RequestOutput]:
+        outputs = []
+        for request in self.scheduler.update(out):
+            token = tokens[request.request_id]
+            if request.request_id in self._aborts:
+                continue  # cancelled during the forward pass: ends at the next step, without this token
+            request.all_token_ids.append(token)
+            finish: FinishReason | None = None
+            detok = request.detokenizer
+            if token in self.eos:
+                text, finish = detok.flush(), "stop"
+            else:
+                text = detok.add(token)
+                if detok.stopped:
+                    finish = "stop"
+                elif request.num_tokens >= request.max_tokens:
+                    text, finish = text + detok.flush(), "length"
+            outputs.append(self._output(request, [token], text, finish))
+            if finish is not None:
+                self._finish(request, finish)
+        return outputs
+
+    def _output(self, request: Request, token_ids: list[int], text: str, finish: FinishReason | None):
+        return RequestOutput(
+            request.request_id, token_ids, text, finish, request.num_prompt_tokens, request.num_cached_tokens
+        )
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        request.finish_reason = reason
+        self.scheduler.remove(request)
+        del self.requests[request.request_id]
+        self.counters["prompt_tokens"] += request.num_prompt_tokens
+        self.counters["cached_tokens"] += request.num_cached_tokens
+        self.counters["generated_tokens"] += request.num_output_tokens
+
+    def _count(self, out: SchedulerOutput, started: float) -> None:
+        if out.is_empty:
+            return
+        self.counters["steps"] += 1
+        self.counters["step_s"] += time.perf_counter() - started
+        self.counters["tokens"] += out.total_tokens
+        self.counters["preemptions"] += len(out.preempted_ids)

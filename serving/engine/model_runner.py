@@ -1,0 +1,203 @@
+"""The only engine component with tensors: the model, the KV pool of each tier, one forward pass per step."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from serving.config import EngineConfig
+from serving.engine.attention import (
+    ATTENTION_NAME,
+    DecodeGroup,
+    PagedBatch,
+    PagedKVCache,
+    PrefillChunk,
+    check_supported,
+    register,
+)
+from serving.engine.kv_cache_manager import BlockPairs
+from serving.engine.request import Request
+from serving.engine.sampler import sample
+from serving.engine.scheduler import SchedulerOutput
+from serving.models import LoadedModel
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """A zeroed tensor; on the CPU through calloc, so untouched pages of a large pool cost no memory yet."""
+    if device.type != "cpu" or pin:
+        return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a transformers config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.model = loaded.model
+        self.device = loaded.device
+        self.block_size = config.block_size
+        self.context_cap = check_supported(self.model)  # raises ValueError for what cannot be served exactly
+        layers, kv_heads, head_dim = kv_shape(self.model.config)
+        self.bytes_per_block = layers * 2 * config.block_size * kv_heads * head_dim * loaded.dtype.itemsize
+        self.num_device_blocks = config.kv_cache_memory // self.bytes_per_block
+        self.num_host_blocks = config.host_cache_memory // self.bytes_per_block
+        if self.num_device_blocks < 1:
+            raise ValueError(f"kv_cache_memory {config.kv_cache_memory} B holds no block of {self.bytes_per_block} B")
+        shape = (layers, 2, self.num_device_blocks, config.block_size, kv_heads, head_dim)
+        self.kv = zeros(shape, loaded.dtype, self.device)
+        host_shape = (layers, 2, self.num_host_blocks, config.block_size, kv_heads, head_dim)
+        self.host_kv = zeros(host_shape, loaded.dtype, torch.device("cpu"), pin=self.device.type == "cuda")
+        self.cache = PagedKVCache(self.kv)
+        self._use_paged_attention()
+        self._skip_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # 4D: transformers keeps it
+        self._aranges = torch.arange(0, device=self.device)
+        self.timings = {"prepare_s": 0.0, "forward_s": 0.0, "sample_s": 0.0, "copy_s": 0.0}
+
+    def _use_paged_attention(self) -> None:
+        """Switch the model to paged attention (plain SDPA when called outside an engine step)."""
+        register()
+        users = getattr(self.model, "_sessionserve_engines", 0)
+        if not users:
+            self.model._sessionserve_attention = self.model.config._attn_implementation
+            self.model.set_attn_implementation(ATTENTION_NAME)
+            if self.model.config._attn_implementation != ATTENTION_NAME:
+                raise ValueError(f"{type(self.model).__name__} cannot switch its attention implementation")
+        self.model._sessionserve_engines = users + 1
+
+    def close(self) -> None:
+        """Drop the pools; the last engine on this model gives it its own attention back."""
+        self.model._sessionserve_engines -= 1
+        if not self.model._sessionserve_engines:
+            self.model.set_attn_implementation(self.model._sessionserve_attention)
+        self.kv = self.host_kv = torch.empty(0)
+        self.cache = None
+
+    # ------------------------------------------------------------------------------ BlockCopier (tier moves)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, pairs: BlockPairs) -> None:
+        if not pairs:
+            return
+        started = time.perf_counter()
+        src_ids = torch.tensor([s for s, _ in pairs], device=src.device)
+        dst_ids = torch.tensor([d for _, d in pairs], device=dst.device)
+        blocks = src.index_select(2, src_ids).to(dst.device, non_blocking=True)
+        dst.index_copy_(2, dst_ids, blocks)
+        self.timings["copy_s"] += time.perf_counter() - started
+
+    def swap_out(self, pairs: BlockPairs) -> None:
+        self._copy(self.host_kv, self.kv, pairs)
+
+    def swap_in(self, pairs: BlockPairs) -> None:
+        self._copy(self.kv, self.host_kv, pairs)
+
+    def copy(self, pairs: BlockPairs) -> None:
+        self._copy(self.kv, self.kv, pairs)
+
+    # ------------------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        """Run the step's tokens through the model; return {request_id: token} for requests that completed."""
+        started = time.perf_counter()
+        input_ids, positions, batch, logits_rows, samplers = self._prepare(out)
+        prepared = time.perf_counter()
+        self.cache.batch = batch
+        logits = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            attention_mask=self._skip_mask,
+            logits_to_keep=logits_rows,
+            paged_batch=batch,
+        ).logits[0]
+        self.cache.batch = None
+        forwarded = time.perf_counter()
+        tokens: dict[str, int] = {}
+        if samplers:
+            params = [r.params for r in samplers]
+            sampled = sample(logits.float(), params, [r.generator for r in samplers]).tolist()
+            tokens = {r.request_id: token for r, token in zip(samplers, sampled, strict=True)}
+        done = time.perf_counter()
+        self.timings["prepare_s"] += prepared - started
+        self.timings["forward_s"] += forwarded - prepared
+        self.timings["sample_s"] += done - forwarded
+        return tokens
+
+    def _prepare(self, out: SchedulerOutput):
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        samplers: list[Request] = []
+        decodes: list[Request] = []
+        prefills: list[PrefillChunk] = []
+        # single-token rows first, shortest context first (so groups of similar length are consecutive rows)
+        rows = sorted(
+            zip(out.requests, out.num_tokens, strict=True), key=lambda r: (r[1] > 1, r[0].num_computed_tokens)
+        )
+        for request, n in rows:
+            start, end, table = request.num_computed_tokens, request.num_computed_tokens + n, request.block_ids
+            row = len(ids)
+            ids.extend(request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1:
+                decodes.append(request)
+            else:
+                mask = None
+                if start:  # attend to the cached prefix and causally within the chunk
+                    mask = self._arange(end)[None, :] <= self._arange(end)[start:, None]
+                blocks = torch.tensor(table[: -(-end // bs)], device=self.device)
+                prefills.append(PrefillChunk(start=row, length=n, context=end, block_ids=blocks, mask=mask))
+            if end == request.num_tokens:
+                logits_rows.append(row + n - 1)
+                samplers.append(request)
+        batch = PagedBatch(
+            slot_mapping=torch.tensor(slots, device=self.device),
+            decodes=self._decode_groups(decodes),
+            prefills=prefills,
+            cache=self.cache,
+        )
+        input_ids = torch.tensor([ids], device=self.device)
+        position_ids = torch.tensor([positions], device=self.device)
+        return input_ids, position_ids, batch, torch.tensor(logits_rows, dtype=torch.long, device=self.device), samplers
+
+    def _decode_groups(self, requests: list[Request]) -> list[DecodeGroup]:
+        """Split rows (sorted by context) where the context more than doubles, bounding the padding."""
+        bs = self.block_size
+        groups: list[DecodeGroup] = []
+        start = 0
+        while start < len(requests):
+            first = requests[start].num_computed_tokens + 1
+            end = start + 1
+            while end < len(requests) and requests[end].num_computed_tokens + 1 <= max(2 * first, first + 4 * bs):
+                end += 1
+            members = requests[start:end]
+            contexts = [r.num_computed_tokens + 1 for r in members]
+            width = -(-contexts[-1] // bs)
+            tables = [r.block_ids[:width] + [0] * (width - len(r.block_ids[:width])) for r in members]
+            mask = None
+            if len(members) > 1:
+                lengths = torch.tensor(contexts, device=self.device)
+                mask = (self._arange(width * bs)[None, :] < lengths[:, None])[:, None, None, :]
+            block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
+            groups.append(DecodeGroup(start, len(members), contexts[-1], block_tables, mask))
+            start = end
+        return groups
+
+    def _arange(self, n: int) -> torch.Tensor:
+        if self._aranges.numel() < n:
+            self._aranges = torch.arange(max(n, 2 * self._aranges.numel()), device=self.device)
+        return self._aranges[:n]

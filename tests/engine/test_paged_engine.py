@@ -1,0 +1,297 @@
+"""The continuous-batching engine against plain transformers `generate` (fp32, greedy, CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from serving.config import EngineConfig
+from serving.engine.async_engine import PagedEngine
+from serving.engine.factory import build_engine
+from serving.engine.types import GenerationChunk, GenerationRequest, KVInfo, SamplingParams
+from serving.models import LoadedModel
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "How many legs does a spider have?",
+    "Write a haiku about the sea.",
+    "What is 12 times 12?",
+    "Who wrote Romeo and Juliet?",
+    "Give me a synonym for happy.",
+    "Why is the sky blue?",
+]
+
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)[
+        "input_ids"
+    ]
+
+
+def reference(loaded: LoadedModel, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+async def run(engine, request_id: str, ids: list[int], key: str | None = None, **params) -> list[GenerationChunk]:
+    request = GenerationRequest(request_id, list(ids), SamplingParams(**params), cache_key=key)
+    return [chunk async for chunk in engine.generate(request)]
+
+
+def tokens(chunks: list[GenerationChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def tiny_config(device_blocks: int = 256, host_blocks: int = 256, **overrides) -> EngineConfig:
+    block = 2 * 2 * 4 * 2 * 16 * 4  # layers * (K, V) * block_size * kv_heads * head_dim * fp32 bytes
+    values = {"block_size": 4, "kv_cache_memory": device_blocks * block, "host_cache_memory": host_blocks * block}
+    return EngineConfig(kind="paged", **(values | overrides))
+
+
+@pytest.fixture
+async def smol(smollm2):
+    engine = build_engine(smollm2, EngineConfig(kind="paged", kv_cache_memory="128MiB", host_cache_memory="64MiB"))
+    yield engine
+    await engine.shutdown()
+    assert smollm2.model.config._attn_implementation == "sdpa"  # given back
+
+
+# ------------------------------------------------------------------------------------- real SmolLM2
+
+
+@pytest.mark.model
+async def test_eight_sessions_batched_equal_alone_and_generate(smol, smollm2, tokenizer):
+    n = 10
+    prompts = [chat_ids(tokenizer, q) for q in QUESTIONS]
+    alone = [tokens(await run(smol, f"alone{i}", ids, max_new_tokens=n)) for i, ids in enumerate(prompts)]
+    steps_before = smol.stats()["steps"]
+    batched = await asyncio.gather(
+        *(run(smol, f"b{i}", ids, key=f"s{i}", max_new_tokens=n) for i, ids in enumerate(prompts))
+    )
+    assert smol.stats()["steps"] - steps_before <= n + 1  # one forward pass per token for all eight
+    for i, ids in enumerate(prompts):
+        assert tokens(batched[i]) == alone[i] == reference(smollm2, ids, n), QUESTIONS[i]
+        assert batched[i][-1].finish_reason in ("stop", "length")
+        assert smol.kv_info(f"s{i}").tier == "device"
+
+
+@pytest.mark.model
+async def test_multi_turn_reuses_kv_and_equals_generate(smol, smollm2, tokenizer):
+    first_ids = chat_ids(tokenizer, QUESTIONS[0])
+    first = await run(smol, "t1", first_ids, key="chat", max_new_tokens=8)
+    reply = tokens(first)
+    assert smol.kv_info("chat") == KVInfo(tier="device", tokens=len(first_ids) + len(reply) - 1)
+    follow = tokenizer("<|im_end|>\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n").input_ids
+    second_ids = first_ids + reply + follow
+    second = await run(smol, "t2", second_ids, key="chat", max_new_tokens=8)
+    assert second[0].cached_tokens == len(first_ids) + len(reply) - 1 >= len(first_ids)
+    assert second[0].prompt_tokens == len(second_ids)
+    assert tokens(second) == reference(smollm2, second_ids, 8)
+
+
+# ------------------------------------------------------------------------------------- mechanics (tiny model)
+
+
+@pytest.fixture
+async def tiny_engines(tiny_model):
+    engines = []
+
+    def make(config: EngineConfig) -> PagedEngine:
+        engines.append(PagedEngine(tiny_model, config))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        await engine.shutdown()
+
+
+PROMPT_A = list(range(1000, 1024))
+PROMPT_B = list(range(2000, 2024))
+
+
+async def test_chunked_prefill_and_batching_equal_generate(tiny_engines, tiny_model):
+    engine = tiny_engines(tiny_config(max_batch_tokens=16))
+    prompts = [list(range(3000 + 50 * i, 3000 + 50 * i + 7 + 9 * i)) for i in range(5)]  # 7..43 tokens
+    outs = await asyncio.gather(*(run(engine, f"r{i}", p, max_new_tokens=6) for i, p in enumerate(prompts)))
+    for p, out in zip(prompts, outs, strict=True):
+        assert tokens(out) == reference(tiny_model, p, 6)
+    assert engine.stats()["device_blocks_used"] == 0
+
+
+async def test_session_offloaded_to_host_and_back_is_exact(tiny_engines, tiny_model):
+    engine = tiny_engines(tiny_config(device_blocks=12, host_blocks=16))
+    a1 = tokens(await run(engine, "a1", PROMPT_A, key="a", max_new_tokens=8))  # 31 tokens of KV: 8 blocks
+    await run(engine, "b1", PROMPT_B, key="b", max_new_tokens=8)  # needs 8 blocks: a moves to the host
+    assert engine.kv_info("a") == KVInfo(tier="host", tokens=31)
+    assert engine.kv_info("b") == KVInfo(tier="device", tokens=31)
+    second = [*PROMPT_A, *a1, 5, 6, 7, 8]
+    a2 = await run(engine, "a2", second, key="a", max_new_tokens=6)
+    assert a2[0].cached_tokens == 31
+    assert tokens(a2) == reference(tiny_model, second, 6)
+    assert engine.kv_info("b").tier == "host"  # b made room for a's return
+    stats = engine.stats()
+    assert stats["offloaded_sessions"] == 2 and stats["restored_sessions"] == 1
+    assert stats["device_blocks_used"] <= 12 and stats["host_blocks_used"] <= 16
+
+
+async def test_session_dropped_past_the_host_budget_is_recomputed_exactly(tiny_engines, tiny_model):
+    engine = tiny_engines(tiny_config(device_blocks=12, host_blocks=4))
+    a1 = tokens(await run(engine, "a1", PROMPT_A, key="a", max_new_tokens=8))
+    await run(engine, "b1", PROMPT_B, key="b", max_new_tokens=8)
+    assert engine.kv_info("a") == KVInfo(tier="none", tokens=0)
+    second = [*PROMPT_A, *a1, 5, 6, 7, 8]
+    a2 = await run(engine, "a2", second, key="a", max_new_tokens=6)
+    assert a2[0].cached_tokens == 0
+    assert tokens(a2) == reference(tiny_model, second, 6)
+    assert engine.stats()["dropped_sessions"] >= 1
+
+
+async def test_fork_continues_exactly_as_its_parent(tiny_engines, tiny_model):
+    engine = tiny_engines(tiny_config())
+    first = tokens(await run(engine, "p1", PROMPT_A, key="parent", max_new_tokens=6))  # 29 tokens: partial block
+    engine.fork("parent", "child")
+    assert engine.kv_info("child") == engine.kv_info("parent") == KVInfo(tier="device", tokens=29)
+    follow = [*PROMPT_A, *first, 9, 10, 11]
+    child, parent = await asyncio.gather(
+        run(engine, "c2", follow, key="child", max_new_tokens=6),
+        run(engine, "p2", follow, key="parent", max_new_tokens=6),
+    )
+    assert tokens(child) == tokens(parent) == reference(tiny_model, follow, 6)
+    assert child[0].cached_tokens == parent[0].cached_tokens == 29
+    assert engine.stats()["cow_copies"] == 1  # the shared partial block was copied once, by whoever wrote first
+
+
+async def test_cancel_frees_non_session_blocks(tiny_engines):
+    engine = tiny_engines(tiny_config())
+    stream = engine.generate(GenerationRequest("c", PROMPT_A, SamplingParams(max_new_tokens=500), cache_key="s"))
+    chunks = []
+    async for chunk in stream:
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            await engine.cancel("c")
+    assert chunks[-1].finish_reason == "cancelled" and len(chunks) < 50
+    info = engine.kv_info("s")
+    assert info.tier == "device" and info.tokens >= len(PROMPT_A) + 2  # the session keeps what was computed
+    stats = engine.stats()
+    assert stats["running"] == stats["waiting"] == 0
+    assert stats["device_blocks_used"] == -(-info.tokens // 4)
+    stateless = engine.generate(GenerationRequest("d", PROMPT_B, SamplingParams(max_new_tokens=500)))
+    async for _ in stateless:
+        break
+    await stateless.aclose()  # closing the stream cancels
+    for _ in range(100):
+        if engine.stats()["running"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.stats()["device_blocks_used"] == -(-info.tokens // 4)
+    engine.release("s")
+    assert engine.stats()["device_blocks_used"] == 0 and engine.kv_info("s").tier == "none"
+
+
+async def test_a_thousand_sessions_leave_the_pools_as_they_found_them(tiny_engines):
+    engine = tiny_engines(tiny_config(device_blocks=8, host_blocks=2, max_batch_size=4))
+    before = engine.stats()
+
+    async def cycle(i: int) -> None:
+        prompt = [100 + i % 50, 7, 8, 9 + i % 3][: 2 + i % 3]
+        out = await run(engine, f"r{i}", prompt, key=f"s{i}", max_new_tokens=1 + i % 2)
+        assert out[-1].finish_reason in ("length", "stop")
+        assert engine.kv_info(f"s{i}").tier in ("device", "host", "none")
+        stats = engine.stats()
+        assert stats["device_blocks_used"] <= 8 and stats["host_blocks_used"] <= 2
+
+    for start in range(0, 1000, 4):  # sessions stay idle for two rounds: offloaded, then dropped
+        await asyncio.gather(*(cycle(i) for i in range(start, start + 4)))
+        for i in range(start - 8, start - 4):
+            engine.release(f"s{i}")
+    for i in range(992, 1000):
+        engine.release(f"s{i}")
+    after = engine.stats()
+    assert after["device_blocks_used"] == before["device_blocks_used"] == 0
+    assert after["host_blocks_used"] == 0 and engine.core.kv.sessions == {}
+    assert after["generated_tokens"] == 1500 and after["cached_tokens"] == 0
+    assert after["offloaded_sessions"] > 0 and after["dropped_sessions"] > 0
+
+
+async def test_stop_strings_and_seeded_sampling(tiny_engines, tokenizer):
+    engine = tiny_engines(tiny_config())
+    free = await run(engine, "free", PROMPT_A, max_new_tokens=12)
+    text = "".join(c.text for c in free)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = await run(engine, "cut", PROMPT_A, max_new_tokens=12, stop=(stop,))
+    assert cut[-1].finish_reason == "stop" and "".join(c.text for c in cut) == text[: text.index(stop)]
+    params = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 7}
+    alone = tokens(await run(engine, "s1", PROMPT_B, **params))
+    together = await asyncio.gather(run(engine, "s2", PROMPT_B, **params), run(engine, "s3", PROMPT_A, **params))
+    assert tokens(together[0]) == alone
+
+
+async def test_invalid_requests_raise(tiny_engines):
+    engine = tiny_engines(tiny_config(device_blocks=8))
+    assert engine.max_context_tokens == 32
+    with pytest.raises(ValueError):
+        engine.generate(GenerationRequest("long", list(range(32))))
+    with pytest.raises(ValueError):
+        engine.generate(GenerationRequest("empty", []))
+    out = await run(engine, "fits", list(range(30)), max_new_tokens=10)
+    assert len(tokens(out)) == 2 and out[-1].finish_reason == "length"  # cut at the context
+
+
+# ------------------------------------------------------------------------------------- other architectures
+
+
+def _loaded(model, tokenizer) -> LoadedModel:
+    return LoadedModel(
+        name="test", model=model.eval(), tokenizer=tokenizer, device=torch.device("cpu"), dtype=torch.float32
+    )
+
+
+def _small(config_class, tokenizer, **extra):
+    torch.manual_seed(0)
+    common = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    common |= {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+    return config_class(**(common | extra))
+
+
+async def test_qwen2_is_served_exactly(tokenizer):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    loaded = _loaded(Qwen2ForCausalLM(_small(Qwen2Config, tokenizer)), tokenizer)
+    engine = PagedEngine(loaded, tiny_config(max_batch_tokens=16))
+    try:
+        outs = await asyncio.gather(
+            run(engine, "a", PROMPT_A, max_new_tokens=5), run(engine, "b", PROMPT_B[:9], max_new_tokens=5)
+        )
+        assert tokens(outs[0]) == reference(loaded, PROMPT_A, 5)
+        assert tokens(outs[1]) == reference(loaded, PROMPT_B[:9], 5)
+    finally:
+        await engine.shutdown()
+
+
+async def test_sliding_window_caps_the_context(tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    loaded = _loaded(MistralForCausalLM(_small(MistralConfig, tokenizer, sliding_window=32, head_dim=16)), tokenizer)
+    engine = PagedEngine(loaded, tiny_config())
+    try:
+        assert engine.max_context_tokens == 32  # within the window, sliding attention is full attention
+        assert tokens(await run(engine, "a", PROMPT_A, max_new_tokens=8)) == reference(loaded, PROMPT_A, 8)
+    finally:
+        await engine.shutdown()
+
+
+def test_unsupported_attention_is_refused(tokenizer):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = _small(Gemma2Config, tokenizer, head_dim=16, attn_logit_softcapping=50.0)
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        PagedEngine(_loaded(Gemma2ForCausalLM(config), tokenizer), tiny_config())

@@ -46,7 +46,7 @@ class ModelConfig(_Section):
 
 
 class EngineConfig(_Section):
-    kind: str = Field("simple", description="simple (one request at a time) or paged (continuous batching)")
+    kind: str = Field("paged", description="paged (continuous batching, tiered session KV) or simple (one at a time)")
     max_batch_size: int = Field(32, ge=1, description="most sequences in one forward pass")
     max_batch_tokens: int = Field(2048, ge=16, description="most tokens (decode + prefill chunks) in one step")
     block_size: int = Field(16, ge=1, description="tokens per KV block")

@@ -91,7 +91,7 @@ class PagedEngine:
     def fork(self, source_key: str, target_key: str) -> None:
         self.core.fork(source_key, target_key)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, float]:
         """Counters for benchmarks: steps, forward_s, step_s, running, waiting, blocks per tier, cached tokens."""
         return self.core.stats()
 

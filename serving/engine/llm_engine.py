@@ -132,7 +132,7 @@ class LLMEngine:
             tier, tokens = self.kv.session_info(cache_key)
         return KVInfo(tier=tier, tokens=tokens)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, float]:
         with self.lock:
             tiers = [s.tier if s.request is None else "busy" for s in self.kv.sessions.values()]
             return {
@@ -146,7 +146,7 @@ class LLMEngine:
                 "host_blocks_used": self.kv.host.num_used,
                 "host_blocks_total": self.kv.host.num_blocks,
                 "block_size": self.kv.block_size,
-                "sessions": {tier: tiers.count(tier) for tier in ("device", "host", "none", "busy")},
+                **{f"sessions_{tier}": tiers.count(tier) for tier in ("device", "host", "none", "busy")},
             }
 
     # ------------------------------------------------------------------------------------------ internals

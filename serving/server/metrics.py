@@ -58,7 +58,8 @@ class Metrics:
         if report is None:
             return
         for name, value in report.gauges.items():
-            self.engine.labels(report.replica, name).set(value)
+            if isinstance(value, int | float):  # numbers only: a metric must never fail a request
+                self.engine.labels(report.replica, name).set(value)
         for turn in report.turns:
             self.ttft.observe(turn.ttft_ms)
             if turn.tpot_ms is not None:

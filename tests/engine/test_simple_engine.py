@@ -217,7 +217,7 @@ async def test_rejects_bad_prompts(tiny, tiny_prompt):
 
 
 async def test_context_limit_and_factory(tiny_model, tiny_prompt):
-    engine = build_engine(tiny_model, EngineConfig(max_model_len=len(tiny_prompt) + 3))
+    engine = build_engine(tiny_model, EngineConfig(kind="simple", max_model_len=len(tiny_prompt) + 3))
     try:
         assert isinstance(engine, SimpleEngine)
         assert engine.max_context_tokens == len(tiny_prompt) + 3

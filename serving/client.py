@@ -52,6 +52,18 @@ def _query_request(prompt: Prompt, stream: bool, params: dict[str, Any]) -> Quer
     return _validated(QueryRequest, prompt=prompt, stream=stream, **params)
 
 
+def _create_request(
+    session_id: str | None, system_prompt: str | None, messages: Sequence[dict], metadata: dict | None
+) -> CreateSessionRequest:
+    return _validated(
+        CreateSessionRequest,
+        session_id=session_id,
+        system_prompt=system_prompt,
+        messages=list(messages),
+        metadata=metadata or {},
+    )
+
+
 class SessionClient:
     """HTTP client for a sessionserve server."""
 
@@ -81,13 +93,7 @@ class SessionClient:
         messages: Sequence[dict] = (),
         metadata: dict | None = None,
     ) -> str:
-        body = _validated(
-            CreateSessionRequest,
-            session_id=session_id,
-            system_prompt=system_prompt,
-            messages=list(messages),
-            metadata=metadata or {},
-        )
+        body = _create_request(session_id, system_prompt, messages, metadata)
         response = self._request("POST", "/v1/sessions", json=body.model_dump(exclude_none=True))
         return SessionInfo.model_validate(response.json()).session_id
 
@@ -172,13 +178,7 @@ class LocalClient:
         messages: Sequence[dict] = (),
         metadata: dict | None = None,
     ) -> str:
-        body = _validated(
-            CreateSessionRequest,
-            session_id=session_id,
-            system_prompt=system_prompt,
-            messages=list(messages),
-            metadata=metadata or {},
-        )
+        body = _create_request(session_id, system_prompt, messages, metadata)
         return self._run(self.api.create_session(body)).session_id
 
     def session_info(self, session_id: str) -> SessionInfo:

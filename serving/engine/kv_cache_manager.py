@@ -20,6 +20,7 @@ from typing import Protocol
 
 from serving.engine.block_pool import BlockPool
 from serving.engine.request import Request
+from serving.engine.token_ids import common_prefix_length
 from serving.engine.types import KVTier
 
 BlockPairs = list[tuple[int, int]]
@@ -34,14 +35,6 @@ class BlockCopier(Protocol):
 
     def copy(self, pairs: BlockPairs) -> None:
         """Copy device blocks to device blocks: [(src_id, dst_id), ...]."""
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 @dataclass(eq=False, slots=True)

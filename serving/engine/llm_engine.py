@@ -19,6 +19,7 @@ from serving.engine.model_runner import ModelRunner
 from serving.engine.request import Request
 from serving.engine.sampler import make_generator
 from serving.engine.scheduler import Scheduler, SchedulerOutput
+from serving.engine.token_ids import eos_token_ids, validate_request
 from serving.engine.types import FinishReason, GenerationRequest, KVInfo
 from serving.models import LoadedModel
 
@@ -33,15 +34,6 @@ class RequestOutput:
     cached_tokens: int
 
 
-def eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
-    ids: set[int] = set()
-    config = getattr(loaded.model, "generation_config", None)
-    for candidate in (getattr(loaded.tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
-        if candidate is not None:
-            ids.update([candidate] if isinstance(candidate, int) else candidate)
-    return frozenset(int(i) for i in ids)
-
-
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.runner = ModelRunner(loaded, config)
@@ -50,7 +42,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.kv, config.max_batch_size, config.max_batch_tokens)
         self.tokenizer = loaded.tokenizer
-        self.eos = eos_token_ids(loaded)
+        self.eos = eos_token_ids(loaded.tokenizer, loaded.model)
         self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
         limits = [self.runner.num_device_blocks * config.block_size, self.runner.context_cap]
         limits += [config.max_model_len, getattr(loaded.model.config, "max_position_embeddings", None)]
@@ -65,18 +57,8 @@ class LLMEngine:
 
     def add_request(self, spec: GenerationRequest) -> None:
         """Queue a request; raises ValueError for one that can never run."""
+        validate_request(spec, self.max_context_tokens, self.vocab_size)
         ids, params = list(spec.prompt_token_ids), spec.params
-        if not ids:
-            raise ValueError("prompt is empty: at least one token is needed")
-        if len(ids) >= self.max_context_tokens:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens but the engine's context is {self.max_context_tokens}: "
-                "it must leave room for at least one new token"
-            )
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if params.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
         request = Request(spec.request_id, ids, params, cache_key=spec.cache_key)
         request.max_tokens = min(len(ids) + params.max_new_tokens, self.max_context_tokens)
         request.generator = make_generator(params, self.runner.device)

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,34 +23,13 @@ from transformers import DynamicCache
 
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.sampler import make_generator, sample
+from serving.engine.token_ids import common_prefix_length, eos_token_ids, validate_request
 from serving.engine.types import FinishReason, GenerationChunk, GenerationRequest, KVInfo
 from serving.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
 _SHUTDOWN = object()
-
-
-def eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
-    """End-of-sequence ids: the tokenizer's plus the generation config's (which may be a list)."""
-    ids: set[int] = set()
-    candidates = [getattr(loaded.tokenizer, "eos_token_id", None)]
-    generation_config = getattr(loaded.model, "generation_config", None)
-    if generation_config is not None:
-        candidates.append(generation_config.eos_token_id)
-    for candidate in candidates:
-        if candidate is None:
-            continue
-        ids.update([candidate] if isinstance(candidate, int) else candidate)
-    return frozenset(int(i) for i in ids)
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def crop_cache(cache: DynamicCache, length: int) -> None:
@@ -88,7 +67,7 @@ class SimpleEngine:
         self._tokenizer = loaded.tokenizer
         self._device = loaded.device
         self._max_sessions = max_cached_sessions
-        self._eos = eos_token_ids(loaded)
+        self._eos = eos_token_ids(loaded.tokenizer, loaded.model)
         self._vocab_size = int(self._model.get_input_embeddings().weight.shape[0])
         model_limit = int(getattr(self._model.config, "max_position_embeddings", 0) or 2048)
         self._max_context = min(max_model_len, model_limit) if max_model_len else model_limit
@@ -194,18 +173,7 @@ class SimpleEngine:
     # ----------------------------------------------------------------------------------------- internals
 
     def _validate(self, request: GenerationRequest) -> None:
-        ids = request.prompt_token_ids
-        if not ids:
-            raise ValueError("prompt is empty: at least one token is needed")
-        if len(ids) >= self._max_context:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens but the model's context is {self._max_context}: "
-                "it must leave room for at least one new token"
-            )
-        if min(ids) < 0 or max(ids) >= self._vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self._vocab_size})")
-        if request.params.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
+        validate_request(request, self._max_context, self._vocab_size)
 
     def _evict_locked(self) -> None:
         while len(self._sessions) > self._max_sessions:

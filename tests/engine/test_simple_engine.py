@@ -7,7 +7,8 @@ import torch
 
 from serving.config import EngineConfig
 from serving.engine.factory import build_engine
-from serving.engine.simple_engine import SimpleEngine, common_prefix_length
+from serving.engine.simple_engine import SimpleEngine
+from serving.engine.token_ids import common_prefix_length
 from serving.engine.types import GenerationChunk, GenerationRequest, KVInfo, SamplingParams
 
 N = 20  # new tokens per request: enough to see the behaviour, small enough to be quick

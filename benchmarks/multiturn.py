@@ -31,6 +31,8 @@ from benchmarks.workload import WorkloadSpec, build_workload
 DEFAULTS: dict[str, Any] = {"sessions": 8, "turns": 6, "history_tokens": 2048, "max_new_tokens": 32}
 QUICK: dict[str, Any] = {"sessions": 4, "turns": 3, "history_tokens": 256, "max_new_tokens": 12}  # < 3 min, 4 systems
 REFERENCE_SYSTEM = "hf-generate"  # other systems' replies are compared with its replies
+EOS_STOPS = "stops a reply in every system (lengths recorded; TPOT is per token)"
+EOS_IGNORED = "ignored by every system (--ignore-eos): every reply is max_new_tokens long"
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # logs: no wrapped table
 
@@ -57,6 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--system-prompt-tokens", type=int, default=64, help="shared system prompt length")
     parser.add_argument("--concurrency", type=int, help="sessions in flight at once (default: all of them)")
     parser.add_argument(
+        "--in-flight",
+        type=int,
+        help="requests in flight at once (default: one per session); the other live sessions wait between turns, "
+        "like users reading a reply, and keep their KV",
+    )
+    parser.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="every reply is exactly --max-new-tokens long (decode-throughput runs: batches stay full)",
+    )
+    parser.add_argument(
         "--kv-cache-memory", help="device KV budget of every pooled system, e.g. 512MiB (default: engine's)"
     )
     parser.add_argument(
@@ -78,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.concurrency = args.concurrency or args.sessions
+    args.in_flight = args.in_flight or args.concurrency
     args.systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     unknown = [name for name in args.systems if name not in SYSTEM_NAMES]
     if unknown:
@@ -100,6 +114,7 @@ async def _run_system(
             args.concurrency,
             tick,
             args.request_timeout_s,
+            in_flight=args.in_flight,
         )
         return result, system.info()
     finally:
@@ -176,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             "history_tokens_actual": [s.history_tokens for s in workload.sessions],
             "prompt_renderer": renderer.name,
             "greedy": True,
-            "eos": "stops a reply in every system (lengths recorded; TPOT is per token)",
+            "eos": EOS_IGNORED if args.ignore_eos else EOS_STOPS,
             "dtype": str(loaded.dtype).removeprefix("torch."),
         },
         "machine": report.machine_info(str(loaded.device)),
@@ -191,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.systems:
             task = progress.add_task(name, total=args.sessions * args.turns)
             kind = None if args.engine_kind == "auto" else args.engine_kind
-            context = BenchContext(loaded, engine_config, args.max_new_tokens, kind, tokens_bound)
+            context = BenchContext(loaded, engine_config, args.max_new_tokens, kind, tokens_bound, args.ignore_eos)
             attn = loaded.model.config._attn_implementation
             try:
                 result, info = asyncio.run(

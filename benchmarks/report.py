@@ -115,8 +115,11 @@ def plot_ttft_by_turn(path: Path, document: dict[str, Any]) -> None:
     if values and min(values) > 0 and max(values) / min(values) > 20:
         axes.set_yscale("log")
     config = document["config"]
+    in_flight = config.get("in_flight") or config["concurrency"]
+    budget = config.get("kv_cache_memory") or "default"
     axes.set_title(
-        f"TTFT by turn (p50 over {config['sessions']} sessions, concurrency {config['concurrency']})\n"
+        f"TTFT by turn (p50 over {config['sessions']} sessions, {config['concurrency']} live, "
+        f"{in_flight} in flight, KV budget {budget})\n"
         f"{config['model']}, history {config['history_tokens']} tokens, {config['max_new_tokens']} new tokens/turn"
     )
     axes.set_xlabel("turn (0 = first request: whole initial history is new)")

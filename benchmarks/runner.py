@@ -96,11 +96,13 @@ async def _run_session(
     records: list[TurnRecord],
     replies: list[str],
     on_turn: Callable[[], None],
+    requests: asyncio.Semaphore,
 ) -> None:
     history = list(script.history)
     for turn, user in enumerate(script.user_turns):
         prompt = renderer.render(history, user, max_new_tokens)
-        record, tokens = await timed_request(system, script.session_id, turn, prompt, max_new_tokens, timeout_s)
+        async with requests:  # FIFO: with fewer slots than sessions, turns interleave round-robin
+            record, tokens = await timed_request(system, script.session_id, turn, prompt, max_new_tokens, timeout_s)
         reply = tokenizer.decode(tokens, skip_special_tokens=True)  # type: ignore[attr-defined]
         history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         records.append(record)
@@ -118,10 +120,16 @@ async def run_workload(
     concurrency: int,
     on_turn: Callable[[], None] = lambda: None,
     timeout_s: float | None = None,
+    in_flight: int | None = None,
 ) -> RunResult:
-    """Warm up, then run every session; at most `concurrency` sessions are in flight at once."""
+    """Warm up, then run every session; at most `concurrency` sessions are live and `in_flight` requests run at once.
+
+    A live session waiting for a request slot is idle but not ended: its KV is still the system's to keep,
+    move or evict — the realistic shape of many chat users, most of them reading at any moment.
+    """
     await warm_up(system, renderer, max_new_tokens, timeout_s)
     slots = asyncio.Semaphore(max(1, concurrency))
+    requests = asyncio.Semaphore(max(1, in_flight or concurrency))
     records: list[TurnRecord] = []
     replies: dict[str, list[str]] = {script.session_id: [] for script in workload.sessions}
 
@@ -137,6 +145,7 @@ async def run_workload(
                 records,
                 replies[script.session_id],
                 on_turn,
+                requests,
             )
 
     start = time.perf_counter()

@@ -29,9 +29,11 @@ _SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class EngineClient(Protocol):
-    """All the manager needs from the engine: forget the KV held under a session's cache key."""
+    """All the manager needs from the engine: forget the KV held under a session's cache key, list the keys."""
 
     def release(self, cache_key: str) -> None: ...
+
+    def cache_keys(self) -> list[str]: ...
 
 
 @dataclass(slots=True)
@@ -168,7 +170,28 @@ class SessionManager:
             expired.append(session_id)
         if expired:
             log.info("expired %d idle sessions", len(expired))
+        self.release_orphans()
         return expired
+
+    def release_orphans(self) -> list[str]:
+        """Free KV held for sessions no longer in the store: another replica destroyed or expired them.
+
+        With several replicas each one's KV lives where the session's turns ran, but any replica may delete the
+        record; this sweep (run with idle expiry) is how the owner learns. Returns the keys released.
+        """
+        if self.engine is None:
+            return []
+        try:
+            keys = self.engine.cache_keys()
+        except Exception:
+            log.exception("engine failed to list its cache keys")
+            return []
+        orphans = [key for key in keys if key not in self._turn_locks and self.store.get(key) is None]
+        for key in orphans:
+            self._release(key)
+        if orphans:
+            log.info("released the KV of %d sessions destroyed elsewhere", len(orphans))
+        return orphans
 
     # ---- history -----------------------------------------------------------------------------------
     def history(self, session_id: str, window: int | None = None, owner: str | None = None) -> list[Message]:

@@ -59,7 +59,7 @@ class HFContinuousBatching:
         generation = GenerationConfig(
             max_new_tokens=self.context.max_new_tokens,
             do_sample=False,
-            eos_token_id=eos if eos is not None else loaded.tokenizer.eos_token_id,
+            eos_token_id=[] if self.context.ignore_eos else eos if eos is not None else loaded.tokenizer.eos_token_id,
             pad_token_id=loaded.tokenizer.pad_token_id,
         )
         self.manager = loaded.model.init_continuous_batching(

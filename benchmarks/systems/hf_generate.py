@@ -54,6 +54,7 @@ class HFGenerate:
                     do_sample=False,
                     pad_token_id=loaded.tokenizer.pad_token_id,
                     streamer=streamer,
+                    **({"eos_token_id": []} if self.context.ignore_eos else {}),  # [] = no token ends a reply
                 )
         finally:
             streamer.end()  # also on error, so the consumer never waits forever

@@ -49,7 +49,7 @@ class EngineSystem:
         request = GenerationRequest(
             request_id=uuid.uuid4().hex,
             prompt_token_ids=prompt_ids,
-            params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
+            params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=self.context.ignore_eos),
             cache_key=session_id if self.reuse_kv else None,
         )
         async with aclosing(self.engine.generate(request)) as chunks:

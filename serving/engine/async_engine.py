@@ -88,6 +88,9 @@ class PagedEngine:
     def kv_info(self, cache_key: str) -> KVInfo:
         return self.core.kv_info(cache_key)
 
+    def cache_keys(self) -> list[str]:
+        return self.core.cache_keys()
+
     def fork(self, source_key: str, target_key: str) -> None:
         self.core.fork(source_key, target_key)
 

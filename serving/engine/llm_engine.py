@@ -109,6 +109,10 @@ class LLMEngine:
         with self.lock:
             self.kv.fork(source_key, target_key)
 
+    def cache_keys(self) -> list[str]:
+        with self.lock:
+            return list(self.kv.sessions)
+
     def kv_info(self, cache_key: str) -> KVInfo:
         with self.lock:
             tier, tokens = self.kv.session_info(cache_key)
@@ -152,7 +156,7 @@ class LLMEngine:
             request.all_token_ids.append(token)
             finish: FinishReason | None = None
             detok = request.detokenizer
-            if token in self.eos:
+            if token in self.eos and not request.params.ignore_eos:
                 text, finish = detok.flush(), "stop"
             else:
                 text = detok.add(token)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -24,10 +25,12 @@ from serving.engine.sampler import sample
 from serving.engine.scheduler import SchedulerOutput
 from serving.models import LoadedModel
 
+log = logging.getLogger(__name__)
+
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin: bool = False) -> torch.Tensor:
     """A zeroed tensor; on the CPU through calloc, so untouched pages of a large pool cost no memory yet."""
-    if device.type != "cpu" or pin:
+    if device.type != "cpu" or pin or math.prod(shape) == 0:  # numpy cannot view an empty buffer as `dtype`
         return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
     nbytes = math.prod(shape) * dtype.itemsize
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
@@ -47,6 +50,13 @@ class ModelRunner:
         self.device = loaded.device
         self.block_size = config.block_size
         self.context_cap = check_supported(self.model)  # raises ValueError for what cannot be served exactly
+        if self.context_cap is not None:
+            log.warning(
+                "%s uses sliding-window attention: the paged engine serves it exactly only within the window, "
+                "so the context is capped at %d tokens (older turns are trimmed to fit)",
+                type(self.model).__name__,
+                self.context_cap,
+            )
         layers, kv_heads, head_dim = kv_shape(self.model.config)
         self.bytes_per_block = layers * 2 * config.block_size * kv_heads * head_dim * loaded.dtype.itemsize
         self.num_device_blocks = config.kv_cache_memory // self.bytes_per_block

@@ -138,6 +138,10 @@ class SimpleEngine:
         with self._lock:
             self._sessions.pop(cache_key, None)
 
+    def cache_keys(self) -> list[str]:
+        with self._lock:
+            return list(self._sessions)
+
     def kv_info(self, cache_key: str) -> KVInfo:
         with self._lock:
             session = self._sessions.get(cache_key)
@@ -257,7 +261,7 @@ class SimpleEngine:
                 token = int(sample(logits, params_list, generators)[0])
                 generated += 1
                 finish: FinishReason | None = None
-                if token in self._eos:
+                if token in self._eos and not params.ignore_eos:
                     text, finish = detok.flush(), "stop"
                 else:
                     text = detok.add(token)

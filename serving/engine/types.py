@@ -24,6 +24,7 @@ class SamplingParams:
     top_k: int = 0  # 0 disables top-k
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings; the reply is cut before the first match
+    ignore_eos: bool = False  # keep generating past EOS up to max_new_tokens (benchmarks: fixed reply lengths)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,10 @@ class Engine(Protocol):
 
     def kv_info(self, cache_key: str) -> KVInfo:
         """Tier and token count of a session's KV; tier 'none' when nothing is held."""
+        ...
+
+    def cache_keys(self) -> list[str]:
+        """Every key KV is held under, in any tier (to free the KV of sessions another replica destroyed)."""
         ...
 
     def fork(self, source_key: str, target_key: str) -> None:

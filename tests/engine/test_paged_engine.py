@@ -85,6 +85,27 @@ async def test_eight_sessions_batched_equal_alone_and_generate(smol, smollm2, to
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("kind", ["paged", "simple"])
+async def test_ignore_eos_generates_past_eos_like_generate_without_eos(kind, smollm2, tokenizer):
+    ids = chat_ids(tokenizer, "What is the capital of France?")
+    engine = build_engine(smollm2, EngineConfig(kind=kind, kv_cache_memory="64MiB", host_cache_memory="0"))
+    try:
+        stopped = await run(engine, "eos", ids, max_new_tokens=24)
+        forced = await run(engine, "no-eos", ids, max_new_tokens=24, ignore_eos=True)
+    finally:
+        await engine.shutdown()
+    assert stopped[-1].finish_reason == "stop" and len(tokens(stopped)) < 24  # the reply ends with EOS
+    assert forced[-1].finish_reason == "length" and len(tokens(forced)) == 24
+    assert tokens(forced)[: len(tokens(stopped))] == tokens(stopped)
+    with torch.inference_mode():
+        out = smollm2.model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=24, do_sample=False, eos_token_id=[],
+        )  # fmt: skip
+    assert tokens(forced) == out[0, len(ids) :].tolist()
+
+
+@pytest.mark.model
 async def test_multi_turn_reuses_kv_and_equals_generate(smol, smollm2, tokenizer):
     first_ids = chat_ids(tokenizer, QUESTIONS[0])
     first = await run(smol, "t1", first_ids, key="chat", max_new_tokens=8)
@@ -143,8 +164,9 @@ async def test_session_offloaded_to_host_and_back_is_exact(tiny_engines, tiny_mo
     assert stats["device_blocks_used"] <= 12 and stats["host_blocks_used"] <= 16
 
 
-async def test_session_dropped_past_the_host_budget_is_recomputed_exactly(tiny_engines, tiny_model):
-    engine = tiny_engines(tiny_config(device_blocks=12, host_blocks=4))
+@pytest.mark.parametrize("host_blocks", [4, 0])  # 0: no host tier configured at all
+async def test_session_dropped_past_the_host_budget_is_recomputed_exactly(tiny_engines, tiny_model, host_blocks):
+    engine = tiny_engines(tiny_config(device_blocks=12, host_blocks=host_blocks))
     a1 = tokens(await run(engine, "a1", PROMPT_A, key="a", max_new_tokens=8))
     await run(engine, "b1", PROMPT_B, key="b", max_new_tokens=8)
     assert engine.kv_info("a") == KVInfo(tier="none", tokens=0)
@@ -193,8 +215,10 @@ async def test_cancel_frees_non_session_blocks(tiny_engines):
             break
         await asyncio.sleep(0.01)
     assert engine.stats()["device_blocks_used"] == -(-info.tokens // 4)
+    assert engine.cache_keys() == ["s"]  # the stateless request held nothing after it ended
     engine.release("s")
     assert engine.stats()["device_blocks_used"] == 0 and engine.kv_info("s").tier == "none"
+    assert engine.cache_keys() == []
 
 
 async def test_a_thousand_sessions_leave_the_pools_as_they_found_them(tiny_engines):
@@ -277,13 +301,14 @@ async def test_qwen2_is_served_exactly(tokenizer):
         await engine.shutdown()
 
 
-async def test_sliding_window_caps_the_context(tokenizer):
+async def test_sliding_window_caps_the_context(tokenizer, caplog):
     from transformers import MistralConfig, MistralForCausalLM
 
     loaded = _loaded(MistralForCausalLM(_small(MistralConfig, tokenizer, sliding_window=32, head_dim=16)), tokenizer)
     engine = PagedEngine(loaded, tiny_config())
     try:
         assert engine.max_context_tokens == 32  # within the window, sliding attention is full attention
+        assert "context is capped at 32 tokens" in caplog.text  # the operator is told, at load time
         assert tokens(await run(engine, "a", PROMPT_A, max_new_tokens=8)) == reference(loaded, PROMPT_A, 8)
     finally:
         await engine.shutdown()

@@ -178,8 +178,10 @@ async def test_release_kv_info_fork(tiny, tiny_prompt):
     from_a = await run(tiny, "f3", follow_up, key="a", max_new_tokens=6)
     assert tokens(from_a) == tokens(from_b)
 
+    assert sorted(tiny.cache_keys()) == ["a", "b"]
     tiny.release("a")
     assert tiny.kv_info("a") == KVInfo(tier="none", tokens=0)
+    assert tiny.cache_keys() == ["b"]
     tiny.release("a")  # idempotent
     tiny.fork("a", "b")  # forking nothing leaves the target empty
     assert tiny.kv_info("b").tier == "none"

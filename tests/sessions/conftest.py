@@ -28,13 +28,21 @@ class FakeClock:
 
 
 class RecordingEngine:
-    """The sessions package's own EngineClient protocol, recording which cache keys were released."""
+    """The sessions package's own EngineClient protocol, recording which cache keys were released.
+
+    `held` stands for the keys KV is held under; a test adds to it what a turn would have cached.
+    """
 
     def __init__(self) -> None:
         self.released: list[str] = []
+        self.held: set[str] = set()
 
     def release(self, cache_key: str) -> None:
         self.released.append(cache_key)
+        self.held.discard(cache_key)
+
+    def cache_keys(self) -> list[str]:
+        return sorted(self.held)
 
 
 @pytest.fixture

@@ -318,6 +318,32 @@ async def test_expire_idle_spares_a_session_in_a_turn(manager, clock):
     assert manager.expire_idle() == ["busy"]
 
 
+def test_expiry_frees_kv_of_sessions_another_replica_deleted(manager, store, clock, engine):
+    """Two replicas share the store; the KV lives on the one that ran the turns, either may delete the record."""
+    from tests.sessions.conftest import RecordingEngine
+
+    manager.create("mine")
+    manager.create("gone")
+    engine.held |= {"mine", "gone"}  # this replica ran both sessions' turns
+    other_engine = RecordingEngine()
+    other_replica = SessionManager(store, other_engine, clock=clock)
+    other_replica.destroy("gone")
+    assert other_engine.released == ["gone"] and engine.held == {"mine", "gone"}  # the owner does not know yet
+
+    assert manager.expire_idle() == []  # the janitor's sweep: nothing idle, but one orphan
+    assert engine.released == ["gone"] and engine.held == {"mine"}
+    assert manager.history("mine") == []
+
+
+async def test_orphan_sweep_spares_a_key_in_a_turn(manager, clock, engine):
+    manager.create("s1")
+    engine.held.add("s1")
+    async with manager.turn("s1"):
+        manager.store.delete("s1")  # deleted elsewhere while this replica is mid-turn
+        assert manager.release_orphans() == []
+    assert manager.release_orphans() == ["s1"]
+
+
 def test_limits_must_be_sane(store):
     with pytest.raises(ValueError, match="max_sessions"):
         SessionManager(store, max_sessions=0)

@@ -15,9 +15,13 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from serving.engine.llm_engine import LLMEngine
 
 console = Console(stderr=True)
 
@@ -36,14 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def decode_tok_s(engine, vocab_size: int, context: int, batch: int, decode_tokens: int) -> float:
+def decode_tok_s(engine: LLMEngine, context: int, batch: int, decode_tokens: int) -> float:
     """Prefill `batch` random prompts, then time `decode_tokens` decode-only steps."""
     from serving.engine.types import GenerationRequest, SamplingParams
 
     rng = random.Random(context * 1000 + batch)
     params = SamplingParams(max_new_tokens=decode_tokens + 1, temperature=0.0, ignore_eos=True)
     for index in range(batch):
-        prompt = [rng.randrange(vocab_size) for _ in range(context)]
+        prompt = [rng.randrange(engine.vocab_size) for _ in range(context)]
         engine.add_request(GenerationRequest(f"r{context}-{batch}-{index}", prompt, params))
     while not all(request.num_output_tokens for request in engine.requests.values()):
         engine.step()  # prefill (chunked); each sequence leaves it with its first token
@@ -61,11 +65,10 @@ def main(argv: list[str] | None = None) -> None:
 
     loaded = load_model(ModelConfig(name=args.model))
     engine = LLMEngine(loaded, EngineConfig(max_batch_size=max(args.batches)))
-    vocab_size = engine.vocab_size
-    decode_tok_s(engine, vocab_size, 32, 1, 4)  # warm-up
+    decode_tok_s(engine, 32, 1, 4)  # warm-up
     rows = []
     for context in args.contexts:
-        rates = {batch: decode_tok_s(engine, vocab_size, context, batch, args.decode_tokens) for batch in args.batches}
+        rates = {batch: decode_tok_s(engine, context, batch, args.decode_tokens) for batch in args.batches}
         rows += [{"context": context, "batch": b, "tok_s": round(r, 1)} for b, r in rates.items()]
         console.log(f"context {context}: " + ", ".join(f"batch {b} {r:.1f} tok/s" for b, r in rates.items()))
     table = Table("context", "batch", "decode tok/s", f"x batch {args.batches[0]}", title="decode scaling")

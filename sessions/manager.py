@@ -186,7 +186,7 @@ class SessionManager:
         except Exception:
             log.exception("engine failed to list its cache keys")
             return []
-        orphans = [key for key in keys if key not in self._turn_locks and self.store.get(key) is None]
+        orphans = self.store.missing([key for key in keys if key not in self._turn_locks])
         for key in orphans:
             self._release(key)
         if orphans:

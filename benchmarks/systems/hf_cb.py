@@ -56,10 +56,12 @@ class HFContinuousBatching:
     async def start(self) -> None:
         loaded = self.context.loaded
         eos = loaded.model.generation_config.eos_token_id
+        if eos is None:
+            eos = loaded.tokenizer.eos_token_id
         generation = GenerationConfig(
             max_new_tokens=self.context.max_new_tokens,
             do_sample=False,
-            eos_token_id=[] if self.context.ignore_eos else eos if eos is not None else loaded.tokenizer.eos_token_id,
+            eos_token_id=[] if self.context.ignore_eos else eos,  # [] = no token ends a reply
             pad_token_id=loaded.tokenizer.pad_token_id,
         )
         self.manager = loaded.model.init_continuous_batching(

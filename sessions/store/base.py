@@ -65,6 +65,10 @@ class HistoryStore(Protocol):
         """Ids of sessions whose last_active_at < before, least recently active first."""
         ...
 
+    def missing(self, session_ids: Sequence[str]) -> list[str]:
+        """Those of `session_ids` that have no record, in the given order (one query, not one per id)."""
+        ...
+
     def close(self) -> None:
         """Release resources; the store is unusable afterwards."""
         ...

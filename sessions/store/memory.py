@@ -86,6 +86,10 @@ class MemoryStore:
             records = [s.record for s in self._sessions.values() if s.record.last_active_at < before]
             return [r.session_id for r in sorted(records, key=lambda r: r.last_active_at)]
 
+    def missing(self, session_ids: Sequence[str]) -> list[str]:
+        with self._lock:
+            return [session_id for session_id in session_ids if session_id not in self._sessions]
+
     def close(self) -> None:
         with self._lock:
             self._sessions.clear()

@@ -37,6 +37,7 @@ _SCHEMA = (
         PRIMARY KEY (session_id, seq)
     ) WITHOUT ROWID""",
 )
+_IDS_PER_QUERY = 500  # bound parameters per IN (...) query, far below SQLite's limit
 _RECORD_COLUMNS = "session_id, system_prompt, metadata, created_at, last_active_at, owner"
 
 
@@ -168,6 +169,16 @@ class SQLiteStore:
                 "SELECT session_id FROM sessions WHERE last_active_at < ? ORDER BY last_active_at", (before,)
             ).fetchall()
         return [session_id for (session_id,) in rows]
+
+    def missing(self, session_ids: Sequence[str]) -> list[str]:
+        present: set[str] = set()
+        with self._read() as conn:
+            for start in range(0, len(session_ids), _IDS_PER_QUERY):
+                chunk = session_ids[start : start + _IDS_PER_QUERY]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(f"SELECT session_id FROM sessions WHERE session_id IN ({marks})", chunk)
+                present.update(session_id for (session_id,) in rows)
+        return [session_id for session_id in session_ids if session_id not in present]
 
     def close(self) -> None:
         with self._lock:

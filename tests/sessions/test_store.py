@@ -143,6 +143,16 @@ def test_touch_count_and_idle_since(store):
     assert store.idle_since(55.0) == ["older", "new"]
 
 
+def test_missing_lists_ids_without_a_record_in_the_given_order(store):
+    store.create(record("a"))
+    store.create(record("c"))
+    assert store.missing(["z", "a", "b", "c"]) == ["z", "b"]
+    assert store.missing([]) == []
+    many = [f"x{i}" for i in range(1200)]  # more ids than one SQLite query takes
+    store.create(record("x700"))
+    assert store.missing(many) == [i for i in many if i != "x700"]
+
+
 def test_store_is_safe_across_threads(store):
     store.create(record())
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,23 @@ SESSION_AFFINITY = RequestRouterConfig(
 )
 
 
+def replicas_per_node(replicas: int) -> int:
+    """Model replicas that will share a node's CPUs: spread evenly over the alive nodes Ray knows of."""
+    import ray
+
+    if not ray.is_initialized():
+        return replicas
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0)
+    return math.ceil(replicas / max(1, nodes))
+
+
 def build_app(config: Config) -> serve.Application:
     serving = config.serving
     model = LLMServer.options(
         num_replicas=serving.replicas,
         request_router_config=SESSION_AFFINITY,
         ray_actor_options={"num_cpus": serving.cpus_per_replica, "num_gpus": serving.gpus_per_replica},
-    ).bind(config.model_dump(mode="json"))
+    ).bind(config.model_dump(mode="json"), replicas_per_node(serving.replicas))
     return Ingress.bind(model, config.model.name, api_keys(config))
 
 

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from serving.config import ModelConfig, cache_dir
 
@@ -35,7 +42,7 @@ class ModelNotAvailable(RuntimeError):
 class LoadedModel:
     name: str
     model: PreTrainedModel
-    tokenizer: object  # a transformers PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
 
@@ -80,18 +87,34 @@ def prepare_smollm2(progress: bool = True) -> Path:
     model.hf_quantizer = None  # weights are dequantized fp32 now; let save_pretrained write them
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    return _save_once(target, model, tokenizer)
+
+
+def prepare_smollm2_tokenizer() -> Path:
+    """SmolLM2's tokenizer alone (seconds, no weights): all the tiny random models need, e.g. in `make test-fast`."""
+    if (smollm2_folder() / "tokenizer.json").exists():
+        return smollm2_folder()
+    target = cache_dir() / "models" / "smollm2-135m-instruct-tokenizer"
+    if (target / "tokenizer.json").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=_SMOLLM2_GGUF)
+    return _save_once(target, tokenizer)
+
+
+def _save_once(target: Path, *parts: PreTrainedModel | PreTrainedTokenizerBase) -> Path:
+    """save_pretrained into a private folder, then rename: a concurrent preparer either wins or finds it done."""
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    for part in parts:
+        part.save_pretrained(partial)
     try:
-        partial.rename(target)  # atomic: a concurrent preparer either wins or finds the folder done
+        partial.rename(target)
     except OSError:
         shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
 def _tiny_random_llama(dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
-    tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2())
+    tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2_tokenizer())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

@@ -227,14 +227,3 @@ class SessionService:
 def _require_user_last(messages: Sequence[Message]) -> None:
     if not messages or messages[-1].role != "user":
         raise InvalidRequest("the new messages must end with a user message for the model to answer")
-
-
-async def final_result(events: AsyncIterator[TextDelta | TurnResult]) -> TurnResult:
-    """Run a turn's events to the end and return its TurnResult (the last event)."""
-    result: TurnResult | None = None
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, TurnResult):
-                result = event
-    assert result is not None, "a turn's events always end with a TurnResult"
-    return result

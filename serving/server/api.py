@@ -29,7 +29,7 @@ from serving.server.protocol import (
     Timing,
     Usage,
 )
-from serving.service import SessionService, TextDelta, TurnResult, final_result
+from serving.service import SessionService, TextDelta, TurnResult
 from sessions.errors import InvalidRequest
 from sessions.messages import Message
 
@@ -115,8 +115,10 @@ class SessionAPI:
 
     @_as_api_errors
     async def query(self, session_id: str, request: QueryRequest, owner: str | None = None) -> QueryResponse:
-        events = self.service.turn(session_id, user_turn(request.prompt), sampling_params(request), owner)
-        return query_response(await final_result(events))
+        turn = self.service.turn(session_id, user_turn(request.prompt), sampling_params(request), owner)
+        *_, result = [event async for event in turn]  # a turn's events end with its TurnResult
+        assert isinstance(result, TurnResult)
+        return query_response(result)
 
     async def query_stream(
         self, session_id: str, request: QueryRequest, owner: str | None = None

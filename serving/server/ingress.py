@@ -114,6 +114,19 @@ def _openai_sse(event: Any) -> str:
     return text + "data: [DONE]\n\n" if event.choices[0].finish_reason else text
 
 
+def _model_deployment_problem() -> str | None:
+    """Why the model deployment is not fully up (replicas still loading, unhealthy), or None."""
+    context = serve.get_replica_context()
+    application = serve.status().applications.get(context.app_name)
+    deployment = application.deployments.get(MODEL_DEPLOYMENT) if application else None
+    if deployment is None:
+        return "the model deployment is not running"
+    if deployment.status != "HEALTHY":
+        states = ", ".join(f"{count} {state}" for state, count in deployment.replica_states.items()) or "none"
+        return f"model replicas are not all ready ({deployment.status}; replicas: {states})"
+    return None
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress:
@@ -291,16 +304,3 @@ class Ingress:
     @app.get("/v1/models", response_model=ModelList)
     async def models(self, owner: Owner) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name)])
-
-
-def _model_deployment_problem() -> str | None:
-    """Why the model deployment is not fully up (replicas still loading, unhealthy), or None."""
-    context = serve.get_replica_context()
-    application = serve.status().applications.get(context.app_name)
-    deployment = application.deployments.get(MODEL_DEPLOYMENT) if application else None
-    if deployment is None:
-        return "the model deployment is not running"
-    if deployment.status != "HEALTHY":
-        states = ", ".join(f"{count} {state}" for state, count in deployment.replica_states.items()) or "none"
-        return f"model replicas are not all ready ({deployment.status}; replicas: {states})"
-    return None

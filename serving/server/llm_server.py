@@ -110,7 +110,10 @@ class LLMServer:
     async def query(self, session_id: str, request: QueryRequest, owner: str | None) -> Reply[QueryResponse]:
         return await self._reply(self.api.query(session_id, request, owner))
 
-    def query_stream(self, session_id: str, request: QueryRequest, owner: str | None) -> AsyncIterator[StreamEvent]:
+    async def query_stream(
+        self, session_id: str, request: QueryRequest, owner: str | None
+    ) -> AsyncIterator[StreamEvent]:
+        """Called with stream=True: Ray awaits this and iterates the stream it returns (no wrapping generator)."""
         return self._stream(self.api.query_stream(session_id, request, owner))
 
     async def chat_completion(
@@ -118,7 +121,7 @@ class LLMServer:
     ) -> Reply[ChatCompletionResponse]:
         return await self._reply(self.api.chat_completion(request, session_id, owner))
 
-    def chat_completion_stream(
+    async def chat_completion_stream(
         self, request: ChatCompletionRequest, session_id: str | None, owner: str | None
     ) -> AsyncIterator[StreamEvent]:
         return self._stream(self.api.chat_completion_stream(request, session_id, owner))

@@ -113,8 +113,7 @@ def _save_once(target: Path, *parts: PreTrainedModel | PreTrainedTokenizerBase) 
     return target
 
 
-def _tiny_random_llama(dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
-    tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2_tokenizer())
+def _tiny_random_llama(tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -128,7 +127,7 @@ def _tiny_random_llama(dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(dtype), tokenizer
+    return LlamaForCausalLM(config).to(dtype)
 
 
 def model_source(name: str) -> str | Path:
@@ -140,19 +139,27 @@ def model_source(name: str) -> str | Path:
     return name
 
 
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer alone: what the ingress needs to count a session's context tokens."""
+    source = prepare_smollm2_tokenizer() if name == TINY_RANDOM else model_source(name)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise ModelNotAvailable(f"cannot load the tokenizer of {name!r}: {error}") from error
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load model and tokenizer on the configured device, in eval mode."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    tokenizer = load_tokenizer(config.name)
     if config.name == TINY_RANDOM:
-        model, tokenizer = _tiny_random_llama(dtype)
+        model = _tiny_random_llama(tokenizer, dtype)
     else:
-        source = model_source(config.name)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(model_source(config.name), dtype=dtype)
         except OSError as error:
             raise ModelNotAvailable(f"cannot load model {config.name!r}: {error}") from error
     model.to(device).eval()

@@ -38,7 +38,7 @@ def build_service(config: Config, replicas_on_node: int = 1) -> SessionService:
     from serving.models import load_model
 
     threads = config.model.torch_threads or default_torch_threads(usable_cpus(), replicas_on_node)
-    log.warning("torch uses %d CPU threads (model.torch_threads=%d)", threads, config.model.torch_threads)
+    log.info("torch uses %d CPU threads (model.torch_threads=%d)", threads, config.model.torch_threads)
     loaded = load_model(config.model.model_copy(update={"torch_threads": threads}))
     engine = PagedEngine(loaded, config.engine)
     store = open_store(config.sessions.store_url())

@@ -64,7 +64,24 @@ def _create_request(
     )
 
 
-class SessionClient:
+class _SessionMethods:
+    """What both clients validate the same way before their transport sends it."""
+
+    def create_session(
+        self,
+        session_id: str | None = None,
+        *,
+        system_prompt: str | None = None,
+        messages: Sequence[dict] = (),
+        metadata: dict | None = None,
+    ) -> str:
+        return self._create(_create_request(session_id, system_prompt, messages, metadata)).session_id
+
+    def _create(self, body: CreateSessionRequest) -> SessionInfo:
+        raise NotImplementedError
+
+
+class SessionClient(_SessionMethods):
     """HTTP client for a sessionserve server."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 600):
@@ -85,17 +102,9 @@ class SessionClient:
         except (ValueError, KeyError, TypeError):
             return APIError(response.status_code, "http_error", response.text[:500])
 
-    def create_session(
-        self,
-        session_id: str | None = None,
-        *,
-        system_prompt: str | None = None,
-        messages: Sequence[dict] = (),
-        metadata: dict | None = None,
-    ) -> str:
-        body = _create_request(session_id, system_prompt, messages, metadata)
+    def _create(self, body: CreateSessionRequest) -> SessionInfo:
         response = self._request("POST", "/v1/sessions", json=body.model_dump(exclude_none=True))
-        return SessionInfo.model_validate(response.json()).session_id
+        return SessionInfo.model_validate(response.json())
 
     def session_info(self, session_id: str) -> SessionInfo:
         return SessionInfo.model_validate(self._request("GET", f"/v1/sessions/{session_id}").json())
@@ -154,7 +163,7 @@ class SessionClient:
         self.close()
 
 
-class LocalClient:
+class LocalClient(_SessionMethods):
     """The same methods, in-process: loads the model here and runs the engine on a private event loop."""
 
     def __init__(self, config: Config | None = None) -> None:
@@ -170,16 +179,8 @@ class LocalClient:
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def create_session(
-        self,
-        session_id: str | None = None,
-        *,
-        system_prompt: str | None = None,
-        messages: Sequence[dict] = (),
-        metadata: dict | None = None,
-    ) -> str:
-        body = _create_request(session_id, system_prompt, messages, metadata)
-        return self._run(self.api.create_session(body)).session_id
+    def _create(self, body: CreateSessionRequest) -> SessionInfo:
+        return self._run(self.api.create_session(body))
 
     def session_info(self, session_id: str) -> SessionInfo:
         return self._run(self.api.get_session(session_id))

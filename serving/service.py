@@ -71,7 +71,7 @@ class SessionDetails:
 
 
 class SessionService:
-    """create / turn / destroy / history / append / clear / fork for chat sessions."""
+    """Turns (session and stateless), fork and session details; history-only operations are `manager`'s."""
 
     def __init__(
         self,
@@ -87,20 +87,7 @@ class SessionService:
         self.limits = limits or TurnLimits()
         self.on_turn: Callable[[TurnResult], None] | None = None  # metrics hook, called after every generation
 
-    # ---- lifecycle -------------------------------------------------------------------------------
-    def create_session(
-        self,
-        session_id: str | None = None,
-        *,
-        system_prompt: str | None = None,
-        messages: Sequence = (),
-        metadata: dict | None = None,
-        owner: str | None = None,
-    ) -> SessionRecord:
-        return self.manager.create(
-            session_id, system_prompt=system_prompt, messages=messages, metadata=metadata, owner=owner
-        )
-
+    # ---- sessions (history-only operations go straight to self.manager) -------------------------
     def details(self, session_id: str, owner: str | None = None) -> SessionDetails:
         record = self.manager.get(session_id, owner)
         history = self.manager.history(session_id, owner=owner)
@@ -108,18 +95,6 @@ class SessionService:
         context = kv.tokens if kv.tokens else self._context_tokens(record, history)
         turns = sum(1 for message in history if message.role == "assistant")
         return SessionDetails(record=record, messages=len(history), turns=turns, context_tokens=context, kv=kv)
-
-    def destroy_session(self, session_id: str, owner: str | None = None) -> None:
-        self.manager.destroy(session_id, owner)
-
-    def history(self, session_id: str, window: int | None = None, owner: str | None = None) -> list[Message]:
-        return self.manager.history(session_id, window, owner=owner)
-
-    def append(self, session_id: str, messages: Sequence, owner: str | None = None) -> None:
-        self.manager.append(session_id, messages, owner=owner)
-
-    def clear(self, session_id: str, owner: str | None = None) -> None:
-        self.manager.clear(session_id, owner=owner)
 
     def fork(self, session_id: str, new_session_id: str | None = None, owner: str | None = None) -> SessionRecord:
         """A new session with the parent's history, sharing its KV (copy-on-write where the engine can)."""

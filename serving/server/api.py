@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from typing import ParamSpec, TypeVar
 
 from serving.engine.types import SamplingParams
@@ -91,7 +92,7 @@ class SessionAPI:
     @_as_api_errors
     async def create_session(self, request: CreateSessionRequest, owner: str | None = None) -> SessionInfo:
         record = await asyncio.to_thread(
-            self.service.create_session,
+            self.service.manager.create,
             request.session_id,
             system_prompt=request.system_prompt,
             messages=[m.model_dump(exclude_none=True) for m in request.messages],
@@ -106,7 +107,7 @@ class SessionAPI:
 
     @_as_api_errors
     async def destroy_session(self, session_id: str, owner: str | None = None) -> None:
-        await asyncio.to_thread(self.service.destroy_session, session_id, owner)
+        await asyncio.to_thread(self.service.manager.destroy, session_id, owner)
 
     @_as_api_errors
     async def fork_session(self, session_id: str, request: ForkSessionRequest, owner: str | None = None) -> SessionInfo:
@@ -148,7 +149,7 @@ class SessionAPI:
 
     @_as_api_errors
     async def messages(self, session_id: str, window: int | None = None, owner: str | None = None) -> MessagesResponse:
-        history = await asyncio.to_thread(self.service.history, session_id, window, owner)
+        history = await asyncio.to_thread(self.service.manager.history, session_id, window, owner)
         return MessagesResponse(
             session_id=session_id, messages=[MessageOut(role=m.role, content=m.content) for m in history]
         )
@@ -156,12 +157,12 @@ class SessionAPI:
     @_as_api_errors
     async def append(self, session_id: str, request: AppendRequest, owner: str | None = None) -> MessagesResponse:
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
-        await asyncio.to_thread(self.service.append, session_id, messages, owner)
+        await asyncio.to_thread(self.service.manager.append, session_id, messages, owner)
         return await self.messages(session_id, None, owner)
 
     @_as_api_errors
     async def clear(self, session_id: str, owner: str | None = None) -> None:
-        await asyncio.to_thread(self.service.clear, session_id, owner)
+        await asyncio.to_thread(self.service.manager.clear, session_id, owner)
 
     async def not_ready(self) -> str | None:
         """Why this replica cannot serve (engine failed, store unreachable), or None."""
@@ -176,13 +177,8 @@ class SessionAPI:
 
     def _info(self, session_id: str, owner: str | None) -> SessionInfo:
         details = self.service.details(session_id, owner)
-        record = details.record
         return SessionInfo(
-            session_id=record.session_id,
-            system_prompt=record.system_prompt,
-            metadata=record.metadata,
-            created_at=record.created_at,
-            last_active_at=record.last_active_at,
+            **asdict(details.record),  # the owner (and any other internal field) is not part of SessionInfo
             turns=details.turns,
             messages=details.messages,
             context_tokens=details.context_tokens,

@@ -105,7 +105,7 @@ class OpenAIChat:
             record = self.service.manager.get(session_id, owner)
         except SessionNotFound:
             with contextlib.suppress(SessionExists):  # a concurrent first request created it
-                self.service.create_session(session_id, system_prompt=system_prompt, owner=owner)
+                self.service.manager.create(session_id, system_prompt=system_prompt, owner=owner)
             return
         if system_prompt is not None and system_prompt != record.system_prompt:
             raise InvalidRequest(

@@ -135,6 +135,9 @@ class PostgreSQLStore:
         try:
             self._pool.open(wait=True, timeout=timeout_s)
             self._migrate()
+        except PoolTimeout as error:
+            self._pool.close()
+            raise self._unavailable(error) from None
         except BaseException:
             self._pool.close()
             raise
@@ -157,6 +160,10 @@ class PostgreSQLStore:
     def _all(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._conn() as conn:
             return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+    def _exec(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> None:
+        with self._conn() as conn:
+            conn.execute(sql, params)  # type: ignore[arg-type]
 
     def _one(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> tuple[Any, ...] | None:
         rows = self._all(sql, params)
@@ -357,7 +364,7 @@ class PostgreSQLStore:
             raise self._refused(session_id)
 
     def release_lease(self, session_id: str, holder: str) -> None:
-        self._all(
+        self._exec(
             "UPDATE sessionserve_sessions SET lease_holder = NULL, lease_until = NULL"
             " WHERE session_id = %s AND lease_holder = %s",
             (session_id, holder),
@@ -372,7 +379,7 @@ class PostgreSQLStore:
         return [session_id for session_id, _ in sorted(rows, key=lambda row: (row[1], row[0]))]
 
     def ping(self) -> None:
-        self._all("SELECT 1")
+        self._exec("SELECT 1")
 
     def close(self) -> None:
         self._pool.close()

@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 
-.PHONY: install model serve test lint bench clean
+.PHONY: install model serve test lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,8 +26,12 @@ serve: model
 lint: install
 	$(VENV)/bin/ruff check serving sessions tests benchmarks
 	$(VENV)/bin/ruff format --check serving sessions tests benchmarks
+	$(VENV)/bin/mypy --strict sessions
 
-test: model lint
+system-deps:  # redis-server and the PostgreSQL server for the store tests (apt-get only when missing)
+	bash scripts/install-system-deps.sh
+
+test: system-deps model lint
 	$(VENV)/bin/pytest -q -ra --durations=15
 
 bench: model

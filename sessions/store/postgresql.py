@@ -13,6 +13,7 @@ same store object recovers without raising for connections that died meanwhile.
 
 from __future__ import annotations
 
+import builtins  # the stores have a `list` method, so their annotations say builtins.list
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -123,7 +124,7 @@ class PostgreSQLStore:
         options += [f"-c statement_timeout={timeout_ms}", f"-c lock_timeout={timeout_ms}"]
         params["options"] = " ".join([*options, "-c idle_in_transaction_session_timeout=60000"])
         self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
-            make_conninfo(**params),
+            make_conninfo("", **params),
             min_size=1,
             max_size=max(1, pool_size),
             timeout=timeout_s,
@@ -157,13 +158,13 @@ class PostgreSQLStore:
         except (psycopg.OperationalError, PoolTimeout) as error:  # includes statement/lock timeouts
             raise self._unavailable(error) from None
 
-    def _all(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def _all(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> builtins.list[tuple[Any, ...]]:
         with self._conn() as conn:
-            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+            return conn.execute(sql, params).fetchall()
 
     def _exec(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> None:
         with self._conn() as conn:
-            conn.execute(sql, params)  # type: ignore[arg-type]
+            conn.execute(sql, params)
 
     def _one(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> tuple[Any, ...] | None:
         rows = self._all(sql, params)
@@ -186,7 +187,7 @@ class PostgreSQLStore:
                 )
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[version]:
-                    conn.execute(statement)  # type: ignore[arg-type]
+                    conn.execute(statement)
             conn.execute(
                 "INSERT INTO sessionserve_schema (id, version) VALUES (true, %s)"
                 " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, migrated_at = now()"
@@ -276,7 +277,7 @@ class PostgreSQLStore:
         row = self._one("SELECT count(*) FROM sessionserve_sessions")
         return 0 if row is None else int(row[0])
 
-    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
         check_page(limit, offset)
         where = "owner IS NULL" if owner is None else "owner = %(owner)s"
         rows = self._all(
@@ -286,7 +287,7 @@ class PostgreSQLStore:
         )
         return [_record(row) for row in rows]
 
-    def missing(self, session_ids: Sequence[str]) -> list[str]:
+    def missing(self, session_ids: Sequence[str]) -> builtins.list[str]:
         if not session_ids:
             return []
         rows = self._all(
@@ -321,7 +322,7 @@ class PostgreSQLStore:
         if row is None:
             raise self._refused(session_id)
 
-    def messages(self, session_id: str, window: int | None = None) -> list[Message]:
+    def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         check_window(window)
         rows = self._all(
             "SELECT role, content FROM (SELECT seq, role, content FROM sessionserve_messages"
@@ -370,7 +371,7 @@ class PostgreSQLStore:
             (session_id, holder),
         )
 
-    def expire_idle(self, before: float) -> list[str]:
+    def expire_idle(self, before: float) -> builtins.list[str]:
         rows = self._all(
             "DELETE FROM sessionserve_sessions WHERE last_active_at < %(before)s"
             " AND (lease_holder IS NULL OR lease_until <= %(now)s) RETURNING session_id, last_active_at",

@@ -17,6 +17,7 @@ TTLs are atomic; reads of several keys use MULTI. Needs Redis >= 6.2 standalone 
 
 from __future__ import annotations
 
+import builtins  # the stores have a `list` method, so their annotations say builtins.list
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -117,7 +118,7 @@ class RedisStore:
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise self._unavailable(error) from None
 
-    def _run(self, name: str, *args: object) -> Any:
+    def _run(self, name: str, *args: str | int | float) -> Any:
         script = self._scripts[name]
         return self._call(lambda: script(args=[self.prefix, *args]))
 
@@ -186,7 +187,7 @@ class RedisStore:
     def count(self) -> int:
         return int(self._run("COUNT", repr(self._cutoff())))
 
-    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
         check_page(limit, offset)
         owned = ("1", owner) if owner is not None else ("0", "")
         flat = self._run("LIST", repr(self._cutoff()), *owned, offset, limit)
@@ -199,11 +200,11 @@ class RedisStore:
                 records.append(_record(session_id, dict(zip(fields[::2], fields[1::2], strict=True))))
         return records
 
-    def missing(self, session_ids: Sequence[str]) -> list[str]:
+    def missing(self, session_ids: Sequence[str]) -> builtins.list[str]:
         if not session_ids:
             return []
 
-        def exists_all() -> list[int]:
+        def exists_all() -> builtins.list[int]:
             pipe = self._redis.pipeline(transaction=False)
             for session_id in session_ids:
                 pipe.exists(f"{self.prefix}s:{session_id}")
@@ -222,7 +223,7 @@ class RedisStore:
     def _read(self, session_id: str, tail: Callable[[Any], object]) -> Any:
         """One MULTI round trip: does the record exist, and `tail`'s command on the message list."""
 
-        def run() -> list[Any]:
+        def run() -> builtins.list[Any]:
             pipe = self._redis.pipeline(transaction=True)
             pipe.exists(f"{self.prefix}s:{session_id}")
             tail(pipe)
@@ -233,7 +234,7 @@ class RedisStore:
             raise not_found(session_id)
         return result
 
-    def messages(self, session_id: str, window: int | None = None) -> list[Message]:
+    def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         check_window(window)
         start = 0 if window is None else -min(window, 2**62)
         rows = self._read(session_id, lambda pipe: pipe.lrange(f"{self.prefix}m:{session_id}", start, -1))
@@ -260,7 +261,7 @@ class RedisStore:
             raise InvalidRequest("a lease holder must be a non-empty string")
         self._run("RELEASE", session_id, holder, self._clock(), self._ttl_ms)
 
-    def expire_idle(self, before: float) -> list[str]:
+    def expire_idle(self, before: float) -> builtins.list[str]:
         return list(self._run("EXPIRE_IDLE", repr(before), self._clock()))
 
     def ping(self) -> None:

@@ -7,14 +7,15 @@ that same UPDATE, so concurrent appends never share, skip or reorder an ordinal.
 
 The schema is created (and later migrated) at start-up in one transaction under an advisory lock, so replicas that
 start together do not race; its version is the row in `sessionserve_schema`. Timeouts bound every call: connect,
-pool checkout, statement and lock waits; a pooled connection is checked before use, so after a server restart the
-same store object recovers without raising for connections that died meanwhile.
+pool checkout, statement and lock waits; a pooled connection the server closed is replaced before use, so after a
+server restart the same store object recovers without raising for connections that died meanwhile.
 """
 
 from __future__ import annotations
 
 import builtins  # the stores have a `list` method, so their annotations say builtins.list
 import math
+import select
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -85,6 +86,19 @@ def _refuse_nul(*texts: str | None) -> None:
         raise InvalidRequest("text containing NUL characters (\\u0000) cannot be stored by the PostgreSQL store")
 
 
+def _check_idle_connection(conn: psycopg.Connection[Any]) -> None:
+    """The pool's check before lending a connection, without a round trip in the common case.
+
+    An idle connection has nothing to read; if its socket is readable the server closed it or sent a FATAL (restart,
+    admin shutdown), so only then pay the full check (which raises, and the pool replaces the connection).
+    """
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("connection is closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        ConnectionPool.check_connection(conn)
+
+
 def _split_url(url: str) -> tuple[str, dict[str, str]]:
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
@@ -129,7 +143,7 @@ class PostgreSQLStore:
             max_size=max(1, pool_size),
             timeout=timeout_s,
             kwargs={"autocommit": True},
-            check=ConnectionPool.check_connection,  # a connection that died while pooled is replaced, not raised
+            check=_check_idle_connection,  # a connection that died while pooled is replaced, not raised
             open=False,
             name="sessionserve-history",
         )

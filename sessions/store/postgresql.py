@@ -137,8 +137,14 @@ class PostgreSQLStore:
         options = [str(params["options"])] if params.get("options") else []
         options += [f"-c statement_timeout={timeout_ms}", f"-c lock_timeout={timeout_ms}"]
         params["options"] = " ".join([*options, "-c idle_in_transaction_session_timeout=60000"])
+        conninfo = make_conninfo("", **params)
+        try:  # one direct connection first: its error says why (refused, bad password), a pool would just time out
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                self._migrate(conn)
+        except psycopg.OperationalError as error:
+            raise self._unavailable(error) from None
         self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
-            make_conninfo("", **params),
+            conninfo,
             min_size=1,
             max_size=max(1, pool_size),
             timeout=timeout_s,
@@ -149,7 +155,6 @@ class PostgreSQLStore:
         )
         try:
             self._pool.open(wait=True, timeout=timeout_s)
-            self._migrate()
         except PoolTimeout as error:
             self._pool.close()
             raise self._unavailable(error) from None
@@ -184,8 +189,11 @@ class PostgreSQLStore:
         rows = self._all(sql, params)
         return rows[0] if rows else None
 
-    def _migrate(self) -> None:
-        with self._conn() as conn, conn.transaction():
+    def _migrate(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        """Create or upgrade the schema in one transaction; the advisory lock serialises replicas starting at once."""
+        with conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = '10min'")  # a migration may rewrite big tables
+            conn.execute("SET LOCAL lock_timeout = '10min'")
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS sessionserve_schema ("

@@ -222,6 +222,6 @@ def test_redis_expire_idle_reports_what_the_server_expired(redis_url):
 def test_a_wrong_password_says_so_without_showing_any_password(postgres_server, redis_server):
     for server in (postgres_server, redis_server):
         wrong = server.url.replace(server.password, "not-the-password-123")
-        with pytest.raises(StoreUnavailable, match="(?i)auth|password") as caught:
+        with pytest.raises(StoreUnavailable, match=r"(?i)auth|password") as caught:
             open_store(wrong).ping()
         assert "not-the-password-123" not in str(caught.value) and server.password not in str(caught.value)

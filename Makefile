@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 
-.PHONY: install model serve test test-fast lint bench clean
+.PHONY: install model serve test test-fast lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,10 +30,13 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: model lint
+system-deps:  # redis-server and the PostgreSQL server for the store tests (apt-get only when missing)
+	bash scripts/install-system-deps.sh
+
+test: system-deps model lint
 	$(VENV)/bin/pytest -q -ra --durations=15
 
-test-fast: install
+test-fast: system-deps install
 	$(VENV)/bin/pytest -q -ra -m "not model and not ray"
 
 bench: model

@@ -13,6 +13,7 @@ STATUS_BY_ERROR: dict[type[session_errors.SessionError], int] = {
     session_errors.ContextTooLong: 413,
     session_errors.InvalidRequest: 422,
     session_errors.TooManySessions: 429,
+    session_errors.StoreUnavailable: 503,  # code "store_unavailable"
 }
 
 

@@ -49,7 +49,7 @@ def build_app(config: Config) -> serve.Application:
         request_router_config=SESSION_AFFINITY,
         ray_actor_options={"num_cpus": serving.cpus_per_replica, "num_gpus": serving.gpus_per_replica},
     ).bind(config.model_dump(mode="json"), replicas_per_node(serving.replicas))
-    return Ingress.bind(model, config.model.name, api_keys(config))
+    return Ingress.bind(model, config.model_dump(mode="json"), api_keys(config))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

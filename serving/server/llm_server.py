@@ -29,6 +29,8 @@ from serving.server.protocol import (
     QueryRequest,
     QueryResponse,
     SessionInfo,
+    SessionList,
+    UpdateSessionRequest,
 )
 from serving.service import TurnResult
 
@@ -91,6 +93,14 @@ class LLMServer:
     async def get_session(self, session_id: str, owner: str | None) -> Reply[SessionInfo]:
         return await self._reply(self.api.get_session(session_id, owner))
 
+    async def list_sessions(self, limit: int, offset: int, owner: str | None) -> Reply[SessionList]:
+        return await self._reply(self.api.list_sessions(limit, offset, owner))
+
+    async def update_session(
+        self, session_id: str, request: UpdateSessionRequest, owner: str | None
+    ) -> Reply[SessionInfo]:
+        return await self._reply(self.api.update_session(session_id, request, owner))
+
     async def destroy_session(self, session_id: str, owner: str | None) -> Reply[None]:
         return await self._reply(self.api.destroy_session(session_id, owner))
 
@@ -125,6 +135,10 @@ class LLMServer:
         self, request: ChatCompletionRequest, session_id: str | None, owner: str | None
     ) -> AsyncIterator[StreamEvent]:
         return self._stream(self.api.chat_completion_stream(request, session_id, owner))
+
+    async def release_kv(self, session_id: str) -> None:
+        """The ingress destroyed, cleared or re-prompted the session in the store: free its KV here."""
+        await self.api.release_kv(session_id)
 
     # ---- health --------------------------------------------------------------------------------------
     async def ready(self) -> str | None:
@@ -166,9 +180,7 @@ class LLMServer:
 
     def _report(self) -> ReplicaReport:
         turns, self._turns = self._turns, []
-        gauges = dict(self.api.service.engine.stats())
-        gauges["live_sessions"] = self.api.service.manager.count()
-        return ReplicaReport(self.replica, gauges, turns)
+        return ReplicaReport(self.replica, dict(self.api.service.engine.stats()), turns)
 
     # ---- idle expiry ---------------------------------------------------------------------------------
     def _start_janitor(self) -> None:

@@ -13,7 +13,8 @@ import redis
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
 from sessions.store import open_store
-from sessions.store.postgresql import SCHEMA_VERSION, PostgreSQLStore
+from sessions.store.postgresql import PostgreSQLStore
+from sessions.store.postgresql_schema import SCHEMA_VERSION
 from sessions.store.redis import RedisStore
 from sessions.store.sqlite import SQLiteStore
 from tests.sessions.conftest import reset_postgres

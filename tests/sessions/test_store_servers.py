@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -21,6 +24,7 @@ from tests.sessions.conftest import reset_postgres
 from tests.sessions.test_store_contract import record
 
 U1, A1 = Message("user", "u1"), Message("assistant", "a1")
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- outages ---------------------------------------------------------------------------------------------
@@ -226,3 +230,32 @@ def test_a_wrong_password_says_so_without_showing_any_password(postgres_server, 
         with pytest.raises(StoreUnavailable, match=r"(?i)auth|password") as caught:
             open_store(wrong).ping()
         assert "not-the-password-123" not in str(caught.value) and server.password not in str(caught.value)
+
+
+WRITER = """
+import sys, time
+from sessions.messages import Message
+from sessions.store import open_store
+store = open_store(sys.argv[1])
+name, start_at = sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start_at - time.time()))  # both processes start writing together
+for i in range(25):
+    store.append("s1", [Message("user", f"{name}:{i}"), Message("assistant", f"{name}:{i}")], now=float(i))
+store.close()
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "redis"])
+def test_appends_from_two_processes_are_never_lost_doubled_or_reordered(backend, store, store_url):
+    store.create(record())
+    start_at = str(time.time() + 1.5)
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, store_url, name, start_at], cwd=REPO) for name in ("p0", "p1")
+    ]
+    assert [writer.wait(timeout=60) for writer in writers] == [0, 0]
+    history = store.messages("s1")
+    assert len(history) == 100
+    pairs = list(zip(history[::2], history[1::2], strict=True))
+    assert all(u.role == "user" and a.role == "assistant" and u.content == a.content for u, a in pairs)
+    for name in ("p0", "p1"):
+        assert [u.content for u, _ in pairs if u.content.startswith(name)] == [f"{name}:{i}" for i in range(25)]

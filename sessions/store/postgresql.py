@@ -105,8 +105,15 @@ class PostgreSQLStore:
         self.idle_ttl_s = idle_ttl_s
         self._clock = clock
         timeout_ms = max(1, int(timeout_s * 1000))
-        params.setdefault("connect_timeout", max(2, math.ceil(timeout_s)))  # libpq's minimum is 2 s
-        params.setdefault("tcp_user_timeout", timeout_ms)  # unacknowledged data: the peer is gone
+        defaults = {  # settings in the URL win
+            "connect_timeout": max(2, math.ceil(timeout_s)),  # libpq's minimum is 2 s
+            "tcp_user_timeout": timeout_ms,  # data sent but unacknowledged this long: the peer is gone
+            "keepalives": 1,  # a peer silent while we wait for a reply: given up on after a few seconds
+            "keepalives_idle": max(1, math.ceil(timeout_s)),
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+        }
+        params = {**defaults, **params}
         options = [str(params["options"])] if params.get("options") else []
         options += [f"-c statement_timeout={timeout_ms}", f"-c lock_timeout={timeout_ms}"]
         params["options"] = " ".join([*options, "-c idle_in_transaction_session_timeout=60000"])

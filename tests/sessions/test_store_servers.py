@@ -196,19 +196,19 @@ def test_redis_keys_live_under_the_prefix_with_a_ttl_paused_by_a_lease(redis_url
 
 
 def test_redis_expires_idle_sessions_itself_and_keeps_count_and_list_right(redis_url, raw_redis):
-    store = RedisStore(f"{redis_url}?prefix=ttl-1:", idle_ttl_s=0.3)
+    store = RedisStore(f"{redis_url}?prefix=ttl-1:", idle_ttl_s=0.5)
     now = time.time()
     store.create(record("gone", now=now))
     store.create(record("kept", now=now))
     store.append("gone", [U1], now=now)
     store.acquire_lease("kept", "turn-a", ttl_s=60)
-    time.sleep(0.5)
+    time.sleep(0.8)
     assert store.get("gone") is None and raw_redis.exists("ttl-1:m:gone") == 0
     assert store.count() == 1
     assert [r.session_id for r in store.list("alice")] == ["kept"]
     assert store.missing(["gone", "kept"]) == ["gone"]
     store.release_lease("kept", "turn-a")  # idle again: the countdown restarts
-    time.sleep(0.5)
+    time.sleep(0.8)
     assert store.count() == 0
     assert store.list("alice") == []  # list drops the owner's expired entries
     assert raw_redis.keys("ttl-1:*") == []

@@ -41,35 +41,8 @@ from sessions.store.base import (
     exists,
     not_found,
 )
+from sessions.store.postgresql_schema import migrate
 
-SCHEMA_VERSION = 1
-_LOCK_KEY = 0x5E55_10_5E  # pg_advisory_xact_lock key for schema changes ("sessionse")
-# version -> statements that take a database from version-1 to version. Append, never edit, once released.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        """CREATE TABLE sessionserve_sessions (
-            session_id     text COLLATE "C" PRIMARY KEY,
-            system_prompt  text,
-            metadata       jsonb NOT NULL,
-            owner          text COLLATE "C",
-            created_at     double precision NOT NULL,
-            last_active_at double precision NOT NULL,
-            next_seq       bigint NOT NULL DEFAULT 0,  -- ordinal of the next message appended
-            lease_holder   text,                       -- the turn holding the lease, or NULL
-            lease_until    double precision            -- lease expiry, the caller's wall clock
-        )""",
-        "CREATE INDEX sessionserve_sessions_idle ON sessionserve_sessions (last_active_at)",
-        "CREATE INDEX sessionserve_sessions_owner"
-        " ON sessionserve_sessions (owner, last_active_at DESC, session_id DESC)",
-        """CREATE TABLE sessionserve_messages (
-            session_id text COLLATE "C" NOT NULL REFERENCES sessionserve_sessions ON DELETE CASCADE,
-            seq        bigint NOT NULL,
-            role       text NOT NULL,
-            content    text NOT NULL,
-            PRIMARY KEY (session_id, seq)
-        )""",
-    ),
-}
 _COLUMNS = "session_id, system_prompt, metadata, created_at, last_active_at, owner"
 _FREE = "(lease_holder IS NULL OR lease_holder = %(holder)s OR lease_until <= %(now)s)"  # mutation allowed
 _OPTIONS = ("timeout", "pool_size")  # our own URL query parameters, not libpq's
@@ -132,15 +105,22 @@ class PostgreSQLStore:
         self.idle_ttl_s = idle_ttl_s
         self._clock = clock
         timeout_ms = max(1, int(timeout_s * 1000))
-        params.setdefault("connect_timeout", max(2, math.ceil(timeout_s)))  # libpq's minimum is 2 s
-        params.setdefault("tcp_user_timeout", timeout_ms)  # unacknowledged data: the peer is gone
+        defaults = {  # settings in the URL win
+            "connect_timeout": max(2, math.ceil(timeout_s)),  # libpq's minimum is 2 s
+            "tcp_user_timeout": timeout_ms,  # data sent but unacknowledged this long: the peer is gone
+            "keepalives": 1,  # a peer silent while we wait for a reply: given up on after a few seconds
+            "keepalives_idle": max(1, math.ceil(timeout_s)),
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+        }
+        params = {**defaults, **params}
         options = [str(params["options"])] if params.get("options") else []
         options += [f"-c statement_timeout={timeout_ms}", f"-c lock_timeout={timeout_ms}"]
         params["options"] = " ".join([*options, "-c idle_in_transaction_session_timeout=60000"])
         conninfo = make_conninfo("", **params)
         try:  # one direct connection first: its error says why (refused, bad password), a pool would just time out
             with psycopg.connect(conninfo, autocommit=True) as conn:
-                self._migrate(conn)
+                migrate(conn, self.where)
         except psycopg.OperationalError as error:
             raise self._unavailable(error) from None
         self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
@@ -188,34 +168,6 @@ class PostgreSQLStore:
     def _one(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> tuple[Any, ...] | None:
         rows = self._all(sql, params)
         return rows[0] if rows else None
-
-    def _migrate(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
-        """Create or upgrade the schema in one transaction; the advisory lock serialises replicas starting at once."""
-        with conn.transaction():
-            conn.execute("SET LOCAL statement_timeout = '10min'")  # a migration may rewrite big tables
-            conn.execute("SET LOCAL lock_timeout = '10min'")
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS sessionserve_schema ("
-                " id boolean PRIMARY KEY DEFAULT true CHECK (id), version integer NOT NULL,"
-                " migrated_at timestamptz NOT NULL DEFAULT now())"
-            )
-            row = conn.execute("SELECT version FROM sessionserve_schema").fetchone()
-            current = 0 if row is None else int(row[0])
-            if current > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the PostgreSQL history store at {self.where} has schema version {current}, newer than this "
-                    f"sessionserve's {SCHEMA_VERSION}: upgrade sessionserve"
-                )
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[version]:
-                    conn.execute(statement)
-            conn.execute(
-                "INSERT INTO sessionserve_schema (id, version) VALUES (true, %s)"
-                " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, migrated_at = now()"
-                " WHERE sessionserve_schema.version <> EXCLUDED.version",
-                (SCHEMA_VERSION,),
-            )
 
     def _refused(self, session_id: str) -> Exception:
         """Why a conditional mutation touched no row: the session is missing, or another holder leases it."""

@@ -454,10 +454,10 @@ async def test_a_lease_held_elsewhere_makes_the_turn_busy(manager, store):
 
 async def test_a_long_turn_renews_its_lease(open_backend, clock):
     store = open_backend()
-    manager = SessionManager(store, None, lease_ttl_s=0.3, clock=clock)
+    manager = SessionManager(store, None, lease_ttl_s=0.6, clock=clock)
     manager.create("s1")
     async with manager.turn("s1"):
-        await asyncio.sleep(0.8)  # well past the lease's first expiry
+        await asyncio.sleep(1.5)  # well past the lease's first expiry (renewed every 0.2 s)
         with pytest.raises(SessionBusy):
             store.acquire_lease("s1", "someone-else", ttl_s=1)
     store.acquire_lease("s1", "someone-else", ttl_s=1)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -13,13 +16,15 @@ import redis
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
 from sessions.store import open_store
-from sessions.store.postgresql import SCHEMA_VERSION, PostgreSQLStore
+from sessions.store.postgresql import PostgreSQLStore
+from sessions.store.postgresql_schema import SCHEMA_VERSION
 from sessions.store.redis import RedisStore
 from sessions.store.sqlite import SQLiteStore
 from tests.sessions.conftest import reset_postgres
 from tests.sessions.test_store_contract import record
 
 U1, A1 = Message("user", "u1"), Message("assistant", "a1")
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- outages ---------------------------------------------------------------------------------------------
@@ -191,19 +196,19 @@ def test_redis_keys_live_under_the_prefix_with_a_ttl_paused_by_a_lease(redis_url
 
 
 def test_redis_expires_idle_sessions_itself_and_keeps_count_and_list_right(redis_url, raw_redis):
-    store = RedisStore(f"{redis_url}?prefix=ttl-1:", idle_ttl_s=0.3)
+    store = RedisStore(f"{redis_url}?prefix=ttl-1:", idle_ttl_s=0.5)
     now = time.time()
     store.create(record("gone", now=now))
     store.create(record("kept", now=now))
     store.append("gone", [U1], now=now)
     store.acquire_lease("kept", "turn-a", ttl_s=60)
-    time.sleep(0.5)
+    time.sleep(0.8)
     assert store.get("gone") is None and raw_redis.exists("ttl-1:m:gone") == 0
     assert store.count() == 1
     assert [r.session_id for r in store.list("alice")] == ["kept"]
     assert store.missing(["gone", "kept"]) == ["gone"]
     store.release_lease("kept", "turn-a")  # idle again: the countdown restarts
-    time.sleep(0.5)
+    time.sleep(0.8)
     assert store.count() == 0
     assert store.list("alice") == []  # list drops the owner's expired entries
     assert raw_redis.keys("ttl-1:*") == []
@@ -225,3 +230,32 @@ def test_a_wrong_password_says_so_without_showing_any_password(postgres_server, 
         with pytest.raises(StoreUnavailable, match=r"(?i)auth|password") as caught:
             open_store(wrong).ping()
         assert "not-the-password-123" not in str(caught.value) and server.password not in str(caught.value)
+
+
+WRITER = """
+import sys, time
+from sessions.messages import Message
+from sessions.store import open_store
+store = open_store(sys.argv[1])
+name, start_at = sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start_at - time.time()))  # both processes start writing together
+for i in range(25):
+    store.append("s1", [Message("user", f"{name}:{i}"), Message("assistant", f"{name}:{i}")], now=float(i))
+store.close()
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "redis"])
+def test_appends_from_two_processes_are_never_lost_doubled_or_reordered(backend, store, store_url):
+    store.create(record())
+    start_at = str(time.time() + 1.5)
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, store_url, name, start_at], cwd=REPO) for name in ("p0", "p1")
+    ]
+    assert [writer.wait(timeout=60) for writer in writers] == [0, 0]
+    history = store.messages("s1")
+    assert len(history) == 100
+    pairs = list(zip(history[::2], history[1::2], strict=True))
+    assert all(u.role == "user" and a.role == "assistant" and u.content == a.content for u, a in pairs)
+    for name in ("p0", "p1"):
+        assert [u.content for u, _ in pairs if u.content.startswith(name)] == [f"{name}:{i}" for i in range(25)]

@@ -39,7 +39,7 @@ def open_sessions(config: Config, engine: EngineClient | None) -> SessionManager
     return SessionManager(store, engine, max_sessions=sessions.max_sessions, idle_ttl_s=sessions.idle_ttl_s)
 
 
-def build_service(config: Config, replicas_on_node: int = 1) -> SessionService:
+def build_service(config: Config, replicas_on_node: int = 1, replica: str = "") -> SessionService:
     """Load the model and open the store: the expensive part of a replica's (or LocalClient's) start."""
     from serving.engine.paged_engine import PagedEngine  # torch is imported only from here on
     from serving.models import load_model
@@ -50,5 +50,5 @@ def build_service(config: Config, replicas_on_node: int = 1) -> SessionService:
     engine = PagedEngine(loaded, config.engine)
     manager = open_sessions(config, engine)
     limits = TurnLimits(config.serving.max_new_tokens, config.serving.max_prompt_tokens)
-    commit_timeout_s = config.sessions.commit_timeout_s
-    return SessionService(manager, PromptBuilder(loaded.tokenizer), engine, limits, commit_timeout_s)
+    prompts = PromptBuilder(loaded.tokenizer)
+    return SessionService(manager, prompts, engine, limits, config.sessions.commit_timeout_s, replica)

@@ -22,7 +22,7 @@ from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.manager import SessionManager
 from sessions.messages import Message
 from sessions.prompt import PromptBuilder
-from sessions.store.base import SessionRecord
+from sessions.store.base import KVReport, SessionRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +95,7 @@ class SessionCatalog:
     def details(self, session_id: str, owner: str | None = None) -> SessionDetails:
         record = self.manager.get(session_id, owner)
         history = self.manager.history(session_id, owner=owner)
-        kv = self.kv.kv_info(session_id) if self.kv is not None else KVInfo(record.kv_tier, record.kv_tokens)
+        kv = self.kv.kv_info(session_id) if self.kv is not None else KVInfo(record.kv.tier, record.kv.tokens)
         context = kv.tokens if kv.tokens else self._context_tokens(record, history)
         turns = sum(1 for message in history if message.role == "assistant")
         return SessionDetails(record=record, messages=len(history), turns=turns, context_tokens=context, kv=kv)
@@ -118,6 +118,7 @@ class SessionService:
         engine: Engine,
         limits: TurnLimits | None = None,
         commit_timeout_s: float = 10.0,
+        replica: str = "",
     ) -> None:
         self.manager = manager
         self.prompts = prompts
@@ -125,6 +126,7 @@ class SessionService:
         self.max_context_tokens = engine.max_context_tokens  # engine.max_model_len is applied there, once
         self.limits = limits or TurnLimits()
         self.commit_timeout_s = commit_timeout_s
+        self.replica = replica  # named in the KV report each committed turn writes to the store
         self.catalog = SessionCatalog(manager, prompts, engine, self.max_context_tokens)
         self.on_turn: Callable[[TurnResult], None] | None = None  # metrics hook, called after every generation
 
@@ -167,11 +169,13 @@ class SessionService:
     async def _commit(self, session_id: str, turn: list[Message]) -> None:
         """Store a finished turn (one atomic append). While the store is unreachable, retry until
         commit_timeout_s, then fail cleanly: the client gets store_unavailable and the turn is not stored."""
+        kv = self.engine.kv_info(session_id)
+        report = KVReport(tier=kv.tier, tokens=kv.tokens, replica=self.replica)
         loop = asyncio.get_running_loop()
         deadline, delay = loop.time() + self.commit_timeout_s, 0.05
         while True:
             try:
-                await asyncio.to_thread(self.manager.commit_turn, session_id, turn[:-1], turn[-1])
+                await asyncio.to_thread(self.manager.commit_turn, session_id, turn[:-1], turn[-1], kv=report)
                 return
             except StoreUnavailable:
                 if loop.time() + delay > deadline:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict
 from typing import Any, ParamSpec, TypeVar
 
 from serving.engine.types import SamplingParams
@@ -37,6 +36,7 @@ from serving.service import SessionCatalog, SessionService, TextDelta, TurnResul
 from sessions.errors import InvalidRequest
 from sessions.manager import SessionManager
 from sessions.messages import Message
+from sessions.store.base import SessionRecord
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -70,6 +70,17 @@ def user_turn(prompt: str) -> list[Message]:
     if not prompt.strip():
         raise InvalidRequest("prompt is empty: send the user's message as a non-empty string")
     return [Message(role="user", content=prompt)]
+
+
+def _public(record: SessionRecord) -> dict[str, Any]:
+    """The record's fields a client sees (not its owner, lease or KV report)."""
+    return {
+        "session_id": record.session_id,
+        "system_prompt": record.system_prompt,
+        "metadata": record.metadata,
+        "created_at": record.created_at,
+        "last_active_at": record.last_active_at,
+    }
 
 
 def query_response(result: TurnResult) -> QueryResponse:
@@ -117,7 +128,7 @@ class HistoryAPI:
     async def list_sessions(self, limit: int = 50, offset: int = 0, owner: str | None = None) -> SessionList:
         records = await asyncio.to_thread(self.manager.list_sessions, owner, limit, offset)
         page = [
-            SessionSummary(**asdict(record), kv=KVState(tier=record.kv_tier, tokens=record.kv_tokens))
+            SessionSummary(**_public(record), kv=KVState(tier=record.kv.tier, tokens=record.kv.tokens))
             for record in records
         ]
         next_offset = offset + len(page) if len(page) == limit else None
@@ -167,7 +178,7 @@ class HistoryAPI:
     def _info(self, session_id: str, owner: str | None) -> SessionInfo:
         details = self.catalog.details(session_id, owner)
         return SessionInfo(
-            **asdict(details.record),  # the owner (and any other internal field) is not part of SessionInfo
+            **_public(details.record),
             turns=details.turns,
             messages=details.messages,
             context_tokens=details.context_tokens,

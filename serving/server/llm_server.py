@@ -78,10 +78,10 @@ class LLMServer:
 
         _log_to_stderr()
         parsed = Config.model_validate(config)
-        service = build_service(parsed, replicas_on_node)
+        self.replica = _replica_name()
+        service = build_service(parsed, replicas_on_node, self.replica)
         service.on_turn = self._record_turn
         self.api = SessionAPI(service, parsed.model.name)
-        self.replica = _replica_name()
         self._turns: list[TurnSample] = []
         self._idle_ttl_s = parsed.sessions.idle_ttl_s
         self._janitor: asyncio.Task[None] | None = None

@@ -246,10 +246,6 @@ class SessionManager:
         self.get(session_id, owner)
         return self.store.messages(session_id, window)
 
-    def message_count(self, session_id: str, owner: str | None = None) -> int:
-        self.get(session_id, owner)
-        return self.store.message_count(session_id)
-
     def append(self, session_id: str, messages: Sequence[Any], owner: str | None = None) -> None:
         """Add messages without generating. The session's KV stays valid: history only grows."""
         parsed = _check_conversation(messages)

@@ -68,10 +68,6 @@ class HistoryStore(Protocol):
         """The last `window` messages (all if None), oldest first, no system prompt; SessionNotFound if missing."""
         ...
 
-    def message_count(self, session_id: str) -> int:
-        """How many messages are stored; SessionNotFound if missing."""
-        ...
-
     def clear(self, session_id: str, *, holder: str | None = None) -> None:
         """Delete the messages, keep the record (and so the system prompt); SessionNotFound if missing."""
         ...

@@ -97,10 +97,6 @@ class MemoryStore:
             stored = self._session(session_id).messages
             return list(stored if window is None else stored[-window:])
 
-    def message_count(self, session_id: str) -> int:
-        with self._lock:
-            return len(self._session(session_id).messages)
-
     def clear(self, session_id: str, *, holder: str | None = None) -> None:
         with self._lock:
             self._writable(session_id, holder).messages.clear()

@@ -307,16 +307,6 @@ class PostgreSQLStore:
             raise not_found(session_id)
         return [Message(role, content) for role, content in rows]
 
-    def message_count(self, session_id: str) -> int:
-        row = self._one(
-            "SELECT (SELECT count(*) FROM sessionserve_messages WHERE session_id = %(id)s),"
-            " EXISTS (SELECT 1 FROM sessionserve_sessions WHERE session_id = %(id)s)",
-            {"id": session_id},
-        )
-        if row is None or not row[1]:
-            raise not_found(session_id)
-        return int(row[0])
-
     def clear(self, session_id: str, *, holder: str | None = None) -> None:
         params = {"id": session_id, "holder": holder, "now": self._clock()}
         with self._conn() as conn, conn.transaction():

@@ -228,12 +228,6 @@ class RedisStore:
         decoded = json.loads("[" + ",".join(rows) + "]")  # one parse for the whole history, not one per message
         return [Message(role, content) for role, content in decoded]
 
-    def message_count(self, session_id: str) -> int:
-        count = int(self._run("MESSAGE_COUNT", session_id))
-        if count < 0:
-            raise not_found(session_id)
-        return count
-
     def clear(self, session_id: str, *, holder: str | None = None) -> None:
         outcome = self._run("CLEAR", session_id, holder or "", self._clock(), self._ttl_ms)
         if outcome != "ok":

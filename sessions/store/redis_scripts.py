@@ -7,7 +7,7 @@ from __future__ import annotations
 
 NAMES = (
     *("CREATE", "APPEND", "TOUCH", "CLEAR", "DELETE", "UPDATE", "ACQUIRE", "RELEASE", "EXPIRE_IDLE", "COUNT", "LIST"),
-    *("MESSAGES", "MESSAGE_COUNT"),
+    "MESSAGES",
 )
 
 # Shared helpers, prepended to every script. `now` is the caller's wall clock; a lease is live while until > now.
@@ -230,15 +230,5 @@ MESSAGES = (
 local id = ARGV[2]
 if redis.call('EXISTS', rec_key(id)) == 0 then return 0 end
 return redis.call('LRANGE', msg_key(id), tonumber(ARGV[3]), -1)
-"""
-)
-
-# ARGV: prefix, id. -1 if the session is missing, else how many messages it has.
-MESSAGE_COUNT = (
-    _LIB
-    + """
-local id = ARGV[2]
-if redis.call('EXISTS', rec_key(id)) == 0 then return -1 end
-return redis.call('LLEN', msg_key(id))
 """
 )

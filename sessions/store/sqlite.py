@@ -207,12 +207,6 @@ class SQLiteStore:
             ).fetchall()
         return [Message(role, content) for role, content in rows]
 
-    def message_count(self, session_id: str) -> int:
-        with self._read() as conn:
-            self._require(conn, session_id)
-            (count,) = conn.execute("SELECT COUNT(*) FROM messages WHERE session_id = ?", (session_id,)).fetchone()
-        return int(count)
-
     def clear(self, session_id: str, *, holder: str | None = None) -> None:
         with self._write() as conn:
             self._require_writable(conn, session_id, holder)

@@ -18,6 +18,7 @@ from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionN
 from sessions.messages import Message
 
 MAX_PAGE = 1000  # most records one list() call returns
+MAX_OFFSET = 2**52  # list() offsets past this are past any store's end; backends clamp to it (exact as a Lua number)
 
 
 class Unchanged(enum.Enum):

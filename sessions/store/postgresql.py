@@ -30,6 +30,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
 from sessions.store.base import (
+    MAX_OFFSET,
     UNCHANGED,
     KVReport,
     SessionRecord,
@@ -275,7 +276,7 @@ class PostgreSQLStore:
         rows = self._all(
             f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE {where}"
             " ORDER BY last_active_at DESC, session_id DESC LIMIT %(limit)s OFFSET %(offset)s",
-            {"owner": owner, "limit": limit, "offset": offset},
+            {"owner": owner, "limit": limit, "offset": min(offset, MAX_OFFSET)},
         )
         return [_record(row) for row in rows]
 

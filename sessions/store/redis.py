@@ -33,6 +33,7 @@ from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
 from sessions.store import redis_scripts as lua
 from sessions.store.base import (
+    MAX_OFFSET,
     UNCHANGED,
     KVReport,
     SessionRecord,
@@ -195,7 +196,7 @@ class RedisStore:
     def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
         check_page(limit, offset)
         owned = ("1", owner) if owner is not None else ("0", "")
-        flat = self._run("LIST", repr(self._cutoff()), *owned, offset, limit)
+        flat = self._run("LIST", repr(self._cutoff()), *owned, min(offset, MAX_OFFSET), limit)
         records, index = [], 0
         while index < len(flat):
             session_id, size = flat[index], int(flat[index + 1])

@@ -20,6 +20,7 @@ from typing import Any
 from sessions.errors import StoreUnavailable
 from sessions.messages import Message
 from sessions.store.base import (
+    MAX_OFFSET,
     UNCHANGED,
     KVReport,
     SessionRecord,
@@ -282,7 +283,7 @@ class SQLiteStore:
             rows = conn.execute(
                 f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE {where}"
                 " ORDER BY last_active_at DESC, session_id DESC LIMIT ? OFFSET ?",
-                (limit, offset) if owner is None else (owner, limit, offset),
+                (limit, min(offset, MAX_OFFSET)) if owner is None else (owner, limit, min(offset, MAX_OFFSET)),
             ).fetchall()
         return [_record(row) for row in rows]
 

@@ -152,6 +152,8 @@ def test_list_accepts_the_bounds(store):
     store.create(record())
     assert len(store.list("alice", limit=1000)) == 1
     assert len(store.list("alice", limit=1, offset=0)) == 1
+    for offset in (2**52, 2**53 + 1, 2**63, 2**80):  # past the end, however far: an empty page, not an integer overflow
+        assert store.list("alice", limit=1000, offset=offset) == []
 
 
 # ---- update ----------------------------------------------------------------------------------------------

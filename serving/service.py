@@ -95,7 +95,7 @@ class SessionCatalog:
     def details(self, session_id: str, owner: str | None = None) -> SessionDetails:
         record = self.manager.get(session_id, owner)
         history = self.manager.history(session_id, owner=owner)
-        kv = self.kv.kv_info(session_id) if self.kv is not None else KVInfo(record.kv.tier, record.kv.tokens)
+        kv = self.kv.kv_info(session_id) if self.kv is not None else KVInfo(record.kv_tier, record.kv_tokens)
         context = kv.tokens if kv.tokens else self._context_tokens(record, history)
         turns = sum(1 for message in history if message.role == "assistant")
         return SessionDetails(record=record, messages=len(history), turns=turns, context_tokens=context, kv=kv)

@@ -117,7 +117,7 @@ class HistoryAPI:
     async def list_sessions(self, limit: int = 50, offset: int = 0, owner: str | None = None) -> SessionList:
         records = await asyncio.to_thread(self.manager.list_sessions, owner, limit, offset)
         page = [
-            SessionSummary(**{**asdict(record), "kv": KVState(tier=record.kv.tier, tokens=record.kv.tokens)})
+            SessionSummary(**asdict(record), kv=KVState(tier=record.kv_tier, tokens=record.kv_tokens))
             for record in records
         ]
         next_offset = offset + len(page) if len(page) == limit else None
@@ -167,13 +167,11 @@ class HistoryAPI:
     def _info(self, session_id: str, owner: str | None) -> SessionInfo:
         details = self.catalog.details(session_id, owner)
         return SessionInfo(
-            **{  # the owner (and any other internal field) is not part of SessionInfo
-                **asdict(details.record),
-                "kv": KVState(tier=details.kv.tier, tokens=details.kv.tokens),  # the record's report, or live
-            },
+            **asdict(details.record),  # the owner (and any other internal field) is not part of SessionInfo
             turns=details.turns,
             messages=details.messages,
             context_tokens=details.context_tokens,
+            kv=KVState(tier=details.kv.tier, tokens=details.kv.tokens),
         )
 
 

@@ -165,7 +165,15 @@ def test_secrets_come_from_a_secret_and_the_config_names_none() -> None:
     config = load_config(None, raw)  # the ConfigMap's file is a valid sessionserve config
     assert config.sessions.store.startswith("postgresql://")
     assert ":" not in config.sessions.store.removeprefix("postgresql://").split("@")[0], "password in the store URL"
-    assert "api_keys" not in raw.get("serving", {})
+    assert raw["serving"].get("api_keys", []) == []
+
+
+def test_the_config_map_is_configs_gpu_yaml_but_for_the_replica_count() -> None:
+    in_cluster = load_config(None, sessionserve_config()).model_dump()
+    in_image = load_config(ROOT / "configs" / "gpu.yaml").model_dump()
+    for config in (in_cluster, in_image):
+        del config["serving"]["replicas"]
+    assert in_cluster == in_image
 
 
 def test_config_and_model_are_mounted_where_the_app_reads_them() -> None:

@@ -70,6 +70,8 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"`serve run` exited with {proc.returncode} before /ready:\n{log.read_text()[-4000:]}")
+        if "failed with exception" in (text := log.read_text()):  # Serve's controller gave up on the app
+            pytest.fail(f"the application failed to deploy:\n{text[-4000:]}")
         try:
             response = httpx.get(f"{url}/ready", timeout=2)
             if response.status_code == 200:

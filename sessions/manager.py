@@ -26,16 +26,9 @@ from typing import Any, Protocol
 from sessions.errors import InvalidRequest, SessionBusy, SessionError, SessionExists, TooManySessions
 from sessions.lease import TurnLease
 from sessions.messages import Message, parse_messages
-from sessions.store.base import (
-    UNCHANGED,
-    HistoryStore,
-    KVReport,
-    SessionRecord,
-    Unchanged,
-    check_page,
-    check_window,
-    not_found,
-)
+from sessions.store import base
+from sessions.store.base import HistoryStore, SessionRecord
+from sessions.store.values import UNCHANGED, Holder, KVUpdate, Metadata, Prompt, Unchanged
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +49,7 @@ class _TurnLock:
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
-    holder: str | None = None  # the store lease of the turn running now, if any
+    holder: Holder = None  # the store lease of the turn running now, if any
 
 
 def _check_session_id(session_id: object) -> str:
@@ -164,14 +157,14 @@ class SessionManager:
         """The record; SessionNotFound also when `owner` differs, so callers cannot probe others' ids."""
         record = self.store.get(session_id)
         if record is None or (owner is not None and record.owner != owner):
-            raise not_found(session_id)
+            raise base.not_found(session_id)
         return record
 
     def destroy(self, session_id: str, owner: str | None = None) -> None:
         """Delete history and record, and free the session's KV."""
         self.get(session_id, owner)
         if not self.store.delete(session_id, holder=self._holder(session_id)):
-            raise not_found(session_id)  # deleted concurrently
+            raise base.not_found(session_id)  # deleted concurrently
         self._turn_locks.pop(session_id, None)
         self._release(session_id)
 
@@ -200,16 +193,11 @@ class SessionManager:
 
     def list_sessions(self, owner: str | None = None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
         """The owner's sessions (None: those created without an owner), most recently active first, one page."""
-        check_page(limit, offset)
+        base.check_page(limit, offset)
         return self.store.list(owner, limit, offset)
 
     def update(
-        self,
-        session_id: str,
-        owner: str | None = None,
-        *,
-        system_prompt: str | Unchanged | None = UNCHANGED,
-        metadata: dict[str, Any] | None = None,
+        self, session_id: str, owner: str | None = None, *, system_prompt: Prompt = UNCHANGED, metadata: Metadata = None
     ) -> SessionRecord:
         """Set the system prompt (None clears it) and/or replace the metadata, validated as in create.
 
@@ -251,7 +239,7 @@ class SessionManager:
     # ---- history -----------------------------------------------------------------------------------
     def history(self, session_id: str, window: int | None = None, owner: str | None = None) -> list[Message]:
         """The last `window` messages (all if None), oldest first; the system prompt is on the record."""
-        check_window(window)
+        base.check_window(window)
         self.get(session_id, owner)
         return self.store.messages(session_id, window)
 
@@ -276,8 +264,8 @@ class SessionManager:
         new_messages: Sequence[Message],
         reply: Message,
         *,
-        holder: str | None = None,
-        kv: KVReport | None = None,
+        holder: Holder = None,
+        kv: KVUpdate = None,
     ) -> None:
         """Store a finished turn in one atomic append, so a failed or cancelled generation leaves no half turn.
 

@@ -9,47 +9,18 @@ backend, so the hosts sharing a store need synchronised clocks (NTP); `now`/`bef
 from __future__ import annotations
 
 import builtins  # the stores have a `list` method, so their annotations say builtins.list
-import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionNotFound
 from sessions.messages import Message
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, Unchanged
+
+__all__ = ["UNCHANGED", "Holder", "KVReport", "KVUpdate", "Metadata", "Prompt", "Unchanged"]  # re-exported
 
 MAX_PAGE = 1000  # most records one list() call returns
 MAX_OFFSET = 2**52  # list() offsets past this are past any store's end; backends clamp to it (exact as a Lua number)
-
-
-class Unchanged(enum.Enum):
-    """The type of UNCHANGED: 'leave this field as it is', distinct from None ('clear it')."""
-
-    UNCHANGED = "UNCHANGED"
-
-
-UNCHANGED = Unchanged.UNCHANGED
-KV_TIERS = ("device", "host", "none")
-
-
-@dataclass(frozen=True, slots=True)
-class KVReport:
-    """A session's KV cache as last reported by the replica holding it (stored with the turn it committed).
-
-    `tier`: "device" (accelerator memory), "host" (offloaded to host memory) or "none" (not held); `tokens`: how many
-    tokens it covers; `replica`: the id of the replica holding it, "" if unknown. KVReport() means nothing reported.
-    """
-
-    tier: str = "none"
-    tokens: int = 0
-    replica: str = ""
-
-    def __post_init__(self) -> None:
-        if self.tier not in KV_TIERS:
-            raise ValueError(f"a KV report's tier must be one of {', '.join(KV_TIERS)}, got {self.tier!r}")
-        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
-            raise ValueError(f"a KV report's tokens must be a whole number >= 0, got {self.tokens!r}")
-        if not isinstance(self.replica, str):
-            raise ValueError(f"a KV report's replica must be a string, got {self.replica!r}")
 
 
 @dataclass(slots=True)
@@ -65,7 +36,7 @@ class SessionRecord:
     created_at: float
     last_active_at: float
     owner: str | None = None
-    kv: KVReport = KVReport()
+    kv: KVReport = field(default_factory=KVReport)
 
 
 class HistoryStore(Protocol):
@@ -83,18 +54,12 @@ class HistoryStore(Protocol):
         """A copy of the record, or None; mutating it does not change the store."""
         ...
 
-    def delete(self, session_id: str, *, holder: str | None = None) -> bool:
+    def delete(self, session_id: str, *, holder: Holder = None) -> bool:
         """Delete the record and its messages; False if there was nothing to delete."""
         ...
 
     def append(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        now: float,
-        *,
-        holder: str | None = None,
-        kv: KVReport | None = None,
+        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None
     ) -> None:
         """Append all messages or none, and set last_active_at; SessionNotFound if the session is missing.
 
@@ -106,19 +71,14 @@ class HistoryStore(Protocol):
         """The last `window` messages (all if None), oldest first, no system prompt; SessionNotFound if missing."""
         ...
 
-    def clear(self, session_id: str, *, holder: str | None = None) -> None:
+    def clear(self, session_id: str, *, holder: Holder = None) -> None:
         """Delete the messages, keep the record (and so the system prompt); reset the KV report. SessionNotFound
         if missing.
         """
         ...
 
     def update(
-        self,
-        session_id: str,
-        *,
-        system_prompt: str | Unchanged | None = UNCHANGED,
-        metadata: dict[str, Any] | None = None,
-        holder: str | None = None,
+        self, session_id: str, *, system_prompt: Prompt = UNCHANGED, metadata: Metadata = None, holder: Holder = None
     ) -> SessionRecord:
         """Set the system prompt (None clears it) and/or replace the metadata (None keeps it); the new record.
 
@@ -161,6 +121,13 @@ class HistoryStore(Protocol):
     def close(self) -> None:
         """Release resources; the store is unusable afterwards."""
         ...
+
+
+def record_row(record: SessionRecord, metadata: object) -> tuple[object, ...]:
+    """The record as the SQL backends store it (their column order), with its metadata encoded by the caller."""
+    kv = record.kv
+    row = (record.session_id, record.system_prompt, metadata, record.created_at, record.last_active_at, record.owner)
+    return (*row, kv.tier, kv.tokens, kv.replica)
 
 
 def check_messages(messages: Sequence[Message]) -> list[Message]:

@@ -8,30 +8,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from sessions.messages import Message
-from sessions.store.base import (
-    UNCHANGED,
-    KVReport,
-    SessionRecord,
-    Unchanged,
-    busy,
-    check_lease,
-    check_messages,
-    check_page,
-    check_window,
-    exists,
-    lease_is_foreign,
-    not_found,
-)
+from sessions.store import base
+from sessions.store.base import SessionRecord
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, Unchanged
 
 
 @dataclass(slots=True)
 class _Session:
     record: SessionRecord
     messages: list[Message] = field(default_factory=list)
-    lease_holder: str | None = None
+    lease_holder: Holder = None
     lease_until: float | None = None
 
 
@@ -56,20 +44,20 @@ class MemoryStore:
     def _session(self, session_id: str) -> _Session:
         session = self._sessions.get(session_id)
         if session is None:
-            raise not_found(session_id)
+            raise base.not_found(session_id)
         return session
 
     def _writable(self, session_id: str, holder: str | None) -> _Session:
         session = self._session(session_id)
-        if lease_is_foreign(session.lease_holder, session.lease_until, holder, self._clock()):
-            raise busy(session_id)
+        if base.lease_is_foreign(session.lease_holder, session.lease_until, holder, self._clock()):
+            raise base.busy(session_id)
         return session
 
     def create(self, record: SessionRecord) -> None:
         stored = _copy(record)
         with self._lock:
             if record.session_id in self._sessions:
-                raise exists(record.session_id)
+                raise base.exists(record.session_id)
             self._sessions[record.session_id] = _Session(stored)
 
     def get(self, session_id: str) -> SessionRecord | None:
@@ -77,7 +65,7 @@ class MemoryStore:
             session = self._sessions.get(session_id)
             return None if session is None else _copy(session.record)
 
-    def delete(self, session_id: str, *, holder: str | None = None) -> bool:
+    def delete(self, session_id: str, *, holder: Holder = None) -> bool:
         with self._lock:
             if session_id not in self._sessions:
                 return False
@@ -86,15 +74,9 @@ class MemoryStore:
             return True
 
     def append(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        now: float,
-        *,
-        holder: str | None = None,
-        kv: KVReport | None = None,
+        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None
     ) -> None:
-        batch = check_messages(messages)
+        batch = base.check_messages(messages)
         with self._lock:
             session = self._writable(session_id, holder)
             session.messages.extend(batch)
@@ -103,24 +85,19 @@ class MemoryStore:
                 session.record.kv = kv
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
-        check_window(window)
+        base.check_window(window)
         with self._lock:
             stored = self._session(session_id).messages
             return list(stored if window is None else stored[-window:])
 
-    def clear(self, session_id: str, *, holder: str | None = None) -> None:
+    def clear(self, session_id: str, *, holder: Holder = None) -> None:
         with self._lock:
             session = self._writable(session_id, holder)
             session.messages.clear()
             session.record.kv = KVReport()
 
     def update(
-        self,
-        session_id: str,
-        *,
-        system_prompt: str | Unchanged | None = UNCHANGED,
-        metadata: dict[str, Any] | None = None,
-        holder: str | None = None,
+        self, session_id: str, *, system_prompt: Prompt = UNCHANGED, metadata: Metadata = None, holder: Holder = None
     ) -> SessionRecord:
         copied = None if metadata is None else json.loads(json.dumps(metadata))
         with self._lock:
@@ -140,14 +117,14 @@ class MemoryStore:
             return len(self._sessions)
 
     def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
-        check_page(limit, offset)
+        base.check_page(limit, offset)
         with self._lock:
             records = [s.record for s in self._sessions.values() if s.record.owner == owner]
             records.sort(key=lambda r: (r.last_active_at, r.session_id), reverse=True)
             return [_copy(r) for r in records[offset : offset + limit]]
 
     def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:
-        check_lease(holder, ttl_s)
+        base.check_lease(holder, ttl_s)
         with self._lock:
             session = self._writable(session_id, holder)
             session.lease_holder, session.lease_until = holder, self._clock() + ttl_s
@@ -164,7 +141,8 @@ class MemoryStore:
             idle = [
                 s.record
                 for s in self._sessions.values()
-                if s.record.last_active_at < before and not lease_is_foreign(s.lease_holder, s.lease_until, None, now)
+                if s.record.last_active_at < before
+                and not base.lease_is_foreign(s.lease_holder, s.lease_until, None, now)
             ]
             idle.sort(key=lambda r: r.last_active_at)
             for record in idle:

@@ -29,21 +29,10 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
-from sessions.store.base import (
-    MAX_OFFSET,
-    UNCHANGED,
-    KVReport,
-    SessionRecord,
-    Unchanged,
-    busy,
-    check_lease,
-    check_messages,
-    check_page,
-    check_window,
-    exists,
-    not_found,
-)
+from sessions.store import base
+from sessions.store.base import MAX_OFFSET, SessionRecord
 from sessions.store.postgresql_schema import migrate
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, Unchanged
 
 _COLUMNS = "session_id, system_prompt, metadata, created_at, last_active_at, owner, kv_tier, kv_tokens, kv_replica"
 _FREE = "(lease_holder IS NULL OR lease_holder = %(holder)s OR lease_until <= %(now)s)"  # mutation allowed
@@ -188,23 +177,13 @@ class PostgreSQLStore:
     def _refused(self, session_id: str) -> Exception:
         """Why a conditional mutation touched no row: the session is missing, or another holder leases it."""
         if self._one("SELECT 1 FROM sessionserve_sessions WHERE session_id = %s", (session_id,)) is None:
-            return not_found(session_id)
-        return busy(session_id)
+            return base.not_found(session_id)
+        return base.busy(session_id)
 
     # ---- records -----------------------------------------------------------------------------------
     def create(self, record: SessionRecord) -> None:
         _refuse_nul(record.session_id, record.system_prompt, record.owner, record.kv.replica)
-        values = (
-            record.session_id,
-            record.system_prompt,
-            Jsonb(record.metadata),
-            record.created_at,
-            record.last_active_at,
-            record.owner,
-            record.kv.tier,
-            record.kv.tokens,
-            record.kv.replica,
-        )
+        values = base.record_row(record, Jsonb(record.metadata))
         try:
             inserted = self._all(
                 f"INSERT INTO sessionserve_sessions ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -214,27 +193,22 @@ class PostgreSQLStore:
         except psycopg.errors.UntranslatableCharacter as error:  # "\u0000" inside jsonb
             raise _unstorable(error) from None
         if not inserted:
-            raise exists(record.session_id)
+            raise base.exists(record.session_id)
 
     def get(self, session_id: str) -> SessionRecord | None:
         row = self._one(f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE session_id = %s", (session_id,))
         return None if row is None else _record(row)
 
-    def delete(self, session_id: str, *, holder: str | None = None) -> bool:
+    def delete(self, session_id: str, *, holder: Holder = None) -> bool:
         params = {"id": session_id, "holder": holder, "now": self._clock()}
         if self._one(f"DELETE FROM sessionserve_sessions WHERE session_id = %(id)s AND {_FREE} RETURNING 1", params):
             return True
         if self._one("SELECT 1 FROM sessionserve_sessions WHERE session_id = %s", (session_id,)) is None:
             return False
-        raise busy(session_id)
+        raise base.busy(session_id)
 
     def update(
-        self,
-        session_id: str,
-        *,
-        system_prompt: str | Unchanged | None = UNCHANGED,
-        metadata: dict[str, Any] | None = None,
-        holder: str | None = None,
+        self, session_id: str, *, system_prompt: Prompt = UNCHANGED, metadata: Metadata = None, holder: Holder = None
     ) -> SessionRecord:
         keep_prompt = isinstance(system_prompt, Unchanged)
         prompt = None if isinstance(system_prompt, Unchanged) else system_prompt
@@ -264,14 +238,14 @@ class PostgreSQLStore:
         if not self._one(
             "UPDATE sessionserve_sessions SET last_active_at = %s WHERE session_id = %s RETURNING 1", (now, session_id)
         ):
-            raise not_found(session_id)
+            raise base.not_found(session_id)
 
     def count(self) -> int:
-        row = self._one("SELECT count(*) FROM sessionserve_sessions")
-        return 0 if row is None else int(row[0])
+        (count,) = self._one("SELECT count(*) FROM sessionserve_sessions") or (0,)
+        return int(count)
 
     def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
-        check_page(limit, offset)
+        base.check_page(limit, offset)
         where = "owner IS NULL" if owner is None else "owner = %(owner)s"
         rows = self._all(
             f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE {where}"
@@ -291,15 +265,9 @@ class PostgreSQLStore:
 
     # ---- messages ----------------------------------------------------------------------------------
     def append(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        now: float,
-        *,
-        holder: str | None = None,
-        kv: KVReport | None = None,
+        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None
     ) -> None:
-        batch = check_messages(messages)
+        batch = base.check_messages(messages)
         _refuse_nul(*(m.content for m in batch), None if kv is None else kv.replica)
         row = self._one(
             "WITH bumped AS ("
@@ -326,17 +294,17 @@ class PostgreSQLStore:
             raise self._refused(session_id)
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
-        check_window(window)
+        base.check_window(window)
         rows = self._all(
             "SELECT role, content FROM (SELECT seq, role, content FROM sessionserve_messages"
             " WHERE session_id = %(id)s ORDER BY seq DESC LIMIT %(window)s) AS last ORDER BY seq",
             {"id": session_id, "window": None if window is None else min(window, 2**63 - 1)},
         )
         if not rows and self.get(session_id) is None:
-            raise not_found(session_id)
+            raise base.not_found(session_id)
         return [Message(role, content) for role, content in rows]
 
-    def clear(self, session_id: str, *, holder: str | None = None) -> None:
+    def clear(self, session_id: str, *, holder: Holder = None) -> None:
         params = {"id": session_id, "holder": holder, "now": self._clock()}
         with self._conn() as conn, conn.transaction():
             row = conn.execute(  # also takes the row lock, so the lease check holds until the messages are gone
@@ -349,7 +317,7 @@ class PostgreSQLStore:
 
     # ---- leases and expiry -------------------------------------------------------------------------
     def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:
-        check_lease(holder, ttl_s)
+        base.check_lease(holder, ttl_s)
         now = self._clock()
         if not self._one(
             "UPDATE sessionserve_sessions SET lease_holder = %(holder)s, lease_until = %(until)s"

@@ -31,21 +31,10 @@ from redis.retry import Retry
 
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
+from sessions.store import base
 from sessions.store import redis_scripts as lua
-from sessions.store.base import (
-    MAX_OFFSET,
-    UNCHANGED,
-    KVReport,
-    SessionRecord,
-    Unchanged,
-    busy,
-    check_lease,
-    check_messages,
-    check_page,
-    check_window,
-    exists,
-    not_found,
-)
+from sessions.store.base import MAX_OFFSET, SessionRecord
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, Unchanged
 
 DEFAULT_PREFIX = "sessionserve:"
 _CLOCK_SKEW_S = 5.0  # how far the hosts' clocks may disagree when deciding which index entries might have expired
@@ -133,8 +122,8 @@ class RedisStore:
     @staticmethod
     def _refused(session_id: str, outcome: str) -> NoReturn:
         if outcome == "busy":
-            raise busy(session_id)
-        raise not_found(session_id)
+            raise base.busy(session_id)
+        raise base.not_found(session_id)
 
     # ---- records -----------------------------------------------------------------------------------
     def create(self, record: SessionRecord) -> None:
@@ -155,25 +144,20 @@ class RedisStore:
             *fields,
         )
         if outcome == "exists":
-            raise exists(record.session_id)
+            raise base.exists(record.session_id)
 
     def get(self, session_id: str) -> SessionRecord | None:
         fields: dict[str, str] = self._call(lambda: self._redis.hgetall(f"{self.prefix}s:{session_id}"))  # type: ignore[arg-type,return-value]
         return _record(session_id, fields) if fields else None
 
-    def delete(self, session_id: str, *, holder: str | None = None) -> bool:
-        outcome = self._run("DELETE", session_id, holder or "", self._clock())
+    def delete(self, session_id: str, *, holder: Holder = None) -> bool:
+        outcome = self._run("DELETE", session_id, holder or "", self._clock(), self._ttl_ms)
         if outcome == "busy":
-            raise busy(session_id)
+            raise base.busy(session_id)
         return bool(outcome == "ok")
 
     def update(
-        self,
-        session_id: str,
-        *,
-        system_prompt: str | Unchanged | None = UNCHANGED,
-        metadata: dict[str, Any] | None = None,
-        holder: str | None = None,
+        self, session_id: str, *, system_prompt: Prompt = UNCHANGED, metadata: Metadata = None, holder: Holder = None
     ) -> SessionRecord:
         if isinstance(system_prompt, Unchanged):
             mode, prompt = "keep", ""
@@ -188,13 +172,13 @@ class RedisStore:
 
     def touch(self, session_id: str, now: float) -> None:
         if self._run("TOUCH", session_id, self._clock(), self._ttl_ms, repr(now)) != "ok":
-            raise not_found(session_id)
+            raise base.not_found(session_id)
 
     def count(self) -> int:
         return int(self._run("COUNT", repr(self._cutoff())))
 
     def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
-        check_page(limit, offset)
+        base.check_page(limit, offset)
         owned = ("1", owner) if owner is not None else ("0", "")
         flat = self._run("LIST", repr(self._cutoff()), *owned, min(offset, MAX_OFFSET), limit)
         records, index = [], 0
@@ -221,38 +205,32 @@ class RedisStore:
 
     # ---- messages ----------------------------------------------------------------------------------
     def append(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        now: float,
-        *,
-        holder: str | None = None,
-        kv: KVReport | None = None,
+        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None
     ) -> None:
-        batch = [json.dumps([m.role, m.content]) for m in check_messages(messages)]
+        batch = [json.dumps([m.role, m.content]) for m in base.check_messages(messages)]
         report = ("0", "", 0, "") if kv is None else ("1", kv.tier, kv.tokens, kv.replica)
         outcome = self._run("APPEND", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *report, *batch)
         if outcome != "ok":
             self._refused(session_id, outcome)
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
-        check_window(window)
+        base.check_window(window)
         rows = self._run("MESSAGES", session_id, 0 if window is None else -min(window, 2**62))
         if rows == 0:
-            raise not_found(session_id)
+            raise base.not_found(session_id)
         decoded = json.loads("[" + ",".join(rows) + "]")  # one parse for the whole history, not one per message
         return [Message(role, content) for role, content in decoded]
 
-    def clear(self, session_id: str, *, holder: str | None = None) -> None:
+    def clear(self, session_id: str, *, holder: Holder = None) -> None:
         outcome = self._run("CLEAR", session_id, holder or "", self._clock(), self._ttl_ms)
         if outcome != "ok":
             self._refused(session_id, outcome)
 
     # ---- leases and expiry -------------------------------------------------------------------------
     def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:
-        check_lease(holder, ttl_s)
+        base.check_lease(holder, ttl_s)
         now = self._clock()
-        outcome = self._run("ACQUIRE", session_id, holder, now, repr(now + ttl_s))
+        outcome = self._run("ACQUIRE", session_id, holder, now, self._ttl_ms, repr(now + ttl_s))
         if outcome != "ok":
             self._refused(session_id, outcome)
 

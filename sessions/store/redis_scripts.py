@@ -28,6 +28,13 @@ local function foreign(rec, holder, now)
   local live, by = leased(rec, now)
   return live and by ~= holder
 end
+-- The session's record key if `holder` may change it now; else nil and why not ('missing' or 'busy').
+local function writable(id, holder, now)
+  local rec = rec_key(id)
+  if redis.call('EXISTS', rec) == 0 then return nil, 'missing' end
+  if foreign(rec, holder, now) then return nil, 'busy' end
+  return rec
+end
 -- While leased the keys never expire (a turn is running); otherwise they expire idle_ttl after the last activity.
 local function refresh(id, now, ttl_ms)
   local rec, msgs = rec_key(id), msg_key(id)
@@ -78,22 +85,25 @@ return 'ok'
 """
 )
 
-# ARGV: prefix, id, holder ('' = none), now, ttl_ms, last_active_at, report ('1' = set the KV report to the next
-# three, '0' = keep it), kv_tier, kv_tokens, kv_replica, message...
-APPEND = (
-    _LIB
-    + """
+
+def _edit(body: str) -> str:
+    """A script that changes a session if `holder` may: ARGV = prefix, id, holder ('' = none), now, ttl_ms, ...
+    `body` runs with id, rec, now and ttl set; the keys' TTL is refreshed after it. Answers 'ok', 'missing', 'busy'."""
+    guard = """
 local id, holder, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local rec = rec_key(id)
-if redis.call('EXISTS', rec) == 0 then return 'missing' end
-if foreign(rec, holder, now) then return 'busy' end
+local rec, refused = writable(id, holder, now)
+if not rec then return refused end
+"""
+    return _LIB + guard + body + "refresh(id, now, ttl)\nreturn 'ok'\n"
+
+
+# ARGV: ..., last_active_at, report ('1' = set the KV report to the next three, '0' = keep it), kv_tier, kv_tokens,
+# kv_replica, message...
+APPEND = _edit("""
 for i = 11, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
 if ARGV[7] == '1' then redis.call('HSET', rec, 'kv_tier', ARGV[8], 'kv_tokens', ARGV[9], 'kv_replica', ARGV[10]) end
 set_active(id, ARGV[6])
-refresh(id, now, ttl)
-return 'ok'
-"""
-)
+""")
 
 # ARGV: prefix, id, now, ttl_ms, last_active_at
 TOUCH = (
@@ -107,42 +117,24 @@ return 'ok'
 """
 )
 
-# ARGV: prefix, id, holder, now, ttl_ms
-CLEAR = (
-    _LIB
-    + """
-local id, holder, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local rec = rec_key(id)
-if redis.call('EXISTS', rec) == 0 then return 'missing' end
-if foreign(rec, holder, now) then return 'busy' end
+# ARGV: the guard's only
+CLEAR = _edit("""
 redis.call('DEL', msg_key(id))
 forget_kv(rec)
-refresh(id, now, ttl)
-return 'ok'
-"""
-)
+""")
 
-# ARGV: prefix, id, holder, now
-DELETE = (
-    _LIB
-    + """
-local id, holder, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local rec = rec_key(id)
-if redis.call('EXISTS', rec) == 0 then return 'missing' end
-if foreign(rec, holder, now) then return 'busy' end
+# ARGV: the guard's only (refreshing keys that are gone does nothing)
+DELETE = _edit("""
 remove(id)
-return 'ok'
-"""
-)
+""")
 
 # ARGV: prefix, id, holder, now, ttl_ms, prompt_mode ('keep' | 'clear' | 'set'), prompt, metadata ('' = keep)
 UPDATE = (
     _LIB
     + """
 local id, holder, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local rec = rec_key(id)
-if redis.call('EXISTS', rec) == 0 then return {'missing'} end
-if foreign(rec, holder, now) then return {'busy'} end
+local rec, refused = writable(id, holder, now)
+if not rec then return {refused} end
 local prompt = redis.call('HGET', rec, 'system_prompt')
 if (ARGV[6] == 'clear' and prompt) or (ARGV[6] == 'set' and prompt ~= ARGV[7]) then forget_kv(rec) end
 if ARGV[6] == 'clear' then redis.call('HDEL', rec, 'system_prompt') end
@@ -155,19 +147,10 @@ return out
 """
 )
 
-# ARGV: prefix, id, holder, now, until
-ACQUIRE = (
-    _LIB
-    + """
-local id, holder, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local rec = rec_key(id)
-if redis.call('EXISTS', rec) == 0 then return 'missing' end
-if foreign(rec, holder, now) then return 'busy' end
-redis.call('HSET', rec, 'lease_holder', holder, 'lease_until', ARGV[5])
-redis.call('PERSIST', rec); redis.call('PERSIST', msg_key(id))
-return 'ok'
-"""
-)
+# ARGV: ..., until (the lease's end). Leased, the refresh after it makes the keys persist.
+ACQUIRE = _edit("""
+redis.call('HSET', rec, 'lease_holder', holder, 'lease_until', ARGV[6])
+""")
 
 # ARGV: prefix, id, holder, now, ttl_ms
 RELEASE = (

@@ -19,21 +19,9 @@ from typing import Any
 
 from sessions.errors import StoreUnavailable
 from sessions.messages import Message
-from sessions.store.base import (
-    MAX_OFFSET,
-    UNCHANGED,
-    KVReport,
-    SessionRecord,
-    Unchanged,
-    busy,
-    check_lease,
-    check_messages,
-    check_page,
-    check_window,
-    exists,
-    lease_is_foreign,
-    not_found,
-)
+from sessions.store import base
+from sessions.store.base import MAX_OFFSET, SessionRecord
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, Unchanged
 
 _SCHEMA_VERSION = 3
 _SCHEMA = (
@@ -158,41 +146,31 @@ class SQLiteStore:
     @staticmethod
     def _require(conn: sqlite3.Connection, session_id: str) -> None:
         if conn.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
-            raise not_found(session_id)
+            raise base.not_found(session_id)
 
     def _require_writable(self, conn: sqlite3.Connection, session_id: str, holder: str | None) -> None:
         row = conn.execute(
             "SELECT lease_holder, lease_until FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
         if row is None:
-            raise not_found(session_id)
-        if lease_is_foreign(row[0], row[1], holder, self._clock()):
-            raise busy(session_id)
+            raise base.not_found(session_id)
+        if base.lease_is_foreign(row[0], row[1], holder, self._clock()):
+            raise base.busy(session_id)
 
     def create(self, record: SessionRecord) -> None:
         metadata = json.dumps(record.metadata)
-        values = (
-            record.session_id,
-            record.system_prompt,
-            metadata,
-            record.created_at,
-            record.last_active_at,
-            record.owner,
-            record.kv.tier,
-            record.kv.tokens,
-            record.kv.replica,
-        )
+        values = base.record_row(record, metadata)
         try:
             with self._write() as conn:
                 conn.execute(f"INSERT INTO sessions ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
         except sqlite3.IntegrityError:
-            raise exists(record.session_id) from None
+            raise base.exists(record.session_id) from None
 
     def get(self, session_id: str) -> SessionRecord | None:
         row = self._one(f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,))
         return None if row is None else _record(row)
 
-    def delete(self, session_id: str, *, holder: str | None = None) -> bool:
+    def delete(self, session_id: str, *, holder: Holder = None) -> bool:
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
                 return False
@@ -201,15 +179,9 @@ class SQLiteStore:
             return True
 
     def append(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        now: float,
-        *,
-        holder: str | None = None,
-        kv: KVReport | None = None,
+        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None
     ) -> None:
-        batch = check_messages(messages)
+        batch = base.check_messages(messages)
         with self._write() as conn:
             self._require_writable(conn, session_id, holder)
             (last,) = conn.execute(
@@ -227,7 +199,7 @@ class SQLiteStore:
                 )
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
-        check_window(window)
+        base.check_window(window)
         with self._read() as conn:
             self._require(conn, session_id)
             rows = conn.execute(
@@ -237,19 +209,14 @@ class SQLiteStore:
             ).fetchall()
         return [Message(role, content) for role, content in rows]
 
-    def clear(self, session_id: str, *, holder: str | None = None) -> None:
+    def clear(self, session_id: str, *, holder: Holder = None) -> None:
         with self._write() as conn:
             self._require_writable(conn, session_id, holder)
             conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
             conn.execute(f"UPDATE sessions SET {_NO_KV} WHERE session_id = ?", (session_id,))
 
     def update(
-        self,
-        session_id: str,
-        *,
-        system_prompt: str | Unchanged | None = UNCHANGED,
-        metadata: dict[str, Any] | None = None,
-        holder: str | None = None,
+        self, session_id: str, *, system_prompt: Prompt = UNCHANGED, metadata: Metadata = None, holder: Holder = None
     ) -> SessionRecord:
         with self._write() as conn:
             self._require_writable(conn, session_id, holder)
@@ -270,14 +237,14 @@ class SQLiteStore:
         with self._write() as conn:
             cursor = conn.execute("UPDATE sessions SET last_active_at = ? WHERE session_id = ?", (now, session_id))
             if cursor.rowcount == 0:
-                raise not_found(session_id)
+                raise base.not_found(session_id)
 
     def count(self) -> int:
         row = self._one("SELECT COUNT(*) FROM sessions")
         return 0 if row is None else int(row[0])
 
     def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
-        check_page(limit, offset)
+        base.check_page(limit, offset)
         where = "owner IS NULL" if owner is None else "owner = ?"
         with self._read() as conn:
             rows = conn.execute(
@@ -288,7 +255,7 @@ class SQLiteStore:
         return [_record(row) for row in rows]
 
     def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:
-        check_lease(holder, ttl_s)
+        base.check_lease(holder, ttl_s)
         with self._write() as conn:
             self._require_writable(conn, session_id, holder)
             conn.execute(

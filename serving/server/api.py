@@ -97,15 +97,17 @@ class HistoryAPI:
     async def create_session(
         self, request: protocol.CreateSessionRequest, owner: str | None = None
     ) -> protocol.SessionInfo:
-        record = await asyncio.to_thread(
-            self.manager.create,
-            request.session_id,
-            system_prompt=request.system_prompt,
-            messages=[m.model_dump(exclude_none=True) for m in request.messages],
-            metadata=request.metadata,
-            owner=owner,
-        )
-        return await asyncio.to_thread(self._info, record.session_id, owner)
+        def create() -> protocol.SessionInfo:  # one worker-thread hop for the whole operation
+            record = self.manager.create(
+                request.session_id,
+                system_prompt=request.system_prompt,
+                messages=[m.model_dump(exclude_none=True) for m in request.messages],
+                metadata=request.metadata,
+                owner=owner,
+            )
+            return self._info(record.session_id, owner)
+
+        return await asyncio.to_thread(create)
 
     @_as_api_errors
     async def get_session(self, session_id: str, owner: str | None = None) -> protocol.SessionInfo:
@@ -132,8 +134,12 @@ class HistoryAPI:
             changes["system_prompt"] = request.system_prompt
         if request.metadata is not None:
             changes["metadata"] = request.metadata
-        await asyncio.to_thread(functools.partial(self.manager.update, session_id, owner, **changes))
-        return await asyncio.to_thread(self._info, session_id, owner)
+
+        def update() -> protocol.SessionInfo:
+            self.manager.update(session_id, owner, **changes)
+            return self._info(session_id, owner)
+
+        return await asyncio.to_thread(update)
 
     @_as_api_errors
     async def destroy_session(self, session_id: str, owner: str | None = None) -> None:
@@ -143,18 +149,19 @@ class HistoryAPI:
     async def messages(
         self, session_id: str, window: int | None = None, owner: str | None = None
     ) -> protocol.MessagesResponse:
-        history = await asyncio.to_thread(self.manager.history, session_id, window, owner)
-        return protocol.MessagesResponse(
-            session_id=session_id, messages=[protocol.MessageOut(role=m.role, content=m.content) for m in history]
-        )
+        return await asyncio.to_thread(self._messages, session_id, window, owner)
 
     @_as_api_errors
     async def append(
         self, session_id: str, request: protocol.AppendRequest, owner: str | None = None
     ) -> protocol.MessagesResponse:
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
-        await asyncio.to_thread(self.manager.append, session_id, messages, owner)
-        return await self.messages(session_id, None, owner)
+
+        def append() -> protocol.MessagesResponse:
+            self.manager.append(session_id, messages, owner)
+            return self._messages(session_id, None, owner)
+
+        return await asyncio.to_thread(append)
 
     @_as_api_errors
     async def clear(self, session_id: str, owner: str | None = None) -> None:
@@ -167,6 +174,12 @@ class HistoryAPI:
         except Exception as error:
             return f"the history store does not answer: {to_api_error(error).message}"
         return None
+
+    def _messages(self, session_id: str, window: int | None, owner: str | None) -> protocol.MessagesResponse:
+        history = self.manager.history(session_id, window, owner)
+        return protocol.MessagesResponse(
+            session_id=session_id, messages=[protocol.MessageOut(role=m.role, content=m.content) for m in history]
+        )
 
     def _info(self, session_id: str, owner: str | None) -> protocol.SessionInfo:
         details = self.catalog.details(session_id, owner)
@@ -191,8 +204,11 @@ class SessionAPI(HistoryAPI):
     async def fork_session(
         self, session_id: str, request: protocol.ForkSessionRequest, owner: str | None = None
     ) -> protocol.SessionInfo:
-        child = await asyncio.to_thread(self.service.fork, session_id, request.session_id, owner)
-        return await asyncio.to_thread(self._info, child.session_id, owner)
+
+        def fork() -> protocol.SessionInfo:
+            return self._info(self.service.fork(session_id, request.session_id, owner).session_id, owner)
+
+        return await asyncio.to_thread(fork)
 
     @_as_api_errors
     async def query(

@@ -50,8 +50,9 @@ def configure(api_keys: tuple[str, ...]) -> None:
     AUTHENTICATOR = Authenticator(api_keys)
 
 
-def caller_owner(authorization: Annotated[str | None, Header()] = None) -> str | None:
-    """FastAPI dependency: the caller's owner id (None with auth off), or 401."""
+async def caller_owner(authorization: Annotated[str | None, Header()] = None) -> str | None:
+    """FastAPI dependency: the caller's owner id (None with auth off), or 401. Async, so FastAPI runs it on the
+    event loop instead of handing every request to a worker thread."""
     return AUTHENTICATOR.owner(authorization)
 
 

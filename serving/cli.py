@@ -23,6 +23,9 @@ def serve(
     config: ConfigOption = None,
     host: Annotated[str | None, typer.Option(help="bind address (overrides config)")] = None,
     port: Annotated[int | None, typer.Option(help="port (overrides config)")] = None,
+    address: Annotated[
+        str | None, typer.Option(envvar="RAY_ADDRESS", help="join this Ray cluster (host:port) instead of a local one")
+    ] = None,
 ) -> None:
     """Start Ray Serve with the ingress and model deployments, and serve until interrupted."""
     import ray
@@ -30,12 +33,20 @@ def serve(
 
     from serving.config import load_config
     from serving.models import SMOLLM2, prepare_smollm2
+    from serving.server import cluster
     from serving.server.builder import build_app
 
     settings = load_config(config, {"serving": {k: v for k, v in {"host": host, "port": port}.items() if v}})
+    cluster.connect(address)
+    store = settings.sessions.store_url()
+    check = cluster.check_store(cluster.current_nodes(), store, starting=True)
+    if check.level == "error":
+        ray.shutdown()
+        typer.echo(check.message, err=True)
+        raise typer.Exit(code=2)
+    cluster.NodeWatch(store, warn=lambda message: typer.echo(f"warning: {message}", err=True)).start()
     if settings.model.name == SMOLLM2:
         prepare_smollm2()  # convert once here, not inside every replica
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
     http = settings.serving
     ray_serve.start(http_options={"host": http.host, "port": http.port, "request_timeout_s": http.request_timeout_s})
     ray_serve.run(build_app(settings), name="sessionserve", route_prefix="/")

@@ -38,7 +38,11 @@ def build_app(config: Config) -> serve.Application:
     model = LLMServer.options(
         num_replicas=serving.replicas,
         request_router_config=SESSION_AFFINITY,
-        ray_actor_options={"num_cpus": serving.cpus_per_replica, "num_gpus": serving.gpus_per_replica},
+        ray_actor_options={
+            "num_cpus": serving.cpus_per_replica,
+            "num_gpus": serving.gpus_per_replica,
+            "resources": dict(serving.replica_resources),
+        },
     ).bind(config.model_dump(mode="json"))
     return Ingress.bind(model, config.model.name, api_keys(config))
 

@@ -33,3 +33,9 @@ class SessionBusy(SessionError):
 
 class TooManySessions(SessionError):
     code = "too_many_sessions"
+
+
+class StoreUnavailable(SessionError):
+    """The history store is unreachable or timed out. A write is applied whole or not at all; retry later."""
+
+    code = "store_unavailable"

@@ -3,6 +3,10 @@
 Every request is validated completely before the store is touched, so a refused request changes nothing.
 The manager reaches the engine only through EngineClient.release: history is the source of truth and KV is a
 cache of it, so whenever history shrinks or disappears the session's KV must go.
+
+A turn holds two locks: this process's asyncio lock (turns of a session run in arrival order here) and the store's
+lease (other processes' edits get SessionBusy, idle expiry skips the session). Edits made by this process during its
+own turn act as the lease holder, as before leases existed; edits from elsewhere pass no holder.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from sessions.errors import InvalidRequest, SessionBusy, SessionExists, TooManySessions
+from sessions.errors import InvalidRequest, SessionBusy, SessionError, SessionExists, TooManySessions
 from sessions.messages import Message, parse_messages
-from sessions.store.base import HistoryStore, SessionRecord, check_window, not_found
+from sessions.store.base import UNCHANGED, HistoryStore, SessionRecord, Unchanged, check_page, check_window, not_found
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class _TurnLock:
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
+    holder: str | None = None  # the store lease of the turn running now, if any
 
 
 def _check_session_id(session_id: object) -> str:
@@ -52,7 +57,7 @@ def _check_session_id(session_id: object) -> str:
     return session_id
 
 
-def _check_metadata(metadata: object) -> dict:
+def _check_metadata(metadata: object) -> dict[str, Any]:
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
@@ -64,7 +69,13 @@ def _check_metadata(metadata: object) -> dict:
     return metadata
 
 
-def _check_conversation(messages: Sequence) -> list[Message]:
+def _check_system_prompt(system_prompt: object) -> str | None:
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise InvalidRequest(f"system_prompt must be a string, got {type(system_prompt).__name__}")
+    return system_prompt
+
+
+def _check_conversation(messages: Sequence[Any]) -> list[Message]:
     """Parse stored-history messages; system messages are refused because the system prompt lives on the record."""
     parsed = parse_messages(messages)
     for index, message in enumerate(parsed):
@@ -85,12 +96,16 @@ class SessionManager:
         *,
         max_sessions: int = 10000,
         idle_ttl_s: float = 86400,
+        lease_ttl_s: float = 300.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if idle_ttl_s <= 0:
             raise ValueError(f"idle_ttl_s must be > 0 seconds, got {idle_ttl_s}")
+        if lease_ttl_s <= 0:
+            raise ValueError(f"lease_ttl_s must be > 0 seconds, got {lease_ttl_s}")
+        self.lease_ttl_s = lease_ttl_s  # a turn's lease lasts this long unless renewed (every third of it)
         self.store = store
         self.engine = engine
         self.max_sessions = max_sessions
@@ -105,14 +120,13 @@ class SessionManager:
         session_id: str | None = None,
         *,
         system_prompt: str | None = None,
-        messages: Sequence = (),
-        metadata: dict | None = None,
+        messages: Sequence[Any] = (),
+        metadata: dict[str, Any] | None = None,
         owner: str | None = None,
     ) -> SessionRecord:
         """Create a session (uuid4 hex id if none) with optional history; all validated before anything is stored."""
         session_id = uuid.uuid4().hex if session_id is None else _check_session_id(session_id)
-        if system_prompt is not None and not isinstance(system_prompt, str):
-            raise InvalidRequest(f"system_prompt must be a string, got {type(system_prompt).__name__}")
+        system_prompt = _check_system_prompt(system_prompt)
         history = _check_conversation(messages)
         metadata = _check_metadata(metadata)
         now = self._clock()
@@ -146,7 +160,7 @@ class SessionManager:
     def destroy(self, session_id: str, owner: str | None = None) -> None:
         """Delete history and record, and free the session's KV."""
         self.get(session_id, owner)
-        if not self.store.delete(session_id):
+        if not self.store.delete(session_id, holder=self._holder(session_id)):
             raise not_found(session_id)  # deleted concurrently
         self._turn_locks.pop(session_id, None)
         self._release(session_id)
@@ -155,23 +169,54 @@ class SessionManager:
         return self.store.count()
 
     def expire_idle(self) -> list[str]:
-        """Destroy sessions idle longer than idle_ttl_s, except those running a turn here; returns their ids."""
-        cutoff = self._clock() - self.idle_ttl_s
-        expired = []
-        for session_id in self.store.idle_since(cutoff):
-            entry = self._turn_locks.get(session_id)
-            if entry is not None and entry.users:
-                continue
-            record = self.store.get(session_id)  # re-check: another process may have used it since the scan
-            if record is None or record.last_active_at >= cutoff or not self.store.delete(session_id):
-                continue
+        """Destroy sessions idle longer than idle_ttl_s, except those running a turn (they hold the store's lease).
+
+        Sessions with a turn queued here count as active: they are touched first, so a turn waiting for the
+        session's lock never finds its session expired. Returns the ids expired.
+        """
+        now = self._clock()
+        for session_id, entry in list(self._turn_locks.items()):
+            if entry.users and entry.holder is None:
+                with contextlib.suppress(SessionError):
+                    self.store.touch(session_id, now)
+        expired = self.store.expire_idle(now - self.idle_ttl_s)
+        for session_id in expired:
             self._turn_locks.pop(session_id, None)
             self._release(session_id)
-            expired.append(session_id)
         if expired:
             log.info("expired %d idle sessions", len(expired))
         self.release_orphans()
         return expired
+
+    def list_sessions(self, owner: str | None = None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+        """The owner's sessions (None: those created without an owner), most recently active first, one page."""
+        check_page(limit, offset)
+        return self.store.list(owner, limit, offset)
+
+    def update(
+        self,
+        session_id: str,
+        owner: str | None = None,
+        *,
+        system_prompt: str | Unchanged | None = UNCHANGED,
+        metadata: dict[str, Any] | None = None,
+    ) -> SessionRecord:
+        """Set the system prompt (None clears it) and/or replace the metadata, validated as in create.
+
+        A new system prompt changes the start of every prompt, so the session's KV no longer matches: free it.
+        """
+        if not isinstance(system_prompt, Unchanged):
+            system_prompt = _check_system_prompt(system_prompt)
+        if metadata is not None:
+            metadata = _check_metadata(metadata)
+        before = self.get(session_id, owner)
+        record = self.store.update(
+            session_id, system_prompt=system_prompt, metadata=metadata, holder=self._holder(session_id)
+        )
+        self.store.touch(session_id, self._clock())
+        if record.system_prompt != before.system_prompt:
+            self._release(session_id)
+        return record
 
     def release_orphans(self) -> list[str]:
         """Free KV held for sessions no longer in the store: another replica destroyed or expired them.
@@ -204,34 +249,41 @@ class SessionManager:
         self.get(session_id, owner)
         return self.store.message_count(session_id)
 
-    def append(self, session_id: str, messages: Sequence, owner: str | None = None) -> None:
+    def append(self, session_id: str, messages: Sequence[Any], owner: str | None = None) -> None:
         """Add messages without generating. The session's KV stays valid: history only grows."""
         parsed = _check_conversation(messages)
         if not parsed:
             raise InvalidRequest("messages is empty: send at least one {role, content} message to append")
         self.get(session_id, owner)
-        self.store.append(session_id, parsed, self._clock())
+        self.store.append(session_id, parsed, self._clock(), holder=self._holder(session_id))
 
     def clear(self, session_id: str, owner: str | None = None) -> None:
         """Delete the messages but keep the session and its system prompt; its KV no longer matches, so free it."""
         self.get(session_id, owner)
-        self.store.clear(session_id)
+        self.store.clear(session_id, holder=self._holder(session_id))
         self.store.touch(session_id, self._clock())
         self._release(session_id)
 
-    def commit_turn(self, session_id: str, new_messages: Sequence[Message], reply: Message) -> None:
-        """Store a finished turn in one atomic append, so a failed or cancelled generation leaves no half turn."""
+    def commit_turn(
+        self, session_id: str, new_messages: Sequence[Message], reply: Message, *, holder: str | None = None
+    ) -> None:
+        """Store a finished turn in one atomic append, so a failed or cancelled generation leaves no half turn.
+
+        `holder` is the turn's lease (what turn() yields); by default the lease of this process's running turn.
+        """
         parsed = _check_conversation([*new_messages, reply])
         if parsed[-1].role != "assistant":
             raise InvalidRequest(f"a turn's reply must be an assistant message, got role {parsed[-1].role!r}")
-        self.store.append(session_id, parsed, self._clock())
+        self.store.append(session_id, parsed, self._clock(), holder=holder or self._holder(session_id))
 
     # ---- turn ordering -----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def turn(self, session_id: str, *, wait: bool = True) -> AsyncIterator[None]:
-        """Hold the session's lock for one turn so turns run strictly in arrival order (asyncio.Lock is FIFO).
+    async def turn(self, session_id: str, *, wait: bool = True) -> AsyncIterator[str]:
+        """Hold the session for one turn; yields the store lease's holder id (pass it to commit_turn).
 
-        With wait=False a turn already running raises SessionBusy instead of queueing.
+        Turns here run strictly in arrival order (asyncio.Lock is FIFO); with wait=False a turn already running here
+        raises SessionBusy instead of queueing. The store lease is taken once the local lock is held and renewed
+        every lease_ttl_s / 3 until the turn ends; a lease held by another process raises SessionBusy.
         """
         entry = self._turn_locks.get(session_id)
         if entry is None:
@@ -243,11 +295,54 @@ class SessionManager:
         entry.users += 1
         try:
             async with entry.lock:
-                yield
+                holder = uuid.uuid4().hex
+                await self._acquire_lease(session_id, holder)
+                entry.holder = holder
+                renewer = asyncio.create_task(self._renew_lease(session_id, holder))
+                try:
+                    yield holder
+                finally:
+                    entry.holder = None
+                    renewer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await renewer
+                    await self._release_lease(session_id, holder)
         finally:
             entry.users -= 1
             if entry.users == 0 and self._turn_locks.get(session_id) is entry:
                 del self._turn_locks[session_id]
+
+    async def _acquire_lease(self, session_id: str, holder: str) -> None:
+        acquiring = asyncio.ensure_future(
+            asyncio.to_thread(self.store.acquire_lease, session_id, holder, self.lease_ttl_s)
+        )
+        try:
+            await asyncio.shield(acquiring)
+        except asyncio.CancelledError:  # the store call runs on in its thread: give back what it may take
+            with contextlib.suppress(Exception):
+                await acquiring
+            await self._release_lease(session_id, holder)
+            raise
+
+    async def _renew_lease(self, session_id: str, holder: str) -> None:
+        """Keep a long turn's lease alive; a failed renewal is logged and retried (the commit will tell if lost)."""
+        while True:
+            await asyncio.sleep(self.lease_ttl_s / 3)
+            try:
+                await asyncio.to_thread(self.store.acquire_lease, session_id, holder, self.lease_ttl_s)
+            except SessionError as error:
+                log.warning("could not renew the turn lease of session %r: %s", session_id, error)
+
+    async def _release_lease(self, session_id: str, holder: str) -> None:
+        try:  # shielded: a cancelled turn must still give its lease back
+            await asyncio.shield(asyncio.to_thread(self.store.release_lease, session_id, holder))
+        except Exception as error:  # it lapses by itself after lease_ttl_s
+            log.warning("could not release the turn lease of session %r: %s", session_id, error)
+
+    def _holder(self, session_id: str) -> str | None:
+        """The lease of this process's running turn on the session: its own edits act as that turn."""
+        entry = self._turn_locks.get(session_id)
+        return None if entry is None else entry.holder
 
     def _release(self, session_id: str) -> None:
         if self.engine is None:

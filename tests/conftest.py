@@ -84,3 +84,40 @@ def http_client(http_url):
     client = SessionClient(http_url)
     yield client
     client.close()
+
+
+# ---- real PostgreSQL and Redis servers (tests/servers.py); missing binaries fail, never skip -------------
+@pytest.fixture(scope="session")
+def postgres_server():
+    from tests.servers import MissingServer, start_postgres
+
+    try:
+        server = start_postgres()
+    except MissingServer as error:
+        pytest.fail(str(error))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server) -> str:
+    """postgresql://user:password@127.0.0.1:PORT/postgres of a throwaway server shared by the test session."""
+    return postgres_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    from tests.servers import MissingServer, start_redis
+
+    try:
+        server = start_redis()
+    except MissingServer as error:
+        pytest.fail(str(error))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    """redis://:password@127.0.0.1:PORT/0 of a throwaway server shared by the test session (use your own prefix)."""
+    return redis_server.url

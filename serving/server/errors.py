@@ -10,6 +10,7 @@ from sessions.errors import (
     SessionError,
     SessionExists,
     SessionNotFound,
+    StoreUnavailable,
     TooManySessions,
 )
 
@@ -20,6 +21,7 @@ STATUS_BY_ERROR: dict[type[SessionError], int] = {
     ContextTooLong: 413,
     InvalidRequest: 422,
     TooManySessions: 429,
+    StoreUnavailable: 503,  # code "store_unavailable"
 }
 
 

@@ -1,13 +1,31 @@
-"""What a history store keeps and the protocol every backend implements, so the manager never knows which one it has."""
+"""What a history store keeps and the protocol every backend implements, so the manager never knows which one it has.
+
+Leases: a turn holds a lease on its session (`acquire_lease`), so that idle expiry never removes the session mid-turn
+and history edits from other processes (`append`, `clear`, `delete`, `update` with another or no `holder`) fail with
+SessionBusy instead of interleaving with the turn. Lease times are the caller's wall clock (`time.time()`), on every
+backend, so the hosts sharing a store need synchronised clocks (NTP); `now`/`before` arguments are the caller's too.
+"""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from sessions.errors import InvalidRequest, SessionNotFound
+from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionNotFound
 from sessions.messages import Message
+
+MAX_PAGE = 1000  # most records one list() call returns
+
+
+class Unchanged(enum.Enum):
+    """The type of UNCHANGED: 'leave this field as it is', distinct from None ('clear it')."""
+
+    UNCHANGED = "UNCHANGED"
+
+
+UNCHANGED = Unchanged.UNCHANGED
 
 
 @dataclass(slots=True)
@@ -16,14 +34,18 @@ class SessionRecord:
 
     session_id: str
     system_prompt: str | None
-    metadata: dict
+    metadata: dict[str, Any]
     created_at: float
     last_active_at: float
     owner: str | None = None
 
 
 class HistoryStore(Protocol):
-    """Durable (or not) session records plus their ordered messages. Every method is safe to call from any thread."""
+    """Durable (or not) session records plus their ordered messages. Every method is safe to call from any thread.
+
+    `holder` on a mutation names the lease the caller holds (None: none); the mutation raises SessionBusy while
+    another holder's lease is unexpired. Network backends raise StoreUnavailable when the server cannot be reached.
+    """
 
     def create(self, record: SessionRecord) -> None:
         """Store a new record; SessionExists if the id is taken."""
@@ -33,11 +55,11 @@ class HistoryStore(Protocol):
         """A copy of the record, or None; mutating it does not change the store."""
         ...
 
-    def delete(self, session_id: str) -> bool:
+    def delete(self, session_id: str, *, holder: str | None = None) -> bool:
         """Delete the record and its messages; False if there was nothing to delete."""
         ...
 
-    def append(self, session_id: str, messages: Sequence[Message], now: float) -> None:
+    def append(self, session_id: str, messages: Sequence[Message], now: float, *, holder: str | None = None) -> None:
         """Append all messages or none, and set last_active_at; SessionNotFound if the session is missing."""
         ...
 
@@ -49,8 +71,19 @@ class HistoryStore(Protocol):
         """How many messages are stored; SessionNotFound if missing."""
         ...
 
-    def clear(self, session_id: str) -> None:
+    def clear(self, session_id: str, *, holder: str | None = None) -> None:
         """Delete the messages, keep the record (and so the system prompt); SessionNotFound if missing."""
+        ...
+
+    def update(
+        self,
+        session_id: str,
+        *,
+        system_prompt: str | Unchanged | None = UNCHANGED,
+        metadata: dict[str, Any] | None = None,
+        holder: str | None = None,
+    ) -> SessionRecord:
+        """Set the system prompt (None clears it) and/or replace the metadata (None keeps it); the new record."""
         ...
 
     def touch(self, session_id: str, now: float) -> None:
@@ -61,12 +94,28 @@ class HistoryStore(Protocol):
         """How many sessions exist."""
         ...
 
-    def idle_since(self, before: float) -> list[str]:
-        """Ids of sessions whose last_active_at < before, least recently active first."""
+    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+        """The owner's sessions (None: those created without an owner), most recently active first, one page."""
+        ...
+
+    def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:
+        """Take or renew (same holder) the session's lease for ttl_s; SessionBusy if another holder's is unexpired."""
+        ...
+
+    def release_lease(self, session_id: str, holder: str) -> None:
+        """Give the lease back; a no-op if `holder` does not hold it (or the session is gone)."""
+        ...
+
+    def expire_idle(self, before: float) -> list[str]:
+        """Delete sessions with last_active_at < before and no unexpired lease, atomically; their ids."""
         ...
 
     def missing(self, session_ids: Sequence[str]) -> list[str]:
         """Those of `session_ids` that have no record, in the given order (one query, not one per id)."""
+        ...
+
+    def ping(self) -> None:
+        """Return if the store answers, else raise StoreUnavailable (the readiness probe)."""
         ...
 
     def close(self) -> None:
@@ -88,5 +137,35 @@ def check_window(window: int | None) -> None:
         raise InvalidRequest(f"window must be a whole number >= 1 (or omitted for all messages), got {window!r}")
 
 
+def check_page(limit: int, offset: int) -> None:
+    """list() paging bounds: a page of 1..MAX_PAGE records starting at offset >= 0."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_PAGE}, got {limit!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise InvalidRequest(f"offset must be a whole number >= 0, got {offset!r}")
+
+
+def check_lease(holder: str, ttl_s: float) -> None:
+    if not isinstance(holder, str) or not holder:
+        raise InvalidRequest(f"a lease holder must be a non-empty string, got {holder!r}")
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not 0 < ttl_s < float("inf"):
+        raise InvalidRequest(f"a lease ttl_s must be a positive number of seconds, got {ttl_s!r}")
+
+
+def lease_is_foreign(lease_holder: str | None, lease_until: float | None, holder: str | None, now: float) -> bool:
+    """True when someone other than `holder` holds an unexpired lease: the caller must not mutate."""
+    return lease_holder is not None and lease_holder != holder and lease_until is not None and lease_until > now
+
+
 def not_found(session_id: str) -> SessionNotFound:
     return SessionNotFound(f"no session {session_id!r}: check the id, or create the session first")
+
+
+def busy(session_id: str) -> SessionBusy:
+    return SessionBusy(
+        f"session {session_id!r} is running a turn (it holds a lease): wait for the turn to finish and retry"
+    )
+
+
+def exists(session_id: str) -> SessionExists:
+    return SessionExists(f"session {session_id!r} already exists: pick another id or omit it")

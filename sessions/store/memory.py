@@ -4,29 +4,50 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from sessions.errors import SessionExists
 from sessions.messages import Message
-from sessions.store.base import SessionRecord, check_messages, check_window, not_found
+from sessions.store.base import (
+    UNCHANGED,
+    SessionRecord,
+    Unchanged,
+    busy,
+    check_lease,
+    check_messages,
+    check_page,
+    check_window,
+    exists,
+    lease_is_foreign,
+    not_found,
+)
 
 
 @dataclass(slots=True)
 class _Session:
     record: SessionRecord
     messages: list[Message] = field(default_factory=list)
+    lease_holder: str | None = None
+    lease_until: float | None = None
 
 
 def _copy(record: SessionRecord) -> SessionRecord:
-    # A JSON round trip, not deepcopy: metadata then behaves exactly as it does in the SQLite store.
+    # A JSON round trip, not deepcopy: metadata then behaves exactly as it does in the SQL stores.
     return replace(record, metadata=json.loads(json.dumps(record.metadata)))
 
 
 class MemoryStore:
-    """A dict behind one lock; records are copied in and out so callers cannot mutate stored state."""
+    """A dict behind one lock; records are copied in and out so callers cannot mutate stored state.
 
-    def __init__(self) -> None:
+    `idle_ttl_s` is accepted for a uniform constructor (the manager drives expiry through expire_idle);
+    `clock` is the lease clock (wall time).
+    """
+
+    def __init__(self, *, idle_ttl_s: float = 86400.0, clock: Callable[[], float] = time.time) -> None:
+        self.idle_ttl_s = idle_ttl_s
+        self._clock = clock
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
 
@@ -36,11 +57,17 @@ class MemoryStore:
             raise not_found(session_id)
         return session
 
+    def _writable(self, session_id: str, holder: str | None) -> _Session:
+        session = self._session(session_id)
+        if lease_is_foreign(session.lease_holder, session.lease_until, holder, self._clock()):
+            raise busy(session_id)
+        return session
+
     def create(self, record: SessionRecord) -> None:
         stored = _copy(record)
         with self._lock:
             if record.session_id in self._sessions:
-                raise SessionExists(f"session {record.session_id!r} already exists: pick another id or omit it")
+                raise exists(record.session_id)
             self._sessions[record.session_id] = _Session(stored)
 
     def get(self, session_id: str) -> SessionRecord | None:
@@ -48,14 +75,18 @@ class MemoryStore:
             session = self._sessions.get(session_id)
             return None if session is None else _copy(session.record)
 
-    def delete(self, session_id: str) -> bool:
+    def delete(self, session_id: str, *, holder: str | None = None) -> bool:
         with self._lock:
-            return self._sessions.pop(session_id, None) is not None
+            if session_id not in self._sessions:
+                return False
+            self._writable(session_id, holder)
+            del self._sessions[session_id]
+            return True
 
-    def append(self, session_id: str, messages: Sequence[Message], now: float) -> None:
+    def append(self, session_id: str, messages: Sequence[Message], now: float, *, holder: str | None = None) -> None:
         batch = check_messages(messages)
         with self._lock:
-            session = self._session(session_id)
+            session = self._writable(session_id, holder)
             session.messages.extend(batch)
             session.record.last_active_at = now
 
@@ -69,9 +100,26 @@ class MemoryStore:
         with self._lock:
             return len(self._session(session_id).messages)
 
-    def clear(self, session_id: str) -> None:
+    def clear(self, session_id: str, *, holder: str | None = None) -> None:
         with self._lock:
-            self._session(session_id).messages.clear()
+            self._writable(session_id, holder).messages.clear()
+
+    def update(
+        self,
+        session_id: str,
+        *,
+        system_prompt: str | Unchanged | None = UNCHANGED,
+        metadata: dict[str, Any] | None = None,
+        holder: str | None = None,
+    ) -> SessionRecord:
+        copied = None if metadata is None else json.loads(json.dumps(metadata))
+        with self._lock:
+            record = self._writable(session_id, holder).record
+            if not isinstance(system_prompt, Unchanged):
+                record.system_prompt = system_prompt
+            if copied is not None:
+                record.metadata = copied
+            return _copy(record)
 
     def touch(self, session_id: str, now: float) -> None:
         with self._lock:
@@ -81,14 +129,44 @@ class MemoryStore:
         with self._lock:
             return len(self._sessions)
 
-    def idle_since(self, before: float) -> list[str]:
+    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+        check_page(limit, offset)
         with self._lock:
-            records = [s.record for s in self._sessions.values() if s.record.last_active_at < before]
-            return [r.session_id for r in sorted(records, key=lambda r: r.last_active_at)]
+            records = [s.record for s in self._sessions.values() if s.record.owner == owner]
+            records.sort(key=lambda r: (r.last_active_at, r.session_id), reverse=True)
+            return [_copy(r) for r in records[offset : offset + limit]]
+
+    def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:
+        check_lease(holder, ttl_s)
+        with self._lock:
+            session = self._writable(session_id, holder)
+            session.lease_holder, session.lease_until = holder, self._clock() + ttl_s
+
+    def release_lease(self, session_id: str, holder: str) -> None:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and session.lease_holder == holder:
+                session.lease_holder = session.lease_until = None
+
+    def expire_idle(self, before: float) -> list[str]:
+        with self._lock:
+            now = self._clock()
+            idle = [
+                s.record
+                for s in self._sessions.values()
+                if s.record.last_active_at < before and not lease_is_foreign(s.lease_holder, s.lease_until, None, now)
+            ]
+            idle.sort(key=lambda r: r.last_active_at)
+            for record in idle:
+                del self._sessions[record.session_id]
+            return [r.session_id for r in idle]
 
     def missing(self, session_ids: Sequence[str]) -> list[str]:
         with self._lock:
             return [session_id for session_id in session_ids if session_id not in self._sessions]
+
+    def ping(self) -> None:
+        return None
 
     def close(self) -> None:
         with self._lock:

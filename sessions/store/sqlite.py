@@ -2,7 +2,7 @@
 
 Nothing is cached in memory: every call is a transaction on the file, so two processes on one file always agree.
 Writes take the write lock up front (BEGIN IMMEDIATE) because a deferred transaction that upgrades from read to
-write can fail with SQLITE_BUSY without waiting on busy_timeout.
+write can fail with SQLITE_BUSY without waiting on busy_timeout; the same lock makes lease checks atomic.
 """
 
 from __future__ import annotations
@@ -10,15 +10,29 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from sessions.errors import SessionExists
+from sessions.errors import StoreUnavailable
 from sessions.messages import Message
-from sessions.store.base import SessionRecord, check_messages, check_window, not_found
+from sessions.store.base import (
+    UNCHANGED,
+    SessionRecord,
+    Unchanged,
+    busy,
+    check_lease,
+    check_messages,
+    check_page,
+    check_window,
+    exists,
+    lease_is_foreign,
+    not_found,
+)
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sessions (
         session_id     TEXT PRIMARY KEY,
@@ -37,20 +51,36 @@ _SCHEMA = (
         PRIMARY KEY (session_id, seq)
     ) WITHOUT ROWID""",
 )
+# Version 1 -> 2: the turn lease (holder, expiry as caller wall time) and an index for list(owner).
+_LEASE_COLUMNS = {"lease_holder": "TEXT", "lease_until": "REAL"}
+_OWNER_INDEX = "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, last_active_at, session_id)"
 _IDS_PER_QUERY = 500  # bound parameters per IN (...) query, far below SQLite's limit
 _RECORD_COLUMNS = "session_id, system_prompt, metadata, created_at, last_active_at, owner"
+_Row = tuple[Any, ...]
 
 
-def _record(row: tuple) -> SessionRecord:
+def _record(row: _Row) -> SessionRecord:
     session_id, system_prompt, metadata, created_at, last_active_at, owner = row
     return SessionRecord(session_id, system_prompt, json.loads(metadata), created_at, last_active_at, owner)
 
 
 class SQLiteStore:
-    """One connection shared by this process's threads behind a lock; WAL so readers in other processes never block."""
+    """One connection shared by this process's threads behind a lock; WAL so readers in other processes never block.
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0) -> None:
+    `idle_ttl_s` is accepted for a uniform constructor (the manager drives expiry); `clock` is the lease clock.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout_s: float = 10.0,
+        idle_ttl_s: float = 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = Path(path)
+        self.idle_ttl_s = idle_ttl_s
+        self._clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(
@@ -63,19 +93,46 @@ class SQLiteStore:
         with self._write() as conn:  # not executescript(): it would COMMIT first and race another process's init
             for statement in _SCHEMA:
                 conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+            for name, kind in _LEASE_COLUMNS.items():
+                if name not in columns:
+                    conn.execute(f"ALTER TABLE sessions ADD COLUMN {name} {kind}")
+            conn.execute(_OWNER_INDEX)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._conn.execute(begin)
+            try:
+                self._conn.execute(begin)
+            except sqlite3.OperationalError as error:  # locked past busy_timeout, unreadable file, ...
+                raise self._unavailable(error) from None
             try:
                 yield self._conn
-            except BaseException:
+            except BaseException as error:
                 if self._conn.in_transaction:  # some errors (e.g. disk full) already rolled back
                     self._conn.execute("ROLLBACK")
+                if isinstance(error, sqlite3.OperationalError):
+                    raise self._unavailable(error) from None
                 raise
-            self._conn.execute("COMMIT")
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as error:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise self._unavailable(error) from None
+
+    def _unavailable(self, error: sqlite3.Error) -> StoreUnavailable:
+        return StoreUnavailable(f"the SQLite history store at {self.path} failed: {error}; retry later")
+
+    def _one(self, sql: str, parameters: Sequence[Any] = ()) -> _Row | None:
+        """One autocommit statement (no BEGIN/COMMIT round): the fast path for single reads."""
+        with self._lock:
+            try:
+                row: _Row | None = self._conn.execute(sql, parameters).fetchone()
+            except sqlite3.OperationalError as error:
+                raise self._unavailable(error) from None
+        return row
 
     def _write(self) -> Iterator[sqlite3.Connection]:
         return self._transaction("BEGIN IMMEDIATE")
@@ -88,39 +145,47 @@ class SQLiteStore:
         if conn.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
             raise not_found(session_id)
 
+    def _require_writable(self, conn: sqlite3.Connection, session_id: str, holder: str | None) -> None:
+        row = conn.execute(
+            "SELECT lease_holder, lease_until FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            raise not_found(session_id)
+        if lease_is_foreign(row[0], row[1], holder, self._clock()):
+            raise busy(session_id)
+
     def create(self, record: SessionRecord) -> None:
         metadata = json.dumps(record.metadata)
+        values = (
+            record.session_id,
+            record.system_prompt,
+            metadata,
+            record.created_at,
+            record.last_active_at,
+            record.owner,
+        )
         try:
             with self._write() as conn:
-                conn.execute(
-                    f"INSERT INTO sessions ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        record.session_id,
-                        record.system_prompt,
-                        metadata,
-                        record.created_at,
-                        record.last_active_at,
-                        record.owner,
-                    ),
-                )
+                conn.execute(f"INSERT INTO sessions ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", values)
         except sqlite3.IntegrityError:
-            raise SessionExists(f"session {record.session_id!r} already exists: pick another id or omit it") from None
+            raise exists(record.session_id) from None
 
     def get(self, session_id: str) -> SessionRecord | None:
-        with self._lock:
-            row = self._conn.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
-            ).fetchone()
+        row = self._one(f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,))
         return None if row is None else _record(row)
 
-    def delete(self, session_id: str) -> bool:
+    def delete(self, session_id: str, *, holder: str | None = None) -> bool:
         with self._write() as conn:
-            return conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount > 0
+            if conn.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
+                return False
+            self._require_writable(conn, session_id, holder)
+            conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+            return True
 
-    def append(self, session_id: str, messages: Sequence[Message], now: float) -> None:
+    def append(self, session_id: str, messages: Sequence[Message], now: float, *, holder: str | None = None) -> None:
         batch = check_messages(messages)
         with self._write() as conn:
-            self._require(conn, session_id)
+            self._require_writable(conn, session_id, holder)
             (last,) = conn.execute(
                 "SELECT COALESCE(MAX(seq), -1) FROM messages WHERE session_id = ?", (session_id,)
             ).fetchone()
@@ -145,12 +210,31 @@ class SQLiteStore:
         with self._read() as conn:
             self._require(conn, session_id)
             (count,) = conn.execute("SELECT COUNT(*) FROM messages WHERE session_id = ?", (session_id,)).fetchone()
-        return count
+        return int(count)
 
-    def clear(self, session_id: str) -> None:
+    def clear(self, session_id: str, *, holder: str | None = None) -> None:
         with self._write() as conn:
-            self._require(conn, session_id)
+            self._require_writable(conn, session_id, holder)
             conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+
+    def update(
+        self,
+        session_id: str,
+        *,
+        system_prompt: str | Unchanged | None = UNCHANGED,
+        metadata: dict[str, Any] | None = None,
+        holder: str | None = None,
+    ) -> SessionRecord:
+        with self._write() as conn:
+            self._require_writable(conn, session_id, holder)
+            if not isinstance(system_prompt, Unchanged):
+                conn.execute("UPDATE sessions SET system_prompt = ? WHERE session_id = ?", (system_prompt, session_id))
+            if metadata is not None:
+                conn.execute(
+                    "UPDATE sessions SET metadata = ? WHERE session_id = ?", (json.dumps(metadata), session_id)
+                )
+            row = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+        return _record(row)
 
     def touch(self, session_id: str, now: float) -> None:
         with self._write() as conn:
@@ -159,16 +243,48 @@ class SQLiteStore:
                 raise not_found(session_id)
 
     def count(self) -> int:
-        with self._lock:
-            (count,) = self._conn.execute("SELECT COUNT(*) FROM sessions").fetchone()
-        return count
+        row = self._one("SELECT COUNT(*) FROM sessions")
+        return 0 if row is None else int(row[0])
 
-    def idle_since(self, before: float) -> list[str]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT session_id FROM sessions WHERE last_active_at < ? ORDER BY last_active_at", (before,)
+    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+        check_page(limit, offset)
+        where = "owner IS NULL" if owner is None else "owner = ?"
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE {where}"
+                " ORDER BY last_active_at DESC, session_id DESC LIMIT ? OFFSET ?",
+                (limit, offset) if owner is None else (owner, limit, offset),
             ).fetchall()
-        return [session_id for (session_id,) in rows]
+        return [_record(row) for row in rows]
+
+    def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:
+        check_lease(holder, ttl_s)
+        with self._write() as conn:
+            self._require_writable(conn, session_id, holder)
+            conn.execute(
+                "UPDATE sessions SET lease_holder = ?, lease_until = ? WHERE session_id = ?",
+                (holder, self._clock() + ttl_s, session_id),
+            )
+
+    def release_lease(self, session_id: str, holder: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE sessions SET lease_holder = NULL, lease_until = NULL WHERE session_id = ? AND lease_holder = ?",
+                (session_id, holder),
+            )
+
+    def expire_idle(self, before: float) -> list[str]:
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT session_id FROM sessions WHERE last_active_at < ?"
+                " AND (lease_holder IS NULL OR lease_until <= ?) ORDER BY last_active_at",
+                (before, self._clock()),
+            ).fetchall()
+            expired = [session_id for (session_id,) in rows]
+            for start in range(0, len(expired), _IDS_PER_QUERY):
+                chunk = expired[start : start + _IDS_PER_QUERY]
+                conn.execute(f"DELETE FROM sessions WHERE session_id IN ({','.join('?' * len(chunk))})", chunk)
+        return expired
 
     def missing(self, session_ids: Sequence[str]) -> list[str]:
         present: set[str] = set()
@@ -179,6 +295,9 @@ class SQLiteStore:
                 rows = conn.execute(f"SELECT session_id FROM sessions WHERE session_id IN ({marks})", chunk)
                 present.update(session_id for (session_id,) in rows)
         return [session_id for session_id in session_ids if session_id not in present]
+
+    def ping(self) -> None:
+        self._one("SELECT 1 FROM sessions LIMIT 1")
 
     def close(self) -> None:
         with self._lock:

@@ -130,17 +130,20 @@ def test_delete_removes_messages_too(store):
     assert store.messages("s1") == []
 
 
-def test_touch_count_and_idle_since(store):
+def test_touch_count_and_expire_idle(store):
     store.create(record("old", now=10.0))
     store.create(record("older", now=5.0))
     store.create(record("new", now=50.0))
-    assert store.count() == 3
-    assert store.idle_since(20.0) == ["older", "old"]  # least recently active first
-    store.touch("older", 30.0)
-    assert store.idle_since(20.0) == ["old"]
-    assert store.idle_since(10.0) == []  # strictly before
+    store.create(record("newer", now=70.0))
+    assert store.count() == 4
+    assert store.expire_idle(8.0) == ["older"]
+    assert store.get("older") is None and store.count() == 3
+    store.touch("old", 30.0)
+    assert store.expire_idle(30.0) == []  # strictly before
     store.append("old", [U1], now=60.0)
-    assert store.idle_since(55.0) == ["older", "new"]
+    assert store.expire_idle(65.0) == ["new", "old"]  # least recently active first
+    assert store.get("old") is None and store.missing(["old", "new", "newer"]) == ["old", "new"]
+    assert store.count() == 1
 
 
 def test_missing_lists_ids_without_a_record_in_the_given_order(store):
@@ -231,7 +234,7 @@ def test_open_store_sqlite_creates_parent_dirs(tmp_path, slashes):
     assert path.exists()
 
 
-@pytest.mark.parametrize("url", ["redis://localhost", "sqlite://relative.db", "sqlite:///", "", "/tmp/x.db"])
+@pytest.mark.parametrize("url", ["mysql://localhost", "sqlite://relative.db", "sqlite:///", "", "/tmp/x.db"])
 def test_open_store_rejects_other_urls_naming_supported_schemes(url):
-    with pytest.raises(ValueError, match=r"memory://.*sqlite:///"):
+    with pytest.raises(ValueError, match=r"memory://.*sqlite:///.*postgresql://.*redis"):
         open_store(url)

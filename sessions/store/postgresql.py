@@ -1,0 +1,382 @@
+"""PostgreSQL history store: several nodes share sessions through one database (`postgresql://user:pass@host/db`).
+
+Every mutation is one conditional statement (or one short transaction) whose WHERE clause carries the lease check,
+so it is atomic against concurrent turns on other replicas: PostgreSQL re-checks an UPDATE's WHERE on the newest row
+version after waiting for its row lock. Message ordinals come from the session row's `next_seq` counter, bumped by
+that same UPDATE, so concurrent appends never share, skip or reorder an ordinal.
+
+The schema is created (and later migrated) at start-up in one transaction under an advisory lock, so replicas that
+start together do not race; its version is the row in `sessionserve_schema`. Timeouts bound every call: connect,
+pool checkout, statement and lock waits; a pooled connection is checked before use, so after a server restart the
+same store object recovers without raising for connections that died meanwhile.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from sessions.errors import InvalidRequest, StoreUnavailable
+from sessions.messages import Message
+from sessions.store.base import (
+    UNCHANGED,
+    SessionRecord,
+    Unchanged,
+    busy,
+    check_lease,
+    check_messages,
+    check_page,
+    check_window,
+    exists,
+    not_found,
+)
+
+SCHEMA_VERSION = 1
+_LOCK_KEY = 0x5E55_10_5E  # pg_advisory_xact_lock key for schema changes ("sessionse")
+# version -> statements that take a database from version-1 to version. Append, never edit, once released.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE sessionserve_sessions (
+            session_id     text COLLATE "C" PRIMARY KEY,
+            system_prompt  text,
+            metadata       jsonb NOT NULL,
+            owner          text COLLATE "C",
+            created_at     double precision NOT NULL,
+            last_active_at double precision NOT NULL,
+            next_seq       bigint NOT NULL DEFAULT 0,  -- ordinal of the next message appended
+            lease_holder   text,                       -- the turn holding the lease, or NULL
+            lease_until    double precision            -- lease expiry, the caller's wall clock
+        )""",
+        "CREATE INDEX sessionserve_sessions_idle ON sessionserve_sessions (last_active_at)",
+        "CREATE INDEX sessionserve_sessions_owner"
+        " ON sessionserve_sessions (owner, last_active_at DESC, session_id DESC)",
+        """CREATE TABLE sessionserve_messages (
+            session_id text COLLATE "C" NOT NULL REFERENCES sessionserve_sessions ON DELETE CASCADE,
+            seq        bigint NOT NULL,
+            role       text NOT NULL,
+            content    text NOT NULL,
+            PRIMARY KEY (session_id, seq)
+        )""",
+    ),
+}
+_COLUMNS = "session_id, system_prompt, metadata, created_at, last_active_at, owner"
+_FREE = "(lease_holder IS NULL OR lease_holder = %(holder)s OR lease_until <= %(now)s)"  # mutation allowed
+_OPTIONS = ("timeout", "pool_size")  # our own URL query parameters, not libpq's
+
+
+def _record(row: tuple[Any, ...]) -> SessionRecord:
+    session_id, system_prompt, metadata, created_at, last_active_at, owner = row
+    return SessionRecord(session_id, system_prompt, metadata, created_at, last_active_at, owner)
+
+
+def _refuse_nul(*texts: str | None) -> None:
+    """PostgreSQL text cannot hold NUL characters; say so instead of failing inside the driver."""
+    if any(text is not None and "\x00" in text for text in texts):
+        raise InvalidRequest("text containing NUL characters (\\u0000) cannot be stored by the PostgreSQL store")
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {key: value for key, value in query if key in _OPTIONS}
+    rest = urlencode([(key, value) for key, value in query if key not in _OPTIONS])
+    return urlunsplit(parts._replace(query=rest)), ours
+
+
+class PostgreSQLStore:
+    """A psycopg connection pool; autocommit, so a single statement is its own transaction (one round trip).
+
+    `timeout_s` (URL `?timeout=`) bounds connecting, waiting for a pooled connection, and each statement.
+    `idle_ttl_s` is accepted for a uniform constructor (the manager drives expiry); `clock` is the lease clock.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        idle_ttl_s: float = 86400.0,
+        timeout_s: float = 5.0,
+        pool_size: int = 8,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        url, ours = _split_url(url)
+        timeout_s = float(ours.get("timeout", timeout_s))
+        pool_size = int(ours.get("pool_size", pool_size))
+        params = conninfo_to_dict(url)
+        self.where = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}"
+        self._password = str(params.get("password") or "")
+        self.idle_ttl_s = idle_ttl_s
+        self._clock = clock
+        timeout_ms = max(1, int(timeout_s * 1000))
+        params.setdefault("connect_timeout", max(2, math.ceil(timeout_s)))  # libpq's minimum is 2 s
+        params.setdefault("tcp_user_timeout", timeout_ms)  # unacknowledged data: the peer is gone
+        options = [str(params["options"])] if params.get("options") else []
+        options += [f"-c statement_timeout={timeout_ms}", f"-c lock_timeout={timeout_ms}"]
+        params["options"] = " ".join([*options, "-c idle_in_transaction_session_timeout=60000"])
+        self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
+            make_conninfo(**params),
+            min_size=1,
+            max_size=max(1, pool_size),
+            timeout=timeout_s,
+            kwargs={"autocommit": True},
+            check=ConnectionPool.check_connection,  # a connection that died while pooled is replaced, not raised
+            open=False,
+            name="sessionserve-history",
+        )
+        try:
+            self._pool.open(wait=True, timeout=timeout_s)
+            self._migrate()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # ---- plumbing ----------------------------------------------------------------------------------
+    def _unavailable(self, error: Exception) -> StoreUnavailable:
+        detail = " ".join(str(error).split()) or type(error).__name__
+        if self._password:
+            detail = detail.replace(self._password, "***")
+        return StoreUnavailable(f"the PostgreSQL history store at {self.where} is unreachable: {detail}; retry later")
+
+    @contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as error:  # includes statement/lock timeouts
+            raise self._unavailable(error) from None
+
+    def _all(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._conn() as conn:
+            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+    def _one(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        rows = self._all(sql, params)
+        return rows[0] if rows else None
+
+    def _migrate(self) -> None:
+        with self._conn() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS sessionserve_schema ("
+                " id boolean PRIMARY KEY DEFAULT true CHECK (id), version integer NOT NULL,"
+                " migrated_at timestamptz NOT NULL DEFAULT now())"
+            )
+            row = conn.execute("SELECT version FROM sessionserve_schema").fetchone()
+            current = 0 if row is None else int(row[0])
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the PostgreSQL history store at {self.where} has schema version {current}, newer than this "
+                    f"sessionserve's {SCHEMA_VERSION}: upgrade sessionserve"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(
+                "INSERT INTO sessionserve_schema (id, version) VALUES (true, %s)"
+                " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, migrated_at = now()"
+                " WHERE sessionserve_schema.version <> EXCLUDED.version",
+                (SCHEMA_VERSION,),
+            )
+
+    def _refused(self, session_id: str) -> Exception:
+        """Why a conditional mutation touched no row: the session is missing, or another holder leases it."""
+        if self._one("SELECT 1 FROM sessionserve_sessions WHERE session_id = %s", (session_id,)) is None:
+            return not_found(session_id)
+        return busy(session_id)
+
+    # ---- records -----------------------------------------------------------------------------------
+    def create(self, record: SessionRecord) -> None:
+        _refuse_nul(record.session_id, record.system_prompt, record.owner)
+        values = (
+            record.session_id,
+            record.system_prompt,
+            Jsonb(record.metadata),
+            record.created_at,
+            record.last_active_at,
+            record.owner,
+        )
+        try:
+            inserted = self._all(
+                f"INSERT INTO sessionserve_sessions ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (session_id) DO NOTHING RETURNING 1",
+                values,
+            )
+        except psycopg.errors.UntranslatableCharacter as error:  # "\u0000" inside jsonb
+            raise _unstorable(error) from None
+        if not inserted:
+            raise exists(record.session_id)
+
+    def get(self, session_id: str) -> SessionRecord | None:
+        row = self._one(f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE session_id = %s", (session_id,))
+        return None if row is None else _record(row)
+
+    def delete(self, session_id: str, *, holder: str | None = None) -> bool:
+        params = {"id": session_id, "holder": holder, "now": self._clock()}
+        if self._one(f"DELETE FROM sessionserve_sessions WHERE session_id = %(id)s AND {_FREE} RETURNING 1", params):
+            return True
+        if self._one("SELECT 1 FROM sessionserve_sessions WHERE session_id = %s", (session_id,)) is None:
+            return False
+        raise busy(session_id)
+
+    def update(
+        self,
+        session_id: str,
+        *,
+        system_prompt: str | Unchanged | None = UNCHANGED,
+        metadata: dict[str, Any] | None = None,
+        holder: str | None = None,
+    ) -> SessionRecord:
+        keep_prompt = isinstance(system_prompt, Unchanged)
+        prompt = None if isinstance(system_prompt, Unchanged) else system_prompt
+        _refuse_nul(prompt)
+        try:
+            row = self._one(
+                "UPDATE sessionserve_sessions SET"
+                " system_prompt = CASE WHEN %(keep)s THEN system_prompt ELSE %(prompt)s END,"
+                " metadata = COALESCE(%(metadata)s, metadata)"
+                f" WHERE session_id = %(id)s AND {_FREE} RETURNING {_COLUMNS}",
+                {
+                    "keep": keep_prompt,
+                    "prompt": prompt,
+                    "metadata": None if metadata is None else Jsonb(metadata),
+                    "id": session_id,
+                    "holder": holder,
+                    "now": self._clock(),
+                },
+            )
+        except psycopg.errors.UntranslatableCharacter as error:
+            raise _unstorable(error) from None
+        if row is None:
+            raise self._refused(session_id)
+        return _record(row)
+
+    def touch(self, session_id: str, now: float) -> None:
+        if not self._one(
+            "UPDATE sessionserve_sessions SET last_active_at = %s WHERE session_id = %s RETURNING 1", (now, session_id)
+        ):
+            raise not_found(session_id)
+
+    def count(self) -> int:
+        row = self._one("SELECT count(*) FROM sessionserve_sessions")
+        return 0 if row is None else int(row[0])
+
+    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+        check_page(limit, offset)
+        where = "owner IS NULL" if owner is None else "owner = %(owner)s"
+        rows = self._all(
+            f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE {where}"
+            " ORDER BY last_active_at DESC, session_id DESC LIMIT %(limit)s OFFSET %(offset)s",
+            {"owner": owner, "limit": limit, "offset": offset},
+        )
+        return [_record(row) for row in rows]
+
+    def missing(self, session_ids: Sequence[str]) -> list[str]:
+        if not session_ids:
+            return []
+        rows = self._all(
+            "SELECT session_id FROM sessionserve_sessions WHERE session_id = ANY(%s)", (list(session_ids),)
+        )
+        present = {session_id for (session_id,) in rows}
+        return [session_id for session_id in session_ids if session_id not in present]
+
+    # ---- messages ----------------------------------------------------------------------------------
+    def append(self, session_id: str, messages: Sequence[Message], now: float, *, holder: str | None = None) -> None:
+        batch = check_messages(messages)
+        _refuse_nul(*(m.content for m in batch))
+        row = self._one(
+            "WITH bumped AS ("
+            "  UPDATE sessionserve_sessions SET next_seq = next_seq + %(n)s, last_active_at = %(active)s"
+            f"  WHERE session_id = %(id)s AND {_FREE} RETURNING next_seq - %(n)s AS first),"
+            " inserted AS ("
+            "  INSERT INTO sessionserve_messages (session_id, seq, role, content)"
+            "  SELECT %(id)s, bumped.first + t.ord - 1, t.role, t.content FROM bumped,"
+            "  unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS t(role, content, ord))"
+            " SELECT first FROM bumped",
+            {
+                "n": len(batch),
+                "active": now,
+                "id": session_id,
+                "holder": holder,
+                "now": self._clock(),
+                "roles": [m.role for m in batch],
+                "contents": [m.content for m in batch],
+            },
+        )
+        if row is None:
+            raise self._refused(session_id)
+
+    def messages(self, session_id: str, window: int | None = None) -> list[Message]:
+        check_window(window)
+        rows = self._all(
+            "SELECT role, content FROM (SELECT seq, role, content FROM sessionserve_messages"
+            " WHERE session_id = %(id)s ORDER BY seq DESC LIMIT %(window)s) AS last ORDER BY seq",
+            {"id": session_id, "window": None if window is None else min(window, 2**63 - 1)},
+        )
+        if not rows and self.get(session_id) is None:
+            raise not_found(session_id)
+        return [Message(role, content) for role, content in rows]
+
+    def message_count(self, session_id: str) -> int:
+        row = self._one(
+            "SELECT (SELECT count(*) FROM sessionserve_messages WHERE session_id = %(id)s),"
+            " EXISTS (SELECT 1 FROM sessionserve_sessions WHERE session_id = %(id)s)",
+            {"id": session_id},
+        )
+        if row is None or not row[1]:
+            raise not_found(session_id)
+        return int(row[0])
+
+    def clear(self, session_id: str, *, holder: str | None = None) -> None:
+        params = {"id": session_id, "holder": holder, "now": self._clock()}
+        with self._conn() as conn, conn.transaction():
+            row = conn.execute(
+                f"SELECT 1 FROM sessionserve_sessions WHERE session_id = %(id)s AND {_FREE} FOR UPDATE", params
+            ).fetchone()
+            if row is None:
+                raise self._refused(session_id)
+            conn.execute("DELETE FROM sessionserve_messages WHERE session_id = %(id)s", params)
+
+    # ---- leases and expiry -------------------------------------------------------------------------
+    def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:
+        check_lease(holder, ttl_s)
+        now = self._clock()
+        if not self._one(
+            "UPDATE sessionserve_sessions SET lease_holder = %(holder)s, lease_until = %(until)s"
+            f" WHERE session_id = %(id)s AND {_FREE} RETURNING 1",
+            {"holder": holder, "until": now + ttl_s, "id": session_id, "now": now},
+        ):
+            raise self._refused(session_id)
+
+    def release_lease(self, session_id: str, holder: str) -> None:
+        self._all(
+            "UPDATE sessionserve_sessions SET lease_holder = NULL, lease_until = NULL"
+            " WHERE session_id = %s AND lease_holder = %s",
+            (session_id, holder),
+        )
+
+    def expire_idle(self, before: float) -> list[str]:
+        rows = self._all(
+            "DELETE FROM sessionserve_sessions WHERE last_active_at < %(before)s"
+            " AND (lease_holder IS NULL OR lease_until <= %(now)s) RETURNING session_id, last_active_at",
+            {"before": before, "now": self._clock()},
+        )
+        return [session_id for session_id, _ in sorted(rows, key=lambda row: (row[1], row[0]))]
+
+    def ping(self) -> None:
+        self._all("SELECT 1")
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _unstorable(error: Exception) -> InvalidRequest:
+    return InvalidRequest(f"the PostgreSQL store cannot store this metadata: {' '.join(str(error).split())}")

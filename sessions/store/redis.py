@@ -1,0 +1,270 @@
+"""Redis history store: several nodes share sessions through one Redis (`redis://[:password@]host:port/db`).
+
+Key layout (all under a prefix, default `sessionserve:`, set with `?prefix=` on the URL):
+
+    {prefix}s:{id}          hash   the record: created_at, last_active_at, metadata (JSON), system_prompt and owner
+                                   (absent = None), lease_holder and lease_until while a turn holds the lease
+    {prefix}m:{id}          list   the messages, oldest first, each a JSON array [role, content]
+    {prefix}active          zset   every session id, scored by last_active_at (count, idle expiry)
+    {prefix}owner:{owner}   zset   the owner's session ids, scored by last_active_at (list); owner-none for no owner
+
+Idle expiry is the server's: both per-session keys get PEXPIRE idle_ttl_s after every change, and PERSIST while a
+turn holds the lease (so a session never disappears mid-turn); releasing the lease starts the countdown again.
+The sorted sets may keep ids the server expired: count() and list() drop those before answering, expire_idle()
+reports and drops them. Every mutation is one Lua script (see redis_scripts.py), so lease checks, message order and
+TTLs are atomic; reads of several keys use MULTI. Needs Redis >= 6.2 standalone or a Sentinel primary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from sessions.errors import InvalidRequest, StoreUnavailable
+from sessions.messages import Message
+from sessions.store import redis_scripts as lua
+from sessions.store.base import (
+    UNCHANGED,
+    SessionRecord,
+    Unchanged,
+    busy,
+    check_lease,
+    check_messages,
+    check_page,
+    check_window,
+    exists,
+    not_found,
+)
+
+DEFAULT_PREFIX = "sessionserve:"
+_CLOCK_SKEW_S = 5.0  # how far the hosts' clocks may disagree when deciding which index entries might have expired
+_T = TypeVar("_T")
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {key: value for key, value in query if key in ("prefix", "timeout")}
+    rest = urlencode([(key, value) for key, value in query if key not in ours])
+    return urlunsplit(parts._replace(query=rest)), ours
+
+
+def _record(session_id: str, fields: dict[str, str]) -> SessionRecord:
+    return SessionRecord(
+        session_id,
+        fields.get("system_prompt"),
+        json.loads(fields.get("metadata", "{}")),
+        float(fields["created_at"]),
+        float(fields["last_active_at"]),
+        fields.get("owner"),
+    )
+
+
+class RedisStore:
+    """redis-py client with a connection pool; every call is bounded by `timeout_s` (URL `?timeout=`).
+
+    Commands are never retried by the client: a timed-out script may have run, and running an append twice would
+    duplicate messages. A connection that died while pooled is reconnected by redis-py before it is used.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        idle_ttl_s: float = 86400.0,
+        timeout_s: float = 5.0,
+        prefix: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        url, ours = _split_url(url)
+        self.prefix = prefix if prefix is not None else ours.get("prefix", DEFAULT_PREFIX)
+        if idle_ttl_s <= 0:
+            raise ValueError(f"idle_ttl_s must be > 0 seconds, got {idle_ttl_s}")
+        self.idle_ttl_s = idle_ttl_s
+        self._ttl_ms = max(1, int(idle_ttl_s * 1000))
+        self._clock = clock
+        timeout_s = float(ours.get("timeout", timeout_s))
+        parts = urlsplit(url)
+        self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+        self._password = parts.password or ""
+        self._redis: redis.Redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._scripts = {name: self._redis.register_script(getattr(lua, name)) for name in lua.NAMES}
+
+    # ---- plumbing ----------------------------------------------------------------------------------
+    def _unavailable(self, error: Exception) -> StoreUnavailable:
+        detail = " ".join(str(error).split()) or type(error).__name__
+        if self._password:
+            detail = detail.replace(self._password, "***")
+        return StoreUnavailable(f"the Redis history store at {self.where} is unreachable: {detail}; retry later")
+
+    def _call(self, fn: Callable[[], _T]) -> _T:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise self._unavailable(error) from None
+
+    def _run(self, name: str, *args: object) -> Any:
+        script = self._scripts[name]
+        return self._call(lambda: script(args=[self.prefix, *args]))
+
+    def _cutoff(self) -> float:
+        """Index entries idle since before this may have been expired by the server."""
+        return self._clock() - self.idle_ttl_s + _CLOCK_SKEW_S
+
+    @staticmethod
+    def _refused(session_id: str, outcome: str) -> NoReturn:
+        if outcome == "busy":
+            raise busy(session_id)
+        raise not_found(session_id)
+
+    # ---- records -----------------------------------------------------------------------------------
+    def create(self, record: SessionRecord) -> None:
+        fields: list[str] = ["metadata", json.dumps(record.metadata)]
+        if record.system_prompt is not None:
+            fields += ["system_prompt", record.system_prompt]
+        owner = ("1", record.owner) if record.owner is not None else ("0", "")
+        outcome = self._run(
+            "CREATE",
+            record.session_id,
+            self._clock(),
+            self._ttl_ms,
+            *owner,
+            repr(record.created_at),
+            repr(record.last_active_at),
+            *fields,
+        )
+        if outcome == "exists":
+            raise exists(record.session_id)
+
+    def get(self, session_id: str) -> SessionRecord | None:
+        fields: dict[str, str] = self._call(lambda: self._redis.hgetall(f"{self.prefix}s:{session_id}"))  # type: ignore[arg-type,return-value]
+        return _record(session_id, fields) if fields else None
+
+    def delete(self, session_id: str, *, holder: str | None = None) -> bool:
+        outcome = self._run("DELETE", session_id, holder or "", self._clock())
+        if outcome == "busy":
+            raise busy(session_id)
+        return bool(outcome == "ok")
+
+    def update(
+        self,
+        session_id: str,
+        *,
+        system_prompt: str | Unchanged | None = UNCHANGED,
+        metadata: dict[str, Any] | None = None,
+        holder: str | None = None,
+    ) -> SessionRecord:
+        if isinstance(system_prompt, Unchanged):
+            mode, prompt = "keep", ""
+        else:
+            mode, prompt = ("clear", "") if system_prompt is None else ("set", system_prompt)
+        encoded = "" if metadata is None else json.dumps(metadata)
+        outcome = self._run("UPDATE", session_id, holder or "", self._clock(), self._ttl_ms, mode, prompt, encoded)
+        if outcome[0] != "ok":
+            self._refused(session_id, outcome[0])
+        flat = outcome[1:]
+        return _record(session_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    def touch(self, session_id: str, now: float) -> None:
+        if self._run("TOUCH", session_id, self._clock(), self._ttl_ms, repr(now)) != "ok":
+            raise not_found(session_id)
+
+    def count(self) -> int:
+        return int(self._run("COUNT", repr(self._cutoff())))
+
+    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+        check_page(limit, offset)
+        owned = ("1", owner) if owner is not None else ("0", "")
+        flat = self._run("LIST", repr(self._cutoff()), *owned, offset, limit)
+        records, index = [], 0
+        while index < len(flat):
+            session_id, size = flat[index], int(flat[index + 1])
+            fields = flat[index + 2 : index + 2 + size]
+            index += 2 + size
+            if fields:  # expired between the trim and the read: skip
+                records.append(_record(session_id, dict(zip(fields[::2], fields[1::2], strict=True))))
+        return records
+
+    def missing(self, session_ids: Sequence[str]) -> list[str]:
+        if not session_ids:
+            return []
+
+        def exists_all() -> list[int]:
+            pipe = self._redis.pipeline(transaction=False)
+            for session_id in session_ids:
+                pipe.exists(f"{self.prefix}s:{session_id}")
+            return pipe.execute()
+
+        found = self._call(exists_all)
+        return [session_id for session_id, hit in zip(session_ids, found, strict=True) if not hit]
+
+    # ---- messages ----------------------------------------------------------------------------------
+    def append(self, session_id: str, messages: Sequence[Message], now: float, *, holder: str | None = None) -> None:
+        batch = [json.dumps([m.role, m.content]) for m in check_messages(messages)]
+        outcome = self._run("APPEND", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *batch)
+        if outcome != "ok":
+            self._refused(session_id, outcome)
+
+    def _read(self, session_id: str, tail: Callable[[Any], object]) -> Any:
+        """One MULTI round trip: does the record exist, and `tail`'s command on the message list."""
+
+        def run() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.exists(f"{self.prefix}s:{session_id}")
+            tail(pipe)
+            return pipe.execute()
+
+        found, result = self._call(run)
+        if not found:
+            raise not_found(session_id)
+        return result
+
+    def messages(self, session_id: str, window: int | None = None) -> list[Message]:
+        check_window(window)
+        start = 0 if window is None else -min(window, 2**62)
+        rows = self._read(session_id, lambda pipe: pipe.lrange(f"{self.prefix}m:{session_id}", start, -1))
+        return [Message(*json.loads(row)) for row in rows]
+
+    def message_count(self, session_id: str) -> int:
+        return int(self._read(session_id, lambda pipe: pipe.llen(f"{self.prefix}m:{session_id}")))
+
+    def clear(self, session_id: str, *, holder: str | None = None) -> None:
+        outcome = self._run("CLEAR", session_id, holder or "", self._clock(), self._ttl_ms)
+        if outcome != "ok":
+            self._refused(session_id, outcome)
+
+    # ---- leases and expiry -------------------------------------------------------------------------
+    def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:
+        check_lease(holder, ttl_s)
+        now = self._clock()
+        outcome = self._run("ACQUIRE", session_id, holder, now, repr(now + ttl_s))
+        if outcome != "ok":
+            self._refused(session_id, outcome)
+
+    def release_lease(self, session_id: str, holder: str) -> None:
+        if not holder:
+            raise InvalidRequest("a lease holder must be a non-empty string")
+        self._run("RELEASE", session_id, holder, self._clock(), self._ttl_ms)
+
+    def expire_idle(self, before: float) -> list[str]:
+        return list(self._run("EXPIRE_IDLE", repr(before), self._clock()))
+
+    def ping(self) -> None:
+        self._call(self._redis.ping)
+
+    def close(self) -> None:
+        self._redis.close()

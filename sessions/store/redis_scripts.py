@@ -1,0 +1,221 @@
+"""The Lua scripts of the Redis store: each runs atomically on the server, so lease checks, ordinals and TTLs
+can never interleave with another client's call. Keys are derived from ARGV[1] (the prefix) inside the scripts,
+so this layout needs a single Redis (standalone or Sentinel primary), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+NAMES = ("CREATE", "APPEND", "TOUCH", "CLEAR", "DELETE", "UPDATE", "ACQUIRE", "RELEASE", "EXPIRE_IDLE", "COUNT", "LIST")
+
+# Shared helpers, prepended to every script. `now` is the caller's wall clock; a lease is live while until > now.
+_LIB = """
+local prefix = ARGV[1]
+local function rec_key(id) return prefix .. 's:' .. id end
+local function msg_key(id) return prefix .. 'm:' .. id end
+local function owner_key(owner)
+  if owner then return prefix .. 'owner:' .. owner end
+  return prefix .. 'owner-none'
+end
+local function leased(rec, now)
+  local holder = redis.call('HGET', rec, 'lease_holder')
+  if not holder then return false end
+  return tonumber(redis.call('HGET', rec, 'lease_until') or '0') > now, holder
+end
+local function foreign(rec, holder, now)
+  local live, by = leased(rec, now)
+  return live and by ~= holder
+end
+-- While leased the keys never expire (a turn is running); otherwise they expire idle_ttl after the last activity.
+local function refresh(id, now, ttl_ms)
+  local rec, msgs = rec_key(id), msg_key(id)
+  if leased(rec, now) then
+    redis.call('PERSIST', rec); redis.call('PERSIST', msgs)
+  else
+    redis.call('PEXPIRE', rec, ttl_ms); redis.call('PEXPIRE', msgs, ttl_ms)
+  end
+end
+local function set_active(id, active)
+  local rec = rec_key(id)
+  redis.call('HSET', rec, 'last_active_at', active)
+  redis.call('ZADD', prefix .. 'active', active, id)
+  redis.call('ZADD', owner_key(redis.call('HGET', rec, 'owner')), active, id)
+end
+local function remove(id)
+  local rec = rec_key(id)
+  local owner = redis.call('HGET', rec, 'owner')
+  redis.call('DEL', rec, msg_key(id))
+  redis.call('ZREM', prefix .. 'active', id)
+  redis.call('ZREM', owner_key(owner), id)
+end
+-- Drop index entries whose session the server expired (TTL); only entries idle before `cutoff` can be such.
+local function trim(index, cutoff)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. cutoff)) do
+    if redis.call('EXISTS', rec_key(id)) == 0 then redis.call('ZREM', index, id) end
+  end
+end
+"""
+
+# ARGV: prefix, id, now, ttl_ms, owner_flag ('1' set / '0' none), owner, created_at, last_active_at, field, value...
+CREATE = (
+    _LIB
+    + """
+local id, now, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local rec = rec_key(id)
+if redis.call('EXISTS', rec) == 1 then return 'exists' end
+redis.call('DEL', msg_key(id))
+local fields = {'created_at', ARGV[7], 'last_active_at', ARGV[8]}
+if ARGV[5] == '1' then table.insert(fields, 'owner'); table.insert(fields, ARGV[6]) end
+for i = 9, #ARGV do table.insert(fields, ARGV[i]) end
+redis.call('HSET', rec, unpack(fields))
+set_active(id, ARGV[8])
+refresh(id, now, ttl)
+return 'ok'
+"""
+)
+
+# ARGV: prefix, id, holder ('' = none), now, ttl_ms, last_active_at, message...
+APPEND = (
+    _LIB
+    + """
+local id, holder, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local rec = rec_key(id)
+if redis.call('EXISTS', rec) == 0 then return 'missing' end
+if foreign(rec, holder, now) then return 'busy' end
+for i = 7, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
+set_active(id, ARGV[6])
+refresh(id, now, ttl)
+return 'ok'
+"""
+)
+
+# ARGV: prefix, id, now, ttl_ms, last_active_at
+TOUCH = (
+    _LIB
+    + """
+local id, now, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+if redis.call('EXISTS', rec_key(id)) == 0 then return 'missing' end
+set_active(id, ARGV[5])
+refresh(id, now, ttl)
+return 'ok'
+"""
+)
+
+# ARGV: prefix, id, holder, now, ttl_ms
+CLEAR = (
+    _LIB
+    + """
+local id, holder, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local rec = rec_key(id)
+if redis.call('EXISTS', rec) == 0 then return 'missing' end
+if foreign(rec, holder, now) then return 'busy' end
+redis.call('DEL', msg_key(id))
+refresh(id, now, ttl)
+return 'ok'
+"""
+)
+
+# ARGV: prefix, id, holder, now
+DELETE = (
+    _LIB
+    + """
+local id, holder, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local rec = rec_key(id)
+if redis.call('EXISTS', rec) == 0 then return 'missing' end
+if foreign(rec, holder, now) then return 'busy' end
+remove(id)
+return 'ok'
+"""
+)
+
+# ARGV: prefix, id, holder, now, ttl_ms, prompt_mode ('keep' | 'clear' | 'set'), prompt, metadata ('' = keep)
+UPDATE = (
+    _LIB
+    + """
+local id, holder, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local rec = rec_key(id)
+if redis.call('EXISTS', rec) == 0 then return {'missing'} end
+if foreign(rec, holder, now) then return {'busy'} end
+if ARGV[6] == 'clear' then redis.call('HDEL', rec, 'system_prompt') end
+if ARGV[6] == 'set' then redis.call('HSET', rec, 'system_prompt', ARGV[7]) end
+if ARGV[8] ~= '' then redis.call('HSET', rec, 'metadata', ARGV[8]) end
+refresh(id, now, ttl)
+local out = redis.call('HGETALL', rec)
+table.insert(out, 1, 'ok')
+return out
+"""
+)
+
+# ARGV: prefix, id, holder, now, until
+ACQUIRE = (
+    _LIB
+    + """
+local id, holder, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local rec = rec_key(id)
+if redis.call('EXISTS', rec) == 0 then return 'missing' end
+if foreign(rec, holder, now) then return 'busy' end
+redis.call('HSET', rec, 'lease_holder', holder, 'lease_until', ARGV[5])
+redis.call('PERSIST', rec); redis.call('PERSIST', msg_key(id))
+return 'ok'
+"""
+)
+
+# ARGV: prefix, id, holder, now, ttl_ms
+RELEASE = (
+    _LIB
+    + """
+local id, holder, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local rec = rec_key(id)
+if redis.call('HGET', rec, 'lease_holder') ~= holder then return 'ok' end
+redis.call('HDEL', rec, 'lease_holder', 'lease_until')
+refresh(id, now, ttl)
+return 'ok'
+"""
+)
+
+# ARGV: prefix, before, now. Deletes idle unleased sessions; also reports those the server already expired.
+EXPIRE_IDLE = (
+    _LIB
+    + """
+local before, now = ARGV[2], tonumber(ARGV[3])
+local expired = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'active', '-inf', '(' .. before)) do
+  local rec = rec_key(id)
+  if redis.call('EXISTS', rec) == 0 then
+    redis.call('ZREM', prefix .. 'active', id)
+    table.insert(expired, id)
+  elseif not leased(rec, now) then
+    remove(id)
+    table.insert(expired, id)
+  end
+end
+return expired
+"""
+)
+
+# ARGV: prefix, cutoff
+COUNT = (
+    _LIB
+    + """
+trim(prefix .. 'active', ARGV[2])
+return redis.call('ZCARD', prefix .. 'active')
+"""
+)
+
+# ARGV: prefix, cutoff, owner_flag, owner, offset, limit. Returns id, field count, fields..., per record.
+LIST = (
+    _LIB
+    + """
+local index = prefix .. 'owner-none'
+if ARGV[3] == '1' then index = owner_key(ARGV[4]) end
+trim(index, ARGV[2])
+local offset, limit = tonumber(ARGV[5]), tonumber(ARGV[6])
+local out = {}
+for _, id in ipairs(redis.call('ZREVRANGE', index, offset, offset + limit - 1)) do
+  local fields = redis.call('HGETALL', rec_key(id))
+  table.insert(out, id)
+  table.insert(out, #fields)
+  for _, value in ipairs(fields) do table.insert(out, value) end
+end
+return out
+"""
+)

@@ -31,7 +31,7 @@ test: model lint
 	$(VENV)/bin/pytest -q -ra --durations=15
 
 bench: model
-	$(PY) -m benchmarks.multiturn --quick --out benchmarks/results/quick.json
+	$(PY) -m benchmarks.multiturn --quick --out benchmarks/out/quick.json
 
 clean:
 	rm -rf $(VENV)

@@ -1,1 +1,1 @@
-"""Multi-turn chat benchmark: sessionserve side by side with its peers (see DESIGN.md §5)."""
+"""Multi-turn chat benchmark: sessionserve side by side with its peers."""

@@ -1,8 +1,8 @@
 """Multi-turn chat benchmark: `python -m benchmarks.multiturn --systems ... --out results.json`.
 
 Loads the model once, builds one seeded workload, then runs each system in turn (one at a time, each in
-its own event loop, after one uncounted warm-up request) and writes the JSON of DESIGN.md §5 plus a PNG
-of TTFT by turn next to it.
+its own event loop, after one uncounted warm-up request) and writes the JSON described in benchmarks/README.md
+plus a PNG of TTFT by turn next to it.
 """
 
 from __future__ import annotations
@@ -71,9 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--kv-cache-memory", help="device KV budget of every pooled system, e.g. 512MiB (default: engine's)"
-    )
-    parser.add_argument(
-        "--engine-kind", choices=("auto", "simple", "paged"), default="auto", help="sessionserve engine"
     )
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--device", default="auto")
@@ -205,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     with progress:
         for name in args.systems:
             task = progress.add_task(name, total=args.sessions * args.turns)
-            kind = None if args.engine_kind == "auto" else args.engine_kind
-            context = BenchContext(loaded, engine_config, args.max_new_tokens, kind, tokens_bound, args.ignore_eos)
+            context = BenchContext(loaded, engine_config, args.max_new_tokens, tokens_bound, args.ignore_eos)
             attn = loaded.model.config._attn_implementation
             try:
                 result, info = asyncio.run(

@@ -29,7 +29,7 @@ def _r(value: float | None, digits: int = 2) -> float | None:
 
 
 def summarize(result: RunResult, turns: int) -> dict[str, Any]:
-    """The contract fields (DESIGN.md §5 Benchmark) plus per-turn detail and token accounting."""
+    """The contract fields (benchmarks/README.md) plus per-turn detail and token accounting."""
     records = result.records
     ttft = [r.ttft_ms for r in records]
     tpot = [r.tpot_ms for r in records if r.tpot_ms is not None]

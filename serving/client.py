@@ -158,14 +158,14 @@ class LocalClient:
     """The same methods, in-process: loads the model here and runs the engine on a private event loop."""
 
     def __init__(self, config: Config | None = None) -> None:
+        from serving.bootstrap import build_service
         from serving.config import Config
         from serving.server.api import SessionAPI
-        from serving.service import SessionService
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sessionserve-local", daemon=True)
         self._thread.start()
-        self.api: SessionAPI = SessionAPI(SessionService.from_config(config or Config()))
+        self.api: SessionAPI = SessionAPI(build_service(config or Config()))
 
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

@@ -42,11 +42,12 @@ class ModelConfig(_Section):
     name: str = Field("builtin:smollm2-135m-instruct", description="builtin:NAME, a Hugging Face id or a local folder")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: str = Field("auto", description="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16, float16")
-    torch_threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores of the process")
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads for torch; 0 = the process' CPUs shared among the model replicas on its node"
+    )
 
 
 class EngineConfig(_Section):
-    kind: str = Field("paged", description="paged (continuous batching, tiered session KV) or simple (one at a time)")
     max_batch_size: int = Field(32, ge=1, description="most sequences in one forward pass")
     max_batch_tokens: int = Field(2048, ge=16, description="most tokens (decode + prefill chunks) in one step")
     block_size: int = Field(16, ge=1, description="tokens per KV block")
@@ -74,7 +75,11 @@ class ServingConfig(_Section):
     port: int = Field(8000, ge=0, le=65535)
     replicas: int = Field(1, ge=1)
     gpus_per_replica: float = Field(0, ge=0)
-    cpus_per_replica: float = Field(1, gt=0, description="Ray CPUs reserved for each model replica")
+    cpus_per_replica: float = Field(
+        1,
+        gt=0,
+        description="Ray CPUs reserved per model replica (scheduling only; model.torch_threads sets threads)",
+    )
     replica_resources: dict[str, float] = Field(
         default_factory=dict,
         description="custom Ray resources each model replica needs, e.g. {sessionserve_model: 1} with every model "
@@ -86,6 +91,9 @@ class ServingConfig(_Section):
         0, ge=0, description="prompt tokens per turn at most (older turns are trimmed); 0 = context"
     )
     request_timeout_s: float = Field(600, gt=0, description="an HTTP request still running after this is answered 408")
+    shutdown_grace_s: float = Field(
+        30, ge=0, description="on SIGTERM/SIGINT, how long running turns may finish before they are cancelled"
+    )
 
 
 class Config(_Section):

@@ -1,48 +1,26 @@
 """SessionService: sessions (history, prompt) + the engine (KV, generation), one turn at a time per session.
 
-This is the layer both the Ray model deployment and the in-process LocalClient call; it knows nothing
-about HTTP or Ray. A turn's messages are committed only when its generation finishes, so a failed or
-cancelled turn leaves the stored history untouched.
+This is the layer both the Ray model deployment and the in-process LocalClient call (through
+`server/api.py`); it knows nothing about HTTP or Ray. A turn's messages are committed only when its
+generation finishes, so a failed or cancelled turn leaves the stored history untouched. Store calls inside
+a turn run in worker threads: a slow or unreachable store must never stall the event loop streaming tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from serving.config import Config
 from serving.engine.types import Engine, FinishReason, GenerationRequest, KVInfo, SamplingParams
 from sessions.errors import InvalidRequest
 from sessions.manager import SessionManager
 from sessions.messages import Message
 from sessions.prompt import PromptBuilder
-from sessions.store import open_store
 from sessions.store.base import SessionRecord
-
-
-@dataclass(frozen=True, slots=True)
-class TurnParams:
-    """One query's knobs, already range-checked at the edge (HTTP model or client)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-            stop=self.stop,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +30,7 @@ class TurnLimits:
     max_new_tokens: int = 4096
     max_prompt_tokens: int = 0  # 0 = whatever fits the context
 
-    def budget(self, params: TurnParams, context: int) -> int:
+    def budget(self, params: SamplingParams, context: int) -> int:
         """Tokens prompt + reply may use; raises if the request asks for more new tokens than allowed."""
         if params.max_new_tokens > self.max_new_tokens:
             raise InvalidRequest(
@@ -93,38 +71,21 @@ class SessionDetails:
 
 
 class SessionService:
-    """create / query / stream / destroy / history / append / clear / fork for chat sessions."""
+    """create / turn / destroy / history / append / clear / fork for chat sessions."""
 
     def __init__(
         self,
         manager: SessionManager,
         prompts: PromptBuilder,
         engine: Engine,
-        max_model_len: int = 0,
         limits: TurnLimits | None = None,
     ) -> None:
         self.manager = manager
         self.prompts = prompts
         self.engine = engine
-        limit = engine.max_context_tokens
-        self.max_context_tokens = min(limit, max_model_len) if max_model_len else limit
+        self.max_context_tokens = engine.max_context_tokens  # engine.max_model_len is applied there, once
         self.limits = limits or TurnLimits()
         self.on_turn: Callable[[TurnResult], None] | None = None  # metrics hook, called after every generation
-
-    @classmethod
-    def from_config(cls, config: Config) -> SessionService:
-        """Load the model and open the store; the expensive part of a replica's start."""
-        from serving.engine.factory import build_engine  # torch is imported only here
-        from serving.models import load_model
-
-        loaded = load_model(config.model)
-        engine = build_engine(loaded, config.engine)
-        store = open_store(config.sessions.store_url())
-        manager = SessionManager(
-            store, engine, max_sessions=config.sessions.max_sessions, idle_ttl_s=config.sessions.idle_ttl_s
-        )
-        limits = TurnLimits(config.serving.max_new_tokens, config.serving.max_prompt_tokens)
-        return cls(manager, PromptBuilder(loaded.tokenizer), engine, config.engine.max_model_len, limits)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def create_session(
@@ -175,32 +136,15 @@ class SessionService:
         return child
 
     # ---- turns -----------------------------------------------------------------------------------
-    async def query(self, session_id: str, prompt: str, params: TurnParams, owner: str | None = None) -> TurnResult:
-        result: TurnResult | None = None
-        async for event in self.stream(session_id, prompt, params, owner):
-            if isinstance(event, TurnResult):
-                result = event
-        assert result is not None, "stream() always ends with a TurnResult"
-        return result
-
-    async def stream(
-        self, session_id: str, prompt: str, params: TurnParams, owner: str | None = None
+    async def turn(
+        self, session_id: str, new_messages: Sequence[Message], params: SamplingParams, owner: str | None = None
     ) -> AsyncIterator[TextDelta | TurnResult]:
-        """One user message as a turn: text deltas, then one TurnResult."""
-        if not prompt or not prompt.strip():
-            raise InvalidRequest("prompt is empty: send the user's message as a non-empty string")
-        async for event in self.stream_turn(session_id, [Message(role="user", content=prompt)], params, owner):
-            yield event
-
-    async def stream_turn(
-        self, session_id: str, new_messages: Sequence[Message], params: TurnParams, owner: str | None = None
-    ) -> AsyncIterator[TextDelta | TurnResult]:
-        """Generate after `new_messages`; they and the reply are committed only if generation finished."""
+        """Generate after `new_messages`: text deltas, then one TurnResult. The messages and the reply are
+        committed only if generation finished (stop or length)."""
         _require_user_last(new_messages)
-        self.manager.get(session_id, owner)  # 404 before waiting for the lock
+        await asyncio.to_thread(self.manager.get, session_id, owner)  # 404 before waiting for the lock
         async with self.manager.turn(session_id):
-            record = self.manager.get(session_id, owner)
-            history = self.manager.history(session_id, owner=owner)
+            record, history = await asyncio.to_thread(self._load, session_id, owner)
             built = self.prompts.build(
                 record.system_prompt,
                 history,
@@ -208,19 +152,14 @@ class SessionService:
                 max_new_tokens=params.max_new_tokens,
                 max_context_tokens=self.limits.budget(params, self.max_context_tokens),
             )
-            result: TurnResult | None = None
             async for event in self._generate(session_id, built.token_ids, params, cache_key=session_id):
-                if isinstance(event, TurnResult):
-                    result = event
-                else:
-                    yield event
-            assert result is not None
-            if result.finish_reason != "cancelled":
-                self.manager.commit_turn(session_id, new_messages, Message(role="assistant", content=result.response))
-            yield result
+                if isinstance(event, TurnResult) and event.finish_reason != "cancelled":
+                    reply = Message(role="assistant", content=event.response)
+                    await asyncio.to_thread(self.manager.commit_turn, session_id, new_messages, reply)
+                yield event
 
-    async def stream_stateless(
-        self, system_prompt: str | None, messages: Sequence[Message], params: TurnParams
+    async def stateless(
+        self, system_prompt: str | None, messages: Sequence[Message], params: SamplingParams
     ) -> AsyncIterator[TextDelta | TurnResult]:
         """A whole conversation sent by the client (OpenAI style): nothing stored, no KV kept."""
         _require_user_last(messages)
@@ -234,11 +173,14 @@ class SessionService:
         async for event in self._generate("", built.token_ids, params, cache_key=None):
             yield event
 
+    def _load(self, session_id: str, owner: str | None) -> tuple[SessionRecord, list[Message]]:
+        return self.manager.get(session_id, owner), self.manager.history(session_id, owner=owner)
+
     async def _generate(
-        self, session_id: str, prompt_ids: list[int], params: TurnParams, cache_key: str | None
+        self, session_id: str, prompt_ids: list[int], params: SamplingParams, cache_key: str | None
     ) -> AsyncIterator[TextDelta | TurnResult]:
         request = GenerationRequest(
-            request_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, params=params.sampling(), cache_key=cache_key
+            request_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, params=params, cache_key=cache_key
         )
         start = time.perf_counter()
         first_token_at: float | None = None
@@ -285,3 +227,14 @@ class SessionService:
 def _require_user_last(messages: Sequence[Message]) -> None:
     if not messages or messages[-1].role != "user":
         raise InvalidRequest("the new messages must end with a user message for the model to answer")
+
+
+async def final_result(events: AsyncIterator[TextDelta | TurnResult]) -> TurnResult:
+    """Run a turn's events to the end and return its TurnResult (the last event)."""
+    result: TurnResult | None = None
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, TurnResult):
+                result = event
+    assert result is not None, "a turn's events always end with a TurnResult"
+    return result

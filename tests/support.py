@@ -87,7 +87,7 @@ def serve_app(config: Config, port: int, name: str, route_prefix: str) -> Iterat
         serve.delete(name)
 
 
-def replica_actor_name(app_name: str, replica_id: str, deployment: str = "SessionModel") -> str:
+def replica_actor_name(app_name: str, replica_id: str, deployment: str = "LLMServer") -> str:
     """The Ray actor name of a Serve replica (ReplicaID.to_full_id_str), in the 'serve' namespace."""
     return f"SERVE_REPLICA::{app_name}#{deployment}#{replica_id}"
 

@@ -26,7 +26,6 @@ class BenchContext:
     loaded: LoadedModel
     engine_config: EngineConfig  # kv_cache_memory is the device KV budget every pooled system gets
     max_new_tokens: int
-    engine_kind: str | None = None  # force "simple" / "paged" for sessionserve; None = best available
     tokens_bound: int | None = None  # upper bound on the KV tokens the whole run can ever occupy at once
     ignore_eos: bool = False  # generate past EOS: every reply is exactly max_new_tokens long
     notes: dict[str, Any] = field(default_factory=dict)

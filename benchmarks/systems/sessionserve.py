@@ -12,9 +12,8 @@ from contextlib import aclosing
 from typing import Any
 
 from benchmarks.systems.base import BenchContext, StreamEvent
-from serving.engine.types import Engine, GenerationRequest, SamplingParams
-
-PREFERRED_KINDS = ("paged", "simple")  # best first: the continuous-batching engine when it exists
+from serving.engine.paged_engine import PagedEngine
+from serving.engine.types import GenerationRequest, SamplingParams
 
 
 class EngineSystem:
@@ -22,27 +21,10 @@ class EngineSystem:
         self.name = name
         self.context = context
         self.reuse_kv = reuse_kv
-        self.engine: Engine | None = None
-        self.kind: str | None = None
-        self.kind_errors: dict[str, str] = {}
+        self.engine: PagedEngine | None = None
 
     async def start(self) -> None:
-        from serving.engine import factory  # written alongside; missing -> this system fails clearly
-
-        kinds: tuple[str, ...] = PREFERRED_KINDS
-        if self.context.engine_kind:
-            kinds = (self.context.engine_kind,)
-        elif hasattr(factory, "engine_kinds"):
-            kinds = tuple(kind for kind in PREFERRED_KINDS if kind in factory.engine_kinds()) or PREFERRED_KINDS
-        for kind in kinds:
-            try:
-                self.engine = factory.build_engine(self.context.loaded, self.context.engine_config, kind)
-            except Exception as error:  # an unknown or unfinished kind: try the next one
-                self.kind_errors[kind] = f"{type(error).__name__}: {error}"
-                continue
-            self.kind = kind
-            return
-        raise RuntimeError(f"no engine kind could be built: {self.kind_errors}")
+        self.engine = PagedEngine(self.context.loaded, self.context.engine_config)
 
     async def stream(self, session_id: str, prompt_ids: list[int], max_new_tokens: int) -> AsyncIterator[StreamEvent]:
         assert self.engine is not None, "start() first"
@@ -66,17 +48,11 @@ class EngineSystem:
 
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = {
-            "engine_kind": self.kind,
+            "engine": type(self.engine).__name__,
             "cache_key": "session id" if self.reuse_kv else None,
             "engine_config": self.context.engine_config.model_dump(),
             "ttft_measured": "submit -> first streamed chunk with tokens (Engine.generate)",
         }
-        if self.kind_errors:
-            info["engine_kinds_unavailable"] = self.kind_errors
-        stats = getattr(self.engine, "stats", None)  # optional: whatever counters the engine exposes
-        if stats is not None:
-            try:
-                info["engine_stats"] = stats() if callable(stats) else stats
-            except Exception as error:
-                info["engine_stats_error"] = repr(error)
+        if self.engine is not None:
+            info["engine_stats"] = self.engine.stats()
         return info

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 
 from serving.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer
@@ -20,27 +19,17 @@ from serving.engine.request import Request
 from serving.engine.sampler import make_generator
 from serving.engine.scheduler import Scheduler, SchedulerOutput
 from serving.engine.token_ids import eos_token_ids, validate_request
-from serving.engine.types import FinishReason, GenerationRequest, KVInfo
+from serving.engine.types import FinishReason, GenerationChunk, GenerationRequest, KVInfo
 from serving.models import LoadedModel
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    request_id: str
-    token_ids: list[int]  # new this step
-    text: str  # new this step, stop strings cut
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    cached_tokens: int
 
 
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.runner = ModelRunner(loaded, config)
-        self.kv = KVCacheManager(
+        self.kv_manager = KVCacheManager(
             self.runner.num_device_blocks, self.runner.num_host_blocks, config.block_size, self.runner
         )
-        self.scheduler = Scheduler(self.kv, config.max_batch_size, config.max_batch_tokens)
+        self.scheduler = Scheduler(self.kv_manager, config.max_batch_size, config.max_batch_tokens)
         self.tokenizer = loaded.tokenizer
         self.eos = eos_token_ids(loaded.tokenizer, loaded.model)
         self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
@@ -78,7 +67,7 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborts)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[GenerationChunk]:
         started = time.perf_counter()
         with self.lock:
             outputs = self._apply_aborts()
@@ -103,41 +92,41 @@ class LLMEngine:
 
     def release(self, cache_key: str) -> None:
         with self.lock:
-            self.kv.release(cache_key)
+            self.kv_manager.release(cache_key)
 
     def fork(self, source_key: str, target_key: str) -> None:
         with self.lock:
-            self.kv.fork(source_key, target_key)
+            self.kv_manager.fork(source_key, target_key)
 
     def cache_keys(self) -> list[str]:
         with self.lock:
-            return list(self.kv.sessions)
+            return list(self.kv_manager.sessions)
 
     def kv_info(self, cache_key: str) -> KVInfo:
         with self.lock:
-            tier, tokens = self.kv.session_info(cache_key)
+            tier, tokens = self.kv_manager.session_info(cache_key)
         return KVInfo(tier=tier, tokens=tokens)
 
     def stats(self) -> dict[str, float]:
         with self.lock:
-            tiers = [s.tier if s.request is None else "busy" for s in self.kv.sessions.values()]
+            tiers = [s.tier if s.request is None else "busy" for s in self.kv_manager.sessions.values()]
             return {
                 **self.counters,
                 **self.runner.timings,
-                **self.kv.counters,
+                **self.kv_manager.counters,
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),
-                "device_blocks_used": self.kv.device.num_used,
-                "device_blocks_total": self.kv.device.num_blocks,
-                "host_blocks_used": self.kv.host.num_used,
-                "host_blocks_total": self.kv.host.num_blocks,
-                "block_size": self.kv.block_size,
+                "device_blocks_used": self.kv_manager.device.num_used,
+                "device_blocks_total": self.kv_manager.device.num_blocks,
+                "host_blocks_used": self.kv_manager.host.num_used,
+                "host_blocks_total": self.kv_manager.host.num_blocks,
+                "block_size": self.kv_manager.block_size,
                 **{f"sessions_{tier}": tiers.count(tier) for tier in ("device", "host", "none", "busy")},
             }
 
     # ------------------------------------------------------------------------------------------ internals
 
-    def _apply_aborts(self) -> list[RequestOutput]:
+    def _apply_aborts(self) -> list[GenerationChunk]:
         outputs = []
         for request_id in sorted(self._aborts):
             request = self.requests[request_id]
@@ -147,7 +136,7 @@ class LLMEngine:
         self._aborts.clear()
         return outputs
 
-    def _update(self, out: SchedulerOutput, tokens: dict[str, int]) -> list[RequestOutput]:
+    def _update(self, out: SchedulerOutput, tokens: dict[str, int]) -> list[GenerationChunk]:
         outputs = []
         for request in self.scheduler.update(out):
             token = tokens[request.request_id]
@@ -169,8 +158,10 @@ class LLMEngine:
                 self._finish(request, finish)
         return outputs
 
-    def _output(self, request: Request, token_ids: list[int], text: str, finish: FinishReason | None):
-        return RequestOutput(
+    def _output(
+        self, request: Request, token_ids: list[int], text: str, finish: FinishReason | None
+    ) -> GenerationChunk:
+        return GenerationChunk(
             request.request_id, token_ids, text, finish, request.num_prompt_tokens, request.num_cached_tokens
         )
 

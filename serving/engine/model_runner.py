@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,6 +45,17 @@ def kv_shape(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
+@dataclass(slots=True)
+class StepInputs:
+    """What one forward pass takes, built from the scheduler's output."""
+
+    input_ids: torch.Tensor  # [1, tokens]: every request's new tokens on one flattened row
+    position_ids: torch.Tensor  # [1, tokens]: each token's position in its own sequence
+    batch: PagedBatch  # where each token's KV goes and which blocks each row attends to
+    logits_rows: torch.Tensor  # rows whose logits are sampled (the last token of a finished chunk)
+    sampled_requests: list[Request]  # the requests those rows belong to, in the same order
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.model = loaded.model
@@ -64,10 +76,10 @@ class ModelRunner:
         if self.num_device_blocks < 1:
             raise ValueError(f"kv_cache_memory {config.kv_cache_memory} B holds no block of {self.bytes_per_block} B")
         shape = (layers, 2, self.num_device_blocks, config.block_size, kv_heads, head_dim)
-        self.kv = zeros(shape, loaded.dtype, self.device)
+        self.kv_pool = zeros(shape, loaded.dtype, self.device)
         host_shape = (layers, 2, self.num_host_blocks, config.block_size, kv_heads, head_dim)
-        self.host_kv = zeros(host_shape, loaded.dtype, torch.device("cpu"), pin=self.device.type == "cuda")
-        self.cache = PagedKVCache(self.kv)
+        self.host_kv_pool = zeros(host_shape, loaded.dtype, torch.device("cpu"), pin=self.device.type == "cuda")
+        self.cache = PagedKVCache(self.kv_pool)
         self._use_paged_attention()
         self._skip_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # 4D: transformers keeps it
         self._aranges = torch.arange(0, device=self.device)
@@ -89,7 +101,7 @@ class ModelRunner:
         self.model._sessionserve_engines -= 1
         if not self.model._sessionserve_engines:
             self.model.set_attn_implementation(self.model._sessionserve_attention)
-        self.kv = self.host_kv = torch.empty(0)
+        self.kv_pool = self.host_kv_pool = torch.empty(0)
         self.cache = None
 
     # ------------------------------------------------------------------------------ BlockCopier (tier moves)
@@ -100,18 +112,27 @@ class ModelRunner:
         started = time.perf_counter()
         src_ids = torch.tensor([s for s, _ in pairs], device=src.device)
         dst_ids = torch.tensor([d for _, d in pairs], device=dst.device)
-        blocks = src.index_select(2, src_ids).to(dst.device, non_blocking=True)
+        blocks = src.index_select(2, src_ids)
+        if blocks.device != dst.device:
+            # Device -> host must block: index_copy_ below reads `blocks` on the CPU at once, and an async copy
+            # would still be in flight. Host -> device: the index_select result is a fresh pageable tensor, from
+            # which a non_blocking copy is synchronous anyway, so pin it when the host pool is pinned; the copy
+            # and the index_copy_ after it are then ordered on the same CUDA stream.
+            to_device = dst.device.type != "cpu"
+            if to_device and src.is_pinned():
+                blocks = blocks.pin_memory()
+            blocks = blocks.to(dst.device, non_blocking=to_device and blocks.is_pinned())
         dst.index_copy_(2, dst_ids, blocks)
         self.timings["copy_s"] += time.perf_counter() - started
 
     def swap_out(self, pairs: BlockPairs) -> None:
-        self._copy(self.host_kv, self.kv, pairs)
+        self._copy(self.host_kv_pool, self.kv_pool, pairs)
 
     def swap_in(self, pairs: BlockPairs) -> None:
-        self._copy(self.kv, self.host_kv, pairs)
+        self._copy(self.kv_pool, self.host_kv_pool, pairs)
 
     def copy(self, pairs: BlockPairs) -> None:
-        self._copy(self.kv, self.kv, pairs)
+        self._copy(self.kv_pool, self.kv_pool, pairs)
 
     # ------------------------------------------------------------------------------ one step
 
@@ -119,38 +140,40 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Run the step's tokens through the model; return {request_id: token} for requests that completed."""
         started = time.perf_counter()
-        input_ids, positions, batch, logits_rows, samplers = self._prepare(out)
+        step = self._prepare(out)
         prepared = time.perf_counter()
-        self.cache.batch = batch
+        assert self.cache is not None, "execute() after close()"
+        self.cache.batch = step.batch
         logits = self.model(
-            input_ids=input_ids,
-            position_ids=positions,
+            input_ids=step.input_ids,
+            position_ids=step.position_ids,
             past_key_values=self.cache,
             use_cache=True,
             attention_mask=self._skip_mask,
-            logits_to_keep=logits_rows,
-            paged_batch=batch,
+            logits_to_keep=step.logits_rows,
+            paged_batch=step.batch,
         ).logits[0]
         self.cache.batch = None
         forwarded = time.perf_counter()
         tokens: dict[str, int] = {}
-        if samplers:
-            params = [r.params for r in samplers]
-            sampled = sample(logits.float(), params, [r.generator for r in samplers]).tolist()
-            tokens = {r.request_id: token for r, token in zip(samplers, sampled, strict=True)}
+        if step.sampled_requests:
+            params = [r.params for r in step.sampled_requests]
+            generators = [r.generator for r in step.sampled_requests]
+            sampled = sample(logits.float(), params, generators).tolist()
+            tokens = {r.request_id: token for r, token in zip(step.sampled_requests, sampled, strict=True)}
         done = time.perf_counter()
         self.timings["prepare_s"] += prepared - started
         self.timings["forward_s"] += forwarded - prepared
         self.timings["sample_s"] += done - forwarded
         return tokens
 
-    def _prepare(self, out: SchedulerOutput):
-        bs = self.block_size
+    def _prepare(self, out: SchedulerOutput) -> StepInputs:
+        block_size = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
-        samplers: list[Request] = []
+        sampled_requests: list[Request] = []
         decodes: list[Request] = []
         prefills: list[PrefillChunk] = []
         # single-token rows first, shortest context first (so groups of similar length are consecutive rows)
@@ -162,46 +185,53 @@ class ModelRunner:
             row = len(ids)
             ids.extend(request.all_token_ids[start:end])
             positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
             if n == 1:
                 decodes.append(request)
             else:
                 mask = None
                 if start:  # attend to the cached prefix and causally within the chunk
                     mask = self._arange(end)[None, :] <= self._arange(end)[start:, None]
-                blocks = torch.tensor(table[: -(-end // bs)], device=self.device)
+                blocks = torch.tensor(table[: -(-end // block_size)], device=self.device)
                 prefills.append(PrefillChunk(start=row, length=n, context=end, block_ids=blocks, mask=mask))
             if end == request.num_tokens:
                 logits_rows.append(row + n - 1)
-                samplers.append(request)
+                sampled_requests.append(request)
+        assert self.cache is not None, "execute() after close()"
         batch = PagedBatch(
             slot_mapping=torch.tensor(slots, device=self.device),
             decodes=self._decode_groups(decodes),
             prefills=prefills,
             cache=self.cache,
         )
-        input_ids = torch.tensor([ids], device=self.device)
-        position_ids = torch.tensor([positions], device=self.device)
-        return input_ids, position_ids, batch, torch.tensor(logits_rows, dtype=torch.long, device=self.device), samplers
+        return StepInputs(
+            input_ids=torch.tensor([ids], device=self.device),
+            position_ids=torch.tensor([positions], device=self.device),
+            batch=batch,
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            sampled_requests=sampled_requests,
+        )
 
     def _decode_groups(self, requests: list[Request]) -> list[DecodeGroup]:
         """Split rows (sorted by context) where the context more than doubles, bounding the padding."""
-        bs = self.block_size
+        block_size = self.block_size
         groups: list[DecodeGroup] = []
         start = 0
         while start < len(requests):
             first = requests[start].num_computed_tokens + 1
             end = start + 1
-            while end < len(requests) and requests[end].num_computed_tokens + 1 <= max(2 * first, first + 4 * bs):
+            while end < len(requests) and requests[end].num_computed_tokens + 1 <= max(
+                2 * first, first + 4 * block_size
+            ):
                 end += 1
             members = requests[start:end]
             contexts = [r.num_computed_tokens + 1 for r in members]
-            width = -(-contexts[-1] // bs)
+            width = -(-contexts[-1] // block_size)
             tables = [r.block_ids[:width] + [0] * (width - len(r.block_ids[:width])) for r in members]
             mask = None
             if len(members) > 1:
                 lengths = torch.tensor(contexts, device=self.device)
-                mask = (self._arange(width * bs)[None, :] < lengths[:, None])[:, None, None, :]
+                mask = (self._arange(width * block_size)[None, :] < lengths[:, None])[:, None, None, :]
             block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
             groups.append(DecodeGroup(start, len(members), contexts[-1], block_tables, mask))
             start = end

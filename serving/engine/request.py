@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,7 +36,6 @@ class Request:
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None  # per-request RNG for seeded sampling
     detokenizer: IncrementalDetokenizer | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -59,7 +57,3 @@ class Request:
     def num_uncomputed_tokens(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
         return len(self.all_token_ids) - self.num_computed_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED

@@ -36,8 +36,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_batch_size: int, max_batch_tokens: int) -> None:
-        self.kv = kv
+    def __init__(self, kv_manager: KVCacheManager, max_batch_size: int, max_batch_tokens: int) -> None:
+        self.kv_manager = kv_manager
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.waiting: deque[Request] = deque()
@@ -56,7 +56,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.finish(request)
+        self.kv_manager.finish(request)
         request.status = RequestStatus.FINISHED
 
     def schedule(self) -> SchedulerOutput:
@@ -79,7 +79,7 @@ class Scheduler:
         while self.waiting and budget() > 0 and len(self.running) < self.max_batch_size and not out.preempted_ids:
             request = self.waiting[0]
             idle = not self.running  # nothing will free blocks: waiting requests holding some must yield them
-            while not self.kv.attach(request):
+            while not self.kv_manager.attach(request):
                 if not (idle and self._preempt_waiting_holder(request, out)):
                     break
             if not request.attached:
@@ -99,7 +99,7 @@ class Scheduler:
     def _allocate(self, request, n, scheduled, out, *, preempt_running: bool, idle: bool = True) -> bool:
         """Blocks for `n` more tokens; if short, preempt waiting requests holding blocks, then (if allowed) the
         most recently admitted running request."""
-        while not self.kv.allocate_slots(request, n):
+        while not self.kv_manager.allocate_slots(request, n):
             if idle and self._preempt_waiting_holder(request, out):
                 continue
             victim = next((r for r in reversed(self.running) if r is not request), None)
@@ -112,13 +112,13 @@ class Scheduler:
     def _preempt_waiting_holder(self, request: Request, out: SchedulerOutput) -> bool:
         holder = next((r for r in self.waiting if r is not request and r.block_ids), None)
         if holder is not None:
-            self.kv.preempt(holder)
+            self.kv_manager.preempt(holder)
             out.preempted_ids.append(holder.request_id)
         return holder is not None
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
-        self.kv.preempt(request)
+        self.kv_manager.preempt(request)
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         out.preempted_ids.append(request.request_id)

@@ -1,7 +1,7 @@
 """The engine's public contract: what callers submit and what streams back.
 
-Everything above the engine (service, server, clients) depends only on these types and on the
-`Engine` protocol, so the one-at-a-time engine and the continuous-batching engine are interchangeable.
+Everything above the engine (service, server, clients) depends only on these types and on the `Engine`
+protocol, never on the engine's internals, so tests and other engines can stand in for `PagedEngine`.
 """
 
 from __future__ import annotations
@@ -41,10 +41,15 @@ class GenerationRequest:
     cache_key: str | None = None
 
 
+class EngineFailed(RuntimeError):
+    """The engine's step loop failed or stopped: in-flight requests end with this, new ones are refused."""
+
+
 @dataclass(slots=True)
 class GenerationChunk:
-    """A piece of a streamed reply. The last chunk has `finish_reason` set."""
+    """A piece of a streamed reply, as each engine step produces it. The last chunk has `finish_reason` set."""
 
+    request_id: str
     token_ids: list[int]  # tokens new in this chunk (a stop string's tokens are not withheld)
     text: str  # text new in this chunk, with stop strings already cut out
     finish_reason: FinishReason | None = None
@@ -88,7 +93,11 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> dict[str, float]:
-        """Gauges for /metrics: running, waiting, kv_blocks_device, kv_blocks_host, cached_sessions, ..."""
+        """Numbers for /metrics and benchmarks (flat name -> number); which names is up to the engine."""
+        ...
+
+    def health(self) -> str | None:
+        """None while the engine can serve; otherwise why not (its step loop failed or stopped)."""
         ...
 
     @property

@@ -1,15 +1,18 @@
 """SessionAPI: protocol models in, protocol models out, errors as APIError.
 
-The one adapter between the wire format and SessionService. The Ray model deployment and the
-in-process LocalClient both call it, so the two clients see exactly the same behaviour.
+The one adapter between the wire format and SessionService. The Ray model deployment and the in-process
+LocalClient both call it, so the two clients see exactly the same behaviour. Store-bound service calls run in
+worker threads so the event loop that streams tokens never waits on the store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
+from serving.engine.types import SamplingParams
 from serving.server.errors import to_api_error
 from serving.server.openai_api import OpenAIChat
 from serving.server.openai_protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
@@ -26,7 +29,9 @@ from serving.server.protocol import (
     Timing,
     Usage,
 )
-from serving.service import SessionService, TextDelta, TurnParams, TurnResult
+from serving.service import SessionService, TextDelta, TurnResult, final_result
+from sessions.errors import InvalidRequest
+from sessions.messages import Message
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -45,8 +50,8 @@ def _as_api_errors(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R
     return wrapper
 
 
-def turn_params(request: QueryRequest) -> TurnParams:
-    return TurnParams(
+def sampling_params(request: QueryRequest) -> SamplingParams:
+    return SamplingParams(
         max_new_tokens=request.max_new_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
@@ -54,6 +59,12 @@ def turn_params(request: QueryRequest) -> TurnParams:
         seed=request.seed,
         stop=tuple(request.stop),
     )
+
+
+def user_turn(prompt: str) -> list[Message]:
+    if not prompt.strip():
+        raise InvalidRequest("prompt is empty: send the user's message as a non-empty string")
+    return [Message(role="user", content=prompt)]
 
 
 def query_response(result: TurnResult) -> QueryResponse:
@@ -79,39 +90,41 @@ class SessionAPI:
 
     @_as_api_errors
     async def create_session(self, request: CreateSessionRequest, owner: str | None = None) -> SessionInfo:
-        record = self.service.create_session(
+        record = await asyncio.to_thread(
+            self.service.create_session,
             request.session_id,
             system_prompt=request.system_prompt,
             messages=[m.model_dump(exclude_none=True) for m in request.messages],
             metadata=request.metadata,
             owner=owner,
         )
-        return self._info(record.session_id, owner)
+        return await asyncio.to_thread(self._info, record.session_id, owner)
 
     @_as_api_errors
     async def get_session(self, session_id: str, owner: str | None = None) -> SessionInfo:
-        return self._info(session_id, owner)
+        return await asyncio.to_thread(self._info, session_id, owner)
 
     @_as_api_errors
     async def destroy_session(self, session_id: str, owner: str | None = None) -> None:
-        self.service.destroy_session(session_id, owner)
+        await asyncio.to_thread(self.service.destroy_session, session_id, owner)
 
     @_as_api_errors
     async def fork_session(self, session_id: str, request: ForkSessionRequest, owner: str | None = None) -> SessionInfo:
-        child = self.service.fork(session_id, request.session_id, owner)
-        return self._info(child.session_id, owner)
+        child = await asyncio.to_thread(self.service.fork, session_id, request.session_id, owner)
+        return await asyncio.to_thread(self._info, child.session_id, owner)
 
     @_as_api_errors
     async def query(self, session_id: str, request: QueryRequest, owner: str | None = None) -> QueryResponse:
-        result = await self.service.query(session_id, request.prompt, turn_params(request), owner)
-        return query_response(result)
+        events = self.service.turn(session_id, user_turn(request.prompt), sampling_params(request), owner)
+        return query_response(await final_result(events))
 
     async def query_stream(
         self, session_id: str, request: QueryRequest, owner: str | None = None
     ) -> AsyncIterator[str | QueryResponse]:
-        """Text deltas (str), then the final QueryResponse. Errors before the first token raise APIError."""
+        """Text deltas (str), then the final QueryResponse. Errors raise APIError."""
         try:
-            async for event in self.service.stream(session_id, request.prompt, turn_params(request), owner):
+            events = self.service.turn(session_id, user_turn(request.prompt), sampling_params(request), owner)
+            async for event in events:
                 yield event.text if isinstance(event, TextDelta) else query_response(event)
         except Exception as error:
             raise to_api_error(error) from error
@@ -133,19 +146,31 @@ class SessionAPI:
 
     @_as_api_errors
     async def messages(self, session_id: str, window: int | None = None, owner: str | None = None) -> MessagesResponse:
-        history = self.service.history(session_id, window, owner)
+        history = await asyncio.to_thread(self.service.history, session_id, window, owner)
         return MessagesResponse(
             session_id=session_id, messages=[MessageOut(role=m.role, content=m.content) for m in history]
         )
 
     @_as_api_errors
     async def append(self, session_id: str, request: AppendRequest, owner: str | None = None) -> MessagesResponse:
-        self.service.append(session_id, [m.model_dump(exclude_none=True) for m in request.messages], owner)
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        await asyncio.to_thread(self.service.append, session_id, messages, owner)
         return await self.messages(session_id, None, owner)
 
     @_as_api_errors
     async def clear(self, session_id: str, owner: str | None = None) -> None:
-        self.service.clear(session_id, owner)
+        await asyncio.to_thread(self.service.clear, session_id, owner)
+
+    async def not_ready(self) -> str | None:
+        """Why this replica cannot serve (engine failed, store unreachable), or None."""
+        problem = self.service.engine.health()
+        if problem is not None:
+            return problem
+        try:
+            await asyncio.to_thread(self.service.manager.count)  # a round trip to the store
+        except Exception as error:
+            return f"the history store does not answer: {to_api_error(error).message}"
+        return None
 
     def _info(self, session_id: str, owner: str | None) -> SessionInfo:
         details = self.service.details(session_id, owner)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,16 @@ SESSION_AFFINITY = RequestRouterConfig(
 )
 
 
+def replicas_per_node(replicas: int) -> int:
+    """Model replicas that will share a node's CPUs: spread evenly over the alive nodes Ray knows of."""
+    import ray
+
+    if not ray.is_initialized():
+        return replicas
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0)
+    return math.ceil(replicas / max(1, nodes))
+
+
 def build_app(config: Config) -> serve.Application:
     serving = config.serving
     model = LLMServer.options(
@@ -43,7 +54,7 @@ def build_app(config: Config) -> serve.Application:
             "num_gpus": serving.gpus_per_replica,
             "resources": dict(serving.replica_resources),
         },
-    ).bind(config.model_dump(mode="json"))
+    ).bind(config.model_dump(mode="json"), replicas_per_node(serving.replicas))
     return Ingress.bind(model, config.model.name, api_keys(config))
 
 

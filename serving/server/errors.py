@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from serving.engine.types import EngineFailed
 from serving.server.protocol import APIError, ErrorDetail, ErrorResponse
 from sessions.errors import (
     ContextTooLong,
@@ -29,10 +30,20 @@ def to_api_error(error: Exception) -> APIError:
     """Map any exception to what the client sees; unknown errors are 500s with no internals leaked."""
     if isinstance(error, APIError):
         return error
+    if isinstance(error, EngineFailed):
+        return APIError(503, "engine_unavailable", str(error))
     if isinstance(error, SessionError):
         status = next((s for cls, s in STATUS_BY_ERROR.items() if isinstance(error, cls)), 400)
         return APIError(status, error.code, str(error))
     return APIError(500, "internal_error", f"the server failed to handle the request ({type(error).__name__})")
+
+
+# How long a client should wait before retrying a 503 (draining, engine or store unavailable).
+RETRY_AFTER_S = 5
+
+
+def error_headers(error: APIError) -> dict[str, str] | None:
+    return {"retry-after": str(RETRY_AFTER_S)} if error.status == 503 else None
 
 
 def error_body(error: APIError) -> dict:

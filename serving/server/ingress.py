@@ -1,22 +1,28 @@
 """Thin FastAPI routes on a CPU-only ingress deployment; each call goes to the model deployment
-with `session_id` set, so Ray routes every turn of a session to the replica holding its KV."""
+with `session_id` set, so Ray routes every turn of a session to the replica holding its KV.
 
+The ingress also owns the service's lifecycle as seen from outside: `/ready` (every model replica loaded,
+the store answering) and `drain` (called on SIGTERM: refuse new turns, let running ones finish, cancel the rest).
+"""
+
+import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.server import metrics
-from serving.server.auth import Authenticator
-from serving.server.errors import error_body
+from serving.server import auth, metrics
+from serving.server.auth import Owner
+from serving.server.errors import error_body, error_headers
+from serving.server.llm_server import Reply
 from serving.server.metrics import ReplicaReport
 from serving.server.openai_protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
 from serving.server.protocol import (
@@ -33,8 +39,10 @@ from serving.server.protocol import (
 
 REPLICA_HEADER = "x-sessionserve-replica"
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (401, 404, 409, 413, 422, 429)
+    status: {"model": ErrorResponse} for status in (401, 404, 409, 413, 422, 429, 503)
 }
+MODEL_DEPLOYMENT = "LLMServer"
+T = TypeVar("T")
 
 MAX_BODY_BYTES = 8 * 2**20
 
@@ -66,7 +74,7 @@ async def _limit_and_count(request: Request, call_next: Callable) -> Response:
 
 @app.exception_handler(APIError)
 async def _api_error(_: Request, error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error), status_code=error.status)
+    return JSONResponse(error_body(error), status_code=error.status, headers=error_headers(error))
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -109,7 +117,7 @@ def _openai_sse(event: Any) -> str:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress:
-    """No model here: authenticate, validate, route by session, translate errors.
+    """No model here: authenticate, validate, route by session, translate errors, drain.
 
     (No `from __future__ import annotations` in this module: Ray rewrites the route signatures at runtime.)
     """
@@ -117,149 +125,182 @@ class Ingress:
     def __init__(self, model: DeploymentHandle, model_name: str, api_keys: tuple[str, ...] = ()) -> None:
         self.model = model
         self.model_name = model_name
-        self.auth = Authenticator(api_keys)
+        auth.configure(api_keys)
+        self.draining = False
+        self._in_flight: set[DeploymentResponse | DeploymentResponseGenerator] = set()
 
-    def _handle(self, session_id: str | None, stream: bool = False) -> DeploymentHandle:
+    def _model(self, session_id: str | None, stream: bool = False) -> DeploymentHandle:
         """Route by session (consistent hashing); session-less calls spread over replicas."""
-        return (
-            self.model.options(stream=stream, session_id=session_id)
-            if session_id
-            else self.model.options(stream=stream)
-        )
+        if session_id:
+            return self.model.options(stream=stream, session_id=session_id)
+        return self.model.options(stream=stream)
 
-    async def _call(self, session_id: str | None, method: str, *args: Any, response: Response | None = None) -> Any:
-        reply = await self._handle(session_id).call.remote(method, *args)
+    def _admit(self) -> None:
+        if self.draining:
+            raise APIError(503, "draining", "the server is shutting down: retry against another instance or later")
+
+    async def _unary(self, call: "Awaitable[Reply[T]]", response: Response | None = None) -> T:
+        """Await a model call (tracked, so a drain can wait for it or cancel it); its error becomes ours."""
+        self._in_flight.add(call)
+        try:
+            reply = await call
+        finally:
+            self._in_flight.discard(call)
         metrics.METRICS.observe_report(reply.report)
         if reply.error is not None:
             raise reply.error
         if response is not None:
             response.headers[REPLICA_HEADER] = reply.replica
-        return reply.value
+        return reply.value  # type: ignore[return-value]  # None only for operations typed Reply[None]
+
+    async def _stream(self, events: DeploymentResponseGenerator, sse: Callable[[Any], str]) -> Response:
+        """Start a stream on the model; an error before the first event is a plain HTTP error, later ones SSE."""
+        self._in_flight.add(events)
+        try:
+            replica = await events.__anext__()
+            first = await events.__anext__()
+        except BaseException:
+            self._in_flight.discard(events)
+            raise
+        if isinstance(first, APIError):
+            self._in_flight.discard(events)
+            raise first
+
+        async def body_stream() -> AsyncIterator[str]:
+            try:
+                yield sse(first)
+                async for event in events:
+                    if isinstance(event, ReplicaReport):
+                        metrics.METRICS.observe_report(event)
+                    else:
+                        yield sse(event)
+            finally:
+                self._in_flight.discard(events)
+
+        headers = {REPLICA_HEADER: replica, "cache-control": "no-cache"}
+        return StreamingResponse(body_stream(), media_type="text/event-stream", headers=headers)
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    async def drain(self, grace_s: float) -> dict[str, int]:
+        """Refuse new turns (503 + Retry-After), wait up to `grace_s` for running calls, cancel the rest.
+
+        A cancelled turn is never committed: the model replica commits a turn only when generation finishes.
+        """
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self._in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        cancelled = list(self._in_flight)
+        for call in cancelled:
+            call.cancel()
+        return {"cancelled": len(cancelled)}
 
     @app.get("/health")
     async def health(self) -> dict:
+        """Liveness: this process answers. Readiness is /ready."""
         return {"status": "ok"}
+
+    @app.get("/ready", responses={503: {"model": ErrorResponse}})
+    async def ready(self) -> dict:
+        """200 only when every model replica has loaded its model and can reach the store; 503 says why not."""
+        if self.draining:
+            raise APIError(503, "draining", "the server is shutting down")
+        problem = await asyncio.to_thread(_model_deployment_problem)
+        if problem is None:
+            problem = await self.model.ready.remote()
+        if problem is not None:
+            raise APIError(503, "not_ready", problem)
+        return {"status": "ready"}
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
         """Prometheus text format: requests/errors by route, TTFT/TPOT, tokens, per-replica engine gauges."""
         return Response(metrics.METRICS.render(), media_type=CONTENT_TYPE_LATEST)
 
+    # ---- sessions ------------------------------------------------------------------------------------
     @app.post("/v1/sessions", status_code=201, response_model=SessionInfo, responses=ERRORS)
-    async def create_session(
-        self, body: CreateSessionRequest, response: Response, authorization: Annotated[str | None, Header()] = None
-    ) -> SessionInfo:
-        owner = self.auth.owner(authorization)
+    async def create_session(self, body: CreateSessionRequest, response: Response, owner: Owner) -> SessionInfo:
+        self._admit()
         if body.session_id is None:  # pick the id here so creation already routes like the session's turns
             body = body.model_copy(update={"session_id": uuid.uuid4().hex})
-        return await self._call(body.session_id, "create_session", body, owner, response=response)
+        return await self._unary(self._model(body.session_id).create_session.remote(body, owner), response)
 
     @app.get("/v1/sessions/{session_id}", response_model=SessionInfo, responses=ERRORS)
-    async def get_session(
-        self, session_id: str, response: Response, authorization: Annotated[str | None, Header()] = None
-    ) -> SessionInfo:
-        owner = self.auth.owner(authorization)
-        return await self._call(session_id, "get_session", session_id, owner, response=response)
+    async def get_session(self, session_id: str, response: Response, owner: Owner) -> SessionInfo:
+        return await self._unary(self._model(session_id).get_session.remote(session_id, owner), response)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=ERRORS)
-    async def destroy_session(self, session_id: str, authorization: Annotated[str | None, Header()] = None) -> Response:
-        owner = self.auth.owner(authorization)
+    async def destroy_session(self, session_id: str, owner: Owner) -> Response:
         done = Response(status_code=204)
-        await self._call(session_id, "destroy_session", session_id, owner, response=done)
+        await self._unary(self._model(session_id).destroy_session.remote(session_id, owner), done)
         return done
 
     @app.post("/v1/sessions/{session_id}/fork", status_code=201, response_model=SessionInfo, responses=ERRORS)
     async def fork_session(
-        self,
-        session_id: str,
-        body: ForkSessionRequest,
-        response: Response,
-        authorization: Annotated[str | None, Header()] = None,
+        self, session_id: str, body: ForkSessionRequest, response: Response, owner: Owner
     ) -> SessionInfo:
-        owner = self.auth.owner(authorization)
-        return await self._call(session_id, "fork_session", session_id, body, owner, response=response)
+        self._admit()
+        return await self._unary(self._model(session_id).fork_session.remote(session_id, body, owner), response)
 
     @app.post("/v1/sessions/{session_id}/query", response_model=QueryResponse, responses=ERRORS)
-    async def query(
-        self,
-        session_id: str,
-        body: QueryRequest,
-        response: Response,
-        authorization: Annotated[str | None, Header()] = None,
-    ) -> Any:
-        owner = self.auth.owner(authorization)
+    async def query(self, session_id: str, body: QueryRequest, response: Response, owner: Owner) -> Any:
+        self._admit()
         if body.stream:
-            return await self._stream(session_id, "query_stream", session_id, body, owner, sse=_session_sse)
-        return await self._call(session_id, "query", session_id, body, owner, response=response)
-
-    async def _stream(self, session_id: str | None, method: str, *args: Any, sse: Callable[[Any], str]) -> Response:
-        """Start a stream on the model; an error before the first event is a plain HTTP error, later ones SSE."""
-        handle = (
-            self.model.options(stream=True, session_id=session_id) if session_id else self.model.options(stream=True)
-        )
-        events = handle.stream.remote(method, *args)
-        replica = await events.__anext__()
-        first = await events.__anext__()
-        if isinstance(first, APIError):
-            raise first
-
-        async def body_stream() -> AsyncIterator[str]:
-            yield sse(first)
-            async for event in events:
-                if isinstance(event, ReplicaReport):
-                    metrics.METRICS.observe_report(event)
-                else:
-                    yield sse(event)
-
-        headers = {REPLICA_HEADER: replica, "cache-control": "no-cache"}
-        return StreamingResponse(body_stream(), media_type="text/event-stream", headers=headers)
-
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
-    async def chat_completions(
-        self,
-        body: ChatCompletionRequest,
-        response: Response,
-        authorization: Annotated[str | None, Header()] = None,
-        x_session_id: Annotated[str | None, Header()] = None,
-    ) -> Any:
-        """OpenAI-compatible. With `x-session-id`, the messages are that session's new turn(s)."""
-        owner = self.auth.owner(authorization)
-        if body.stream:
-            return await self._stream(
-                x_session_id, "chat_completion_stream", body, x_session_id, owner, sse=_openai_sse
-            )
-        return await self._call(x_session_id, "chat_completion", body, x_session_id, owner, response=response)
-
-    @app.get("/v1/models", response_model=ModelList)
-    async def models(self, authorization: Annotated[str | None, Header()] = None) -> ModelList:
-        self.auth.owner(authorization)
-        return ModelList(data=[ModelCard(id=self.model_name)])
+            events = self._model(session_id, stream=True).query_stream.remote(session_id, body, owner)
+            return await self._stream(events, _session_sse)
+        return await self._unary(self._model(session_id).query.remote(session_id, body, owner), response)
 
     @app.get("/v1/sessions/{session_id}/messages", response_model=MessagesResponse, responses=ERRORS)
     async def messages(
         self,
         session_id: str,
         response: Response,
+        owner: Owner,
         window: Annotated[int | None, Query(ge=1, description="last N messages")] = None,
-        authorization: Annotated[str | None, Header()] = None,
     ) -> MessagesResponse:
-        owner = self.auth.owner(authorization)
-        return await self._call(session_id, "messages", session_id, window, owner, response=response)
+        return await self._unary(self._model(session_id).messages.remote(session_id, window, owner), response)
 
     @app.post("/v1/sessions/{session_id}/messages", response_model=MessagesResponse, responses=ERRORS)
-    async def append(
-        self,
-        session_id: str,
-        body: AppendRequest,
-        response: Response,
-        authorization: Annotated[str | None, Header()] = None,
-    ) -> MessagesResponse:
-        owner = self.auth.owner(authorization)
-        return await self._call(session_id, "append", session_id, body, owner, response=response)
+    async def append(self, session_id: str, body: AppendRequest, response: Response, owner: Owner) -> MessagesResponse:
+        return await self._unary(self._model(session_id).append.remote(session_id, body, owner), response)
 
     @app.delete("/v1/sessions/{session_id}/messages", status_code=204, responses=ERRORS)
-    async def clear(self, session_id: str, authorization: Annotated[str | None, Header()] = None) -> Response:
-        owner = self.auth.owner(authorization)
+    async def clear(self, session_id: str, owner: Owner) -> Response:
         done = Response(status_code=204)
-        await self._call(session_id, "clear", session_id, owner, response=done)
+        await self._unary(self._model(session_id).clear.remote(session_id, owner), done)
         return done
+
+    # ---- OpenAI --------------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    async def chat_completions(
+        self,
+        body: ChatCompletionRequest,
+        response: Response,
+        owner: Owner,
+        x_session_id: Annotated[str | None, Header()] = None,
+    ) -> Any:
+        """OpenAI-compatible. With `x-session-id`, the messages are that session's new turn(s)."""
+        self._admit()
+        if body.stream:
+            events = self._model(x_session_id, stream=True).chat_completion_stream.remote(body, x_session_id, owner)
+            return await self._stream(events, _openai_sse)
+        call = self._model(x_session_id).chat_completion.remote(body, x_session_id, owner)
+        return await self._unary(call, response)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(self, owner: Owner) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name)])
+
+
+def _model_deployment_problem() -> str | None:
+    """Why the model deployment is not fully up (replicas still loading, unhealthy), or None."""
+    context = serve.get_replica_context()
+    application = serve.status().applications.get(context.app_name)
+    deployment = application.deployments.get(MODEL_DEPLOYMENT) if application else None
+    if deployment is None:
+        return "the model deployment is not running"
+    if deployment.status != "HEALTHY":
+        states = ", ".join(f"{count} {state}" for state, count in deployment.replica_states.items()) or "none"
+        return f"model replicas are not all ready ({deployment.status}; replicas: {states})"
+    return None

@@ -1,51 +1,49 @@
 """The Ray Serve model deployment: one replica = one model + engine + SessionService.
 
-Calls arrive from the ingress through `call` (unary) and `stream` (server-sent tokens). Errors travel
-back as values (`Reply`) rather than exceptions, so the ingress never has to unwrap Ray's error types;
-every reply also carries this replica's metrics report for the ingress' /metrics.
+The ingress calls typed methods (`handle.options(session_id=...).query.remote(...)`). Errors travel back as
+values (`Reply.error`) rather than exceptions, so the ingress never has to unwrap Ray's error types; every
+reply also carries this replica's metrics report for the ingress' /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, TypeVar
 
 from ray import serve
 
 from serving.config import Config
 from serving.server.api import SessionAPI
 from serving.server.metrics import ReplicaReport, TurnSample
-from serving.server.protocol import APIError
+from serving.server.openai_protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
+from serving.server.protocol import (
+    APIError,
+    AppendRequest,
+    CreateSessionRequest,
+    ForkSessionRequest,
+    MessagesResponse,
+    QueryRequest,
+    QueryResponse,
+    SessionInfo,
+)
 from serving.service import TurnResult
 
 log = logging.getLogger(__name__)
 
-_UNARY_METHODS = frozenset(
-    {
-        "create_session",
-        "get_session",
-        "destroy_session",
-        "fork_session",
-        "query",
-        "messages",
-        "append",
-        "clear",
-        "chat_completion",
-    }
-)
-_STREAM_METHODS = frozenset({"query_stream", "chat_completion_stream"})
+T = TypeVar("T")
+# What a stream yields: the replica's name first, then the events, then a ReplicaReport (an APIError ends it).
+StreamEvent = str | QueryResponse | ChatCompletionChunk | APIError | ReplicaReport
 
 
 @dataclass(frozen=True, slots=True)
-class Reply:
-    """A unary call's outcome: a protocol model (or None), or an error with its HTTP status."""
+class Reply(Generic[T]):
+    """A unary call's outcome: the value, or an error with its HTTP status; plus who answered and its report."""
 
-    value: Any = None
+    value: T | None = None
     error: APIError | None = None
     replica: str = ""
     report: ReplicaReport | None = None
@@ -58,62 +56,104 @@ def _replica_name() -> str:
         return f"pid-{os.getpid()}"
 
 
-def _with_replica_threads(config: Config) -> Config:
-    """Ray pins OMP_NUM_THREADS to the replica's num_cpus; unless configured, give torch that many threads."""
-    if config.model.torch_threads:
-        return config
-    threads = max(1, int(config.serving.cpus_per_replica))
-    return config.model_copy(update={"model": config.model.model_copy(update={"torch_threads": threads})})
+def _log_to_stderr() -> None:
+    """Our INFO lines (thread count, expiry sweeps) in the replica's log; Ray configures only its own loggers."""
+    for name in ("serving", "sessions"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
 
 
-@serve.deployment(name="SessionModel", max_ongoing_requests=256, health_check_period_s=10)
+@serve.deployment(name="LLMServer", max_ongoing_requests=256, health_check_period_s=10)
 class LLMServer:
     """Hosts the engine; session-affine routing sends all of a session's turns here while it lives."""
 
-    def __init__(self, config: dict) -> None:
-        from serving.service import SessionService  # heavy imports happen in the replica
+    def __init__(self, config: dict, replicas_on_node: int = 1) -> None:
+        from serving.bootstrap import build_service  # heavy imports happen in the replica
 
-        parsed = _with_replica_threads(Config.model_validate(config))
-        service = SessionService.from_config(parsed)
+        _log_to_stderr()
+        parsed = Config.model_validate(config)
+        service = build_service(parsed, replicas_on_node)
         service.on_turn = self._record_turn
         self.api = SessionAPI(service, parsed.model.name)
         self.replica = _replica_name()
         self._turns: list[TurnSample] = []
         self._idle_ttl_s = parsed.sessions.idle_ttl_s
-        self._janitor: asyncio.Task | None = None
+        self._janitor: asyncio.Task[None] | None = None
 
-    async def call(self, method: str, *args: Any) -> Reply:
+    # ---- session operations --------------------------------------------------------------------------
+    async def create_session(self, request: CreateSessionRequest, owner: str | None) -> Reply[SessionInfo]:
+        return await self._reply(self.api.create_session(request, owner))
+
+    async def get_session(self, session_id: str, owner: str | None) -> Reply[SessionInfo]:
+        return await self._reply(self.api.get_session(session_id, owner))
+
+    async def destroy_session(self, session_id: str, owner: str | None) -> Reply[None]:
+        return await self._reply(self.api.destroy_session(session_id, owner))
+
+    async def fork_session(self, session_id: str, request: ForkSessionRequest, owner: str | None) -> Reply[SessionInfo]:
+        return await self._reply(self.api.fork_session(session_id, request, owner))
+
+    async def messages(self, session_id: str, window: int | None, owner: str | None) -> Reply[MessagesResponse]:
+        return await self._reply(self.api.messages(session_id, window, owner))
+
+    async def append(self, session_id: str, request: AppendRequest, owner: str | None) -> Reply[MessagesResponse]:
+        return await self._reply(self.api.append(session_id, request, owner))
+
+    async def clear(self, session_id: str, owner: str | None) -> Reply[None]:
+        return await self._reply(self.api.clear(session_id, owner))
+
+    # ---- turns ---------------------------------------------------------------------------------------
+    async def query(self, session_id: str, request: QueryRequest, owner: str | None) -> Reply[QueryResponse]:
+        return await self._reply(self.api.query(session_id, request, owner))
+
+    def query_stream(self, session_id: str, request: QueryRequest, owner: str | None) -> AsyncIterator[StreamEvent]:
+        return self._stream(self.api.query_stream(session_id, request, owner))
+
+    async def chat_completion(
+        self, request: ChatCompletionRequest, session_id: str | None, owner: str | None
+    ) -> Reply[ChatCompletionResponse]:
+        return await self._reply(self.api.chat_completion(request, session_id, owner))
+
+    def chat_completion_stream(
+        self, request: ChatCompletionRequest, session_id: str | None, owner: str | None
+    ) -> AsyncIterator[StreamEvent]:
+        return self._stream(self.api.chat_completion_stream(request, session_id, owner))
+
+    # ---- health --------------------------------------------------------------------------------------
+    async def ready(self) -> str | None:
+        """None when this replica can serve turns; otherwise why not (for the ingress' /ready)."""
+        return await self.api.not_ready()
+
+    async def check_health(self) -> None:
+        """Ray calls this periodically; a replica whose engine failed is reported unhealthy and replaced."""
+        problem = self.api.service.engine.health()
+        if problem is not None:
+            raise RuntimeError(problem)
+
+    # ---- plumbing ------------------------------------------------------------------------------------
+    async def _reply(self, call: Awaitable[T]) -> Reply[T]:
         self._start_janitor()
-        if method not in _UNARY_METHODS:
-            return Reply(error=APIError(404, "unknown_method", f"no such operation: {method}"))
         try:
-            value = await getattr(self.api, method)(*args)
+            value = await call
             return Reply(value=value, replica=self.replica, report=self._report())
         except APIError as error:
             return Reply(error=error, replica=self.replica, report=self._report())
 
-    async def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
-        """Yields the replica name, the stream's events, then a ReplicaReport; an APIError ends it early."""
+    async def _stream(self, events: AsyncIterator[T]) -> AsyncIterator[T | str | APIError | ReplicaReport]:
         self._start_janitor()
         yield self.replica
-        if method not in _STREAM_METHODS:
-            yield APIError(404, "unknown_method", f"no such stream: {method}")
-            return
         try:
-            async for event in getattr(self.api, method)(*args):
+            async for event in events:
                 yield event
         except APIError as error:
             yield error
             return
         yield self._report()
 
-    async def check_health(self) -> None:
-        """Ray calls this periodically; a replica whose engine loop died is replaced."""
-        healthy = getattr(self.api.service.engine, "healthy", None)
-        if healthy is not None and not healthy():
-            raise RuntimeError("engine loop is not running")
-
-    # ---- metrics -----------------------------------------------------------------------------------
     def _record_turn(self, result: TurnResult) -> None:
         decode_tokens = result.completion_tokens - 1
         tpot = (result.total_ms - result.ttft_ms) / decode_tokens if decode_tokens > 0 else None
@@ -127,7 +167,7 @@ class LLMServer:
         gauges["live_sessions"] = self.api.service.manager.count()
         return ReplicaReport(self.replica, gauges, turns)
 
-    # ---- idle expiry -------------------------------------------------------------------------------
+    # ---- idle expiry ---------------------------------------------------------------------------------
     def _start_janitor(self) -> None:
         """Lazily, because the replica's event loop is only known once a request runs."""
         if self._janitor is None:
@@ -137,7 +177,7 @@ class LLMServer:
         period = min(60.0, max(1.0, self._idle_ttl_s / 4))
         while True:
             await asyncio.sleep(period)
-            with contextlib.suppress(Exception):
-                expired = self.api.service.manager.expire_idle()
-                if expired:
-                    log.info("expired %d idle sessions", len(expired))
+            try:
+                await asyncio.to_thread(self.api.service.manager.expire_idle)
+            except Exception:  # the next sweep retries; a failing store must be visible, not silent
+                log.exception("idle-expiry sweep failed")

@@ -6,10 +6,12 @@ they are the new turn(s) of that session (created on first use), and the reply i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 
+from serving.engine.types import SamplingParams
 from serving.server.openai_protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -22,13 +24,13 @@ from serving.server.openai_protocol import (
     PromptTokensDetails,
     completion_id,
 )
-from serving.service import SessionService, TextDelta, TurnParams, TurnResult
+from serving.service import SessionService, TextDelta, TurnResult, final_result
 from sessions.errors import InvalidRequest, SessionExists, SessionNotFound
 from sessions.messages import Message, parse_messages
 
 
-def _params(request: ChatCompletionRequest) -> TurnParams:
-    return TurnParams(
+def _params(request: ChatCompletionRequest) -> SamplingParams:
+    return SamplingParams(
         max_new_tokens=request.new_tokens(),
         temperature=request.temperature,
         top_p=request.top_p,
@@ -62,11 +64,7 @@ class OpenAIChat:
     async def complete(
         self, request: ChatCompletionRequest, session_id: str | None, owner: str | None
     ) -> ChatCompletionResponse:
-        result: TurnResult | None = None
-        async for event in self._events(request, session_id, owner):
-            if isinstance(event, TurnResult):
-                result = event
-        assert result is not None
+        result = await final_result(await self._events(request, session_id, owner))
         return ChatCompletionResponse(
             model=self.model_name,
             choices=[Choice(message=ChoiceMessage(content=result.response), finish_reason=_finish(result))],
@@ -83,22 +81,22 @@ class OpenAIChat:
             return ChatCompletionChunk(id=ident, created=created, model=self.model_name, choices=[choice], usage=usage)
 
         first = True
-        async for event in self._events(request, session_id, owner):
+        async for event in await self._events(request, session_id, owner):
             if isinstance(event, TextDelta):
                 yield chunk(Delta(role="assistant" if first else None, content=event.text))
                 first = False
             else:
                 yield chunk(Delta(), _finish(event), _usage(event))
 
-    def _events(
+    async def _events(
         self, request: ChatCompletionRequest, session_id: str | None, owner: str | None
     ) -> AsyncIterator[TextDelta | TurnResult]:
         messages = parse_messages([m.model_dump(exclude_none=True) for m in request.messages])
         system_prompt, turn = _split_system(messages)
         if session_id is None:
-            return self.service.stream_stateless(system_prompt, turn, _params(request))
-        self._ensure_session(session_id, system_prompt, owner)
-        return self.service.stream_turn(session_id, turn, _params(request), owner)
+            return self.service.stateless(system_prompt, turn, _params(request))
+        await asyncio.to_thread(self._ensure_session, session_id, system_prompt, owner)
+        return self.service.turn(session_id, turn, _params(request), owner)
 
     def _ensure_session(self, session_id: str, system_prompt: str | None, owner: str | None) -> None:
         """Create on first use; afterwards a system message must match the session's (or be left out)."""

@@ -22,4 +22,4 @@ def test_every_timed_sequence_runs_to_its_full_length(tiny_model):
     engine = LLMEngine(tiny_model, EngineConfig(kv_cache_memory="16MiB", host_cache_memory=0))
     assert decode_tok_s(engine, context=24, batch=3, decode_tokens=5) > 0
     assert engine.counters["generated_tokens"] == 3 * 6  # ignore_eos: the first token + 5 timed, each
-    assert not engine.requests and engine.kv.device.num_used == 0
+    assert not engine.requests and engine.kv_manager.device.num_used == 0

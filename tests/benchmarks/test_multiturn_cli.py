@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -14,19 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_FIELDS = ("ttft_ms", "ttft_ms_by_turn", "tpot_ms", "throughput_tok_s", "wall_s")
 
 
-def _importable(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except Exception:
-        return False
-    return True
-
-
 def test_cli_writes_json_and_png(tmp_path, smollm2_dir):
     pytest.importorskip("matplotlib")
-    systems = ["hf-generate", "hf-cb"]
-    if _importable("serving.engine.factory"):
-        systems = ["sessionserve", "sessionserve-nokv", *systems]
+    systems = ["sessionserve", "sessionserve-nokv", "hf-generate", "hf-cb"]
     out = tmp_path / "results.json"
     command = [
         sys.executable, "-m", "benchmarks.multiturn", "--systems", ",".join(systems),
@@ -50,10 +39,9 @@ def test_cli_writes_json_and_png(tmp_path, smollm2_dir):
         assert result["tpot_ms"]["p50"] > 0 and result["throughput_tok_s"] > 0 and result["wall_s"] > 0
         assert result["requests"] == 4 and result["completion_tokens"] == 4 * 4  # --ignore-eos: all replies full
         assert result["replies_match"]["reference"] == "hf-generate"
-    if "sessionserve" in systems:
-        assert document["systems"]["sessionserve"]["info"]["engine_kind"] in ("simple", "paged")
-        assert document["systems"]["sessionserve"]["cached_tokens_by_turn"][1] > 0  # turn 1 reuses the session's KV
-        assert document["systems"]["sessionserve-nokv"]["cached_tokens"] == 0
+    assert document["systems"]["sessionserve"]["info"]["engine"] == "PagedEngine"
+    assert document["systems"]["sessionserve"]["cached_tokens_by_turn"][1] > 0  # turn 1 reuses the session's KV
+    assert document["systems"]["sessionserve-nokv"]["cached_tokens"] == 0
     assert document["systems"]["hf-cb"]["info"]["use_prefix_sharing"] is True
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from serving.config import EngineConfig
-from serving.engine.async_engine import PagedEngine
-from serving.engine.factory import build_engine
-from serving.engine.types import GenerationChunk, GenerationRequest, KVInfo, SamplingParams
+from serving.engine.paged_engine import PagedEngine
+from serving.engine.types import EngineFailed, GenerationChunk, GenerationRequest, KVInfo, SamplingParams
 from serving.models import LoadedModel
 
 QUESTIONS = [
@@ -54,12 +53,12 @@ def tokens(chunks: list[GenerationChunk]) -> list[int]:
 def tiny_config(device_blocks: int = 256, host_blocks: int = 256, **overrides) -> EngineConfig:
     block = 2 * 2 * 4 * 2 * 16 * 4  # layers * (K, V) * block_size * kv_heads * head_dim * fp32 bytes
     values = {"block_size": 4, "kv_cache_memory": device_blocks * block, "host_cache_memory": host_blocks * block}
-    return EngineConfig(kind="paged", **(values | overrides))
+    return EngineConfig(**(values | overrides))
 
 
 @pytest.fixture
 async def smol(smollm2):
-    engine = build_engine(smollm2, EngineConfig(kind="paged", kv_cache_memory="128MiB", host_cache_memory="64MiB"))
+    engine = PagedEngine(smollm2, EngineConfig(kv_cache_memory="128MiB", host_cache_memory="64MiB"))
     yield engine
     await engine.shutdown()
     assert smollm2.model.config._attn_implementation == "sdpa"  # given back
@@ -85,10 +84,9 @@ async def test_eight_sessions_batched_equal_alone_and_generate(smol, smollm2, to
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("kind", ["paged", "simple"])
-async def test_ignore_eos_generates_past_eos_like_generate_without_eos(kind, smollm2, tokenizer):
+async def test_ignore_eos_generates_past_eos_like_generate_without_eos(smollm2, tokenizer):
     ids = chat_ids(tokenizer, "What is the capital of France?")
-    engine = build_engine(smollm2, EngineConfig(kind=kind, kv_cache_memory="64MiB", host_cache_memory="0"))
+    engine = PagedEngine(smollm2, EngineConfig(kv_cache_memory="64MiB", host_cache_memory="0"))
     try:
         stopped = await run(engine, "eos", ids, max_new_tokens=24)
         forced = await run(engine, "no-eos", ids, max_new_tokens=24, ignore_eos=True)
@@ -241,7 +239,7 @@ async def test_a_thousand_sessions_leave_the_pools_as_they_found_them(tiny_engin
         engine.release(f"s{i}")
     after = engine.stats()
     assert after["device_blocks_used"] == before["device_blocks_used"] == 0
-    assert after["host_blocks_used"] == 0 and engine.core.kv.sessions == {}
+    assert after["host_blocks_used"] == 0 and engine.core.kv_manager.sessions == {}
     assert after["generated_tokens"] == 1500 and after["cached_tokens"] == 0
     assert after["offloaded_sessions"] > 0 and after["dropped_sessions"] > 0
 
@@ -320,3 +318,22 @@ def test_unsupported_attention_is_refused(tokenizer):
     config = _small(Gemma2Config, tokenizer, head_dim=16, attn_logit_softcapping=50.0)
     with pytest.raises(ValueError, match="attn_logit_softcapping"):
         PagedEngine(_loaded(Gemma2ForCausalLM(config), tokenizer), tiny_config())
+
+
+async def test_a_failing_step_fails_requests_and_reports_the_engine_unhealthy(tiny_engines):
+    engine = tiny_engines(tiny_config())
+    assert engine.health() is None
+    before = await run(engine, "ok", PROMPT_A, max_new_tokens=2)
+    assert before[-1].finish_reason == "length"
+
+    def broken_forward(out):
+        raise RuntimeError("injected forward failure")
+
+    engine.core.runner.execute = broken_forward
+    results = await asyncio.gather(
+        *(run(engine, f"f{i}", PROMPT_B, key=f"s{i}", max_new_tokens=4) for i in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, EngineFailed) and "injected forward failure" in str(r) for r in results), results
+    assert "injected forward failure" in engine.health()
+    with pytest.raises(EngineFailed, match="injected forward failure"):
+        engine.generate(GenerationRequest("later", PROMPT_A, SamplingParams(max_new_tokens=1)))

@@ -57,7 +57,7 @@ def test_batch_size_limits_admission():
     assert [r.request_id for r in scheduler.waiting] == ["c"]
     assert step(scheduler, max_new_tokens=2) == [("a", 1), ("b", 1)]  # both finish
     assert step(scheduler, max_new_tokens=2) == [("c", 2)]
-    assert scheduler.kv.device.num_used == 1
+    assert scheduler.kv_manager.device.num_used == 1
 
 
 def test_out_of_blocks_preempts_the_latest_request_which_recomputes_later():
@@ -92,7 +92,7 @@ def test_removing_a_waiting_request_frees_nothing_it_did_not_have():
     a = add(scheduler, "a", 5)
     scheduler.remove(a)
     assert not scheduler.has_work() and a.status is RequestStatus.FINISHED
-    assert scheduler.kv.device.num_used == 0
+    assert scheduler.kv_manager.device.num_used == 0
 
 
 def test_a_waiting_turn_holding_its_session_blocks_yields_them_rather_than_deadlock():

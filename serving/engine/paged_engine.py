@@ -3,6 +3,10 @@
 A background thread runs `LLMEngine.step()` while there is work and sleeps otherwise. Each request has an
 asyncio.Queue on its caller's event loop, fed with `loop.call_soon_threadsafe`; closing the stream early (or
 `cancel`) aborts the request, which leaves the batch at the next step.
+
+A step that raises leaves the KV pool in an unknown state, so the engine does not go on: every in-flight request
+ends with `EngineFailed` naming the cause, new requests are refused, and `health()` reports it, which makes the
+Ray replica unhealthy so Serve replaces it.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from serving.config import EngineConfig
-from serving.engine.llm_engine import LLMEngine, RequestOutput
-from serving.engine.types import GenerationChunk, GenerationRequest, KVInfo
+from serving.engine.llm_engine import LLMEngine
+from serving.engine.types import EngineFailed, GenerationChunk, GenerationRequest, KVInfo
 from serving.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -24,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[GenerationChunk | BaseException] = field(default_factory=asyncio.Queue)
 
 
 class PagedEngine:
@@ -35,6 +39,7 @@ class PagedEngine:
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._closed = False
+        self._failure: str | None = None  # why the step loop stopped serving, once it has
         self._thread = threading.Thread(target=self._run, name="sessionserve-paged-engine", daemon=True)
         self._thread.start()
 
@@ -47,16 +52,19 @@ class PagedEngine:
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Validate and enqueue now (a bad request raises ValueError here), then stream chunks."""
         if self._closed:
-            raise RuntimeError("engine is shut down")
+            raise EngineFailed("engine is shut down")
         stream = _Stream(loop=asyncio.get_running_loop())
-        if request.request_id in self._streams:
-            raise ValueError(f"request id {request.request_id!r} is already running")
-        self._streams[request.request_id] = stream  # before the worker can produce its first output
-        try:
-            self.core.add_request(request)
-        except BaseException:
-            del self._streams[request.request_id]
-            raise
+        with self.core.lock:  # ordered with _fail(): a request is either refused here or failed there
+            if (problem := self.health()) is not None:
+                raise EngineFailed(problem)
+            if request.request_id in self._streams:
+                raise ValueError(f"request id {request.request_id!r} is already running")
+            self._streams[request.request_id] = stream  # before the worker can produce its first output
+            try:
+                self.core.add_request(request)
+            except BaseException:
+                del self._streams[request.request_id]
+                raise
         self._wake.set()
         return self._stream(request.request_id, stream)
 
@@ -98,6 +106,13 @@ class PagedEngine:
         """Counters for benchmarks: steps, forward_s, step_s, running, waiting, blocks per tier, cached tokens."""
         return self.core.stats()
 
+    def health(self) -> str | None:
+        if self._failure is not None:
+            return self._failure
+        if not self._thread.is_alive() and not self._closed:
+            return "the engine's step loop is not running"
+        return None
+
     async def shutdown(self) -> None:
         if self._closed:
             return
@@ -111,34 +126,31 @@ class PagedEngine:
     # ----------------------------------------------------------------------------------------- worker
 
     def _run(self) -> None:
-        while True:
+        while not self._closed:
             self._wake.wait()
             self._wake.clear()
-            while self.core.has_work():
+            while self.core.has_work() and self._failure is None:
                 try:
                     outputs = self.core.step()
                 except Exception as error:
-                    log.exception("engine step failed; ending all requests")
-                    for request_id in self.core.fail_all():
-                        self._send(request_id, error)
-                    continue
+                    self._fail(error)
+                    return
                 for output in outputs:
                     self._send(output.request_id, output)
-            if self._closed:
-                return
 
-    def _send(self, request_id: str, item: RequestOutput | BaseException) -> None:
+    def _fail(self, error: Exception) -> None:
+        """Stop serving: end every in-flight request with the cause; later requests are refused."""
+        log.exception("engine step failed; failing all requests and reporting the engine unhealthy")
+        with self.core.lock:
+            self._failure = f"the engine's step failed ({type(error).__name__}: {error}); it must be restarted"
+            failure = EngineFailed(self._failure)
+            for request_id in self.core.fail_all():
+                self._send(request_id, failure)
+
+    def _send(self, request_id: str, item: GenerationChunk | BaseException) -> None:
         stream = self._streams.get(request_id)
         if stream is None:
             return
-        if isinstance(item, RequestOutput):
-            item = GenerationChunk(
-                token_ids=item.token_ids,
-                text=item.text,
-                finish_reason=item.finish_reason,
-                prompt_tokens=item.prompt_tokens,
-                cached_tokens=item.cached_tokens,
-            )
         try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening

@@ -1,3 +1,6 @@
+"""The Engine contract (stream shape, finish reasons, cancel, KV reuse/crop, fork, release, seeds, validation)
+held against PagedEngine and plain transformers `generate`."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,8 +9,7 @@ import pytest
 import torch
 
 from serving.config import EngineConfig
-from serving.engine.factory import build_engine
-from serving.engine.simple_engine import SimpleEngine
+from serving.engine.paged_engine import PagedEngine
 from serving.engine.token_ids import common_prefix_length
 from serving.engine.types import GenerationChunk, GenerationRequest, KVInfo, SamplingParams
 
@@ -52,14 +54,14 @@ def check_stream(chunks: list[GenerationChunk]) -> None:
 
 @pytest.fixture
 async def engine(smollm2):
-    engine = SimpleEngine(smollm2)
+    engine = PagedEngine(smollm2, EngineConfig(kv_cache_memory="64MiB", host_cache_memory="0"))
     yield engine
     await engine.shutdown()
 
 
 @pytest.fixture
 async def tiny(tiny_model):
-    engine = SimpleEngine(tiny_model, max_cached_sessions=4)
+    engine = PagedEngine(tiny_model, EngineConfig(kv_cache_memory="16MiB", host_cache_memory="0"))
     yield engine
     await engine.shutdown()
 
@@ -187,13 +189,6 @@ async def test_release_kv_info_fork(tiny, tiny_prompt):
     assert tiny.kv_info("b").tier == "none"
 
 
-async def test_lru_eviction(tiny, tiny_prompt):
-    for i in range(5):
-        await run(tiny, f"lru{i}", tiny_prompt, key=f"k{i}", max_new_tokens=1)
-    assert tiny.kv_info("k0").tier == "none"  # max_cached_sessions=4
-    assert all(tiny.kv_info(f"k{i}").tier == "device" for i in range(1, 5))
-
-
 async def test_seeded_sampling_is_reproducible(tiny, tiny_prompt):
     params = {"max_new_tokens": 8, "temperature": 1.0, "top_k": 50, "seed": 11}
     one = tokens(await run(tiny, "s1", tiny_prompt, **params))
@@ -202,7 +197,7 @@ async def test_seeded_sampling_is_reproducible(tiny, tiny_prompt):
     assert one == two != other
 
 
-async def test_requests_run_one_at_a_time(tiny, tiny_model, tiny_prompt):
+async def test_concurrent_requests_each_equal_generate(tiny, tiny_model, tiny_prompt):
     results = await asyncio.gather(*(run(tiny, f"p{i}", tiny_prompt, max_new_tokens=4) for i in range(3)))
     expected = reference(tiny_model, tiny_prompt, 4)
     assert all(tokens(r) == expected for r in results)
@@ -219,14 +214,11 @@ async def test_rejects_bad_prompts(tiny, tiny_prompt):
     assert [c async for c in stream][-1].finish_reason == "length"
 
 
-async def test_context_limit_and_factory(tiny_model, tiny_prompt):
-    engine = build_engine(tiny_model, EngineConfig(kind="simple", max_model_len=len(tiny_prompt) + 3))
+async def test_context_limit(tiny_model, tiny_prompt):
+    engine = PagedEngine(tiny_model, EngineConfig(kv_cache_memory="16MiB", max_model_len=len(tiny_prompt) + 3))
     try:
-        assert isinstance(engine, SimpleEngine)
         assert engine.max_context_tokens == len(tiny_prompt) + 3
         chunks = await run(engine, "ctx", tiny_prompt, max_new_tokens=24)
         assert len(tokens(chunks)) == 3 and chunks[-1].finish_reason == "length"
     finally:
         await engine.shutdown()
-    with pytest.raises(ValueError, match="unknown engine kind"):
-        build_engine(tiny_model, EngineConfig(), kind="nope")

@@ -1,0 +1,49 @@
+"""The composition root: config -> model, engine, store, SessionService. LocalClient and the Ray replica both
+start here, so the in-process and the served paths are assembled by the same code."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from serving.config import Config
+from serving.service import SessionService, TurnLimits
+from sessions.manager import SessionManager
+from sessions.prompt import PromptBuilder
+from sessions.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what a container or taskset really grants)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_torch_threads(cpus: int, replicas_on_node: int) -> int:
+    """The node's CPUs shared among the model replicas on it, at least one each.
+
+    Independent of Ray's `num_cpus` reservation, which stays fractional so several replicas can schedule:
+    Ray sets OMP_NUM_THREADS from that reservation, and a minimal config would otherwise run torch on one thread.
+    """
+    return max(1, cpus // max(1, replicas_on_node))
+
+
+def build_service(config: Config, replicas_on_node: int = 1) -> SessionService:
+    """Load the model and open the store: the expensive part of a replica's (or LocalClient's) start."""
+    from serving.engine.paged_engine import PagedEngine  # torch is imported only from here on
+    from serving.models import load_model
+
+    threads = config.model.torch_threads or default_torch_threads(usable_cpus(), replicas_on_node)
+    log.warning("torch uses %d CPU threads (model.torch_threads=%d)", threads, config.model.torch_threads)
+    loaded = load_model(config.model.model_copy(update={"torch_threads": threads}))
+    engine = PagedEngine(loaded, config.engine)
+    store = open_store(config.sessions.store_url())
+    manager = SessionManager(
+        store, engine, max_sessions=config.sessions.max_sessions, idle_ttl_s=config.sessions.idle_ttl_s
+    )
+    limits = TurnLimits(config.serving.max_new_tokens, config.serving.max_prompt_tokens)
+    return SessionService(manager, PromptBuilder(loaded.tokenizer), engine, limits)

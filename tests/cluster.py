@@ -165,7 +165,8 @@ def two_node_cluster(cpus_per_node: int = 1, object_store_bytes: int = 200 * 2**
     gcs_port = free_port()
     address = f"127.0.0.1:{gcs_port}"
     env = cluster_env(address)
-    worker_base = random.Random().randrange(30000, 60000, 400)
+    # Below Linux's ephemeral range (32768+, where free_port() draws) and above ray.init's default (10002-19999).
+    worker_base = random.Random().randrange(20000, 32000, 400)
     common = [
         "--node-ip-address=127.0.0.1",
         f"--num-cpus={cpus_per_node}",
@@ -251,7 +252,9 @@ def _placement(app: str) -> None:
     for node in ray.nodes():
         if node["Alive"]:
             role[node["NodeID"]] = "head" if "node_head" in node["Resources"] else "worker"
-    prefix = f"SERVE_REPLICA::{app}#SessionModel#"
+    from tests.support import replica_actor_name
+
+    prefix = replica_actor_name(app, "")
     placed = {
         info["Name"].removeprefix(prefix): role.get(info["Address"]["NodeID"], "dead")
         for info in actors().values()

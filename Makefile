@@ -1,12 +1,13 @@
 # make serve: set up .venv (torch first, then the project, then the embedded model) and serve on 127.0.0.1:8000.
-# make test:  the same set-up, then lint and the whole test suite.
+# make test:  the same set-up, then lint (ruff, mypy, import layers) and the whole test suite.
+# make test-fast: what needs neither the real model nor Ray (no model conversion: the tokenizer alone), < 1 min.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 
-.PHONY: install model serve test lint bench clean
+.PHONY: install model serve test test-fast lint bench clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,9 +27,17 @@ serve: model
 lint: install
 	$(VENV)/bin/ruff check serving sessions tests benchmarks
 	$(VENV)/bin/ruff format --check serving sessions tests benchmarks
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
-test: model lint
+system-deps:  # redis-server and the PostgreSQL server for the store tests (apt-get only when missing)
+	bash scripts/install-system-deps.sh
+
+test: system-deps model lint
 	$(VENV)/bin/pytest -q -ra --durations=15
+
+test-fast: system-deps install
+	$(VENV)/bin/pytest -q -ra -m "not model and not ray"
 
 bench: model
 	$(PY) -m benchmarks.multiturn --quick --out benchmarks/out/quick.json

@@ -8,7 +8,7 @@ import os
 
 from serving.config import Config
 from serving.service import SessionService, TurnLimits
-from sessions.manager import SessionManager
+from sessions.manager import EngineClient, SessionManager
 from sessions.prompt import PromptBuilder
 from sessions.store import open_store
 
@@ -32,18 +32,23 @@ def default_torch_threads(cpus: int, replicas_on_node: int) -> int:
     return max(1, cpus // max(1, replicas_on_node))
 
 
-def build_service(config: Config, replicas_on_node: int = 1) -> SessionService:
+def open_sessions(config: Config, engine: EngineClient | None) -> SessionManager:
+    """The configured store behind a SessionManager; `engine` is told when a session's KV must go."""
+    sessions = config.sessions
+    store = open_store(sessions.store_url(), idle_ttl_s=sessions.idle_ttl_s)
+    return SessionManager(store, engine, max_sessions=sessions.max_sessions, idle_ttl_s=sessions.idle_ttl_s)
+
+
+def build_service(config: Config, replicas_on_node: int = 1, replica: str = "") -> SessionService:
     """Load the model and open the store: the expensive part of a replica's (or LocalClient's) start."""
     from serving.engine.paged_engine import PagedEngine  # torch is imported only from here on
     from serving.models import load_model
 
     threads = config.model.torch_threads or default_torch_threads(usable_cpus(), replicas_on_node)
-    log.warning("torch uses %d CPU threads (model.torch_threads=%d)", threads, config.model.torch_threads)
+    log.info("torch uses %d CPU threads (model.torch_threads=%d)", threads, config.model.torch_threads)
     loaded = load_model(config.model.model_copy(update={"torch_threads": threads}))
     engine = PagedEngine(loaded, config.engine)
-    store = open_store(config.sessions.store_url())
-    manager = SessionManager(
-        store, engine, max_sessions=config.sessions.max_sessions, idle_ttl_s=config.sessions.idle_ttl_s
-    )
+    manager = open_sessions(config, engine)
     limits = TurnLimits(config.serving.max_new_tokens, config.serving.max_prompt_tokens)
-    return SessionService(manager, PromptBuilder(loaded.tokenizer), engine, limits)
+    prompts = PromptBuilder(loaded.tokenizer)
+    return SessionService(manager, prompts, engine, limits, config.sessions.commit_timeout_s, replica)

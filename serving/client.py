@@ -7,6 +7,7 @@ so MII session code works unchanged. SessionClient imports only httpx and the wi
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import queue
 import threading
@@ -26,6 +27,8 @@ from serving.server.protocol import (
     QueryRequest,
     QueryResponse,
     SessionInfo,
+    SessionList,
+    UpdateSessionRequest,
 )
 
 if TYPE_CHECKING:
@@ -64,7 +67,52 @@ def _create_request(
     )
 
 
-class SessionClient:
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+
+KEEP = _Keep.KEEP  # update_session: leave this field as it is
+
+
+class _SessionMethods:
+    """What both clients validate the same way before their transport sends it."""
+
+    def create_session(
+        self,
+        session_id: str | None = None,
+        *,
+        system_prompt: str | None = None,
+        messages: Sequence[dict] = (),
+        metadata: dict | None = None,
+    ) -> str:
+        return self._create(_create_request(session_id, system_prompt, messages, metadata)).session_id
+
+    def list_sessions(self, *, limit: int = 50, offset: int = 0) -> SessionList:
+        """The caller's sessions, most recently active first; `next_offset` of the result pages on."""
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise APIError(422, "invalid_request", "limit must be 1..1000 and offset >= 0")
+        return self._list(limit, offset)
+
+    def update_session(
+        self, session_id: str, *, system_prompt: str | _Keep | None = KEEP, metadata: dict | None = None
+    ) -> SessionInfo:
+        """Set the system prompt (None clears it) and/or replace the metadata; what is left out stays."""
+        fields: dict[str, Any] = {} if metadata is None else {"metadata": metadata}
+        if not isinstance(system_prompt, _Keep):
+            fields["system_prompt"] = system_prompt
+        return self._update(session_id, _validated(UpdateSessionRequest, **fields))
+
+    def _create(self, body: CreateSessionRequest) -> SessionInfo:
+        raise NotImplementedError
+
+    def _list(self, limit: int, offset: int) -> SessionList:
+        raise NotImplementedError
+
+    def _update(self, session_id: str, body: UpdateSessionRequest) -> SessionInfo:
+        raise NotImplementedError
+
+
+class SessionClient(_SessionMethods):
     """HTTP client for a sessionserve server."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 600):
@@ -85,17 +133,17 @@ class SessionClient:
         except (ValueError, KeyError, TypeError):
             return APIError(response.status_code, "http_error", response.text[:500])
 
-    def create_session(
-        self,
-        session_id: str | None = None,
-        *,
-        system_prompt: str | None = None,
-        messages: Sequence[dict] = (),
-        metadata: dict | None = None,
-    ) -> str:
-        body = _create_request(session_id, system_prompt, messages, metadata)
+    def _create(self, body: CreateSessionRequest) -> SessionInfo:
         response = self._request("POST", "/v1/sessions", json=body.model_dump(exclude_none=True))
-        return SessionInfo.model_validate(response.json()).session_id
+        return SessionInfo.model_validate(response.json())
+
+    def _list(self, limit: int, offset: int) -> SessionList:
+        response = self._request("GET", "/v1/sessions", params={"limit": limit, "offset": offset})
+        return SessionList.model_validate(response.json())
+
+    def _update(self, session_id: str, body: UpdateSessionRequest) -> SessionInfo:
+        response = self._request("PATCH", f"/v1/sessions/{session_id}", json=body.model_dump(exclude_unset=True))
+        return SessionInfo.model_validate(response.json())
 
     def session_info(self, session_id: str) -> SessionInfo:
         return SessionInfo.model_validate(self._request("GET", f"/v1/sessions/{session_id}").json())
@@ -154,7 +202,7 @@ class SessionClient:
         self.close()
 
 
-class LocalClient:
+class LocalClient(_SessionMethods):
     """The same methods, in-process: loads the model here and runs the engine on a private event loop."""
 
     def __init__(self, config: Config | None = None) -> None:
@@ -170,16 +218,14 @@ class LocalClient:
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def create_session(
-        self,
-        session_id: str | None = None,
-        *,
-        system_prompt: str | None = None,
-        messages: Sequence[dict] = (),
-        metadata: dict | None = None,
-    ) -> str:
-        body = _create_request(session_id, system_prompt, messages, metadata)
-        return self._run(self.api.create_session(body)).session_id
+    def _create(self, body: CreateSessionRequest) -> SessionInfo:
+        return self._run(self.api.create_session(body))
+
+    def _list(self, limit: int, offset: int) -> SessionList:
+        return self._run(self.api.list_sessions(limit, offset))
+
+    def _update(self, session_id: str, body: UpdateSessionRequest) -> SessionInfo:
+        return self._run(self.api.update_session(session_id, body))
 
     def session_info(self, session_id: str) -> SessionInfo:
         return self._run(self.api.get_session(session_id))

@@ -62,9 +62,16 @@ class EngineConfig(_Section):
 
 
 class SessionsConfig(_Section):
-    store: str = Field("", description="sqlite:///PATH, memory://; empty = sqlite in the data dir")
+    store: str = Field(
+        "",
+        description="sqlite:///PATH (one machine), postgresql://USER:PASS@HOST:PORT/DB or redis://HOST:PORT/N "
+        "(several nodes), memory://; empty = sqlite in the data dir",
+    )
     idle_ttl_s: float = Field(86400, gt=0, description="idle sessions expire after this many seconds")
     max_sessions: int = Field(10000, ge=1, description="live sessions at most")
+    commit_timeout_s: float = Field(
+        10, ge=0, description="how long a finished turn waits for an unreachable store before it fails uncommitted"
+    )
 
     def store_url(self) -> str:
         return self.store or f"sqlite:///{data_dir() / 'sessions.db'}"

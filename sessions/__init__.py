@@ -11,14 +11,16 @@ from sessions.errors import (
     SessionError,
     SessionExists,
     SessionNotFound,
+    StoreUnavailable,
     TooManySessions,
 )
 from sessions.manager import EngineClient, SessionManager
 from sessions.messages import Message, Role, parse_message, parse_messages
 from sessions.prompt import Prompt, PromptBuilder
-from sessions.store import HistoryStore, MemoryStore, SessionRecord, SQLiteStore, open_store
+from sessions.store import UNCHANGED, HistoryStore, MemoryStore, SessionRecord, SQLiteStore, open_store
 
 __all__ = [
+    "UNCHANGED",
     "ContextTooLong",
     "EngineClient",
     "HistoryStore",
@@ -35,6 +37,7 @@ __all__ = [
     "SessionManager",
     "SessionNotFound",
     "SessionRecord",
+    "StoreUnavailable",
     "TooManySessions",
     "open_store",
     "parse_message",

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sessions.errors import InvalidRequest, SessionBusy, SessionError, SessionExists, TooManySessions
+from sessions.lease import TurnLease
 from sessions.messages import Message, parse_messages
 from sessions.store.base import UNCHANGED, HistoryStore, SessionRecord, Unchanged, check_page, check_window, not_found
 
@@ -294,50 +295,16 @@ class SessionManager:
             )
         entry.users += 1
         try:
-            async with entry.lock:
-                holder = uuid.uuid4().hex
-                await self._acquire_lease(session_id, holder)
+            async with entry.lock, TurnLease(self.store, session_id, self.lease_ttl_s) as holder:
                 entry.holder = holder
-                renewer = asyncio.create_task(self._renew_lease(session_id, holder))
                 try:
                     yield holder
                 finally:
                     entry.holder = None
-                    renewer.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await renewer
-                    await self._release_lease(session_id, holder)
         finally:
             entry.users -= 1
             if entry.users == 0 and self._turn_locks.get(session_id) is entry:
                 del self._turn_locks[session_id]
-
-    async def _acquire_lease(self, session_id: str, holder: str) -> None:
-        acquiring = asyncio.ensure_future(
-            asyncio.to_thread(self.store.acquire_lease, session_id, holder, self.lease_ttl_s)
-        )
-        try:
-            await asyncio.shield(acquiring)
-        except asyncio.CancelledError:  # the store call runs on in its thread: give back what it may take
-            with contextlib.suppress(Exception):
-                await acquiring
-            await self._release_lease(session_id, holder)
-            raise
-
-    async def _renew_lease(self, session_id: str, holder: str) -> None:
-        """Keep a long turn's lease alive; a failed renewal is logged and retried (the commit will tell if lost)."""
-        while True:
-            await asyncio.sleep(self.lease_ttl_s / 3)
-            try:
-                await asyncio.to_thread(self.store.acquire_lease, session_id, holder, self.lease_ttl_s)
-            except SessionError as error:
-                log.warning("could not renew the turn lease of session %r: %s", session_id, error)
-
-    async def _release_lease(self, session_id: str, holder: str) -> None:
-        try:  # shielded: a cancelled turn must still give its lease back
-            await asyncio.shield(asyncio.to_thread(self.store.release_lease, session_id, holder))
-        except Exception as error:  # it lapses by itself after lease_ttl_s
-            log.warning("could not release the turn lease of session %r: %s", session_id, error)
 
     def _holder(self, session_id: str) -> str | None:
         """The lease of this process's running turn on the session: its own edits act as that turn."""

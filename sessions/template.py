@@ -42,7 +42,7 @@ class ChatTemplate:
         if not self.has_chat_template:
             return fallback_render(conversation)
         try:
-            return self._tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            return str(self._tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
         except Exception as error:
             if _is_template_error(error):
                 raise InvalidRequest(f"the model's chat template refused this conversation: {error}") from None

@@ -1,4 +1,8 @@
-"""Shared, expensive fixtures: built once per test session."""
+"""Shared, expensive fixtures: built once per test session.
+
+Tests that use the real model or a Ray cluster are marked `model` / `ray` here from the fixtures they use, so
+`make test-fast` (`-m "not model and not ray"`) can never pick up a slow test by a forgotten marker.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import pytest
 
 from serving.client import LocalClient, SessionClient
 from serving.config import ModelConfig
-from serving.models import SMOLLM2, TINY_RANDOM, LoadedModel, load_model, prepare_smollm2
+from serving.models import SMOLLM2, TINY_RANDOM, LoadedModel, load_model, prepare_smollm2, prepare_smollm2_tokenizer
 from tests.support import deploy, smollm2_config
 
 
@@ -16,6 +20,25 @@ def smollm2_dir():
     return prepare_smollm2()
 
 
+MODEL_FIXTURES = {"smollm2_dir", "smollm2", "local_client", "http_url", "http_client"}
+RAY_FIXTURES = {"ray_cluster", "serve_port", "http_url", "http_client"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & MODEL_FIXTURES:
+            item.add_marker(pytest.mark.model)
+        if used & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    """SmolLM2's tokenizer files alone (seconds): enough for the tiny random models."""
+    return prepare_smollm2_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir) -> LoadedModel:
     """The real SmolLM2-135M-Instruct, fp32 on the CPU."""
@@ -23,16 +46,16 @@ def smollm2(smollm2_dir) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(smollm2_dir) -> LoadedModel:
+def tiny_model(tokenizer_dir) -> LoadedModel:
     """A 2-layer random Llama with SmolLM2's tokenizer: fast, for mechanics only."""
     return load_model(ModelConfig(name=TINY_RANDOM, device="cpu", dtype="float32"))
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2_dir):
+def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

@@ -169,14 +169,16 @@ def _redis_bin() -> str:
     return found
 
 
-def start_redis() -> RedisServer:
-    """redis-server with a generated config: loopback only, a password, no RDB/AOF persistence."""
+def start_redis(*, durable: bool = False) -> RedisServer:
+    """redis-server with a generated config: loopback only, a password; no persistence unless durable (then an
+    append-only file synced on every write, so a stopped and restarted server keeps its data)."""
     _redis_bin()
     root = Path(tempfile.mkdtemp(prefix="sessionserve-redis-"))
     server = RedisServer(root, free_port(), secrets.token_hex(12))
+    persistence = "appendonly yes\nappendfsync always\n" if durable else "appendonly no\n"
     (root / "redis.conf").write_text(
         f"port {server.port}\nbind 127.0.0.1\nprotected-mode yes\nrequirepass {server.password}\n"
-        f'save ""\nappendonly no\ndir {root}\ndaemonize no\nlogfile ""\n'
+        f'save ""\n{persistence}dir {root}\ndaemonize no\nlogfile ""\n'
     )
     try:
         server.start()

@@ -18,10 +18,11 @@ between tiers in one indexing op for all layers).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NoReturn, cast
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, Cache
+from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -59,19 +60,20 @@ class PagedBatch:
     cache: PagedKVCache
 
 
-class _PagedLayer(CacheLayerMixin):
+class _PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # transformers' class is untyped
     """One layer's view of the pool; transformers' mask helpers only ask it whether it is sliding."""
 
     is_sliding = False
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.keys, self.values, self.is_initialized = keys, values, True
+        self.key_pool, self.value_pool = keys, values  # the same tensors, typed: [blocks, block_size, heads, dim]
 
-    def lazy_initialization(self, key_states, value_states) -> None:  # pool tensors exist from the start
-        pass
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # pool tensors exist from the start
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> NoReturn:
         raise NotImplementedError("PagedKVCache.update writes the pool")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -86,15 +88,20 @@ class _PagedLayer(CacheLayerMixin):
 
 class PagedKVCache(Cache):
     def __init__(self, kv: torch.Tensor) -> None:
-        super().__init__(layers=[_PagedLayer(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])])
+        self.pool_layers = [_PagedLayer(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
+        super().__init__(layers=cast(Any, self.pool_layers))  # transformers types it as a wider invariant list
         self.batch: PagedBatch | None = None
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's K/V ([1, kv_heads, T, head_dim]) into the pool; return them unchanged."""
-        layer = self.layers[layer_idx]
+        layer = self.pool_layers[layer_idx]
+        assert self.batch is not None, "the model runner sets the batch around each forward pass"
         slots = self.batch.slot_mapping
-        layer.keys.view(-1, *layer.keys.shape[2:]).index_copy_(0, slots, key_states[0].transpose(0, 1))
-        layer.values.view(-1, *layer.values.shape[2:]).index_copy_(0, slots, value_states[0].transpose(0, 1))
+        keys, values = layer.key_pool, layer.value_pool
+        keys.view(-1, *keys.shape[2:]).index_copy_(0, slots, key_states[0].transpose(0, 1))
+        values.view(-1, *values.shape[2:]).index_copy_(0, slots, value_states[0].transpose(0, 1))
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -106,19 +113,31 @@ def _gather(pool: torch.Tensor, block_ids: torch.Tensor, rows: int) -> torch.Ten
     return pool.index_select(0, block_ids.reshape(-1)).view(rows, -1, *pool.shape[2:]).transpose(1, 2)
 
 
-def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     batch: PagedBatch | None = kwargs.pop("paged_batch", None)
     if batch is None:  # not an engine step (e.g. generate on the same model): plain SDPA
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        output: tuple[torch.Tensor, None] = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, **kwargs
+        )
+        return output
     _, heads, rows, head_dim = query.shape
     kv_heads = key.shape[1]
-    layer = batch.cache.layers[module.layer_idx]
+    layer = batch.cache.pool_layers[cast(int, module.layer_idx)]
     out = query.new_empty(rows, heads, head_dim)
     for group in batch.decodes:
         rows_ = slice(group.start, group.start + group.count)
         q = query[0, :, rows_].transpose(0, 1).reshape(group.count, kv_heads, heads // kv_heads, head_dim)
-        k = _gather(layer.keys, group.block_tables, group.count)
-        v = _gather(layer.values, group.block_tables, group.count)
+        k = _gather(layer.key_pool, group.block_tables, group.count)
+        v = _gather(layer.value_pool, group.block_tables, group.count)
         if group.mask is None:
             k, v = k[:, :, : group.context], v[:, :, : group.context]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling)
@@ -129,8 +148,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         if chunk.mask is None:  # the chunk is the whole context: use its fresh K/V, plain causal
             k, v = key[:, :, rows_], value[:, :, rows_]
         else:
-            k = _gather(layer.keys, chunk.block_ids, 1)[:, :, : chunk.context]
-            v = _gather(layer.values, chunk.block_ids, 1)[:, :, : chunk.context]
+            k = _gather(layer.key_pool, chunk.block_ids, 1)[:, :, : chunk.context]
+            v = _gather(layer.value_pool, chunk.block_ids, 1)[:, :, : chunk.context]
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scaling, enable_gqa=heads != kv_heads
         )
@@ -144,7 +163,7 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)  # masks for the plain-SDPA fallback
 
 
-def check_supported(model) -> int | None:
+def check_supported(model: PreTrainedModel) -> int | None:
     """Raise ValueError for architectures this attention would serve wrongly; return a context cap or None.
 
     Sliding-window layers are exact while every sequence fits in the window, so the window caps the context.

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from transformers import PreTrainedTokenizerBase
+
 _PROMPT_CONTEXT = 5  # prompt tokens decoded as left context for the first reply tokens
 _REPLACEMENT = "\ufffd"
 
@@ -22,7 +24,7 @@ _REPLACEMENT = "\ufffd"
 class IncrementalDetokenizer:
     def __init__(
         self,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         stop: Sequence[str] = (),
         prompt_ids: Sequence[int] | None = None,
         *,
@@ -47,7 +49,7 @@ class IncrementalDetokenizer:
         return self._text[: self._emitted]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+        return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip_special))
 
     def _decode_new(self, final: bool) -> str:
         """Text that the tokens past the read offset add; empty while a character is incomplete."""

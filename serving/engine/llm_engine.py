@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 import time
 
+import torch
+
 from serving.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.kv_cache_manager import KVCacheManager
@@ -32,7 +34,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_manager, config.max_batch_size, config.max_batch_tokens)
         self.tokenizer = loaded.tokenizer
         self.eos = eos_token_ids(loaded.tokenizer, loaded.model)
-        self.vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])
+        embeddings = loaded.model.get_input_embeddings()
+        assert isinstance(embeddings.weight, torch.Tensor)
+        self.vocab_size = int(embeddings.weight.shape[0])
         limits = [self.runner.num_device_blocks * config.block_size, self.runner.context_cap]
         limits += [config.max_model_len, getattr(loaded.model.config, "max_position_embeddings", None)]
         self.max_context_tokens = min(int(x) for x in limits if x)
@@ -130,6 +134,7 @@ class LLMEngine:
         outputs = []
         for request_id in sorted(self._aborts):
             request = self.requests[request_id]
+            assert request.detokenizer is not None, "set by add_request"
             text = request.detokenizer.flush()
             outputs.append(self._output(request, [], text, "cancelled"))
             self._finish(request, "cancelled")
@@ -145,6 +150,7 @@ class LLMEngine:
             request.all_token_ids.append(token)
             finish: FinishReason | None = None
             detok = request.detokenizer
+            assert detok is not None, "set by add_request"
             if token in self.eos and not request.params.ignore_eos:
                 text, finish = detok.flush(), "stop"
             else:

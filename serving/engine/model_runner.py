@@ -6,9 +6,11 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
+from transformers import PretrainedConfig, PreTrainedModel
 
 from serving.config import EngineConfig
 from serving.engine.attention import (
@@ -37,7 +39,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin:
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
-def kv_shape(config) -> tuple[int, int, int]:
+def kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
     """(layers, kv_heads, head_dim) of a transformers config."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -54,6 +56,10 @@ class StepInputs:
     batch: PagedBatch  # where each token's KV goes and which blocks each row attends to
     logits_rows: torch.Tensor  # rows whose logits are sampled (the last token of a finished chunk)
     sampled_requests: list[Request]  # the requests those rows belong to, in the same order
+
+
+# Engines sharing a model (tests, benchmarks) -> (how many, the attention implementation to give back).
+_ENGINES_ON_MODEL: WeakKeyDictionary[PreTrainedModel, tuple[int, str]] = WeakKeyDictionary()
 
 
 class ModelRunner:
@@ -79,7 +85,7 @@ class ModelRunner:
         self.kv_pool = zeros(shape, loaded.dtype, self.device)
         host_shape = (layers, 2, self.num_host_blocks, config.block_size, kv_heads, head_dim)
         self.host_kv_pool = zeros(host_shape, loaded.dtype, torch.device("cpu"), pin=self.device.type == "cuda")
-        self.cache = PagedKVCache(self.kv_pool)
+        self.cache: PagedKVCache | None = PagedKVCache(self.kv_pool)
         self._use_paged_attention()
         self._skip_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # 4D: transformers keeps it
         self._aranges = torch.arange(0, device=self.device)
@@ -88,19 +94,20 @@ class ModelRunner:
     def _use_paged_attention(self) -> None:
         """Switch the model to paged attention (plain SDPA when called outside an engine step)."""
         register()
-        users = getattr(self.model, "_sessionserve_engines", 0)
+        users, original = _ENGINES_ON_MODEL.get(self.model, (0, self.model.config._attn_implementation))
         if not users:
-            self.model._sessionserve_attention = self.model.config._attn_implementation
             self.model.set_attn_implementation(ATTENTION_NAME)
             if self.model.config._attn_implementation != ATTENTION_NAME:
                 raise ValueError(f"{type(self.model).__name__} cannot switch its attention implementation")
-        self.model._sessionserve_engines = users + 1
+        _ENGINES_ON_MODEL[self.model] = (users + 1, original)
 
     def close(self) -> None:
         """Drop the pools; the last engine on this model gives it its own attention back."""
-        self.model._sessionserve_engines -= 1
-        if not self.model._sessionserve_engines:
-            self.model.set_attn_implementation(self.model._sessionserve_attention)
+        users, original = _ENGINES_ON_MODEL.pop(self.model)
+        if users > 1:
+            _ENGINES_ON_MODEL[self.model] = (users - 1, original)
+        else:
+            self.model.set_attn_implementation(original)
         self.kv_pool = self.host_kv_pool = torch.empty(0)
         self.cache = None
 

@@ -96,7 +96,16 @@ class Scheduler:
             out.num_tokens.append(n)
         return out
 
-    def _allocate(self, request, n, scheduled, out, *, preempt_running: bool, idle: bool = True) -> bool:
+    def _allocate(
+        self,
+        request: Request,
+        n: int,
+        scheduled: dict[Request, int],
+        out: SchedulerOutput,
+        *,
+        preempt_running: bool,
+        idle: bool = True,
+    ) -> bool:
         """Blocks for `n` more tokens; if short, preempt waiting requests holding blocks, then (if allowed) the
         most recently admitted running request."""
         while not self.kv_manager.allocate_slots(request, n):

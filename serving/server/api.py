@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from serving.engine.types import SamplingParams
 from serving.server.errors import to_api_error
@@ -26,12 +26,17 @@ from serving.server.protocol import (
     QueryRequest,
     QueryResponse,
     SessionInfo,
+    SessionList,
+    SessionSummary,
     Timing,
+    UpdateSessionRequest,
     Usage,
 )
-from serving.service import SessionService, TextDelta, TurnResult, final_result
+from serving.service import SessionCatalog, SessionService, TextDelta, TurnResult
 from sessions.errors import InvalidRequest
+from sessions.manager import SessionManager
 from sessions.messages import Message
+from sessions.store.base import SessionRecord
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -67,6 +72,17 @@ def user_turn(prompt: str) -> list[Message]:
     return [Message(role="user", content=prompt)]
 
 
+def _public(record: SessionRecord) -> dict[str, Any]:
+    """The record's fields a client sees (not its owner, lease or KV report)."""
+    return {
+        "session_id": record.session_id,
+        "system_prompt": record.system_prompt,
+        "metadata": record.metadata,
+        "created_at": record.created_at,
+        "last_active_at": record.last_active_at,
+    }
+
+
 def query_response(result: TurnResult) -> QueryResponse:
     return QueryResponse(
         session_id=result.session_id,
@@ -81,17 +97,21 @@ def query_response(result: TurnResult) -> QueryResponse:
     )
 
 
-class SessionAPI:
-    """Every public operation; raises APIError (status, code, message) for anything refused."""
+class HistoryAPI:
+    """Session operations that need the store (and the tokenizer, for context tokens) but not the model.
 
-    def __init__(self, service: SessionService, model_name: str = "sessionserve") -> None:
-        self.service = service
-        self.openai = OpenAIChat(service, model_name)
+    The ingress serves these straight from a shared store, so they scale apart from the model replicas; a model
+    replica serves them too (as part of SessionAPI) when the store cannot be shared (memory://) and in LocalClient.
+    """
+
+    def __init__(self, manager: SessionManager, catalog: SessionCatalog) -> None:
+        self.manager = manager
+        self.catalog = catalog
 
     @_as_api_errors
     async def create_session(self, request: CreateSessionRequest, owner: str | None = None) -> SessionInfo:
         record = await asyncio.to_thread(
-            self.service.create_session,
+            self.manager.create,
             request.session_id,
             system_prompt=request.system_prompt,
             messages=[m.model_dump(exclude_none=True) for m in request.messages],
@@ -105,8 +125,74 @@ class SessionAPI:
         return await asyncio.to_thread(self._info, session_id, owner)
 
     @_as_api_errors
+    async def list_sessions(self, limit: int = 50, offset: int = 0, owner: str | None = None) -> SessionList:
+        records = await asyncio.to_thread(self.manager.list_sessions, owner, limit, offset)
+        page = [
+            SessionSummary(**_public(record), kv=KVState(tier=record.kv.tier, tokens=record.kv.tokens))
+            for record in records
+        ]
+        next_offset = offset + len(page) if len(page) == limit else None
+        return SessionList(sessions=page, next_offset=next_offset)
+
+    @_as_api_errors
+    async def update_session(
+        self, session_id: str, request: UpdateSessionRequest, owner: str | None = None
+    ) -> SessionInfo:
+        changes: dict[str, Any] = {}
+        if "system_prompt" in request.model_fields_set:  # absent: unchanged; null: cleared
+            changes["system_prompt"] = request.system_prompt
+        if request.metadata is not None:
+            changes["metadata"] = request.metadata
+        await asyncio.to_thread(functools.partial(self.manager.update, session_id, owner, **changes))
+        return await asyncio.to_thread(self._info, session_id, owner)
+
+    @_as_api_errors
     async def destroy_session(self, session_id: str, owner: str | None = None) -> None:
-        await asyncio.to_thread(self.service.destroy_session, session_id, owner)
+        await asyncio.to_thread(self.manager.destroy, session_id, owner)
+
+    @_as_api_errors
+    async def messages(self, session_id: str, window: int | None = None, owner: str | None = None) -> MessagesResponse:
+        history = await asyncio.to_thread(self.manager.history, session_id, window, owner)
+        return MessagesResponse(
+            session_id=session_id, messages=[MessageOut(role=m.role, content=m.content) for m in history]
+        )
+
+    @_as_api_errors
+    async def append(self, session_id: str, request: AppendRequest, owner: str | None = None) -> MessagesResponse:
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        await asyncio.to_thread(self.manager.append, session_id, messages, owner)
+        return await self.messages(session_id, None, owner)
+
+    @_as_api_errors
+    async def clear(self, session_id: str, owner: str | None = None) -> None:
+        await asyncio.to_thread(self.manager.clear, session_id, owner)
+
+    async def store_problem(self) -> str | None:
+        """Why the history store cannot be used right now, or None."""
+        try:
+            await asyncio.to_thread(self.manager.store.ping)
+        except Exception as error:
+            return f"the history store does not answer: {to_api_error(error).message}"
+        return None
+
+    def _info(self, session_id: str, owner: str | None) -> SessionInfo:
+        details = self.catalog.details(session_id, owner)
+        return SessionInfo(
+            **_public(details.record),
+            turns=details.turns,
+            messages=details.messages,
+            context_tokens=details.context_tokens,
+            kv=KVState(tier=details.kv.tier, tokens=details.kv.tokens),
+        )
+
+
+class SessionAPI(HistoryAPI):
+    """Every public operation, for a model replica and LocalClient; raises APIError for anything refused."""
+
+    def __init__(self, service: SessionService, model_name: str = "sessionserve") -> None:
+        super().__init__(service.manager, service.catalog)
+        self.service = service
+        self.openai = OpenAIChat(service, model_name)
 
     @_as_api_errors
     async def fork_session(self, session_id: str, request: ForkSessionRequest, owner: str | None = None) -> SessionInfo:
@@ -115,8 +201,10 @@ class SessionAPI:
 
     @_as_api_errors
     async def query(self, session_id: str, request: QueryRequest, owner: str | None = None) -> QueryResponse:
-        events = self.service.turn(session_id, user_turn(request.prompt), sampling_params(request), owner)
-        return query_response(await final_result(events))
+        turn = self.service.turn(session_id, user_turn(request.prompt), sampling_params(request), owner)
+        *_, result = [event async for event in turn]  # a turn's events end with its TurnResult
+        assert isinstance(result, TurnResult)
+        return query_response(result)
 
     async def query_stream(
         self, session_id: str, request: QueryRequest, owner: str | None = None
@@ -144,45 +232,10 @@ class SessionAPI:
         except Exception as error:
             raise to_api_error(error) from error
 
-    @_as_api_errors
-    async def messages(self, session_id: str, window: int | None = None, owner: str | None = None) -> MessagesResponse:
-        history = await asyncio.to_thread(self.service.history, session_id, window, owner)
-        return MessagesResponse(
-            session_id=session_id, messages=[MessageOut(role=m.role, content=m.content) for m in history]
-        )
-
-    @_as_api_errors
-    async def append(self, session_id: str, request: AppendRequest, owner: str | None = None) -> MessagesResponse:
-        messages = [m.model_dump(exclude_none=True) for m in request.messages]
-        await asyncio.to_thread(self.service.append, session_id, messages, owner)
-        return await self.messages(session_id, None, owner)
-
-    @_as_api_errors
-    async def clear(self, session_id: str, owner: str | None = None) -> None:
-        await asyncio.to_thread(self.service.clear, session_id, owner)
+    async def release_kv(self, session_id: str) -> None:
+        """Free a session's KV here (the ingress destroyed or cleared it in the store)."""
+        self.service.engine.release(session_id)
 
     async def not_ready(self) -> str | None:
         """Why this replica cannot serve (engine failed, store unreachable), or None."""
-        problem = self.service.engine.health()
-        if problem is not None:
-            return problem
-        try:
-            await asyncio.to_thread(self.service.manager.count)  # a round trip to the store
-        except Exception as error:
-            return f"the history store does not answer: {to_api_error(error).message}"
-        return None
-
-    def _info(self, session_id: str, owner: str | None) -> SessionInfo:
-        details = self.service.details(session_id, owner)
-        record = details.record
-        return SessionInfo(
-            session_id=record.session_id,
-            system_prompt=record.system_prompt,
-            metadata=record.metadata,
-            created_at=record.created_at,
-            last_active_at=record.last_active_at,
-            turns=details.turns,
-            messages=details.messages,
-            context_tokens=details.context_tokens,
-            kv=KVState(tier=details.kv.tier, tokens=details.kv.tokens),
-        )
+        return self.service.engine.health() or await self.store_problem()

@@ -55,7 +55,7 @@ def build_app(config: Config) -> serve.Application:
             "resources": dict(serving.replica_resources),
         },
     ).bind(config.model_dump(mode="json"), replicas_per_node(serving.replicas))
-    return Ingress.bind(model, config.model.name, api_keys(config))
+    return Ingress.bind(model, config.model_dump(mode="json"), api_keys(config))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

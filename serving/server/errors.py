@@ -4,25 +4,16 @@ from __future__ import annotations
 
 from serving.engine.types import EngineFailed
 from serving.server.protocol import APIError, ErrorDetail, ErrorResponse
-from sessions.errors import (
-    ContextTooLong,
-    InvalidRequest,
-    SessionBusy,
-    SessionError,
-    SessionExists,
-    SessionNotFound,
-    StoreUnavailable,
-    TooManySessions,
-)
+from sessions import errors as session_errors
 
-STATUS_BY_ERROR: dict[type[SessionError], int] = {
-    SessionNotFound: 404,
-    SessionExists: 409,
-    SessionBusy: 409,
-    ContextTooLong: 413,
-    InvalidRequest: 422,
-    TooManySessions: 429,
-    StoreUnavailable: 503,  # code "store_unavailable"
+STATUS_BY_ERROR: dict[type[session_errors.SessionError], int] = {
+    session_errors.SessionNotFound: 404,
+    session_errors.SessionExists: 409,
+    session_errors.SessionBusy: 409,
+    session_errors.ContextTooLong: 413,
+    session_errors.InvalidRequest: 422,
+    session_errors.TooManySessions: 429,
+    session_errors.StoreUnavailable: 503,  # code "store_unavailable"
 }
 
 
@@ -32,7 +23,7 @@ def to_api_error(error: Exception) -> APIError:
         return error
     if isinstance(error, EngineFailed):
         return APIError(503, "engine_unavailable", str(error))
-    if isinstance(error, SessionError):
+    if isinstance(error, session_errors.SessionError):
         status = next((s for cls, s in STATUS_BY_ERROR.items() if isinstance(error, cls)), 400)
         return APIError(status, error.code, str(error))
     return APIError(500, "internal_error", f"the server failed to handle the request ({type(error).__name__})")

@@ -6,6 +6,7 @@ the store answering) and `drain` (called on SIGTERM: refuse new turns, let runni
 """
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,8 +20,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.config import Config
 from serving.server import auth, metrics
+from serving.server.api import HistoryAPI
 from serving.server.auth import Owner
+from serving.server.control_plane import shared_history
 from serving.server.errors import error_body, error_headers
 from serving.server.llm_server import Reply
 from serving.server.metrics import ReplicaReport
@@ -35,6 +39,8 @@ from serving.server.protocol import (
     QueryRequest,
     QueryResponse,
     SessionInfo,
+    SessionList,
+    UpdateSessionRequest,
 )
 
 REPLICA_HEADER = "x-sessionserve-replica"
@@ -114,6 +120,19 @@ def _openai_sse(event: Any) -> str:
     return text + "data: [DONE]\n\n" if event.choices[0].finish_reason else text
 
 
+def _model_deployment_problem() -> str | None:
+    """Why the model deployment is not fully up (replicas still loading, unhealthy), or None."""
+    context = serve.get_replica_context()
+    application = serve.status().applications.get(context.app_name)
+    deployment = application.deployments.get(MODEL_DEPLOYMENT) if application else None
+    if deployment is None:
+        return "the model deployment is not running"
+    if deployment.status != "HEALTHY":
+        states = ", ".join(f"{count} {state}" for state, count in deployment.replica_states.items()) or "none"
+        return f"model replicas are not all ready ({deployment.status}; replicas: {states})"
+    return None
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress:
@@ -122,12 +141,16 @@ class Ingress:
     (No `from __future__ import annotations` in this module: Ray rewrites the route signatures at runtime.)
     """
 
-    def __init__(self, model: DeploymentHandle, model_name: str, api_keys: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: DeploymentHandle, config: dict, api_keys: tuple[str, ...] = ()) -> None:
+        parsed = Config.model_validate(config)
         self.model = model
-        self.model_name = model_name
+        self.model_name = parsed.model.name
         auth.configure(api_keys)
         self.draining = False
         self._in_flight: set[DeploymentResponse | DeploymentResponseGenerator] = set()
+        shared = shared_history(parsed, model)
+        # History-only operations: served here from the shared store, or by the session's replica (memory://).
+        self.history, self._replica_kv = shared if shared is not None else (None, None)
 
     def _model(self, session_id: str | None, stream: bool = False) -> DeploymentHandle:
         """Route by session (consistent hashing); session-less calls spread over replicas."""
@@ -138,6 +161,12 @@ class Ingress:
     def _admit(self) -> None:
         if self.draining:
             raise APIError(503, "draining", "the server is shutting down: retry against another instance or later")
+
+    def _local(self) -> HistoryAPI | None:
+        """The ingress' own HistoryAPI (None: ask the session's replica), told which loop frees KV on replicas."""
+        if self._replica_kv is not None and self._replica_kv.loop is None:
+            self._replica_kv.loop = asyncio.get_running_loop()
+        return self.history
 
     async def _unary(self, call: "Awaitable[Reply[T]]", response: Response | None = None) -> T:
         """Await a model call (tracked, so a drain can wait for it or cancel it); its error becomes ours."""
@@ -207,6 +236,8 @@ class Ingress:
         if self.draining:
             raise APIError(503, "draining", "the server is shutting down")
         problem = await asyncio.to_thread(_model_deployment_problem)
+        if problem is None and self.history is not None:
+            problem = await self.history.store_problem()
         if problem is None:
             problem = await self.model.ready.remote()
         if problem is not None:
@@ -215,25 +246,57 @@ class Ingress:
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
-        """Prometheus text format: requests/errors by route, TTFT/TPOT, tokens, per-replica engine gauges."""
+        """Prometheus text format: requests/errors by route, TTFT/TPOT, tokens, engine gauges, live sessions."""
+        if self.history is not None:
+            with contextlib.suppress(Exception):  # a metric must never fail the scrape
+                metrics.METRICS.live_sessions.set(await asyncio.to_thread(self.history.manager.count))
         return Response(metrics.METRICS.render(), media_type=CONTENT_TYPE_LATEST)
 
     # ---- sessions ------------------------------------------------------------------------------------
     @app.post("/v1/sessions", status_code=201, response_model=SessionInfo, responses=ERRORS)
     async def create_session(self, body: CreateSessionRequest, response: Response, owner: Owner) -> SessionInfo:
         self._admit()
+        if (history := self._local()) is not None:
+            return await history.create_session(body, owner)
         if body.session_id is None:  # pick the id here so creation already routes like the session's turns
             body = body.model_copy(update={"session_id": uuid.uuid4().hex})
         return await self._unary(self._model(body.session_id).create_session.remote(body, owner), response)
 
+    @app.get("/v1/sessions", response_model=SessionList, responses=ERRORS)
+    async def list_sessions(
+        self,
+        owner: Owner,
+        response: Response,
+        limit: Annotated[int, Query(ge=1, le=1000, description="sessions per page")] = 50,
+        offset: Annotated[int, Query(ge=0, description="sessions to skip (next_offset of the previous page)")] = 0,
+    ) -> SessionList:
+        """The caller's sessions, most recently active first."""
+        if (history := self._local()) is not None:
+            return await history.list_sessions(limit, offset, owner)
+        return await self._unary(self._model(None).list_sessions.remote(limit, offset, owner), response)
+
     @app.get("/v1/sessions/{session_id}", response_model=SessionInfo, responses=ERRORS)
     async def get_session(self, session_id: str, response: Response, owner: Owner) -> SessionInfo:
+        if (history := self._local()) is not None:
+            return await history.get_session(session_id, owner)
         return await self._unary(self._model(session_id).get_session.remote(session_id, owner), response)
+
+    @app.patch("/v1/sessions/{session_id}", response_model=SessionInfo, responses=ERRORS)
+    async def update_session(
+        self, session_id: str, body: UpdateSessionRequest, response: Response, owner: Owner
+    ) -> SessionInfo:
+        """Set the system prompt and/or replace the metadata; fields left out stay as they are."""
+        if (history := self._local()) is not None:
+            return await history.update_session(session_id, body, owner)
+        return await self._unary(self._model(session_id).update_session.remote(session_id, body, owner), response)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=ERRORS)
     async def destroy_session(self, session_id: str, owner: Owner) -> Response:
         done = Response(status_code=204)
-        await self._unary(self._model(session_id).destroy_session.remote(session_id, owner), done)
+        if (history := self._local()) is not None:
+            await history.destroy_session(session_id, owner)
+        else:
+            await self._unary(self._model(session_id).destroy_session.remote(session_id, owner), done)
         return done
 
     @app.post("/v1/sessions/{session_id}/fork", status_code=201, response_model=SessionInfo, responses=ERRORS)
@@ -259,16 +322,23 @@ class Ingress:
         owner: Owner,
         window: Annotated[int | None, Query(ge=1, description="last N messages")] = None,
     ) -> MessagesResponse:
+        if (history := self._local()) is not None:
+            return await history.messages(session_id, window, owner)
         return await self._unary(self._model(session_id).messages.remote(session_id, window, owner), response)
 
     @app.post("/v1/sessions/{session_id}/messages", response_model=MessagesResponse, responses=ERRORS)
     async def append(self, session_id: str, body: AppendRequest, response: Response, owner: Owner) -> MessagesResponse:
+        if (history := self._local()) is not None:
+            return await history.append(session_id, body, owner)
         return await self._unary(self._model(session_id).append.remote(session_id, body, owner), response)
 
     @app.delete("/v1/sessions/{session_id}/messages", status_code=204, responses=ERRORS)
     async def clear(self, session_id: str, owner: Owner) -> Response:
         done = Response(status_code=204)
-        await self._unary(self._model(session_id).clear.remote(session_id, owner), done)
+        if (history := self._local()) is not None:
+            await history.clear(session_id, owner)
+        else:
+            await self._unary(self._model(session_id).clear.remote(session_id, owner), done)
         return done
 
     # ---- OpenAI --------------------------------------------------------------------------------------
@@ -291,16 +361,3 @@ class Ingress:
     @app.get("/v1/models", response_model=ModelList)
     async def models(self, owner: Owner) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name)])
-
-
-def _model_deployment_problem() -> str | None:
-    """Why the model deployment is not fully up (replicas still loading, unhealthy), or None."""
-    context = serve.get_replica_context()
-    application = serve.status().applications.get(context.app_name)
-    deployment = application.deployments.get(MODEL_DEPLOYMENT) if application else None
-    if deployment is None:
-        return "the model deployment is not running"
-    if deployment.status != "HEALTHY":
-        states = ", ".join(f"{count} {state}" for state, count in deployment.replica_states.items()) or "none"
-        return f"model replicas are not all ready ({deployment.status}; replicas: {states})"
-    return None

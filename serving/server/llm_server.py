@@ -29,6 +29,8 @@ from serving.server.protocol import (
     QueryRequest,
     QueryResponse,
     SessionInfo,
+    SessionList,
+    UpdateSessionRequest,
 )
 from serving.service import TurnResult
 
@@ -76,10 +78,10 @@ class LLMServer:
 
         _log_to_stderr()
         parsed = Config.model_validate(config)
-        service = build_service(parsed, replicas_on_node)
+        self.replica = _replica_name()
+        service = build_service(parsed, replicas_on_node, self.replica)
         service.on_turn = self._record_turn
         self.api = SessionAPI(service, parsed.model.name)
-        self.replica = _replica_name()
         self._turns: list[TurnSample] = []
         self._idle_ttl_s = parsed.sessions.idle_ttl_s
         self._janitor: asyncio.Task[None] | None = None
@@ -90,6 +92,14 @@ class LLMServer:
 
     async def get_session(self, session_id: str, owner: str | None) -> Reply[SessionInfo]:
         return await self._reply(self.api.get_session(session_id, owner))
+
+    async def list_sessions(self, limit: int, offset: int, owner: str | None) -> Reply[SessionList]:
+        return await self._reply(self.api.list_sessions(limit, offset, owner))
+
+    async def update_session(
+        self, session_id: str, request: UpdateSessionRequest, owner: str | None
+    ) -> Reply[SessionInfo]:
+        return await self._reply(self.api.update_session(session_id, request, owner))
 
     async def destroy_session(self, session_id: str, owner: str | None) -> Reply[None]:
         return await self._reply(self.api.destroy_session(session_id, owner))
@@ -110,7 +120,10 @@ class LLMServer:
     async def query(self, session_id: str, request: QueryRequest, owner: str | None) -> Reply[QueryResponse]:
         return await self._reply(self.api.query(session_id, request, owner))
 
-    def query_stream(self, session_id: str, request: QueryRequest, owner: str | None) -> AsyncIterator[StreamEvent]:
+    async def query_stream(
+        self, session_id: str, request: QueryRequest, owner: str | None
+    ) -> AsyncIterator[StreamEvent]:
+        """Called with stream=True: Ray awaits this and iterates the stream it returns (no wrapping generator)."""
         return self._stream(self.api.query_stream(session_id, request, owner))
 
     async def chat_completion(
@@ -118,10 +131,14 @@ class LLMServer:
     ) -> Reply[ChatCompletionResponse]:
         return await self._reply(self.api.chat_completion(request, session_id, owner))
 
-    def chat_completion_stream(
+    async def chat_completion_stream(
         self, request: ChatCompletionRequest, session_id: str | None, owner: str | None
     ) -> AsyncIterator[StreamEvent]:
         return self._stream(self.api.chat_completion_stream(request, session_id, owner))
+
+    async def release_kv(self, session_id: str) -> None:
+        """The ingress destroyed, cleared or re-prompted the session in the store: free its KV here."""
+        await self.api.release_kv(session_id)
 
     # ---- health --------------------------------------------------------------------------------------
     async def ready(self) -> str | None:
@@ -163,9 +180,7 @@ class LLMServer:
 
     def _report(self) -> ReplicaReport:
         turns, self._turns = self._turns, []
-        gauges = dict(self.api.service.engine.stats())
-        gauges["live_sessions"] = self.api.service.manager.count()
-        return ReplicaReport(self.replica, gauges, turns)
+        return ReplicaReport(self.replica, dict(self.api.service.engine.stats()), turns)
 
     # ---- idle expiry ---------------------------------------------------------------------------------
     def _start_janitor(self) -> None:

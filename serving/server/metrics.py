@@ -48,6 +48,7 @@ class Metrics:
         )
         self.completion_tokens = Counter("sessionserve_completion_tokens", "generated tokens", registry=r)
         self.engine = Gauge("sessionserve_engine", "engine gauges per replica", ["replica", "name"], registry=r)
+        self.live_sessions = Gauge("sessionserve_live_sessions", "sessions in the history store", registry=r)
 
     def observe_request(self, route: str, status: int) -> None:
         self.requests.labels(route, str(status)).inc()

@@ -24,7 +24,7 @@ from serving.server.openai_protocol import (
     PromptTokensDetails,
     completion_id,
 )
-from serving.service import SessionService, TextDelta, TurnResult, final_result
+from serving.service import SessionService, TextDelta, TurnResult
 from sessions.errors import InvalidRequest, SessionExists, SessionNotFound
 from sessions.messages import Message, parse_messages
 
@@ -64,7 +64,8 @@ class OpenAIChat:
     async def complete(
         self, request: ChatCompletionRequest, session_id: str | None, owner: str | None
     ) -> ChatCompletionResponse:
-        result = await final_result(await self._events(request, session_id, owner))
+        *_, result = [event async for event in await self._events(request, session_id, owner)]
+        assert isinstance(result, TurnResult)  # a turn's events end with its TurnResult
         return ChatCompletionResponse(
             model=self.model_name,
             choices=[Choice(message=ChoiceMessage(content=result.response), finish_reason=_finish(result))],
@@ -104,7 +105,7 @@ class OpenAIChat:
             record = self.service.manager.get(session_id, owner)
         except SessionNotFound:
             with contextlib.suppress(SessionExists):  # a concurrent first request created it
-                self.service.create_session(session_id, system_prompt=system_prompt, owner=owner)
+                self.service.manager.create(session_id, system_prompt=system_prompt, owner=owner)
             return
         if system_prompt is not None and system_prompt != record.system_prompt:
             raise InvalidRequest(

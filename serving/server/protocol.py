@@ -64,6 +64,29 @@ class SessionInfo(BaseModel):
     kv: KVState
 
 
+class SessionSummary(BaseModel):
+    """A session in a listing: its record and where its KV lives as last reported (no history read)."""
+
+    session_id: str
+    system_prompt: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: float
+    last_active_at: float
+    kv: KVState
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionSummary]
+    next_offset: int | None = Field(None, description="offset of the next page; null on the last page")
+
+
+class UpdateSessionRequest(_Strict):
+    """PATCH: a field left out stays as it is; `system_prompt: null` clears it; `metadata` replaces the whole object."""
+
+    system_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    metadata: dict[str, Any] | None = None
+
+
 class QueryRequest(_Strict):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the user's message")
     max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS_CAP)

@@ -8,6 +8,7 @@ backend, so the hosts sharing a store need synchronised clocks (NTP); `now`/`bef
 
 from __future__ import annotations
 
+import builtins  # the stores have a `list` method, so their annotations say builtins.list
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ class HistoryStore(Protocol):
         """Append all messages or none, and set last_active_at; SessionNotFound if the session is missing."""
         ...
 
-    def messages(self, session_id: str, window: int | None = None) -> list[Message]:
+    def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         """The last `window` messages (all if None), oldest first, no system prompt; SessionNotFound if missing."""
         ...
 
@@ -94,7 +95,7 @@ class HistoryStore(Protocol):
         """How many sessions exist."""
         ...
 
-    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
         """The owner's sessions (None: those created without an owner), most recently active first, one page."""
         ...
 
@@ -106,11 +107,11 @@ class HistoryStore(Protocol):
         """Give the lease back; a no-op if `holder` does not hold it (or the session is gone)."""
         ...
 
-    def expire_idle(self, before: float) -> list[str]:
+    def expire_idle(self, before: float) -> builtins.list[str]:
         """Delete sessions with last_active_at < before and no unexpired lease, atomically; their ids."""
         ...
 
-    def missing(self, session_ids: Sequence[str]) -> list[str]:
+    def missing(self, session_ids: Sequence[str]) -> builtins.list[str]:
         """Those of `session_ids` that have no record, in the given order (one query, not one per id)."""
         ...
 

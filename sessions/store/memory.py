@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins  # the stores have a `list` method, so their annotations say builtins.list
 import json
 import threading
 import time
@@ -90,7 +91,7 @@ class MemoryStore:
             session.messages.extend(batch)
             session.record.last_active_at = now
 
-    def messages(self, session_id: str, window: int | None = None) -> list[Message]:
+    def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         check_window(window)
         with self._lock:
             stored = self._session(session_id).messages
@@ -129,7 +130,7 @@ class MemoryStore:
         with self._lock:
             return len(self._sessions)
 
-    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
         check_page(limit, offset)
         with self._lock:
             records = [s.record for s in self._sessions.values() if s.record.owner == owner]
@@ -148,7 +149,7 @@ class MemoryStore:
             if session is not None and session.lease_holder == holder:
                 session.lease_holder = session.lease_until = None
 
-    def expire_idle(self, before: float) -> list[str]:
+    def expire_idle(self, before: float) -> builtins.list[str]:
         with self._lock:
             now = self._clock()
             idle = [
@@ -161,7 +162,7 @@ class MemoryStore:
                 del self._sessions[record.session_id]
             return [r.session_id for r in idle]
 
-    def missing(self, session_ids: Sequence[str]) -> list[str]:
+    def missing(self, session_ids: Sequence[str]) -> builtins.list[str]:
         with self._lock:
             return [session_id for session_id in session_ids if session_id not in self._sessions]
 

@@ -7,13 +7,15 @@ that same UPDATE, so concurrent appends never share, skip or reorder an ordinal.
 
 The schema is created (and later migrated) at start-up in one transaction under an advisory lock, so replicas that
 start together do not race; its version is the row in `sessionserve_schema`. Timeouts bound every call: connect,
-pool checkout, statement and lock waits; a pooled connection is checked before use, so after a server restart the
-same store object recovers without raising for connections that died meanwhile.
+pool checkout, statement and lock waits; a pooled connection the server closed is replaced before use, so after a
+server restart the same store object recovers without raising for connections that died meanwhile.
 """
 
 from __future__ import annotations
 
+import builtins  # the stores have a `list` method, so their annotations say builtins.list
 import math
+import select
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,35 +41,8 @@ from sessions.store.base import (
     exists,
     not_found,
 )
+from sessions.store.postgresql_schema import migrate
 
-SCHEMA_VERSION = 1
-_LOCK_KEY = 0x5E55_10_5E  # pg_advisory_xact_lock key for schema changes ("sessionse")
-# version -> statements that take a database from version-1 to version. Append, never edit, once released.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        """CREATE TABLE sessionserve_sessions (
-            session_id     text COLLATE "C" PRIMARY KEY,
-            system_prompt  text,
-            metadata       jsonb NOT NULL,
-            owner          text COLLATE "C",
-            created_at     double precision NOT NULL,
-            last_active_at double precision NOT NULL,
-            next_seq       bigint NOT NULL DEFAULT 0,  -- ordinal of the next message appended
-            lease_holder   text,                       -- the turn holding the lease, or NULL
-            lease_until    double precision            -- lease expiry, the caller's wall clock
-        )""",
-        "CREATE INDEX sessionserve_sessions_idle ON sessionserve_sessions (last_active_at)",
-        "CREATE INDEX sessionserve_sessions_owner"
-        " ON sessionserve_sessions (owner, last_active_at DESC, session_id DESC)",
-        """CREATE TABLE sessionserve_messages (
-            session_id text COLLATE "C" NOT NULL REFERENCES sessionserve_sessions ON DELETE CASCADE,
-            seq        bigint NOT NULL,
-            role       text NOT NULL,
-            content    text NOT NULL,
-            PRIMARY KEY (session_id, seq)
-        )""",
-    ),
-}
 _COLUMNS = "session_id, system_prompt, metadata, created_at, last_active_at, owner"
 _FREE = "(lease_holder IS NULL OR lease_holder = %(holder)s OR lease_until <= %(now)s)"  # mutation allowed
 _OPTIONS = ("timeout", "pool_size")  # our own URL query parameters, not libpq's
@@ -82,6 +57,19 @@ def _refuse_nul(*texts: str | None) -> None:
     """PostgreSQL text cannot hold NUL characters; say so instead of failing inside the driver."""
     if any(text is not None and "\x00" in text for text in texts):
         raise InvalidRequest("text containing NUL characters (\\u0000) cannot be stored by the PostgreSQL store")
+
+
+def _check_idle_connection(conn: psycopg.Connection[Any]) -> None:
+    """The pool's check before lending a connection, without a round trip in the common case.
+
+    An idle connection has nothing to read; if its socket is readable the server closed it or sent a FATAL (restart,
+    admin shutdown), so only then pay the full check (which raises, and the pool replaces the connection).
+    """
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("connection is closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        ConnectionPool.check_connection(conn)
 
 
 def _split_url(url: str) -> tuple[str, dict[str, str]]:
@@ -117,24 +105,39 @@ class PostgreSQLStore:
         self.idle_ttl_s = idle_ttl_s
         self._clock = clock
         timeout_ms = max(1, int(timeout_s * 1000))
-        params.setdefault("connect_timeout", max(2, math.ceil(timeout_s)))  # libpq's minimum is 2 s
-        params.setdefault("tcp_user_timeout", timeout_ms)  # unacknowledged data: the peer is gone
+        defaults = {  # settings in the URL win
+            "connect_timeout": max(2, math.ceil(timeout_s)),  # libpq's minimum is 2 s
+            "tcp_user_timeout": timeout_ms,  # data sent but unacknowledged this long: the peer is gone
+            "keepalives": 1,  # a peer silent while we wait for a reply: given up on after a few seconds
+            "keepalives_idle": max(1, math.ceil(timeout_s)),
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+        }
+        params = {**defaults, **params}
         options = [str(params["options"])] if params.get("options") else []
         options += [f"-c statement_timeout={timeout_ms}", f"-c lock_timeout={timeout_ms}"]
         params["options"] = " ".join([*options, "-c idle_in_transaction_session_timeout=60000"])
+        conninfo = make_conninfo("", **params)
+        try:  # one direct connection first: its error says why (refused, bad password), a pool would just time out
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                migrate(conn, self.where)
+        except psycopg.OperationalError as error:
+            raise self._unavailable(error) from None
         self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
-            make_conninfo(**params),
+            conninfo,
             min_size=1,
             max_size=max(1, pool_size),
             timeout=timeout_s,
             kwargs={"autocommit": True},
-            check=ConnectionPool.check_connection,  # a connection that died while pooled is replaced, not raised
+            check=_check_idle_connection,  # a connection that died while pooled is replaced, not raised
             open=False,
             name="sessionserve-history",
         )
         try:
             self._pool.open(wait=True, timeout=timeout_s)
-            self._migrate()
+        except PoolTimeout as error:
+            self._pool.close()
+            raise self._unavailable(error) from None
         except BaseException:
             self._pool.close()
             raise
@@ -154,38 +157,17 @@ class PostgreSQLStore:
         except (psycopg.OperationalError, PoolTimeout) as error:  # includes statement/lock timeouts
             raise self._unavailable(error) from None
 
-    def _all(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def _all(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> builtins.list[tuple[Any, ...]]:
         with self._conn() as conn:
-            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+            return conn.execute(sql, params).fetchall()
+
+    def _exec(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> None:
+        with self._conn() as conn:
+            conn.execute(sql, params)
 
     def _one(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> tuple[Any, ...] | None:
         rows = self._all(sql, params)
         return rows[0] if rows else None
-
-    def _migrate(self) -> None:
-        with self._conn() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS sessionserve_schema ("
-                " id boolean PRIMARY KEY DEFAULT true CHECK (id), version integer NOT NULL,"
-                " migrated_at timestamptz NOT NULL DEFAULT now())"
-            )
-            row = conn.execute("SELECT version FROM sessionserve_schema").fetchone()
-            current = 0 if row is None else int(row[0])
-            if current > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the PostgreSQL history store at {self.where} has schema version {current}, newer than this "
-                    f"sessionserve's {SCHEMA_VERSION}: upgrade sessionserve"
-                )
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[version]:
-                    conn.execute(statement)  # type: ignore[arg-type]
-            conn.execute(
-                "INSERT INTO sessionserve_schema (id, version) VALUES (true, %s)"
-                " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, migrated_at = now()"
-                " WHERE sessionserve_schema.version <> EXCLUDED.version",
-                (SCHEMA_VERSION,),
-            )
 
     def _refused(self, session_id: str) -> Exception:
         """Why a conditional mutation touched no row: the session is missing, or another holder leases it."""
@@ -269,7 +251,7 @@ class PostgreSQLStore:
         row = self._one("SELECT count(*) FROM sessionserve_sessions")
         return 0 if row is None else int(row[0])
 
-    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
         check_page(limit, offset)
         where = "owner IS NULL" if owner is None else "owner = %(owner)s"
         rows = self._all(
@@ -279,7 +261,7 @@ class PostgreSQLStore:
         )
         return [_record(row) for row in rows]
 
-    def missing(self, session_ids: Sequence[str]) -> list[str]:
+    def missing(self, session_ids: Sequence[str]) -> builtins.list[str]:
         if not session_ids:
             return []
         rows = self._all(
@@ -314,7 +296,7 @@ class PostgreSQLStore:
         if row is None:
             raise self._refused(session_id)
 
-    def messages(self, session_id: str, window: int | None = None) -> list[Message]:
+    def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         check_window(window)
         rows = self._all(
             "SELECT role, content FROM (SELECT seq, role, content FROM sessionserve_messages"
@@ -357,13 +339,13 @@ class PostgreSQLStore:
             raise self._refused(session_id)
 
     def release_lease(self, session_id: str, holder: str) -> None:
-        self._all(
+        self._exec(
             "UPDATE sessionserve_sessions SET lease_holder = NULL, lease_until = NULL"
             " WHERE session_id = %s AND lease_holder = %s",
             (session_id, holder),
         )
 
-    def expire_idle(self, before: float) -> list[str]:
+    def expire_idle(self, before: float) -> builtins.list[str]:
         rows = self._all(
             "DELETE FROM sessionserve_sessions WHERE last_active_at < %(before)s"
             " AND (lease_holder IS NULL OR lease_until <= %(now)s) RETURNING session_id, last_active_at",
@@ -372,7 +354,7 @@ class PostgreSQLStore:
         return [session_id for session_id, _ in sorted(rows, key=lambda row: (row[1], row[0]))]
 
     def ping(self) -> None:
-        self._all("SELECT 1")
+        self._exec("SELECT 1")
 
     def close(self) -> None:
         self._pool.close()

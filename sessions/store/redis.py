@@ -11,12 +11,13 @@ Key layout (all under a prefix, default `sessionserve:`, set with `?prefix=` on 
 Idle expiry is the server's: both per-session keys get PEXPIRE idle_ttl_s after every change, and PERSIST while a
 turn holds the lease (so a session never disappears mid-turn); releasing the lease starts the countdown again.
 The sorted sets may keep ids the server expired: count() and list() drop those before answering, expire_idle()
-reports and drops them. Every mutation is one Lua script (see redis_scripts.py), so lease checks, message order and
-TTLs are atomic; reads of several keys use MULTI. Needs Redis >= 6.2 standalone or a Sentinel primary.
+reports and drops them. Every call that touches more than one key is one Lua script (see redis_scripts.py), so lease
+checks, message order and TTLs are atomic. Needs Redis >= 6.2, standalone or a Sentinel primary (not Cluster).
 """
 
 from __future__ import annotations
 
+import builtins  # the stores have a `list` method, so their annotations say builtins.list
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -117,7 +118,7 @@ class RedisStore:
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise self._unavailable(error) from None
 
-    def _run(self, name: str, *args: object) -> Any:
+    def _run(self, name: str, *args: str | int | float) -> Any:
         script = self._scripts[name]
         return self._call(lambda: script(args=[self.prefix, *args]))
 
@@ -186,7 +187,7 @@ class RedisStore:
     def count(self) -> int:
         return int(self._run("COUNT", repr(self._cutoff())))
 
-    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
         check_page(limit, offset)
         owned = ("1", owner) if owner is not None else ("0", "")
         flat = self._run("LIST", repr(self._cutoff()), *owned, offset, limit)
@@ -199,11 +200,11 @@ class RedisStore:
                 records.append(_record(session_id, dict(zip(fields[::2], fields[1::2], strict=True))))
         return records
 
-    def missing(self, session_ids: Sequence[str]) -> list[str]:
+    def missing(self, session_ids: Sequence[str]) -> builtins.list[str]:
         if not session_ids:
             return []
 
-        def exists_all() -> list[int]:
+        def exists_all() -> builtins.list[int]:
             pipe = self._redis.pipeline(transaction=False)
             for session_id in session_ids:
                 pipe.exists(f"{self.prefix}s:{session_id}")
@@ -219,28 +220,19 @@ class RedisStore:
         if outcome != "ok":
             self._refused(session_id, outcome)
 
-    def _read(self, session_id: str, tail: Callable[[Any], object]) -> Any:
-        """One MULTI round trip: does the record exist, and `tail`'s command on the message list."""
-
-        def run() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.exists(f"{self.prefix}s:{session_id}")
-            tail(pipe)
-            return pipe.execute()
-
-        found, result = self._call(run)
-        if not found:
-            raise not_found(session_id)
-        return result
-
-    def messages(self, session_id: str, window: int | None = None) -> list[Message]:
+    def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         check_window(window)
-        start = 0 if window is None else -min(window, 2**62)
-        rows = self._read(session_id, lambda pipe: pipe.lrange(f"{self.prefix}m:{session_id}", start, -1))
-        return [Message(*json.loads(row)) for row in rows]
+        rows = self._run("MESSAGES", session_id, 0 if window is None else -min(window, 2**62))
+        if rows == 0:
+            raise not_found(session_id)
+        decoded = json.loads("[" + ",".join(rows) + "]")  # one parse for the whole history, not one per message
+        return [Message(role, content) for role, content in decoded]
 
     def message_count(self, session_id: str) -> int:
-        return int(self._read(session_id, lambda pipe: pipe.llen(f"{self.prefix}m:{session_id}")))
+        count = int(self._run("MESSAGE_COUNT", session_id))
+        if count < 0:
+            raise not_found(session_id)
+        return count
 
     def clear(self, session_id: str, *, holder: str | None = None) -> None:
         outcome = self._run("CLEAR", session_id, holder or "", self._clock(), self._ttl_ms)
@@ -260,7 +252,7 @@ class RedisStore:
             raise InvalidRequest("a lease holder must be a non-empty string")
         self._run("RELEASE", session_id, holder, self._clock(), self._ttl_ms)
 
-    def expire_idle(self, before: float) -> list[str]:
+    def expire_idle(self, before: float) -> builtins.list[str]:
         return list(self._run("EXPIRE_IDLE", repr(before), self._clock()))
 
     def ping(self) -> None:

@@ -5,7 +5,10 @@ so this layout needs a single Redis (standalone or Sentinel primary), not Redis 
 
 from __future__ import annotations
 
-NAMES = ("CREATE", "APPEND", "TOUCH", "CLEAR", "DELETE", "UPDATE", "ACQUIRE", "RELEASE", "EXPIRE_IDLE", "COUNT", "LIST")
+NAMES = (
+    *("CREATE", "APPEND", "TOUCH", "CLEAR", "DELETE", "UPDATE", "ACQUIRE", "RELEASE", "EXPIRE_IDLE", "COUNT", "LIST"),
+    *("MESSAGES", "MESSAGE_COUNT"),
+)
 
 # Shared helpers, prepended to every script. `now` is the caller's wall clock; a lease is live while until > now.
 _LIB = """
@@ -217,5 +220,25 @@ for _, id in ipairs(redis.call('ZREVRANGE', index, offset, offset + limit - 1)) 
   for _, value in ipairs(fields) do table.insert(out, value) end
 end
 return out
+"""
+)
+
+# ARGV: prefix, id, start (0 or -window). 0 if the session is missing, else the messages from start.
+MESSAGES = (
+    _LIB
+    + """
+local id = ARGV[2]
+if redis.call('EXISTS', rec_key(id)) == 0 then return 0 end
+return redis.call('LRANGE', msg_key(id), tonumber(ARGV[3]), -1)
+"""
+)
+
+# ARGV: prefix, id. -1 if the session is missing, else how many messages it has.
+MESSAGE_COUNT = (
+    _LIB
+    + """
+local id = ARGV[2]
+if redis.call('EXISTS', rec_key(id)) == 0 then return -1 end
+return redis.call('LLEN', msg_key(id))
 """
 )

@@ -7,12 +7,13 @@ write can fail with SQLITE_BUSY without waiting on busy_timeout; the same lock m
 
 from __future__ import annotations
 
+import builtins  # the stores have a `list` method, so their annotations say builtins.list
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,10 +135,10 @@ class SQLiteStore:
                 raise self._unavailable(error) from None
         return row
 
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         return self._transaction("BEGIN IMMEDIATE")
 
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> AbstractContextManager[sqlite3.Connection]:
         return self._transaction("BEGIN")  # one snapshot for multi-statement reads
 
     @staticmethod
@@ -195,7 +196,7 @@ class SQLiteStore:
             )
             conn.execute("UPDATE sessions SET last_active_at = ? WHERE session_id = ?", (now, session_id))
 
-    def messages(self, session_id: str, window: int | None = None) -> list[Message]:
+    def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         check_window(window)
         with self._read() as conn:
             self._require(conn, session_id)
@@ -246,7 +247,7 @@ class SQLiteStore:
         row = self._one("SELECT COUNT(*) FROM sessions")
         return 0 if row is None else int(row[0])
 
-    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> list[SessionRecord]:
+    def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
         check_page(limit, offset)
         where = "owner IS NULL" if owner is None else "owner = ?"
         with self._read() as conn:
@@ -273,7 +274,7 @@ class SQLiteStore:
                 (session_id, holder),
             )
 
-    def expire_idle(self, before: float) -> list[str]:
+    def expire_idle(self, before: float) -> builtins.list[str]:
         with self._write() as conn:
             rows = conn.execute(
                 "SELECT session_id FROM sessions WHERE last_active_at < ?"
@@ -286,7 +287,7 @@ class SQLiteStore:
                 conn.execute(f"DELETE FROM sessions WHERE session_id IN ({','.join('?' * len(chunk))})", chunk)
         return expired
 
-    def missing(self, session_ids: Sequence[str]) -> list[str]:
+    def missing(self, session_ids: Sequence[str]) -> builtins.list[str]:
         present: set[str] = set()
         with self._read() as conn:
             for start in range(0, len(session_ids), _IDS_PER_QUERY):

@@ -165,3 +165,26 @@ def test_fork_shares_history_and_continues_like_its_parent(client):
     expect(404, client.fork, new_id())
     client.destroy_session(child)
     client.destroy_session(parent)
+
+
+def test_list_and_update_sessions(client):
+    first = client.create_session(new_id(), system_prompt="One.", metadata={"title": "a"})
+    second = client.create_session(new_id())
+    client.append(first, [{"role": "user", "content": "touch"}])  # now the most recently active
+    listed = [s.session_id for s in client.list_sessions(limit=1000).sessions]
+    assert listed.index(first) < listed.index(second)
+    page = client.list_sessions(limit=1)
+    assert len(page.sessions) == 1 and page.next_offset == 1
+
+    updated = client.update_session(first, metadata={"title": "b"})
+    assert updated.metadata == {"title": "b"} and updated.system_prompt == "One."  # left out: unchanged
+    cleared = client.update_session(first, system_prompt=None)
+    assert cleared.system_prompt is None and cleared.metadata == {"title": "b"}
+    with pytest.raises(APIError) as missing:
+        client.update_session("no-such-session", metadata={})
+    assert missing.value.status == 404
+    with pytest.raises(APIError) as bad:
+        client.update_session(first, metadata={"bad": float("nan")})
+    assert bad.value.status == 422 and client.session_info(first).metadata == {"title": "b"}
+    client.destroy_session(first)
+    client.destroy_session(second)

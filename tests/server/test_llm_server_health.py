@@ -11,7 +11,7 @@ from tests.support import TINY, app_config
 
 
 @pytest.fixture
-async def replica(smollm2_dir):
+async def replica(tokenizer_dir):
     config = app_config("memory://", model=TINY, torch_threads=1)
     server = LLMServer.func_or_class(config.model_dump(mode="json"))
     yield server

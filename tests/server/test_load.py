@@ -38,7 +38,7 @@ async def run_session(http: httpx.AsyncClient, index: int, errors: list[str]) ->
     if response.status_code != 201:
         errors.append(f"{sid} create: {response.status_code} {response.text[:200]}")
         return sid, replies, replicas
-    replicas.add(response.headers.get(REPLICA_HEADER, "?"))
+    assert REPLICA_HEADER not in response.headers  # created by the ingress, straight in the store
     for turn in range(1, TURNS + 1):
         try:
             response = await http.post(

@@ -349,3 +349,142 @@ def test_limits_must_be_sane(store):
         SessionManager(store, max_sessions=0)
     with pytest.raises(ValueError, match="idle_ttl_s"):
         SessionManager(store, idle_ttl_s=0)
+
+
+def test_lease_ttl_must_be_sane(store):
+    with pytest.raises(ValueError, match="lease_ttl_s"):
+        SessionManager(store, lease_ttl_s=0)
+
+
+# ---- list and update -------------------------------------------------------------------------------------
+def test_list_sessions_per_owner_newest_first(manager, clock):
+    manager.max_sessions = 10
+    for name in ("a", "b", "c"):
+        manager.create(name, owner="alice")
+        clock.advance(1)
+    manager.create("anon")
+    manager.append("a", [U1])
+    assert [r.session_id for r in manager.list_sessions("alice")] == ["a", "c", "b"]
+    assert [r.session_id for r in manager.list_sessions("alice", limit=2, offset=1)] == ["c", "b"]
+    assert [r.session_id for r in manager.list_sessions(None)] == ["anon"]
+    assert manager.list_sessions("bob") == []
+    for limit, offset in ((0, 0), (1001, 0), (5, -1)):
+        with pytest.raises(InvalidRequest):
+            manager.list_sessions("alice", limit=limit, offset=offset)
+
+
+def test_update_validates_checks_the_owner_and_frees_kv_on_a_new_prompt(manager, engine, clock):
+    manager.create("s1", system_prompt="Be terse.", messages=[U1, A1], metadata={"v": 1}, owner="alice")
+    before = snapshot(manager)
+    for kwargs, error in (
+        ({"system_prompt": 7}, InvalidRequest),
+        ({"metadata": ["x"]}, InvalidRequest),
+        ({"metadata": {"bad": object()}}, InvalidRequest),
+    ):
+        with pytest.raises(error):
+            manager.update("s1", "alice", **kwargs)
+    with pytest.raises(SessionNotFound):
+        manager.update("s1", "bob", system_prompt="hijack")
+    with pytest.raises(SessionNotFound):
+        manager.update("nope", system_prompt="x")
+    assert snapshot(manager) == before and engine.released == []
+
+    clock.advance(5)
+    record = manager.update("s1", "alice", metadata={"v": 2})
+    assert (record.system_prompt, record.metadata) == ("Be terse.", {"v": 2})
+    assert engine.released == []  # the prompt did not change: the KV still matches
+    assert manager.get("s1").last_active_at == clock.now
+    record = manager.update("s1", "alice", system_prompt="Be verbose.")
+    assert manager.get("s1").system_prompt == "Be verbose." and record.metadata == {"v": 2}
+    assert engine.released == ["s1"]
+    manager.update("s1", system_prompt=None)
+    assert manager.get("s1").system_prompt is None and engine.released == ["s1", "s1"]
+    assert manager.history("s1") == [U1, A1]
+
+
+# ---- the store lease of a turn ---------------------------------------------------------------------------
+@pytest.fixture
+def other_replica(open_backend, clock) -> SessionManager:
+    """Another process sharing the store (for memory: the same store object)."""
+    return SessionManager(open_backend(), None, clock=clock)
+
+
+async def test_a_turn_holds_the_store_lease_against_other_processes(manager, other_replica):
+    manager.create("s1", messages=[U1, A1])
+    async with manager.turn("s1") as holder:
+        assert isinstance(holder, str) and holder
+        for call in (
+            lambda: other_replica.append("s1", [U2]),
+            lambda: other_replica.clear("s1"),
+            lambda: other_replica.destroy("s1"),
+            lambda: other_replica.update("s1", metadata={"x": 1}),
+        ):
+            with pytest.raises(SessionBusy):
+                call()
+        with pytest.raises(SessionBusy):
+            async with other_replica.turn("s1"):
+                pass
+        assert other_replica.history("s1") == [U1, A1]  # reads are fine
+        manager.append("s1", [U2])  # this process's own edits act as its turn
+        manager.commit_turn("s1", [], A2)
+    assert manager.history("s1") == [U1, A1, U2, A2]
+    other_replica.append("s1", [U1])  # the turn is over: the lease is released
+    other_replica.destroy("s1")
+
+
+async def test_commit_turn_with_the_yielded_holder(manager, other_replica):
+    manager.create("s1")
+    async with manager.turn("s1") as holder:
+        manager.store.append("s1", [U1], 0.0, holder=holder)
+        manager.commit_turn("s1", [U2], A2, holder=holder)
+    assert manager.history("s1") == [U1, U2, A2]
+
+
+async def test_a_lease_held_elsewhere_makes_the_turn_busy(manager, store):
+    manager.create("s1")
+    store.acquire_lease("s1", "another-replica", ttl_s=60)
+    with pytest.raises(SessionBusy):
+        async with manager.turn("s1"):
+            pass
+    assert manager._turn_locks == {}
+    store.release_lease("s1", "another-replica")
+    async with manager.turn("s1"):
+        pass
+
+
+async def test_a_long_turn_renews_its_lease(open_backend, clock):
+    store = open_backend()
+    manager = SessionManager(store, None, lease_ttl_s=0.6, clock=clock)
+    manager.create("s1")
+    async with manager.turn("s1"):
+        await asyncio.sleep(1.5)  # well past the lease's first expiry (renewed every 0.2 s)
+        with pytest.raises(SessionBusy):
+            store.acquire_lease("s1", "someone-else", ttl_s=1)
+    store.acquire_lease("s1", "someone-else", ttl_s=1)
+
+
+async def test_a_cancelled_turn_gives_its_lease_back(manager, store):
+    manager.create("s1")
+    inside = asyncio.Event()
+
+    async def turn() -> None:
+        async with manager.turn("s1"):
+            inside.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(turn())
+    await inside.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    store.acquire_lease("s1", "next", ttl_s=5)  # free at once, not after lease_ttl_s
+    assert manager._turn_locks == {}
+
+
+async def test_expiry_never_removes_a_session_leased_elsewhere(manager, store, clock, engine):
+    manager.create("s1")
+    store.acquire_lease("s1", "another-replica", ttl_s=60)
+    clock.advance(120)
+    assert manager.expire_idle() == []
+    store.release_lease("s1", "another-replica")
+    assert manager.expire_idle() == ["s1"] and engine.released == ["s1"]

@@ -1,0 +1,186 @@
+"""Session operations through the real HTTP path, next to `/health` in the same run.
+
+Deploys the Ray Serve app (one model replica, the tiny random model: no operation measured here runs the model) on
+loopback with the chosen store, fills it with `--sessions` sessions, then `--clients` concurrent clients run each
+operation for `--seconds`: create, info, history read, append, delete, and `/health` (which never leaves the
+ingress). Reports ops/s and p50/p90 ms per operation and each operation's throughput relative to `/health`.
+
+    .venv/bin/python -m benchmarks.control_plane --store sqlite --out results-control-plane.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+TARGET_RATIO = 0.8  # session operations run at >= 0.8x the throughput of /health
+MESSAGE = {"role": "user", "content": "a note appended without generating"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default="sqlite", help="sqlite, postgresql, redis, or a store URL")
+    parser.add_argument("--sessions", type=int, default=1000, help="sessions in the store before timing")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per operation")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def _store_url(kind: str, stack: ExitStack) -> str:
+    if "://" in kind:
+        return kind
+    if kind == "sqlite":
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-control-")))
+        return f"sqlite:///{root / 'sessions.db'}"
+    from tests.servers import start_postgres, start_redis
+
+    server = start_postgres(durable=True) if kind == "postgresql" else start_redis()
+    stack.callback(server.close)
+    return server.url
+
+
+def _deploy(store: str, stack: ExitStack) -> str:
+    import ray
+    from ray import serve
+
+    from serving.config import load_config
+    from serving.server.builder import build_app
+    from tests.servers import free_port
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    stack.callback(ray.shutdown)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    stack.callback(serve.shutdown)
+    config = load_config(
+        None,
+        {
+            "model": {"name": "builtin:tiny-random-llama", "device": "cpu", "dtype": "float32", "torch_threads": 1},
+            "engine": {"kv_cache_memory": "64MiB", "host_cache_memory": "0"},
+            "sessions": {"store": store, "max_sessions": 10**6},
+            "serving": {"cpus_per_replica": 0.5},
+        },
+    )
+    serve.run(build_app(config), name="control-plane", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while httpx.get(f"{url}/ready", timeout=5).status_code != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the app did not become ready")
+        time.sleep(0.5)
+    return url
+
+
+async def _measure(
+    clients: int,
+    seconds: float,
+    operation: Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]],
+    url: str,
+    most: int | None = None,
+) -> dict[str, Any]:
+    """`clients` loops calling `operation` (numbered 0, 1, ...; at most `most` calls) until `seconds` pass; every
+    call must succeed."""
+    latencies: list[float] = []
+    counter = itertools.count()
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        stop_at = time.perf_counter() + seconds
+
+        async def client() -> None:
+            while time.perf_counter() < stop_at:
+                number = next(counter)
+                if most is not None and number >= most:
+                    return
+                started = time.perf_counter()
+                response = await operation(http, number)
+                if response.status_code >= 300:
+                    raise RuntimeError(f"{response.request.method} {response.request.url}: {response.status_code}")
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - started
+    ms = sorted(x * 1000 for x in latencies)
+    return {
+        "ops": len(ms),
+        "ops_per_s": round(len(ms) / wall, 1),
+        "p50_ms": round(statistics.median(ms), 2),
+        "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 2),
+    }
+
+
+def _operations(ids: list[str], run: str) -> dict[str, Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]]:
+    def pick(i: int) -> str:
+        return ids[i % len(ids)]
+
+    return {
+        "health": lambda http, i: http.get("/health"),
+        "create": lambda http, i: http.post("/v1/sessions", json={"session_id": f"{run}-new-{i}"}),
+        "info": lambda http, i: http.get(f"/v1/sessions/{pick(i)}"),
+        "history": lambda http, i: http.get(f"/v1/sessions/{pick(i)}/messages", params={"window": 8}),
+        "append": lambda http, i: http.post(f"/v1/sessions/{pick(i)}/messages", json={"messages": [MESSAGE]}),
+        "delete": lambda http, i: http.delete(f"/v1/sessions/{run}-new-{i}"),
+    }
+
+
+async def _run(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:8]
+    ids = [f"{run}-{i}" for i in range(args.sessions)]
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        for chunk in range(0, len(ids), 64):
+            batch = ids[chunk : chunk + 64]
+            body = {"messages": [MESSAGE, {"role": "assistant", "content": "noted"}] * 2}
+            await asyncio.gather(*(http.post("/v1/sessions", json={"session_id": sid, **body}) for sid in batch))
+    results: dict[str, Any] = {}
+    for name, operation in _operations(ids, run).items():
+        most = results["create"]["ops"] if name == "delete" else None  # delete removes what create made
+        results[name] = await _measure(args.clients, args.seconds, operation, url, most)
+        console.print(f"{name}: {results[name]}")
+    health = results["health"]["ops_per_s"]
+    for result in results.values():
+        result["vs_health"] = round(result["ops_per_s"] / health, 2)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with ExitStack() as stack:
+        store = _store_url(args.store, stack)
+        url = _deploy(store, stack)
+        results = asyncio.run(_run(url, args))
+    table = Table(title=f"session operations vs /health ({args.clients} clients, {args.sessions} sessions)")
+    for column in ("operation", "ops/s", "p50 ms", "p90 ms", "vs /health"):
+        table.add_column(column)
+    for name, result in results.items():
+        row = (result["ops_per_s"], result["p50_ms"], result["p90_ms"], result["vs_health"])
+        table.add_row(name, *map(str, row))
+    console.print(table)
+    worst = min(result["vs_health"] for name, result in results.items() if name != "health")
+    document = {
+        "config": {"store": args.store, "sessions": args.sessions, "clients": args.clients, "seconds": args.seconds},
+        "operations": results,
+        "target": {"vs_health_at_least": TARGET_RATIO, "worst": worst, "met": worst >= TARGET_RATIO},
+    }
+    if args.out:
+        args.out.write_text(json.dumps(document, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""History store latency on loopback: what each backend adds to a turn.
+
+For memory, sqlite, postgresql and redis: append calls per second (a turn's two messages each), window reads per
+second (window=8 on a 40-message session), and the store operations one turn does (get record, read history,
+acquire lease, commit the turn's append, release lease) as p50/p90 ms, with memory's time subtracted as the
+"store share". PostgreSQL and Redis are started for the run (tests/servers.py; PostgreSQL with its default durable
+settings) unless URLs are given. One thread, one store object per backend, as a replica uses it.
+
+    .venv/bin/python -m benchmarks.stores --out results-stores.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from sessions.messages import Message
+from sessions.store import open_store
+from sessions.store.base import HistoryStore, SessionRecord
+
+console = Console(stderr=True)
+BACKENDS = ("memory", "sqlite", "postgresql", "redis")
+TARGET_MS = {"sqlite": 2.0, "postgresql": 2.0, "redis": 1.0}  # p50 store share of a turn
+TURN = [Message("user", "What is the capital of France? " * 4), Message("assistant", "Paris. " * 20)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help="comma-separated subset of " + ",".join(BACKENDS)
+    )
+    parser.add_argument("--postgres-url", default=None, help="use this server instead of starting one")
+    parser.add_argument("--redis-url", default=None, help="use this server instead of starting one")
+    parser.add_argument("--turns", type=int, default=400, help="timed turns (and reads, appends) per backend")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+@contextmanager
+def store_urls(args: argparse.Namespace, backends: list[str]) -> Iterator[dict[str, str]]:
+    with ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-stores-")))
+        urls = {"memory": "memory://", "sqlite": f"sqlite:///{root / 'sessions.db'}"}
+        if "postgresql" in backends:
+            urls["postgresql"] = args.postgres_url or _started(stack, "postgres")
+        if "redis" in backends:
+            base = args.redis_url or _started(stack, "redis")
+            urls["redis"] = f"{base}{'&' if '?' in base else '?'}prefix=bench-{uuid.uuid4().hex[:8]}:"
+        yield urls
+
+
+def _started(stack: ExitStack, kind: str) -> str:
+    from tests.servers import start_postgres, start_redis
+
+    server = start_postgres(durable=True) if kind == "postgres" else start_redis()
+    stack.callback(server.close)
+    return server.url
+
+
+def _timed(n: int, call: Callable[[int], object]) -> list[float]:
+    times = []
+    for i in range(n):
+        started = time.perf_counter()
+        call(i)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def measure(store: HistoryStore, turns: int) -> dict[str, float]:
+    run = uuid.uuid4().hex[:8]
+    ids = [f"bench-{run}-{i}" for i in range(20)]
+    for session_id in ids:
+        store.create(SessionRecord(session_id, "Be terse.", {"bench": True}, time.time(), time.time(), "bench"))
+    for session_id in ids:
+        store.append(session_id, TURN * 20, now=time.time())  # 40 messages each
+    _timed(50, lambda i: store.messages(ids[i % 20], window=8))  # warm-up (connections, script cache)
+
+    appends = _timed(turns, lambda i: store.append(ids[i % 20], TURN, now=time.time()))
+    reads = _timed(turns, lambda i: store.messages(ids[i % 20], window=8))
+
+    def one_turn(i: int) -> None:
+        session_id, holder = ids[i % 20], uuid.uuid4().hex
+        store.get(session_id)
+        store.messages(session_id)
+        store.acquire_lease(session_id, holder, 300.0)
+        store.append(session_id, TURN, now=time.time(), holder=holder)
+        store.release_lease(session_id, holder)
+
+    turn_times = _timed(turns, one_turn)
+    for session_id in ids:
+        store.delete(session_id)
+    return {
+        "append_per_s": len(appends) / sum(appends),
+        "window_read_per_s": len(reads) / sum(reads),
+        "turn_ms_p50": 1000 * statistics.median(turn_times),
+        "turn_ms_p90": 1000 * statistics.quantiles(turn_times, n=10)[-1],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise SystemExit(f"unknown backends {sorted(unknown)}: pick from {', '.join(BACKENDS)}")
+    results: dict[str, dict[str, Any]] = {}
+    with store_urls(args, sorted(set(backends) | {"memory"})) as urls:
+        for backend in ["memory", *[b for b in backends if b != "memory"]]:
+            store = open_store(urls[backend])
+            try:
+                results[backend] = measure(store, args.turns)
+            finally:
+                store.close()
+    base = results["memory"]["turn_ms_p50"]
+    for backend, numbers in results.items():
+        numbers["store_share_ms_p50"] = numbers["turn_ms_p50"] - base
+        if backend in TARGET_MS:
+            numbers["target_ms_p50"] = TARGET_MS[backend]
+            numbers["meets_target"] = numbers["store_share_ms_p50"] <= TARGET_MS[backend]
+    report = {
+        "config": {"turns": args.turns, "window": 8, "history_messages": 40, "backends": list(results)},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cores": os.cpu_count(),
+            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "backends": {b: results[b] for b in results if b in backends or b == "memory"},
+    }
+    table = Table(title="history stores on loopback (one thread)")
+    for column in ("backend", "appends/s", "window reads/s", "turn p50 ms", "turn p90 ms", "store share p50 ms"):
+        table.add_column(column, justify="right")
+    for backend, n in report["backends"].items():
+        target = f" (≤ {n['target_ms_p50']:g})" if "target_ms_p50" in n else ""
+        table.add_row(
+            backend,
+            f"{n['append_per_s']:,.0f}",
+            f"{n['window_read_per_s']:,.0f}",
+            f"{n['turn_ms_p50']:.3f}",
+            f"{n['turn_ms_p90']:.3f}",
+            f"{n['store_share_ms_p50']:.3f}{target}",
+        )
+    console.print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

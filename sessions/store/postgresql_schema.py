@@ -1,0 +1,70 @@
+"""The PostgreSQL store's schema and its migrations, applied at start-up under an advisory lock.
+
+`sessionserve_schema` holds one row with the version the database is at. A later change appends a version to
+MIGRATIONS (never edits a released one); every replica that starts brings the database up to its own version, in one
+transaction, while the advisory lock keeps replicas starting at the same time from racing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+SCHEMA_VERSION = 1
+_LOCK_KEY = 0x5E55_10_5E  # pg_advisory_xact_lock key for schema changes ("sessionse")
+# version -> statements that take a database from version-1 to version. Append, never edit, once released.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE sessionserve_sessions (
+            session_id     text COLLATE "C" PRIMARY KEY,
+            system_prompt  text,
+            metadata       jsonb NOT NULL,
+            owner          text COLLATE "C",
+            created_at     double precision NOT NULL,
+            last_active_at double precision NOT NULL,
+            next_seq       bigint NOT NULL DEFAULT 0,  -- ordinal of the next message appended
+            lease_holder   text,                       -- the turn holding the lease, or NULL
+            lease_until    double precision            -- lease expiry, the caller's wall clock
+        )""",
+        "CREATE INDEX sessionserve_sessions_idle ON sessionserve_sessions (last_active_at)",
+        "CREATE INDEX sessionserve_sessions_owner"
+        " ON sessionserve_sessions (owner, last_active_at DESC, session_id DESC)",
+        """CREATE TABLE sessionserve_messages (
+            session_id text COLLATE "C" NOT NULL REFERENCES sessionserve_sessions ON DELETE CASCADE,
+            seq        bigint NOT NULL,
+            role       text NOT NULL,
+            content    text NOT NULL,
+            PRIMARY KEY (session_id, seq)
+        )""",
+    ),
+}
+
+
+def migrate(conn: psycopg.Connection[Any], where: str) -> None:
+    """Create or upgrade the schema in one transaction; RuntimeError if the database is newer than this code."""
+    with conn.transaction():
+        conn.execute("SET LOCAL statement_timeout = '10min'")  # a migration may rewrite big tables
+        conn.execute("SET LOCAL lock_timeout = '10min'")
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS sessionserve_schema ("
+            " id boolean PRIMARY KEY DEFAULT true CHECK (id), version integer NOT NULL,"
+            " migrated_at timestamptz NOT NULL DEFAULT now())"
+        )
+        row = conn.execute("SELECT version FROM sessionserve_schema").fetchone()
+        current = 0 if row is None else int(row[0])
+        if current > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the PostgreSQL history store at {where} has schema version {current}, newer than this "
+                f"sessionserve's {SCHEMA_VERSION}: upgrade sessionserve"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+        conn.execute(
+            "INSERT INTO sessionserve_schema (id, version) VALUES (true, %s)"
+            " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, migrated_at = now()"
+            " WHERE sessionserve_schema.version <> EXCLUDED.version",
+            (SCHEMA_VERSION,),
+        )

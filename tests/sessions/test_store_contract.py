@@ -1,0 +1,228 @@
+"""The HistoryStore contract additions (leases, list, update, expire_idle, ping), on every backend with real servers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from sessions.errors import InvalidRequest, SessionBusy, SessionNotFound
+from sessions.messages import Message
+from sessions.store import UNCHANGED
+from sessions.store.base import SessionRecord
+from tests.sessions.conftest import FakeClock
+
+U1, A1 = Message("user", "u1"), Message("assistant", "a1")
+
+
+def record(session_id: str = "s1", now: float = 100.0, owner: str | None = "alice", **fields) -> SessionRecord:
+    values = {"system_prompt": "Be terse.", "metadata": {"k": [1, 2]}, "last_active_at": now}
+    return SessionRecord(session_id=session_id, created_at=now, owner=owner, **(values | fields))
+
+
+def mutations(store, holder):
+    """Every lease-guarded mutation, as (name, call)."""
+    return [
+        ("append", lambda: store.append("s1", [U1], now=200.0, holder=holder)),
+        ("clear", lambda: store.clear("s1", holder=holder)),
+        ("update", lambda: store.update("s1", metadata={"x": 1}, holder=holder)),
+        ("delete", lambda: store.delete("s1", holder=holder)),
+    ]
+
+
+# ---- leases ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("other", [None, "turn-b"])
+def test_a_lease_refuses_other_holders_mutations(store, other):
+    store.create(record())
+    store.append("s1", [U1, A1], now=150.0)
+    store.acquire_lease("s1", "turn-a", ttl_s=60)
+    for name, call in mutations(store, other):
+        with pytest.raises(SessionBusy, match="s1"):
+            call()
+        assert store.messages("s1") == [U1, A1], name
+    assert store.get("s1") == record(last_active_at=150.0)  # reads are never blocked
+    with pytest.raises(SessionBusy):
+        store.acquire_lease("s1", "turn-b", ttl_s=60)
+    store.release_lease("s1", "turn-b")  # not the holder: a no-op
+    with pytest.raises(SessionBusy):
+        store.append("s1", [U1], now=200.0)
+
+
+def test_the_holder_mutates_and_renews(store):
+    store.create(record())
+    store.acquire_lease("s1", "turn-a", ttl_s=60)
+    store.acquire_lease("s1", "turn-a", ttl_s=60)  # renewal by the same holder
+    store.append("s1", [U1, A1], now=150.0, holder="turn-a")
+    assert store.update("s1", system_prompt=None, holder="turn-a").system_prompt is None
+    store.clear("s1", holder="turn-a")
+    assert store.messages("s1") == []
+    store.release_lease("s1", "turn-a")
+    store.acquire_lease("s1", "turn-b", ttl_s=60)  # free again
+    store.release_lease("s1", "turn-b")
+    store.append("s1", [U1], now=160.0)
+    assert store.delete("s1") is True
+
+
+def test_lease_of_a_missing_session(store):
+    with pytest.raises(SessionNotFound):
+        store.acquire_lease("nope", "turn-a", ttl_s=60)
+    store.release_lease("nope", "turn-a")  # nothing to release: no error
+    assert store.count() == 0
+
+
+@pytest.mark.parametrize(("holder", "ttl_s"), [("", 5.0), ("a", 0), ("a", -1.0), ("a", float("inf"))])
+def test_lease_arguments_are_checked(store, holder, ttl_s):
+    store.create(record())
+    with pytest.raises(InvalidRequest):
+        store.acquire_lease("s1", holder, ttl_s=ttl_s)
+
+
+def test_a_lapsed_lease_frees_the_session(open_backend):
+    clock = FakeClock(time.time())
+    store = open_backend(clock=clock)
+    store.create(record())
+    store.acquire_lease("s1", "turn-a", ttl_s=10)
+    clock.advance(9.9)
+    with pytest.raises(SessionBusy):
+        store.append("s1", [U1], now=200.0)
+    clock.advance(0.2)  # the holder died without releasing: its lease lapses
+    store.append("s1", [U1], now=200.0)
+    store.acquire_lease("s1", "turn-b", ttl_s=10)
+    with pytest.raises(SessionBusy):
+        store.acquire_lease("s1", "turn-a", ttl_s=10)  # the old holder lost it
+    assert store.messages("s1") == [U1]
+
+
+def test_expire_idle_skips_leased_sessions(open_backend):
+    clock = FakeClock(time.time())
+    store = open_backend(clock=clock)
+    for session_id in ("idle", "leased", "fresh"):
+        store.create(record(session_id, now=10.0 if session_id != "fresh" else 500.0))
+    store.acquire_lease("leased", "turn-a", ttl_s=30)
+    assert store.expire_idle(100.0) == ["idle"]
+    assert store.get("leased") is not None and store.count() == 2
+    clock.advance(31)  # lapsed: expirable again
+    assert store.expire_idle(100.0) == ["leased"]
+    assert store.count() == 1
+
+
+def test_expire_idle_after_release(store):
+    store.create(record("s1", now=10.0))
+    store.acquire_lease("s1", "turn-a", ttl_s=60)
+    assert store.expire_idle(100.0) == []
+    store.release_lease("s1", "turn-a")
+    assert store.expire_idle(100.0) == ["s1"]
+    assert store.get("s1") is None
+
+
+# ---- list ------------------------------------------------------------------------------------------------
+def test_list_newest_activity_first_paged_per_owner(store):
+    for i in range(7):
+        store.create(record(f"a{i}", now=100.0 + i, owner="alice"))
+    store.create(record("b0", now=500.0, owner="bob"))
+    store.create(record("n0", now=50.0, owner=None))
+    store.create(record("n1", now=50.0, owner=None))  # a tie: the larger id first
+    ids = [r.session_id for r in store.list("alice", limit=50)]
+    assert ids == ["a6", "a5", "a4", "a3", "a2", "a1", "a0"]
+    assert [r.session_id for r in store.list("alice", limit=3)] == ["a6", "a5", "a4"]
+    assert [r.session_id for r in store.list("alice", limit=3, offset=3)] == ["a3", "a2", "a1"]
+    assert [r.session_id for r in store.list("alice", limit=3, offset=6)] == ["a0"]
+    assert store.list("alice", offset=7) == []
+    assert [r.session_id for r in store.list(None)] == ["n1", "n0"]
+    assert [r.session_id for r in store.list("bob")] == ["b0"]
+    assert store.list("carol") == []
+    assert store.list("alice", limit=1)[0] == record("a6", now=106.0, owner="alice")
+    store.append("a0", [U1], now=900.0)  # activity moves it to the front
+    store.delete("a6")
+    assert [r.session_id for r in store.list("alice", limit=2)] == ["a0", "a5"]
+
+
+@pytest.mark.parametrize(("limit", "offset"), [(0, 0), (1001, 0), (-1, 0), (10, -1), (True, 0), (10, 1.5), ("5", 0)])
+def test_list_checks_paging(store, limit, offset):
+    with pytest.raises(InvalidRequest, match=r"limit|offset"):
+        store.list("alice", limit=limit, offset=offset)
+
+
+def test_list_accepts_the_bounds(store):
+    store.create(record())
+    assert len(store.list("alice", limit=1000)) == 1
+    assert len(store.list("alice", limit=1, offset=0)) == 1
+
+
+# ---- update ----------------------------------------------------------------------------------------------
+def test_update_prompt_and_metadata(store):
+    store.create(record())
+    store.append("s1", [U1], now=150.0)
+    updated = store.update("s1", system_prompt="Be verbose.")
+    assert updated == record(system_prompt="Be verbose.", last_active_at=150.0)
+    assert store.get("s1") == updated
+    updated = store.update("s1", metadata={"lang": "fr", "n": [1, {"x": None}]})
+    assert updated.system_prompt == "Be verbose." and updated.metadata == {"lang": "fr", "n": [1, {"x": None}]}
+    updated = store.update("s1", system_prompt=None, metadata={})
+    assert (updated.system_prompt, updated.metadata) == (None, {})
+    assert store.update("s1", system_prompt=UNCHANGED) == updated  # nothing to change
+    assert store.get("s1") == updated
+    assert store.messages("s1") == [U1]  # history untouched
+    updated.metadata["mutated"] = True
+    assert store.get("s1").metadata == {}
+
+
+def test_update_missing_session(store):
+    with pytest.raises(SessionNotFound):
+        store.update("nope", system_prompt="x")
+
+
+# ---- ping and concurrency --------------------------------------------------------------------------------
+def test_ping(store):
+    store.ping()
+
+
+def test_concurrent_appends_from_two_store_objects_keep_every_message_once_in_order(backend, open_backend):
+    """Two store objects (two pools/connections for the network stores), three threads each, appending at once."""
+    stores = [open_backend(), open_backend()]
+    stores[0].create(record())
+    start = threading.Barrier(6)
+
+    def writer(store, name: str) -> None:
+        start.wait()
+        for i in range(15):
+            store.append("s1", [Message("user", f"{name}:{i}"), Message("assistant", f"{name}:{i}")], now=float(i))
+
+    threads = [threading.Thread(target=writer, args=(stores[n % 2], f"w{n}")) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    history = stores[1].messages("s1")
+    assert len(history) == 180 and stores[0].message_count("s1") == 180
+    pairs = list(zip(history[::2], history[1::2], strict=True))
+    assert all(u.role == "user" and a.role == "assistant" and u.content == a.content for u, a in pairs)
+    for n in range(6):  # each writer's turns in the order it wrote them, none lost or doubled
+        assert [u.content for u, _ in pairs if u.content.startswith(f"w{n}:")] == [f"w{n}:{i}" for i in range(15)]
+    assert stores[0].messages("s1", window=8) == history[-8:]
+
+
+def test_only_one_of_many_racing_holders_gets_the_lease(open_backend):
+    stores = [open_backend(), open_backend()]
+    stores[0].create(record())
+    start = threading.Barrier(8)
+    won: list[str] = []
+
+    def contender(n: int) -> None:
+        start.wait()
+        try:
+            stores[n % 2].acquire_lease("s1", f"turn-{n}", ttl_s=60)
+            won.append(f"turn-{n}")
+        except SessionBusy:
+            pass
+
+    threads = [threading.Thread(target=contender, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1
+    stores[1].append("s1", [U1], now=1.0, holder=won[0])
+    with pytest.raises(SessionBusy):
+        stores[0].append("s1", [U1], now=1.0)

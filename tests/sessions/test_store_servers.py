@@ -1,0 +1,261 @@
+"""What only the network stores have: outages and recovery, PostgreSQL's schema, Redis's key layout and TTLs."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from sessions.errors import InvalidRequest, StoreUnavailable
+from sessions.messages import Message
+from sessions.store import open_store
+from sessions.store.postgresql import PostgreSQLStore
+from sessions.store.postgresql_schema import SCHEMA_VERSION
+from sessions.store.redis import RedisStore
+from sessions.store.sqlite import SQLiteStore
+from tests.sessions.conftest import reset_postgres
+from tests.sessions.test_store_contract import record
+
+U1, A1 = Message("user", "u1"), Message("assistant", "a1")
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---- outages ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["postgresql", "redis"])
+def test_unreachable_server_raises_quickly_and_the_same_store_recovers(backend, store_url, open_backend, request):
+    server = request.getfixturevalue("postgres_server" if backend == "postgresql" else "redis_server")
+    store = open_backend(timeout_s=1.0)
+    store.create(record())
+    store.append("s1", [U1], now=150.0)
+    server.stop()
+    try:
+        for name, call in [
+            ("ping", store.ping),
+            ("get", lambda: store.get("s1")),
+            ("append", lambda: store.append("s1", [A1], now=160.0)),
+            ("acquire_lease", lambda: store.acquire_lease("s1", "turn-a", 60)),
+        ]:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as caught:
+                call()
+            assert time.monotonic() - started < 4, name
+            message = str(caught.value)
+            assert server.password not in message and f":{server.port}" in message and "retry later" in message
+            assert caught.value.code == "store_unavailable"
+    finally:
+        server.start()
+    deadline = time.monotonic() + 20
+    while True:  # the same store object, not a new one
+        try:
+            store.ping()
+            break
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    if backend == "postgresql":  # durable data survives; Redis runs without persistence here
+        assert store.messages("s1") == [U1]
+        store.append("s1", [A1], now=170.0)
+        assert store.messages("s1") == [U1, A1]
+    else:
+        store.create(record("s2"))
+        assert store.get("s2") == record("s2")
+
+
+def test_opening_a_store_on_a_stopped_port_fails_fast(postgres_server, redis_server):
+    from tests.servers import free_port
+
+    port = free_port()
+    for url in (f"postgresql://u:secret-pw@127.0.0.1:{port}/db?timeout=1", f"redis://:secret-pw@127.0.0.1:{port}/0"):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            open_store(url).ping()
+        assert time.monotonic() - started < 6
+        assert "secret-pw" not in str(caught.value) and f"127.0.0.1:{port}" in str(caught.value)
+
+
+def test_sqlite_locked_past_busy_timeout_is_unavailable(tmp_path):
+    store = SQLiteStore(tmp_path / "s.db", busy_timeout_s=0.2)
+    store.create(record())
+    with sqlite3.connect(tmp_path / "s.db", isolation_level=None) as other:
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.append("s1", [U1], now=200.0)
+        other.execute("ROLLBACK")
+    store.append("s1", [U1], now=200.0)
+    assert store.messages("s1") == [U1]
+    store.close()
+
+
+# ---- PostgreSQL ------------------------------------------------------------------------------------------
+def test_postgresql_records_its_schema_version_once(postgres_url):
+    reset_postgres(postgres_url)
+    stores = []
+    errors = []
+
+    def open_one() -> None:
+        try:
+            stores.append(PostgreSQLStore(postgres_url))
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]  # replicas starting together
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(stores) == 4
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(SCHEMA_VERSION,)]
+        indexes = {
+            name for (name,) in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename LIKE 'sessionserve%'")
+        }
+        assert {"sessionserve_sessions_idle", "sessionserve_sessions_owner"} <= indexes
+    for store in stores:
+        store.close()
+
+
+def test_postgresql_refuses_a_newer_schema(postgres_url):
+    reset_postgres(postgres_url)
+    PostgreSQLStore(postgres_url).close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("UPDATE sessionserve_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(RuntimeError, match="newer"):
+        PostgreSQLStore(postgres_url)
+
+
+def test_postgresql_refuses_nul_characters_clearly(postgres_url):
+    reset_postgres(postgres_url)
+    store = PostgreSQLStore(postgres_url)
+    store.create(record())
+    for call in (
+        lambda: store.append("s1", [Message("user", "a\x00b")], now=1.0),
+        lambda: store.update("s1", metadata={"k": "a\x00b"}),
+        lambda: store.create(record("s2", system_prompt="\x00")),
+    ):
+        with pytest.raises(InvalidRequest, match=r"NUL|cannot store"):
+            call()
+    assert store.messages("s1") == [] and store.get("s1") == record() and store.count() == 1
+    store.close()
+
+
+def test_open_store_picks_the_network_backends(postgres_url, redis_url):
+    reset_postgres(postgres_url)
+    for url, kind in ((postgres_url, PostgreSQLStore), (f"{redis_url}?prefix=pick:", RedisStore)):
+        store = open_store(url, idle_ttl_s=123.0)
+        assert isinstance(store, kind) and store.idle_ttl_s == 123.0
+        store.close()
+    pg = open_store(postgres_url.replace("postgresql://", "postgres://"))
+    assert isinstance(pg, PostgreSQLStore)
+    pg.close()
+
+
+# ---- Redis -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def raw_redis(redis_url):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def test_redis_keys_live_under_the_prefix_with_a_ttl_paused_by_a_lease(redis_url, raw_redis):
+    store = RedisStore(f"{redis_url}?prefix=layout-1:", idle_ttl_s=600)
+    store.create(record())
+    store.append("s1", [U1, A1], now=150.0)
+    store.create(record("n1", owner=None))
+    keys = set(raw_redis.keys("*"))
+    mine = {k for k in keys if k.startswith("layout-1:")}
+    assert mine == {
+        "layout-1:s:s1",
+        "layout-1:m:s1",
+        "layout-1:active",
+        "layout-1:owner:alice",
+        "layout-1:s:n1",
+        "layout-1:owner-none",
+    }
+    for key in ("layout-1:s:s1", "layout-1:m:s1", "layout-1:s:n1"):
+        assert 590_000 < raw_redis.pttl(key) <= 600_000
+    assert raw_redis.lrange("layout-1:m:s1", 0, -1) == ['["user", "u1"]', '["assistant", "a1"]']
+    store.acquire_lease("s1", "turn-a", ttl_s=60)
+    assert raw_redis.pttl("layout-1:s:s1") == -1 and raw_redis.pttl("layout-1:m:s1") == -1  # never mid-turn
+    store.append("s1", [U1], now=160.0, holder="turn-a")
+    assert raw_redis.pttl("layout-1:m:s1") == -1
+    store.release_lease("s1", "turn-a")
+    assert min(raw_redis.pttl("layout-1:s:s1"), raw_redis.pttl("layout-1:m:s1")) > 590_000
+    store.delete("s1")
+    store.delete("n1")
+    assert {k for k in raw_redis.keys("layout-1:*")} == set()
+    store.close()
+
+
+def test_redis_expires_idle_sessions_itself_and_keeps_count_and_list_right(redis_url, raw_redis):
+    store = RedisStore(f"{redis_url}?prefix=ttl-1:", idle_ttl_s=0.5)
+    now = time.time()
+    store.create(record("gone", now=now))
+    store.create(record("kept", now=now))
+    store.append("gone", [U1], now=now)
+    store.acquire_lease("kept", "turn-a", ttl_s=60)
+    time.sleep(0.8)
+    assert store.get("gone") is None and raw_redis.exists("ttl-1:m:gone") == 0
+    assert store.count() == 1
+    assert [r.session_id for r in store.list("alice")] == ["kept"]
+    assert store.missing(["gone", "kept"]) == ["gone"]
+    store.release_lease("kept", "turn-a")  # idle again: the countdown restarts
+    time.sleep(0.8)
+    assert store.count() == 0
+    assert store.list("alice") == []  # list drops the owner's expired entries
+    assert raw_redis.keys("ttl-1:*") == []
+    store.close()
+
+
+def test_redis_expire_idle_reports_what_the_server_expired(redis_url):
+    store = RedisStore(f"{redis_url}?prefix=ttl-2:", idle_ttl_s=0.2)
+    store.create(record("a", now=10.0))
+    time.sleep(0.4)
+    assert store.expire_idle(100.0) == ["a"]
+    assert store.expire_idle(100.0) == []
+    store.close()
+
+
+def test_a_wrong_password_says_so_without_showing_any_password(postgres_server, redis_server):
+    for server in (postgres_server, redis_server):
+        wrong = server.url.replace(server.password, "not-the-password-123")
+        with pytest.raises(StoreUnavailable, match=r"(?i)auth|password") as caught:
+            open_store(wrong).ping()
+        assert "not-the-password-123" not in str(caught.value) and server.password not in str(caught.value)
+
+
+WRITER = """
+import sys, time
+from sessions.messages import Message
+from sessions.store import open_store
+store = open_store(sys.argv[1])
+name, start_at = sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start_at - time.time()))  # both processes start writing together
+for i in range(25):
+    store.append("s1", [Message("user", f"{name}:{i}"), Message("assistant", f"{name}:{i}")], now=float(i))
+store.close()
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "redis"])
+def test_appends_from_two_processes_are_never_lost_doubled_or_reordered(backend, store, store_url):
+    store.create(record())
+    start_at = str(time.time() + 1.5)
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, store_url, name, start_at], cwd=REPO) for name in ("p0", "p1")
+    ]
+    assert [writer.wait(timeout=60) for writer in writers] == [0, 0]
+    history = store.messages("s1")
+    assert len(history) == 100
+    pairs = list(zip(history[::2], history[1::2], strict=True))
+    assert all(u.role == "user" and a.role == "assistant" and u.content == a.content for u, a in pairs)
+    for name in ("p0", "p1"):
+        assert [u.content for u, _ in pairs if u.content.startswith(name)] == [f"{name}:{i}" for i in range(25)]

@@ -12,11 +12,14 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import TypeVar
 
 import httpx
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StopSignal:
@@ -76,23 +79,38 @@ def wait_port_closed(host: str, port: int, timeout_s: float = 30) -> bool:
     return True
 
 
+def bounded(step: str, call: Callable[[], T], timeout_s: float) -> T | None:
+    """Run `call` in a daemon thread for at most timeout_s; log a failure or overrun and go on. A cluster that lost
+    its raylet (a SIGTERM sent to our whole process group reaches Ray's own processes) must not keep us alive."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name=f"sessionserve-{step}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        log.warning("%s did not finish within %.0f s; going on", step, timeout_s)
+    elif errors:
+        log.warning("%s failed: %s", step, errors[0])
+    return result[0] if result else None
+
+
 def shutdown(app_name: str, grace_s: float, *, started_ray: bool, host: str, port: int) -> None:
     """Drain, stop Serve, stop Ray when it is ours, and wait for the port to close. Never raises."""
     import ray
     from ray import serve
 
-    try:
-        cancelled = drain(app_name, grace_s).get("cancelled", 0)
-        if cancelled:
-            log.warning(
-                "cancelled %d turn(s) still running after %.1f s; none of them was committed", cancelled, grace_s
-            )
-    except Exception as error:  # the app may not be up yet (a signal during start-up): stop anyway
-        log.warning("drain skipped: %s", error)
-    try:
-        serve.shutdown()
-    finally:
-        if started_ray:
-            ray.shutdown()
+    report = bounded("drain", lambda: drain(app_name, grace_s), grace_s + 40)
+    if report and report.get("cancelled"):
+        log.warning("cancelled %d running turn(s) after %.1f s; none was committed", report["cancelled"], grace_s)
+    bounded("serve shutdown", serve.shutdown, 60)
+    if started_ray:
+        bounded("ray shutdown", ray.shutdown, 60)
     if not wait_port_closed(host, port):
         log.warning("port %s:%d still open after shutdown", host, port)

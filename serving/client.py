@@ -17,19 +17,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from pydantic import ValidationError
 
-from serving.server.protocol import (
-    APIError,
-    AppendRequest,
-    CreateSessionRequest,
-    ForkSessionRequest,
-    MessageOut,
-    MessagesResponse,
-    QueryRequest,
-    QueryResponse,
-    SessionInfo,
-    SessionList,
-    UpdateSessionRequest,
-)
+from serving.server import protocol
 
 if TYPE_CHECKING:
     from serving.config import Config
@@ -44,22 +32,22 @@ def _validated(model: type, **fields: Any) -> Any:
         return model(**fields)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
-        raise APIError(422, "invalid_request", f"invalid request: {problems}") from None
+        raise protocol.APIError(422, "invalid_request", f"invalid request: {problems}") from None
 
 
-def _query_request(prompt: Prompt, stream: bool, params: dict[str, Any]) -> QueryRequest:
+def _query_request(prompt: Prompt, stream: bool, params: dict[str, Any]) -> protocol.QueryRequest:
     if isinstance(prompt, dict):  # DeepSpeed-MII: {"query": text}
         if "query" not in prompt:
-            raise APIError(422, "invalid_request", "a dict prompt needs a 'query' key (DeepSpeed-MII shape)")
+            raise protocol.APIError(422, "invalid_request", "a dict prompt needs a 'query' key (DeepSpeed-MII shape)")
         prompt = prompt["query"]
-    return _validated(QueryRequest, prompt=prompt, stream=stream, **params)
+    return _validated(protocol.QueryRequest, prompt=prompt, stream=stream, **params)
 
 
 def _create_request(
     session_id: str | None, system_prompt: str | None, messages: Sequence[dict], metadata: dict | None
-) -> CreateSessionRequest:
+) -> protocol.CreateSessionRequest:
     return _validated(
-        CreateSessionRequest,
+        protocol.CreateSessionRequest,
         session_id=session_id,
         system_prompt=system_prompt,
         messages=list(messages),
@@ -87,28 +75,28 @@ class _SessionMethods:
     ) -> str:
         return self._create(_create_request(session_id, system_prompt, messages, metadata)).session_id
 
-    def list_sessions(self, *, limit: int = 50, offset: int = 0) -> SessionList:
+    def list_sessions(self, *, limit: int = 50, offset: int = 0) -> protocol.SessionList:
         """The caller's sessions, most recently active first; `next_offset` of the result pages on."""
         if not 1 <= limit <= 1000 or offset < 0:
-            raise APIError(422, "invalid_request", "limit must be 1..1000 and offset >= 0")
+            raise protocol.APIError(422, "invalid_request", "limit must be 1..1000 and offset >= 0")
         return self._list(limit, offset)
 
     def update_session(
         self, session_id: str, *, system_prompt: str | _Keep | None = KEEP, metadata: dict | None = None
-    ) -> SessionInfo:
+    ) -> protocol.SessionInfo:
         """Set the system prompt (None clears it) and/or replace the metadata; what is left out stays."""
         fields: dict[str, Any] = {} if metadata is None else {"metadata": metadata}
         if not isinstance(system_prompt, _Keep):
             fields["system_prompt"] = system_prompt
-        return self._update(session_id, _validated(UpdateSessionRequest, **fields))
+        return self._update(session_id, _validated(protocol.UpdateSessionRequest, **fields))
 
-    def _create(self, body: CreateSessionRequest) -> SessionInfo:
+    def _create(self, body: protocol.CreateSessionRequest) -> protocol.SessionInfo:
         raise NotImplementedError
 
-    def _list(self, limit: int, offset: int) -> SessionList:
+    def _list(self, limit: int, offset: int) -> protocol.SessionList:
         raise NotImplementedError
 
-    def _update(self, session_id: str, body: UpdateSessionRequest) -> SessionInfo:
+    def _update(self, session_id: str, body: protocol.UpdateSessionRequest) -> protocol.SessionInfo:
         raise NotImplementedError
 
 
@@ -126,40 +114,40 @@ class SessionClient(_SessionMethods):
         return response
 
     @staticmethod
-    def _error(response: httpx.Response) -> APIError:
+    def _error(response: httpx.Response) -> protocol.APIError:
         try:
             detail = response.json()["error"]
-            return APIError(response.status_code, detail["code"], detail["message"])
+            return protocol.APIError(response.status_code, detail["code"], detail["message"])
         except (ValueError, KeyError, TypeError):
-            return APIError(response.status_code, "http_error", response.text[:500])
+            return protocol.APIError(response.status_code, "http_error", response.text[:500])
 
-    def _create(self, body: CreateSessionRequest) -> SessionInfo:
+    def _create(self, body: protocol.CreateSessionRequest) -> protocol.SessionInfo:
         response = self._request("POST", "/v1/sessions", json=body.model_dump(exclude_none=True))
-        return SessionInfo.model_validate(response.json())
+        return protocol.SessionInfo.model_validate(response.json())
 
-    def _list(self, limit: int, offset: int) -> SessionList:
+    def _list(self, limit: int, offset: int) -> protocol.SessionList:
         response = self._request("GET", "/v1/sessions", params={"limit": limit, "offset": offset})
-        return SessionList.model_validate(response.json())
+        return protocol.SessionList.model_validate(response.json())
 
-    def _update(self, session_id: str, body: UpdateSessionRequest) -> SessionInfo:
+    def _update(self, session_id: str, body: protocol.UpdateSessionRequest) -> protocol.SessionInfo:
         response = self._request("PATCH", f"/v1/sessions/{session_id}", json=body.model_dump(exclude_unset=True))
-        return SessionInfo.model_validate(response.json())
+        return protocol.SessionInfo.model_validate(response.json())
 
-    def session_info(self, session_id: str) -> SessionInfo:
-        return SessionInfo.model_validate(self._request("GET", f"/v1/sessions/{session_id}").json())
+    def session_info(self, session_id: str) -> protocol.SessionInfo:
+        return protocol.SessionInfo.model_validate(self._request("GET", f"/v1/sessions/{session_id}").json())
 
     def destroy_session(self, session_id: str) -> None:
         self._request("DELETE", f"/v1/sessions/{session_id}")
 
     def fork(self, session_id: str, new_session_id: str | None = None) -> str:
-        body = ForkSessionRequest(session_id=new_session_id).model_dump(exclude_none=True)
+        body = protocol.ForkSessionRequest(session_id=new_session_id).model_dump(exclude_none=True)
         response = self._request("POST", f"/v1/sessions/{session_id}/fork", json=body)
-        return SessionInfo.model_validate(response.json()).session_id
+        return protocol.SessionInfo.model_validate(response.json()).session_id
 
-    def query(self, prompt: Prompt, *, session_id: str, **params: Any) -> QueryResponse:
+    def query(self, prompt: Prompt, *, session_id: str, **params: Any) -> protocol.QueryResponse:
         body = _query_request(prompt, False, params)
         response = self._request("POST", f"/v1/sessions/{session_id}/query", json=body.model_dump())
-        return QueryResponse.model_validate(response.json())
+        return protocol.QueryResponse.model_validate(response.json())
 
     def stream(self, prompt: Prompt, *, session_id: str, **params: Any) -> Iterator[str]:
         """Yield text pieces as the server streams them (Server-Sent Events)."""
@@ -177,17 +165,17 @@ class SessionClient(_SessionMethods):
                     if event == "delta":
                         yield data["text"]
                     elif event == "error":
-                        raise APIError(500, data["error"]["code"], data["error"]["message"])
+                        raise protocol.APIError(500, data["error"]["code"], data["error"]["message"])
 
-    def history(self, session_id: str, window: int | None = None) -> list[MessageOut]:
+    def history(self, session_id: str, window: int | None = None) -> list[protocol.MessageOut]:
         params = {"window": window} if window is not None else {}
         response = self._request("GET", f"/v1/sessions/{session_id}/messages", params=params)
-        return MessagesResponse.model_validate(response.json()).messages
+        return protocol.MessagesResponse.model_validate(response.json()).messages
 
-    def append(self, session_id: str, messages: Sequence[dict]) -> list[MessageOut]:
-        body = _validated(AppendRequest, messages=list(messages))
+    def append(self, session_id: str, messages: Sequence[dict]) -> list[protocol.MessageOut]:
+        body = _validated(protocol.AppendRequest, messages=list(messages))
         response = self._request("POST", f"/v1/sessions/{session_id}/messages", json=body.model_dump())
-        return MessagesResponse.model_validate(response.json()).messages
+        return protocol.MessagesResponse.model_validate(response.json()).messages
 
     def clear(self, session_id: str) -> None:
         self._request("DELETE", f"/v1/sessions/{session_id}/messages")
@@ -218,25 +206,27 @@ class LocalClient(_SessionMethods):
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def _create(self, body: CreateSessionRequest) -> SessionInfo:
+    def _create(self, body: protocol.CreateSessionRequest) -> protocol.SessionInfo:
         return self._run(self.api.create_session(body))
 
-    def _list(self, limit: int, offset: int) -> SessionList:
+    def _list(self, limit: int, offset: int) -> protocol.SessionList:
         return self._run(self.api.list_sessions(limit, offset))
 
-    def _update(self, session_id: str, body: UpdateSessionRequest) -> SessionInfo:
+    def _update(self, session_id: str, body: protocol.UpdateSessionRequest) -> protocol.SessionInfo:
         return self._run(self.api.update_session(session_id, body))
 
-    def session_info(self, session_id: str) -> SessionInfo:
+    def session_info(self, session_id: str) -> protocol.SessionInfo:
         return self._run(self.api.get_session(session_id))
 
     def destroy_session(self, session_id: str) -> None:
         self._run(self.api.destroy_session(session_id))
 
     def fork(self, session_id: str, new_session_id: str | None = None) -> str:
-        return self._run(self.api.fork_session(session_id, ForkSessionRequest(session_id=new_session_id))).session_id
+        return self._run(
+            self.api.fork_session(session_id, protocol.ForkSessionRequest(session_id=new_session_id))
+        ).session_id
 
-    def query(self, prompt: Prompt, *, session_id: str, **params: Any) -> QueryResponse:
+    def query(self, prompt: Prompt, *, session_id: str, **params: Any) -> protocol.QueryResponse:
         return self._run(self.api.query(session_id, _query_request(prompt, False, params)))
 
     def stream(self, prompt: Prompt, *, session_id: str, **params: Any) -> Iterator[str]:
@@ -245,7 +235,7 @@ class LocalClient(_SessionMethods):
         pieces: queue.Queue[Any] = queue.Queue()
         done = object()
 
-        async def pump(events: AsyncIterator[str | QueryResponse]) -> None:
+        async def pump(events: AsyncIterator[str | protocol.QueryResponse]) -> None:
             try:
                 async for event in events:
                     if isinstance(event, str):
@@ -264,13 +254,13 @@ class LocalClient(_SessionMethods):
         finally:
             task.cancel()
 
-    def history(self, session_id: str, window: int | None = None) -> list[MessageOut]:
+    def history(self, session_id: str, window: int | None = None) -> list[protocol.MessageOut]:
         if window is not None and window < 1:
-            raise APIError(422, "invalid_request", "window must be at least 1")
+            raise protocol.APIError(422, "invalid_request", "window must be at least 1")
         return self._run(self.api.messages(session_id, window)).messages
 
-    def append(self, session_id: str, messages: Sequence[dict]) -> list[MessageOut]:
-        body = _validated(AppendRequest, messages=list(messages))
+    def append(self, session_id: str, messages: Sequence[dict]) -> list[protocol.MessageOut]:
+        body = _validated(protocol.AppendRequest, messages=list(messages))
         return self._run(self.api.append(session_id, body)).messages
 
     def clear(self, session_id: str) -> None:

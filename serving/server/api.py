@@ -13,25 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
 from serving.engine.types import SamplingParams
+from serving.server import protocol
 from serving.server.errors import to_api_error
 from serving.server.openai_api import OpenAIChat
 from serving.server.openai_protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
-from serving.server.protocol import (
-    AppendRequest,
-    CreateSessionRequest,
-    ForkSessionRequest,
-    KVState,
-    MessageOut,
-    MessagesResponse,
-    QueryRequest,
-    QueryResponse,
-    SessionInfo,
-    SessionList,
-    SessionSummary,
-    Timing,
-    UpdateSessionRequest,
-    Usage,
-)
 from serving.service import SessionCatalog, SessionService, TextDelta, TurnResult
 from sessions.errors import InvalidRequest
 from sessions.manager import SessionManager
@@ -55,7 +40,7 @@ def _as_api_errors(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R
     return wrapper
 
 
-def sampling_params(request: QueryRequest) -> SamplingParams:
+def sampling_params(request: protocol.QueryRequest) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=request.max_new_tokens,
         temperature=request.temperature,
@@ -83,25 +68,25 @@ def _public(record: SessionRecord) -> dict[str, Any]:
     }
 
 
-def query_response(result: TurnResult) -> QueryResponse:
-    return QueryResponse(
+def query_response(result: TurnResult) -> protocol.QueryResponse:
+    return protocol.QueryResponse(
         session_id=result.session_id,
         response=result.response,
         finish_reason=result.finish_reason,
-        usage=Usage(
+        usage=protocol.Usage(
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             cached_tokens=result.cached_tokens,
         ),
-        timing=Timing(ttft_ms=round(result.ttft_ms, 3), total_ms=round(result.total_ms, 3)),
+        timing=protocol.Timing(ttft_ms=round(result.ttft_ms, 3), total_ms=round(result.total_ms, 3)),
     )
 
 
 class HistoryAPI:
     """Session operations that need the store (and the tokenizer, for context tokens) but not the model.
 
-    The ingress serves these straight from a shared store, so they scale apart from the model replicas; a model
-    replica serves them too (as part of SessionAPI) when the store cannot be shared (memory://) and in LocalClient.
+    The ingress serves these straight from the shared store, so they scale apart from the model replicas;
+    LocalClient gets them as part of SessionAPI.
     """
 
     def __init__(self, manager: SessionManager, catalog: SessionCatalog) -> None:
@@ -109,7 +94,9 @@ class HistoryAPI:
         self.catalog = catalog
 
     @_as_api_errors
-    async def create_session(self, request: CreateSessionRequest, owner: str | None = None) -> SessionInfo:
+    async def create_session(
+        self, request: protocol.CreateSessionRequest, owner: str | None = None
+    ) -> protocol.SessionInfo:
         record = await asyncio.to_thread(
             self.manager.create,
             request.session_id,
@@ -121,23 +108,25 @@ class HistoryAPI:
         return await asyncio.to_thread(self._info, record.session_id, owner)
 
     @_as_api_errors
-    async def get_session(self, session_id: str, owner: str | None = None) -> SessionInfo:
+    async def get_session(self, session_id: str, owner: str | None = None) -> protocol.SessionInfo:
         return await asyncio.to_thread(self._info, session_id, owner)
 
     @_as_api_errors
-    async def list_sessions(self, limit: int = 50, offset: int = 0, owner: str | None = None) -> SessionList:
+    async def list_sessions(self, limit: int = 50, offset: int = 0, owner: str | None = None) -> protocol.SessionList:
         records = await asyncio.to_thread(self.manager.list_sessions, owner, limit, offset)
         page = [
-            SessionSummary(**_public(record), kv=KVState(tier=record.kv.tier, tokens=record.kv.tokens))
+            protocol.SessionSummary(
+                **_public(record), kv=protocol.KVState(tier=record.kv.tier, tokens=record.kv.tokens)
+            )
             for record in records
         ]
         next_offset = offset + len(page) if len(page) == limit else None
-        return SessionList(sessions=page, next_offset=next_offset)
+        return protocol.SessionList(sessions=page, next_offset=next_offset)
 
     @_as_api_errors
     async def update_session(
-        self, session_id: str, request: UpdateSessionRequest, owner: str | None = None
-    ) -> SessionInfo:
+        self, session_id: str, request: protocol.UpdateSessionRequest, owner: str | None = None
+    ) -> protocol.SessionInfo:
         changes: dict[str, Any] = {}
         if "system_prompt" in request.model_fields_set:  # absent: unchanged; null: cleared
             changes["system_prompt"] = request.system_prompt
@@ -151,14 +140,18 @@ class HistoryAPI:
         await asyncio.to_thread(self.manager.destroy, session_id, owner)
 
     @_as_api_errors
-    async def messages(self, session_id: str, window: int | None = None, owner: str | None = None) -> MessagesResponse:
+    async def messages(
+        self, session_id: str, window: int | None = None, owner: str | None = None
+    ) -> protocol.MessagesResponse:
         history = await asyncio.to_thread(self.manager.history, session_id, window, owner)
-        return MessagesResponse(
-            session_id=session_id, messages=[MessageOut(role=m.role, content=m.content) for m in history]
+        return protocol.MessagesResponse(
+            session_id=session_id, messages=[protocol.MessageOut(role=m.role, content=m.content) for m in history]
         )
 
     @_as_api_errors
-    async def append(self, session_id: str, request: AppendRequest, owner: str | None = None) -> MessagesResponse:
+    async def append(
+        self, session_id: str, request: protocol.AppendRequest, owner: str | None = None
+    ) -> protocol.MessagesResponse:
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         await asyncio.to_thread(self.manager.append, session_id, messages, owner)
         return await self.messages(session_id, None, owner)
@@ -175,14 +168,14 @@ class HistoryAPI:
             return f"the history store does not answer: {to_api_error(error).message}"
         return None
 
-    def _info(self, session_id: str, owner: str | None) -> SessionInfo:
+    def _info(self, session_id: str, owner: str | None) -> protocol.SessionInfo:
         details = self.catalog.details(session_id, owner)
-        return SessionInfo(
+        return protocol.SessionInfo(
             **_public(details.record),
             turns=details.turns,
             messages=details.messages,
             context_tokens=details.context_tokens,
-            kv=KVState(tier=details.kv.tier, tokens=details.kv.tokens),
+            kv=protocol.KVState(tier=details.kv.tier, tokens=details.kv.tokens),
         )
 
 
@@ -195,20 +188,24 @@ class SessionAPI(HistoryAPI):
         self.openai = OpenAIChat(service, model_name)
 
     @_as_api_errors
-    async def fork_session(self, session_id: str, request: ForkSessionRequest, owner: str | None = None) -> SessionInfo:
+    async def fork_session(
+        self, session_id: str, request: protocol.ForkSessionRequest, owner: str | None = None
+    ) -> protocol.SessionInfo:
         child = await asyncio.to_thread(self.service.fork, session_id, request.session_id, owner)
         return await asyncio.to_thread(self._info, child.session_id, owner)
 
     @_as_api_errors
-    async def query(self, session_id: str, request: QueryRequest, owner: str | None = None) -> QueryResponse:
+    async def query(
+        self, session_id: str, request: protocol.QueryRequest, owner: str | None = None
+    ) -> protocol.QueryResponse:
         turn = self.service.turn(session_id, user_turn(request.prompt), sampling_params(request), owner)
         *_, result = [event async for event in turn]  # a turn's events end with its TurnResult
         assert isinstance(result, TurnResult)
         return query_response(result)
 
     async def query_stream(
-        self, session_id: str, request: QueryRequest, owner: str | None = None
-    ) -> AsyncIterator[str | QueryResponse]:
+        self, session_id: str, request: protocol.QueryRequest, owner: str | None = None
+    ) -> AsyncIterator[str | protocol.QueryResponse]:
         """Text deltas (str), then the final QueryResponse. Errors raise APIError."""
         try:
             events = self.service.turn(session_id, user_turn(request.prompt), sampling_params(request), owner)

@@ -45,6 +45,11 @@ def replicas_per_node(replicas: int) -> int:
 
 
 def build_app(config: Config) -> serve.Application:
+    if config.sessions.store_url() == "memory://":
+        raise ValueError(
+            "sessions.store memory:// keeps sessions inside one process, but the ingress and the model replicas are "
+            "separate processes: use sqlite:///PATH on one machine, postgresql:// or redis:// on several"
+        )
     serving = config.serving
     model = LLMServer.options(
         num_replicas=serving.replicas,

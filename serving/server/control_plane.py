@@ -1,10 +1,11 @@
 """Session operations the ingress serves straight from a shared store, so they scale apart from the model.
 
 Create, info, list, update, history, append, clear and destroy need the store (and the tokenizer, to count a
-session's context tokens) but not the model. With a store every process can reach (SQLite on one machine,
-PostgreSQL or Redis on several) the ingress answers them itself; only turns, forks and freeing a session's KV go to
-a model replica. Turns stay ordered against these operations through the store's turn lease (an edit during a
-turn is 409 `session_busy`), and `max_sessions` is counted in the store, so it holds across every ingress.
+session's context tokens) but not the model. The store is one every process can reach (SQLite on one machine,
+PostgreSQL or Redis on several; memory:// is refused in a Ray app), so the ingress answers them itself; only
+turns, forks and freeing a session's KV go to a model replica. Turns stay ordered against these operations
+through the store's turn lease (an edit during a turn is 409 `session_busy`), and `max_sessions` is counted in the
+store, so it holds across every ingress.
 """
 
 from __future__ import annotations
@@ -59,10 +60,8 @@ class ReplicaKV:
             log.warning("could not free the KV of session %r on its replica; its orphan sweep will", cache_key)
 
 
-def shared_history(config: Config, model: DeploymentHandle) -> tuple[HistoryAPI, ReplicaKV] | None:
-    """The ingress' own HistoryAPI over the configured store, or None when the store cannot be shared."""
-    if config.sessions.store_url() == "memory://":  # each process would see its own, empty store
-        return None
+def ingress_history(config: Config, model: DeploymentHandle) -> tuple[HistoryAPI, ReplicaKV]:
+    """The ingress' own HistoryAPI over the configured (shared) store, and the KV releaser it tells."""
     kv = ReplicaKV(model)
     manager = open_sessions(config, kv)
     prompts = PromptBuilder(load_tokenizer(config.model.name))

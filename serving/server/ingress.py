@@ -8,7 +8,6 @@ the store answering) and `drain` (called on SIGTERM: refuse new turns, let runni
 import asyncio
 import contextlib
 import json
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -21,31 +20,18 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.config import Config
-from serving.server import auth, metrics
+from serving.server import auth, metrics, protocol
 from serving.server.api import HistoryAPI
 from serving.server.auth import Owner
-from serving.server.control_plane import shared_history
+from serving.server.control_plane import ingress_history
 from serving.server.errors import error_body, error_headers
 from serving.server.llm_server import Reply
 from serving.server.metrics import ReplicaReport
 from serving.server.openai_protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
-from serving.server.protocol import (
-    APIError,
-    AppendRequest,
-    CreateSessionRequest,
-    ErrorResponse,
-    ForkSessionRequest,
-    MessagesResponse,
-    QueryRequest,
-    QueryResponse,
-    SessionInfo,
-    SessionList,
-    UpdateSessionRequest,
-)
 
 REPLICA_HEADER = "x-sessionserve-replica"
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (401, 404, 409, 413, 422, 429, 503)
+    status: {"model": protocol.ErrorResponse} for status in (401, 404, 409, 413, 422, 429, 503)
 }
 MODEL_DEPLOYMENT = "LLMServer"
 T = TypeVar("T")
@@ -69,7 +55,9 @@ async def _limit_and_count(request: Request, call_next: Callable) -> Response:
                 break
         request._body = bytes(body)  # Starlette hands the buffered body to the route
     if too_big:
-        error = APIError(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes: send a smaller request")
+        error = protocol.APIError(
+            413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes: send a smaller request"
+        )
         response: Response = JSONResponse(error_body(error), status_code=413)
     else:
         response = await call_next(request)
@@ -78,8 +66,8 @@ async def _limit_and_count(request: Request, call_next: Callable) -> Response:
     return response
 
 
-@app.exception_handler(APIError)
-async def _api_error(_: Request, error: APIError) -> JSONResponse:
+@app.exception_handler(protocol.APIError)
+async def _api_error(_: Request, error: protocol.APIError) -> JSONResponse:
     return JSONResponse(error_body(error), status_code=error.status, headers=error_headers(error))
 
 
@@ -87,7 +75,7 @@ async def _api_error(_: Request, error: APIError) -> JSONResponse:
 async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
     """Unknown routes, wrong methods, unparsable bodies: the same envelope as every other error."""
     code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
-    body = error_body(APIError(error.status_code, code, str(error.detail)))
+    body = error_body(protocol.APIError(error.status_code, code, str(error.detail)))
     return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
 
 
@@ -98,14 +86,14 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
         where = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
         problems.append(f"{where}: {item.get('msg', 'invalid')}")
     message = "invalid request: " + "; ".join(problems[:10])
-    return JSONResponse(error_body(APIError(422, "invalid_request", message)), status_code=422)
+    return JSONResponse(error_body(protocol.APIError(422, "invalid_request", message)), status_code=422)
 
 
 def _session_sse(event: Any) -> str:
     """Our stream: `event: delta` {text} pieces, then `event: done` {QueryResponse} (or `event: error`)."""
     if isinstance(event, str):
         name, data = "delta", {"text": event}
-    elif isinstance(event, APIError):
+    elif isinstance(event, protocol.APIError):
         name, data = "error", error_body(event)
     else:
         name, data = "done", event.model_dump()
@@ -114,7 +102,7 @@ def _session_sse(event: Any) -> str:
 
 def _openai_sse(event: Any) -> str:
     """OpenAI's stream: `data: {chunk}` lines; the last chunk carries usage, then `data: [DONE]`."""
-    if isinstance(event, APIError):
+    if isinstance(event, protocol.APIError):
         return f"data: {json.dumps(error_body(event))}\n\n"
     text = f"data: {event.model_dump_json(exclude_none=True)}\n\n"
     return text + "data: [DONE]\n\n" if event.choices[0].finish_reason else text
@@ -148,9 +136,8 @@ class Ingress:
         auth.configure(api_keys)
         self.draining = False
         self._in_flight: set[DeploymentResponse | DeploymentResponseGenerator] = set()
-        shared = shared_history(parsed, model)
-        # History-only operations: served here from the shared store, or by the session's replica (memory://).
-        self.history, self._replica_kv = shared if shared is not None else (None, None)
+        # History-only operations are served here, straight from the shared store (serving/server/control_plane.py).
+        self.history, self._replica_kv = ingress_history(parsed, model)
 
     def _model(self, session_id: str | None, stream: bool = False) -> DeploymentHandle:
         """Route by session (consistent hashing); session-less calls spread over replicas."""
@@ -160,11 +147,13 @@ class Ingress:
 
     def _admit(self) -> None:
         if self.draining:
-            raise APIError(503, "draining", "the server is shutting down: retry against another instance or later")
+            raise protocol.APIError(
+                503, "draining", "the server is shutting down: retry against another instance or later"
+            )
 
-    def _local(self) -> HistoryAPI | None:
-        """The ingress' own HistoryAPI (None: ask the session's replica), told which loop frees KV on replicas."""
-        if self._replica_kv is not None and self._replica_kv.loop is None:
+    def _sessions(self) -> HistoryAPI:
+        """The ingress' HistoryAPI, once its KV releases know the event loop to send them from."""
+        if self._replica_kv.loop is None:
             self._replica_kv.loop = asyncio.get_running_loop()
         return self.history
 
@@ -191,7 +180,7 @@ class Ingress:
         except BaseException:
             self._in_flight.discard(events)
             raise
-        if isinstance(first, APIError):
+        if isinstance(first, protocol.APIError):
             self._in_flight.discard(events)
             raise first
 
@@ -230,116 +219,91 @@ class Ingress:
         """Liveness: this process answers. Readiness is /ready."""
         return {"status": "ok"}
 
-    @app.get("/ready", responses={503: {"model": ErrorResponse}})
+    @app.get("/ready", responses={503: {"model": protocol.ErrorResponse}})
     async def ready(self) -> dict:
         """200 only when every model replica has loaded its model and can reach the store; 503 says why not."""
         if self.draining:
-            raise APIError(503, "draining", "the server is shutting down")
+            raise protocol.APIError(503, "draining", "the server is shutting down")
         problem = await asyncio.to_thread(_model_deployment_problem)
-        if problem is None and self.history is not None:
+        if problem is None:
             problem = await self.history.store_problem()
         if problem is None:
             problem = await self.model.ready.remote()
         if problem is not None:
-            raise APIError(503, "not_ready", problem)
+            raise protocol.APIError(503, "not_ready", problem)
         return {"status": "ready"}
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
         """Prometheus text format: requests/errors by route, TTFT/TPOT, tokens, engine gauges, live sessions."""
-        if self.history is not None:
-            with contextlib.suppress(Exception):  # a metric must never fail the scrape
-                metrics.METRICS.live_sessions.set(await asyncio.to_thread(self.history.manager.count))
+        with contextlib.suppress(Exception):  # a metric must never fail the scrape
+            metrics.METRICS.live_sessions.set(await asyncio.to_thread(self.history.manager.count))
         return Response(metrics.METRICS.render(), media_type=CONTENT_TYPE_LATEST)
 
     # ---- sessions ------------------------------------------------------------------------------------
-    @app.post("/v1/sessions", status_code=201, response_model=SessionInfo, responses=ERRORS)
-    async def create_session(self, body: CreateSessionRequest, response: Response, owner: Owner) -> SessionInfo:
+    @app.post("/v1/sessions", status_code=201, response_model=protocol.SessionInfo, responses=ERRORS)
+    async def create_session(self, body: protocol.CreateSessionRequest, owner: Owner) -> protocol.SessionInfo:
         self._admit()
-        if (history := self._local()) is not None:
-            return await history.create_session(body, owner)
-        if body.session_id is None:  # pick the id here so creation already routes like the session's turns
-            body = body.model_copy(update={"session_id": uuid.uuid4().hex})
-        return await self._unary(self._model(body.session_id).create_session.remote(body, owner), response)
+        return await self._sessions().create_session(body, owner)
 
-    @app.get("/v1/sessions", response_model=SessionList, responses=ERRORS)
+    @app.get("/v1/sessions", response_model=protocol.SessionList, responses=ERRORS)
     async def list_sessions(
         self,
         owner: Owner,
-        response: Response,
         limit: Annotated[int, Query(ge=1, le=1000, description="sessions per page")] = 50,
         offset: Annotated[int, Query(ge=0, description="sessions to skip (next_offset of the previous page)")] = 0,
-    ) -> SessionList:
+    ) -> protocol.SessionList:
         """The caller's sessions, most recently active first."""
-        if (history := self._local()) is not None:
-            return await history.list_sessions(limit, offset, owner)
-        return await self._unary(self._model(None).list_sessions.remote(limit, offset, owner), response)
+        return await self._sessions().list_sessions(limit, offset, owner)
 
-    @app.get("/v1/sessions/{session_id}", response_model=SessionInfo, responses=ERRORS)
-    async def get_session(self, session_id: str, response: Response, owner: Owner) -> SessionInfo:
-        if (history := self._local()) is not None:
-            return await history.get_session(session_id, owner)
-        return await self._unary(self._model(session_id).get_session.remote(session_id, owner), response)
+    @app.get("/v1/sessions/{session_id}", response_model=protocol.SessionInfo, responses=ERRORS)
+    async def get_session(self, session_id: str, owner: Owner) -> protocol.SessionInfo:
+        return await self._sessions().get_session(session_id, owner)
 
-    @app.patch("/v1/sessions/{session_id}", response_model=SessionInfo, responses=ERRORS)
+    @app.patch("/v1/sessions/{session_id}", response_model=protocol.SessionInfo, responses=ERRORS)
     async def update_session(
-        self, session_id: str, body: UpdateSessionRequest, response: Response, owner: Owner
-    ) -> SessionInfo:
+        self, session_id: str, body: protocol.UpdateSessionRequest, owner: Owner
+    ) -> protocol.SessionInfo:
         """Set the system prompt and/or replace the metadata; fields left out stay as they are."""
-        if (history := self._local()) is not None:
-            return await history.update_session(session_id, body, owner)
-        return await self._unary(self._model(session_id).update_session.remote(session_id, body, owner), response)
+        return await self._sessions().update_session(session_id, body, owner)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=ERRORS)
     async def destroy_session(self, session_id: str, owner: Owner) -> Response:
-        done = Response(status_code=204)
-        if (history := self._local()) is not None:
-            await history.destroy_session(session_id, owner)
-        else:
-            await self._unary(self._model(session_id).destroy_session.remote(session_id, owner), done)
-        return done
+        await self._sessions().destroy_session(session_id, owner)
+        return Response(status_code=204)
 
-    @app.post("/v1/sessions/{session_id}/fork", status_code=201, response_model=SessionInfo, responses=ERRORS)
+    @app.post("/v1/sessions/{session_id}/fork", status_code=201, response_model=protocol.SessionInfo, responses=ERRORS)
     async def fork_session(
-        self, session_id: str, body: ForkSessionRequest, response: Response, owner: Owner
-    ) -> SessionInfo:
+        self, session_id: str, body: protocol.ForkSessionRequest, response: Response, owner: Owner
+    ) -> protocol.SessionInfo:
         self._admit()
         return await self._unary(self._model(session_id).fork_session.remote(session_id, body, owner), response)
 
-    @app.post("/v1/sessions/{session_id}/query", response_model=QueryResponse, responses=ERRORS)
-    async def query(self, session_id: str, body: QueryRequest, response: Response, owner: Owner) -> Any:
+    @app.post("/v1/sessions/{session_id}/query", response_model=protocol.QueryResponse, responses=ERRORS)
+    async def query(self, session_id: str, body: protocol.QueryRequest, response: Response, owner: Owner) -> Any:
         self._admit()
         if body.stream:
             events = self._model(session_id, stream=True).query_stream.remote(session_id, body, owner)
             return await self._stream(events, _session_sse)
         return await self._unary(self._model(session_id).query.remote(session_id, body, owner), response)
 
-    @app.get("/v1/sessions/{session_id}/messages", response_model=MessagesResponse, responses=ERRORS)
+    @app.get("/v1/sessions/{session_id}/messages", response_model=protocol.MessagesResponse, responses=ERRORS)
     async def messages(
         self,
         session_id: str,
-        response: Response,
         owner: Owner,
         window: Annotated[int | None, Query(ge=1, description="last N messages")] = None,
-    ) -> MessagesResponse:
-        if (history := self._local()) is not None:
-            return await history.messages(session_id, window, owner)
-        return await self._unary(self._model(session_id).messages.remote(session_id, window, owner), response)
+    ) -> protocol.MessagesResponse:
+        return await self._sessions().messages(session_id, window, owner)
 
-    @app.post("/v1/sessions/{session_id}/messages", response_model=MessagesResponse, responses=ERRORS)
-    async def append(self, session_id: str, body: AppendRequest, response: Response, owner: Owner) -> MessagesResponse:
-        if (history := self._local()) is not None:
-            return await history.append(session_id, body, owner)
-        return await self._unary(self._model(session_id).append.remote(session_id, body, owner), response)
+    @app.post("/v1/sessions/{session_id}/messages", response_model=protocol.MessagesResponse, responses=ERRORS)
+    async def append(self, session_id: str, body: protocol.AppendRequest, owner: Owner) -> protocol.MessagesResponse:
+        return await self._sessions().append(session_id, body, owner)
 
     @app.delete("/v1/sessions/{session_id}/messages", status_code=204, responses=ERRORS)
     async def clear(self, session_id: str, owner: Owner) -> Response:
-        done = Response(status_code=204)
-        if (history := self._local()) is not None:
-            await history.clear(session_id, owner)
-        else:
-            await self._unary(self._model(session_id).clear.remote(session_id, owner), done)
-        return done
+        await self._sessions().clear(session_id, owner)
+        return Response(status_code=204)
 
     # ---- OpenAI --------------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)

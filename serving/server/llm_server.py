@@ -17,28 +17,17 @@ from typing import Generic, TypeVar
 from ray import serve
 
 from serving.config import Config
+from serving.server import protocol
 from serving.server.api import SessionAPI
 from serving.server.metrics import ReplicaReport, TurnSample
 from serving.server.openai_protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
-from serving.server.protocol import (
-    APIError,
-    AppendRequest,
-    CreateSessionRequest,
-    ForkSessionRequest,
-    MessagesResponse,
-    QueryRequest,
-    QueryResponse,
-    SessionInfo,
-    SessionList,
-    UpdateSessionRequest,
-)
 from serving.service import TurnResult
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# What a stream yields: the replica's name first, then the events, then a ReplicaReport (an APIError ends it).
-StreamEvent = str | QueryResponse | ChatCompletionChunk | APIError | ReplicaReport
+# What a stream yields: the replica's name first, then the events, then a ReplicaReport (an protocol.APIError ends it).
+StreamEvent = str | protocol.QueryResponse | ChatCompletionChunk | protocol.APIError | ReplicaReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +35,7 @@ class Reply(Generic[T]):
     """A unary call's outcome: the value, or an error with its HTTP status; plus who answered and its report."""
 
     value: T | None = None
-    error: APIError | None = None
+    error: protocol.APIError | None = None
     replica: str = ""
     report: ReplicaReport | None = None
 
@@ -86,42 +75,20 @@ class LLMServer:
         self._idle_ttl_s = parsed.sessions.idle_ttl_s
         self._janitor: asyncio.Task[None] | None = None
 
-    # ---- session operations --------------------------------------------------------------------------
-    async def create_session(self, request: CreateSessionRequest, owner: str | None) -> Reply[SessionInfo]:
-        return await self._reply(self.api.create_session(request, owner))
-
-    async def get_session(self, session_id: str, owner: str | None) -> Reply[SessionInfo]:
-        return await self._reply(self.api.get_session(session_id, owner))
-
-    async def list_sessions(self, limit: int, offset: int, owner: str | None) -> Reply[SessionList]:
-        return await self._reply(self.api.list_sessions(limit, offset, owner))
-
-    async def update_session(
-        self, session_id: str, request: UpdateSessionRequest, owner: str | None
-    ) -> Reply[SessionInfo]:
-        return await self._reply(self.api.update_session(session_id, request, owner))
-
-    async def destroy_session(self, session_id: str, owner: str | None) -> Reply[None]:
-        return await self._reply(self.api.destroy_session(session_id, owner))
-
-    async def fork_session(self, session_id: str, request: ForkSessionRequest, owner: str | None) -> Reply[SessionInfo]:
+    # ---- what needs the KV (history-only operations are the ingress', straight from the store) -------
+    async def fork_session(
+        self, session_id: str, request: protocol.ForkSessionRequest, owner: str | None
+    ) -> Reply[protocol.SessionInfo]:
         return await self._reply(self.api.fork_session(session_id, request, owner))
 
-    async def messages(self, session_id: str, window: int | None, owner: str | None) -> Reply[MessagesResponse]:
-        return await self._reply(self.api.messages(session_id, window, owner))
-
-    async def append(self, session_id: str, request: AppendRequest, owner: str | None) -> Reply[MessagesResponse]:
-        return await self._reply(self.api.append(session_id, request, owner))
-
-    async def clear(self, session_id: str, owner: str | None) -> Reply[None]:
-        return await self._reply(self.api.clear(session_id, owner))
-
     # ---- turns ---------------------------------------------------------------------------------------
-    async def query(self, session_id: str, request: QueryRequest, owner: str | None) -> Reply[QueryResponse]:
+    async def query(
+        self, session_id: str, request: protocol.QueryRequest, owner: str | None
+    ) -> Reply[protocol.QueryResponse]:
         return await self._reply(self.api.query(session_id, request, owner))
 
     async def query_stream(
-        self, session_id: str, request: QueryRequest, owner: str | None
+        self, session_id: str, request: protocol.QueryRequest, owner: str | None
     ) -> AsyncIterator[StreamEvent]:
         """Called with stream=True: Ray awaits this and iterates the stream it returns (no wrapping generator)."""
         return self._stream(self.api.query_stream(session_id, request, owner))
@@ -157,16 +124,16 @@ class LLMServer:
         try:
             value = await call
             return Reply(value=value, replica=self.replica, report=self._report())
-        except APIError as error:
+        except protocol.APIError as error:
             return Reply(error=error, replica=self.replica, report=self._report())
 
-    async def _stream(self, events: AsyncIterator[T]) -> AsyncIterator[T | str | APIError | ReplicaReport]:
+    async def _stream(self, events: AsyncIterator[T]) -> AsyncIterator[T | str | protocol.APIError | ReplicaReport]:
         self._start_janitor()
         yield self.replica
         try:
             async for event in events:
                 yield event
-        except APIError as error:
+        except protocol.APIError as error:
             yield error
             return
         yield self._report()

@@ -52,18 +52,6 @@ class KVState(BaseModel):
     tokens: int
 
 
-class SessionInfo(BaseModel):
-    session_id: str
-    system_prompt: str | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    created_at: float
-    last_active_at: float
-    turns: int
-    messages: int
-    context_tokens: int
-    kv: KVState
-
-
 class SessionSummary(BaseModel):
     """A session in a listing: its record and where its KV lives as last reported (no history read)."""
 
@@ -73,6 +61,14 @@ class SessionSummary(BaseModel):
     created_at: float
     last_active_at: float
     kv: KVState
+
+
+class SessionInfo(SessionSummary):
+    """One session in full: the summary plus what reading its history tells."""
+
+    turns: int
+    messages: int
+    context_tokens: int
 
 
 class SessionList(BaseModel):

@@ -12,7 +12,7 @@ from tests.support import TINY, app_config
 
 @pytest.fixture
 async def replica(tokenizer_dir):
-    config = app_config("memory://", model=TINY, torch_threads=1)
+    config = app_config("memory://", model=TINY, torch_threads=1)  # in-process: one process, memory is shared
     server = LLMServer.func_or_class(config.model_dump(mode="json"))
     yield server
     await server.api.service.shutdown()
@@ -21,8 +21,7 @@ async def replica(tokenizer_dir):
 async def test_a_failing_engine_step_fails_turns_and_the_replica_reports_unhealthy(replica):
     await replica.check_health()
     assert await replica.ready() is None
-    created = await replica.create_session(CreateSessionRequest(session_id="h"), None)
-    assert created.error is None
+    await replica.api.create_session(CreateSessionRequest(session_id="h"))  # (the ingress' job in a deployment)
 
     def broken_forward(out):
         raise RuntimeError("injected forward failure")
@@ -34,5 +33,5 @@ async def test_a_failing_engine_step_fails_turns_and_the_replica_reports_unhealt
     with pytest.raises(RuntimeError, match="injected forward failure"):
         await replica.check_health()
     assert "injected forward failure" in await replica.ready()
-    history = await replica.messages("h", None, None)
-    assert history.value.messages == []  # the failed turn committed nothing
+    history = await replica.api.messages("h")
+    assert history.messages == []  # the failed turn committed nothing

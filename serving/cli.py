@@ -50,15 +50,22 @@ def serve(
         prepare_smollm2()  # convert once here, not inside every replica
     http = settings.serving
     ray_serve.start(http_options={"host": http.host, "port": http.port, "request_timeout_s": http.request_timeout_s})
-    ray_serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    deploy = lifecycle.BackgroundDeploy(
+        lambda: ray_serve.run(build_app(settings), name=APP_NAME, route_prefix="/"), stop.event
+    ).start()
     url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{http.port}"
-    if lifecycle.wait_ready(url, stop.event):
-        console.print(f"[green]sessionserve ready[/] on {url}  (Ctrl-C or SIGTERM drains and stops)")
+    ready = lifecycle.wait_ready(url, stop.event)
+    if ready:
+        console.print(f"[green]sessionserve ready[/] on {url}  (Ctrl-C or SIGTERM drains and stops)", soft_wrap=True)
         while not stop.event.wait(1.0):  # timed: a signal is noticed within a second whatever the lock semantics
             pass
     watch.stop()
-    console.print(f"stopping: draining running turns for up to {http.shutdown_grace_s:g} s")
-    lifecycle.shutdown(APP_NAME, http.shutdown_grace_s, started_ray=started_ray, host=http.host, port=http.port)
+    grace = http.shutdown_grace_s if ready else None
+    console.print(f"stopping: draining running turns for up to {http.shutdown_grace_s:g} s" if ready else "stopping")
+    lifecycle.shutdown(APP_NAME, grace, started_ray=started_ray, host=http.host, port=http.port)
+    if deploy.error is not None:
+        typer.echo(f"sessionserve could not start: {deploy.error}", err=True)
+        raise typer.Exit(code=1)
     console.print("stopped")
 
 

@@ -43,6 +43,27 @@ class StopSignal:
         self.event.set()
 
 
+class BackgroundDeploy:
+    """`serve.run` waits until every replica is up, which may be never (a replica no node can place): it runs in a
+    daemon thread so that a signal still stops us; a failure is kept and sets the stop event."""
+
+    def __init__(self, deploy: Callable[[], object], stop: threading.Event) -> None:
+        self.error: BaseException | None = None
+        self._deploy, self._stop = deploy, stop
+        self._thread = threading.Thread(target=self._run, name="sessionserve-deploy", daemon=True)
+
+    def start(self) -> BackgroundDeploy:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self._deploy()
+        except BaseException as error:
+            self.error = error
+            self._stop.set()
+
+
 def wait_ready(url: str, stop: threading.Event, timeout_s: float | None = None, interval_s: float = 0.5) -> bool:
     """Poll GET {url}/ready until it answers 200; False if asked to stop (or timed out) first."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -101,12 +122,13 @@ def bounded(step: str, call: Callable[[], T], timeout_s: float) -> T | None:
     return result[0] if result else None
 
 
-def shutdown(app_name: str, grace_s: float, *, started_ray: bool, host: str, port: int) -> None:
-    """Drain, stop Serve, stop Ray when it is ours, and wait for the port to close. Never raises."""
+def shutdown(app_name: str, grace_s: float | None, *, started_ray: bool, host: str, port: int) -> None:
+    """Drain (unless grace_s is None: never ready, so no turn ran), stop Serve, stop Ray when it is ours, and wait
+    for the port to close. Never raises."""
     import ray
     from ray import serve
 
-    report = bounded("drain", lambda: drain(app_name, grace_s), grace_s + 40)
+    report = None if grace_s is None else bounded("drain", lambda: drain(app_name, grace_s), grace_s + 40)
     if report and report.get("cancelled"):
         log.warning("cancelled %d running turn(s) after %.1f s; none was committed", report["cancelled"], grace_s)
     bounded("serve shutdown", serve.shutdown, 60)

@@ -60,8 +60,9 @@ class BackgroundDeploy:
         try:
             self._deploy()
         except BaseException as error:
-            self.error = error
-            self._stop.set()
+            if not self._stop.is_set():  # once we are stopping, serve.shutdown() itself ends serve.run with an error
+                self.error = error
+                self._stop.set()
 
 
 def wait_ready(url: str, stop: threading.Event, timeout_s: float | None = None, interval_s: float = 0.5) -> bool:

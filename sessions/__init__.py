@@ -17,7 +17,7 @@ from sessions.errors import (
 from sessions.manager import EngineClient, SessionManager
 from sessions.messages import Message, Role, parse_message, parse_messages
 from sessions.prompt import Prompt, PromptBuilder
-from sessions.store import UNCHANGED, HistoryStore, MemoryStore, SessionRecord, SQLiteStore, open_store
+from sessions.store import UNCHANGED, HistoryStore, KVReport, MemoryStore, SessionRecord, SQLiteStore, open_store
 
 __all__ = [
     "UNCHANGED",
@@ -25,6 +25,7 @@ __all__ = [
     "EngineClient",
     "HistoryStore",
     "InvalidRequest",
+    "KVReport",
     "MemoryStore",
     "Message",
     "Prompt",

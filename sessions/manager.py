@@ -26,7 +26,16 @@ from typing import Any, Protocol
 from sessions.errors import InvalidRequest, SessionBusy, SessionError, SessionExists, TooManySessions
 from sessions.lease import TurnLease
 from sessions.messages import Message, parse_messages
-from sessions.store.base import UNCHANGED, HistoryStore, SessionRecord, Unchanged, check_page, check_window, not_found
+from sessions.store.base import (
+    UNCHANGED,
+    HistoryStore,
+    KVReport,
+    SessionRecord,
+    Unchanged,
+    check_page,
+    check_window,
+    not_found,
+)
 
 log = logging.getLogger(__name__)
 
@@ -246,10 +255,6 @@ class SessionManager:
         self.get(session_id, owner)
         return self.store.messages(session_id, window)
 
-    def message_count(self, session_id: str, owner: str | None = None) -> int:
-        self.get(session_id, owner)
-        return self.store.message_count(session_id)
-
     def append(self, session_id: str, messages: Sequence[Any], owner: str | None = None) -> None:
         """Add messages without generating. The session's KV stays valid: history only grows."""
         parsed = _check_conversation(messages)
@@ -266,16 +271,24 @@ class SessionManager:
         self._release(session_id)
 
     def commit_turn(
-        self, session_id: str, new_messages: Sequence[Message], reply: Message, *, holder: str | None = None
+        self,
+        session_id: str,
+        new_messages: Sequence[Message],
+        reply: Message,
+        *,
+        holder: str | None = None,
+        kv: KVReport | None = None,
     ) -> None:
         """Store a finished turn in one atomic append, so a failed or cancelled generation leaves no half turn.
 
         `holder` is the turn's lease (what turn() yields); by default the lease of this process's running turn.
+        `kv` is the replica's report of the session's KV after the turn, stored in that same append (None: keep
+        the record's), so session info read from the store shows it.
         """
         parsed = _check_conversation([*new_messages, reply])
         if parsed[-1].role != "assistant":
             raise InvalidRequest(f"a turn's reply must be an assistant message, got role {parsed[-1].role!r}")
-        self.store.append(session_id, parsed, self._clock(), holder=holder or self._holder(session_id))
+        self.store.append(session_id, parsed, self._clock(), holder=holder or self._holder(session_id), kv=kv)
 
     # ---- turn ordering -----------------------------------------------------------------------------
     @contextlib.asynccontextmanager

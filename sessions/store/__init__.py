@@ -5,11 +5,20 @@ The network backends import their drivers only when chosen, so a sqlite user nee
 
 from __future__ import annotations
 
-from sessions.store.base import UNCHANGED, HistoryStore, SessionRecord, Unchanged
+from sessions.store.base import UNCHANGED, HistoryStore, KVReport, SessionRecord, Unchanged
 from sessions.store.memory import MemoryStore
 from sessions.store.sqlite import SQLiteStore
 
-__all__ = ["UNCHANGED", "HistoryStore", "MemoryStore", "SQLiteStore", "SessionRecord", "Unchanged", "open_store"]
+__all__ = [
+    "UNCHANGED",
+    "HistoryStore",
+    "KVReport",
+    "MemoryStore",
+    "SQLiteStore",
+    "SessionRecord",
+    "Unchanged",
+    "open_store",
+]
 
 _SUPPORTED = (
     "memory://, sqlite:///ABSOLUTE/PATH.db, postgresql://USER:PASSWORD@HOST:PORT/DB"

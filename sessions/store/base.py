@@ -18,6 +18,7 @@ from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionN
 from sessions.messages import Message
 
 MAX_PAGE = 1000  # most records one list() call returns
+MAX_OFFSET = 2**52  # list() offsets past this are past any store's end; backends clamp to it (exact as a Lua number)
 
 
 class Unchanged(enum.Enum):
@@ -27,11 +28,36 @@ class Unchanged(enum.Enum):
 
 
 UNCHANGED = Unchanged.UNCHANGED
+KV_TIERS = ("device", "host", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class KVReport:
+    """A session's KV cache as last reported by the replica holding it (stored with the turn it committed).
+
+    `tier`: "device" (accelerator memory), "host" (offloaded to host memory) or "none" (not held); `tokens`: how many
+    tokens it covers; `replica`: the id of the replica holding it, "" if unknown. KVReport() means nothing reported.
+    """
+
+    tier: str = "none"
+    tokens: int = 0
+    replica: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tier not in KV_TIERS:
+            raise ValueError(f"a KV report's tier must be one of {', '.join(KV_TIERS)}, got {self.tier!r}")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
+            raise ValueError(f"a KV report's tokens must be a whole number >= 0, got {self.tokens!r}")
+        if not isinstance(self.replica, str):
+            raise ValueError(f"a KV report's replica must be a string, got {self.replica!r}")
 
 
 @dataclass(slots=True)
 class SessionRecord:
-    """A session's fixed facts. The system prompt lives here, not among the messages, so trimming can never drop it."""
+    """A session's fixed facts. The system prompt lives here, not among the messages, so trimming can never drop it.
+
+    `kv` is the KV report of the last turn committed with one; history edits that invalidate the KV reset it.
+    """
 
     session_id: str
     system_prompt: str | None
@@ -39,6 +65,7 @@ class SessionRecord:
     created_at: float
     last_active_at: float
     owner: str | None = None
+    kv: KVReport = KVReport()
 
 
 class HistoryStore(Protocol):
@@ -60,20 +87,29 @@ class HistoryStore(Protocol):
         """Delete the record and its messages; False if there was nothing to delete."""
         ...
 
-    def append(self, session_id: str, messages: Sequence[Message], now: float, *, holder: str | None = None) -> None:
-        """Append all messages or none, and set last_active_at; SessionNotFound if the session is missing."""
+    def append(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: str | None = None,
+        kv: KVReport | None = None,
+    ) -> None:
+        """Append all messages or none, and set last_active_at; SessionNotFound if the session is missing.
+
+        `kv` (None: keep the record's) sets the record's KV report in the same atomic write as the messages.
+        """
         ...
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         """The last `window` messages (all if None), oldest first, no system prompt; SessionNotFound if missing."""
         ...
 
-    def message_count(self, session_id: str) -> int:
-        """How many messages are stored; SessionNotFound if missing."""
-        ...
-
     def clear(self, session_id: str, *, holder: str | None = None) -> None:
-        """Delete the messages, keep the record (and so the system prompt); SessionNotFound if missing."""
+        """Delete the messages, keep the record (and so the system prompt); reset the KV report. SessionNotFound
+        if missing.
+        """
         ...
 
     def update(
@@ -84,7 +120,10 @@ class HistoryStore(Protocol):
         metadata: dict[str, Any] | None = None,
         holder: str | None = None,
     ) -> SessionRecord:
-        """Set the system prompt (None clears it) and/or replace the metadata (None keeps it); the new record."""
+        """Set the system prompt (None clears it) and/or replace the metadata (None keeps it); the new record.
+
+        A system prompt that differs from the stored one resets the KV report (the KV no longer matches), atomically.
+        """
         ...
 
     def touch(self, session_id: str, now: float) -> None:

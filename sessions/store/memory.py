@@ -13,6 +13,7 @@ from typing import Any
 from sessions.messages import Message
 from sessions.store.base import (
     UNCHANGED,
+    KVReport,
     SessionRecord,
     Unchanged,
     busy,
@@ -84,12 +85,22 @@ class MemoryStore:
             del self._sessions[session_id]
             return True
 
-    def append(self, session_id: str, messages: Sequence[Message], now: float, *, holder: str | None = None) -> None:
+    def append(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: str | None = None,
+        kv: KVReport | None = None,
+    ) -> None:
         batch = check_messages(messages)
         with self._lock:
             session = self._writable(session_id, holder)
             session.messages.extend(batch)
             session.record.last_active_at = now
+            if kv is not None:
+                session.record.kv = kv
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         check_window(window)
@@ -97,13 +108,11 @@ class MemoryStore:
             stored = self._session(session_id).messages
             return list(stored if window is None else stored[-window:])
 
-    def message_count(self, session_id: str) -> int:
-        with self._lock:
-            return len(self._session(session_id).messages)
-
     def clear(self, session_id: str, *, holder: str | None = None) -> None:
         with self._lock:
-            self._writable(session_id, holder).messages.clear()
+            session = self._writable(session_id, holder)
+            session.messages.clear()
+            session.record.kv = KVReport()
 
     def update(
         self,
@@ -116,8 +125,8 @@ class MemoryStore:
         copied = None if metadata is None else json.loads(json.dumps(metadata))
         with self._lock:
             record = self._writable(session_id, holder).record
-            if not isinstance(system_prompt, Unchanged):
-                record.system_prompt = system_prompt
+            if not isinstance(system_prompt, Unchanged) and system_prompt != record.system_prompt:
+                record.system_prompt, record.kv = system_prompt, KVReport()
             if copied is not None:
                 record.metadata = copied
             return _copy(record)

@@ -30,7 +30,9 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
 from sessions.store.base import (
+    MAX_OFFSET,
     UNCHANGED,
+    KVReport,
     SessionRecord,
     Unchanged,
     busy,
@@ -43,14 +45,28 @@ from sessions.store.base import (
 )
 from sessions.store.postgresql_schema import migrate
 
-_COLUMNS = "session_id, system_prompt, metadata, created_at, last_active_at, owner"
+_COLUMNS = "session_id, system_prompt, metadata, created_at, last_active_at, owner, kv_tier, kv_tokens, kv_replica"
 _FREE = "(lease_holder IS NULL OR lease_holder = %(holder)s OR lease_until <= %(now)s)"  # mutation allowed
+_NO_KV = {"kv_tier": "'none'", "kv_tokens": "0", "kv_replica": "''"}  # column -> its value in KVReport()
+# SET clauses: the KV report reset (clear), reset when update() changes the system prompt, set by append() if given.
+_RESET_KV = ", ".join(f"{column} = {value}" for column, value in _NO_KV.items())
+_RESET_KV_IF_NEW_PROMPT = ", ".join(
+    f"{column} = CASE WHEN NOT %(keep)s AND system_prompt IS DISTINCT FROM %(prompt)s THEN {value} ELSE {column} END"
+    for column, value in _NO_KV.items()
+)
+_SET_KV_IF_GIVEN = ", ".join(f"{column} = COALESCE(%({column})s, {column})" for column in _NO_KV)
 _OPTIONS = ("timeout", "pool_size")  # our own URL query parameters, not libpq's
 
 
 def _record(row: tuple[Any, ...]) -> SessionRecord:
-    session_id, system_prompt, metadata, created_at, last_active_at, owner = row
-    return SessionRecord(session_id, system_prompt, metadata, created_at, last_active_at, owner)
+    session_id, system_prompt, metadata, created_at, last_active_at, owner, *kv = row
+    return SessionRecord(session_id, system_prompt, metadata, created_at, last_active_at, owner, KVReport(*kv))
+
+
+def _kv_params(kv: KVReport | None) -> dict[str, Any]:
+    """The parameters of _SET_KV_IF_GIVEN: None (keep the column) for each field when no report is given."""
+    values = (None, None, None) if kv is None else (kv.tier, kv.tokens, kv.replica)
+    return dict(zip(_NO_KV, values, strict=True))
 
 
 def _refuse_nul(*texts: str | None) -> None:
@@ -177,7 +193,7 @@ class PostgreSQLStore:
 
     # ---- records -----------------------------------------------------------------------------------
     def create(self, record: SessionRecord) -> None:
-        _refuse_nul(record.session_id, record.system_prompt, record.owner)
+        _refuse_nul(record.session_id, record.system_prompt, record.owner, record.kv.replica)
         values = (
             record.session_id,
             record.system_prompt,
@@ -185,10 +201,13 @@ class PostgreSQLStore:
             record.created_at,
             record.last_active_at,
             record.owner,
+            record.kv.tier,
+            record.kv.tokens,
+            record.kv.replica,
         )
         try:
             inserted = self._all(
-                f"INSERT INTO sessionserve_sessions ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)"
+                f"INSERT INTO sessionserve_sessions ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (session_id) DO NOTHING RETURNING 1",
                 values,
             )
@@ -224,7 +243,7 @@ class PostgreSQLStore:
             row = self._one(
                 "UPDATE sessionserve_sessions SET"
                 " system_prompt = CASE WHEN %(keep)s THEN system_prompt ELSE %(prompt)s END,"
-                " metadata = COALESCE(%(metadata)s, metadata)"
+                f" metadata = COALESCE(%(metadata)s, metadata), {_RESET_KV_IF_NEW_PROMPT}"
                 f" WHERE session_id = %(id)s AND {_FREE} RETURNING {_COLUMNS}",
                 {
                     "keep": keep_prompt,
@@ -257,7 +276,7 @@ class PostgreSQLStore:
         rows = self._all(
             f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE {where}"
             " ORDER BY last_active_at DESC, session_id DESC LIMIT %(limit)s OFFSET %(offset)s",
-            {"owner": owner, "limit": limit, "offset": offset},
+            {"owner": owner, "limit": limit, "offset": min(offset, MAX_OFFSET)},
         )
         return [_record(row) for row in rows]
 
@@ -271,12 +290,21 @@ class PostgreSQLStore:
         return [session_id for session_id in session_ids if session_id not in present]
 
     # ---- messages ----------------------------------------------------------------------------------
-    def append(self, session_id: str, messages: Sequence[Message], now: float, *, holder: str | None = None) -> None:
+    def append(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: str | None = None,
+        kv: KVReport | None = None,
+    ) -> None:
         batch = check_messages(messages)
-        _refuse_nul(*(m.content for m in batch))
+        _refuse_nul(*(m.content for m in batch), None if kv is None else kv.replica)
         row = self._one(
             "WITH bumped AS ("
-            "  UPDATE sessionserve_sessions SET next_seq = next_seq + %(n)s, last_active_at = %(active)s"
+            "  UPDATE sessionserve_sessions SET next_seq = next_seq + %(n)s, last_active_at = %(active)s,"
+            f"  {_SET_KV_IF_GIVEN}"
             f"  WHERE session_id = %(id)s AND {_FREE} RETURNING next_seq - %(n)s AS first),"
             " inserted AS ("
             "  INSERT INTO sessionserve_messages (session_id, seq, role, content)"
@@ -291,6 +319,7 @@ class PostgreSQLStore:
                 "now": self._clock(),
                 "roles": [m.role for m in batch],
                 "contents": [m.content for m in batch],
+                **_kv_params(kv),
             },
         )
         if row is None:
@@ -307,21 +336,12 @@ class PostgreSQLStore:
             raise not_found(session_id)
         return [Message(role, content) for role, content in rows]
 
-    def message_count(self, session_id: str) -> int:
-        row = self._one(
-            "SELECT (SELECT count(*) FROM sessionserve_messages WHERE session_id = %(id)s),"
-            " EXISTS (SELECT 1 FROM sessionserve_sessions WHERE session_id = %(id)s)",
-            {"id": session_id},
-        )
-        if row is None or not row[1]:
-            raise not_found(session_id)
-        return int(row[0])
-
     def clear(self, session_id: str, *, holder: str | None = None) -> None:
         params = {"id": session_id, "holder": holder, "now": self._clock()}
         with self._conn() as conn, conn.transaction():
-            row = conn.execute(
-                f"SELECT 1 FROM sessionserve_sessions WHERE session_id = %(id)s AND {_FREE} FOR UPDATE", params
+            row = conn.execute(  # also takes the row lock, so the lease check holds until the messages are gone
+                f"UPDATE sessionserve_sessions SET {_RESET_KV} WHERE session_id = %(id)s AND {_FREE} RETURNING 1",
+                params,
             ).fetchone()
             if row is None:
                 raise self._refused(session_id)

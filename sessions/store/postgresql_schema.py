@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _LOCK_KEY = 0x5E55_10_5E  # pg_advisory_xact_lock key for schema changes ("sessionse")
 # version -> statements that take a database from version-1 to version. Append, never edit, once released.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -37,6 +37,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             content    text NOT NULL,
             PRIMARY KEY (session_id, seq)
         )""",
+    ),
+    # The KV report of the last turn committed with one (sessions.store.KVReport; the defaults: nothing reported).
+    # Constant defaults: PostgreSQL >= 11 adds these columns without rewriting the table.
+    2: (
+        "ALTER TABLE sessionserve_sessions"
+        " ADD COLUMN kv_tier text NOT NULL DEFAULT 'none',"  # device | host | none
+        " ADD COLUMN kv_tokens bigint NOT NULL DEFAULT 0,"
+        " ADD COLUMN kv_replica text NOT NULL DEFAULT ''",  # the replica holding it, '' if unknown
     ),
 }
 

@@ -3,7 +3,8 @@
 Key layout (all under a prefix, default `sessionserve:`, set with `?prefix=` on the URL):
 
     {prefix}s:{id}          hash   the record: created_at, last_active_at, metadata (JSON), system_prompt and owner
-                                   (absent = None), lease_holder and lease_until while a turn holds the lease
+                                   (absent = None), lease_holder and lease_until while a turn holds the lease,
+                                   kv_tier, kv_tokens and kv_replica once a KV report is stored (absent = KVReport())
     {prefix}m:{id}          list   the messages, oldest first, each a JSON array [role, content]
     {prefix}active          zset   every session id, scored by last_active_at (count, idle expiry)
     {prefix}owner:{owner}   zset   the owner's session ids, scored by last_active_at (list); owner-none for no owner
@@ -32,7 +33,9 @@ from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
 from sessions.store import redis_scripts as lua
 from sessions.store.base import (
+    MAX_OFFSET,
     UNCHANGED,
+    KVReport,
     SessionRecord,
     Unchanged,
     busy,
@@ -65,6 +68,7 @@ def _record(session_id: str, fields: dict[str, str]) -> SessionRecord:
         float(fields["created_at"]),
         float(fields["last_active_at"]),
         fields.get("owner"),
+        KVReport(fields.get("kv_tier", "none"), int(fields.get("kv_tokens", "0")), fields.get("kv_replica", "")),
     )
 
 
@@ -137,6 +141,8 @@ class RedisStore:
         fields: list[str] = ["metadata", json.dumps(record.metadata)]
         if record.system_prompt is not None:
             fields += ["system_prompt", record.system_prompt]
+        if record.kv != KVReport():  # absent fields: nothing reported
+            fields += ["kv_tier", record.kv.tier, "kv_tokens", str(record.kv.tokens), "kv_replica", record.kv.replica]
         owner = ("1", record.owner) if record.owner is not None else ("0", "")
         outcome = self._run(
             "CREATE",
@@ -190,7 +196,7 @@ class RedisStore:
     def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
         check_page(limit, offset)
         owned = ("1", owner) if owner is not None else ("0", "")
-        flat = self._run("LIST", repr(self._cutoff()), *owned, offset, limit)
+        flat = self._run("LIST", repr(self._cutoff()), *owned, min(offset, MAX_OFFSET), limit)
         records, index = [], 0
         while index < len(flat):
             session_id, size = flat[index], int(flat[index + 1])
@@ -214,9 +220,18 @@ class RedisStore:
         return [session_id for session_id, hit in zip(session_ids, found, strict=True) if not hit]
 
     # ---- messages ----------------------------------------------------------------------------------
-    def append(self, session_id: str, messages: Sequence[Message], now: float, *, holder: str | None = None) -> None:
+    def append(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: str | None = None,
+        kv: KVReport | None = None,
+    ) -> None:
         batch = [json.dumps([m.role, m.content]) for m in check_messages(messages)]
-        outcome = self._run("APPEND", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *batch)
+        report = ("0", "", 0, "") if kv is None else ("1", kv.tier, kv.tokens, kv.replica)
+        outcome = self._run("APPEND", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *report, *batch)
         if outcome != "ok":
             self._refused(session_id, outcome)
 
@@ -227,12 +242,6 @@ class RedisStore:
             raise not_found(session_id)
         decoded = json.loads("[" + ",".join(rows) + "]")  # one parse for the whole history, not one per message
         return [Message(role, content) for role, content in decoded]
-
-    def message_count(self, session_id: str) -> int:
-        count = int(self._run("MESSAGE_COUNT", session_id))
-        if count < 0:
-            raise not_found(session_id)
-        return count
 
     def clear(self, session_id: str, *, holder: str | None = None) -> None:
         outcome = self._run("CLEAR", session_id, holder or "", self._clock(), self._ttl_ms)

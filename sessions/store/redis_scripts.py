@@ -7,7 +7,7 @@ from __future__ import annotations
 
 NAMES = (
     *("CREATE", "APPEND", "TOUCH", "CLEAR", "DELETE", "UPDATE", "ACQUIRE", "RELEASE", "EXPIRE_IDLE", "COUNT", "LIST"),
-    *("MESSAGES", "MESSAGE_COUNT"),
+    "MESSAGES",
 )
 
 # Shared helpers, prepended to every script. `now` is the caller's wall clock; a lease is live while until > now.
@@ -43,6 +43,8 @@ local function set_active(id, active)
   redis.call('ZADD', prefix .. 'active', active, id)
   redis.call('ZADD', owner_key(redis.call('HGET', rec, 'owner')), active, id)
 end
+-- A KV report is the fields kv_tier, kv_tokens and kv_replica of the record; absent = nothing reported.
+local function forget_kv(rec) redis.call('HDEL', rec, 'kv_tier', 'kv_tokens', 'kv_replica') end
 local function remove(id)
   local rec = rec_key(id)
   local owner = redis.call('HGET', rec, 'owner')
@@ -76,7 +78,8 @@ return 'ok'
 """
 )
 
-# ARGV: prefix, id, holder ('' = none), now, ttl_ms, last_active_at, message...
+# ARGV: prefix, id, holder ('' = none), now, ttl_ms, last_active_at, report ('1' = set the KV report to the next
+# three, '0' = keep it), kv_tier, kv_tokens, kv_replica, message...
 APPEND = (
     _LIB
     + """
@@ -84,7 +87,8 @@ local id, holder, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[
 local rec = rec_key(id)
 if redis.call('EXISTS', rec) == 0 then return 'missing' end
 if foreign(rec, holder, now) then return 'busy' end
-for i = 7, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
+for i = 11, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
+if ARGV[7] == '1' then redis.call('HSET', rec, 'kv_tier', ARGV[8], 'kv_tokens', ARGV[9], 'kv_replica', ARGV[10]) end
 set_active(id, ARGV[6])
 refresh(id, now, ttl)
 return 'ok'
@@ -112,6 +116,7 @@ local rec = rec_key(id)
 if redis.call('EXISTS', rec) == 0 then return 'missing' end
 if foreign(rec, holder, now) then return 'busy' end
 redis.call('DEL', msg_key(id))
+forget_kv(rec)
 refresh(id, now, ttl)
 return 'ok'
 """
@@ -138,6 +143,8 @@ local id, holder, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[
 local rec = rec_key(id)
 if redis.call('EXISTS', rec) == 0 then return {'missing'} end
 if foreign(rec, holder, now) then return {'busy'} end
+local prompt = redis.call('HGET', rec, 'system_prompt')
+if (ARGV[6] == 'clear' and prompt) or (ARGV[6] == 'set' and prompt ~= ARGV[7]) then forget_kv(rec) end
 if ARGV[6] == 'clear' then redis.call('HDEL', rec, 'system_prompt') end
 if ARGV[6] == 'set' then redis.call('HSET', rec, 'system_prompt', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', rec, 'metadata', ARGV[8]) end
@@ -230,15 +237,5 @@ MESSAGES = (
 local id = ARGV[2]
 if redis.call('EXISTS', rec_key(id)) == 0 then return 0 end
 return redis.call('LRANGE', msg_key(id), tonumber(ARGV[3]), -1)
-"""
-)
-
-# ARGV: prefix, id. -1 if the session is missing, else how many messages it has.
-MESSAGE_COUNT = (
-    _LIB
-    + """
-local id = ARGV[2]
-if redis.call('EXISTS', rec_key(id)) == 0 then return -1 end
-return redis.call('LLEN', msg_key(id))
 """
 )

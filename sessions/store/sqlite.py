@@ -20,7 +20,9 @@ from typing import Any
 from sessions.errors import StoreUnavailable
 from sessions.messages import Message
 from sessions.store.base import (
+    MAX_OFFSET,
     UNCHANGED,
+    KVReport,
     SessionRecord,
     Unchanged,
     busy,
@@ -33,7 +35,7 @@ from sessions.store.base import (
     not_found,
 )
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sessions (
         session_id     TEXT PRIMARY KEY,
@@ -52,17 +54,29 @@ _SCHEMA = (
         PRIMARY KEY (session_id, seq)
     ) WITHOUT ROWID""",
 )
-# Version 1 -> 2: the turn lease (holder, expiry as caller wall time) and an index for list(owner).
-_LEASE_COLUMNS = {"lease_holder": "TEXT", "lease_until": "REAL"}
-_OWNER_INDEX = "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, last_active_at, session_id)"
+# Columns added to `sessions` after version 1, by ALTER TABLE at open when a file lacks them. 1 -> 2: the turn lease
+# (holder, expiry as caller wall time); 2 -> 3: the KV report of the last turn committed with one.
+_ADDED_COLUMNS = {
+    "lease_holder": "TEXT",
+    "lease_until": "REAL",
+    "kv_tier": "TEXT NOT NULL DEFAULT 'none'",
+    "kv_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "kv_replica": "TEXT NOT NULL DEFAULT ''",
+}
+_OWNER_INDEX = "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, last_active_at, session_id)"  # v2
 _IDS_PER_QUERY = 500  # bound parameters per IN (...) query, far below SQLite's limit
-_RECORD_COLUMNS = "session_id, system_prompt, metadata, created_at, last_active_at, owner"
+_RECORD_COLUMNS = (
+    "session_id, system_prompt, metadata, created_at, last_active_at, owner, kv_tier, kv_tokens, kv_replica"
+)
+_NO_KV = "kv_tier = 'none', kv_tokens = 0, kv_replica = ''"  # SET clause: KVReport(), nothing reported
 _Row = tuple[Any, ...]
 
 
 def _record(row: _Row) -> SessionRecord:
-    session_id, system_prompt, metadata, created_at, last_active_at, owner = row
-    return SessionRecord(session_id, system_prompt, json.loads(metadata), created_at, last_active_at, owner)
+    session_id, system_prompt, metadata, created_at, last_active_at, owner, *kv = row
+    return SessionRecord(
+        session_id, system_prompt, json.loads(metadata), created_at, last_active_at, owner, KVReport(*kv)
+    )
 
 
 class SQLiteStore:
@@ -95,7 +109,7 @@ class SQLiteStore:
             for statement in _SCHEMA:
                 conn.execute(statement)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
-            for name, kind in _LEASE_COLUMNS.items():
+            for name, kind in _ADDED_COLUMNS.items():
                 if name not in columns:
                     conn.execute(f"ALTER TABLE sessions ADD COLUMN {name} {kind}")
             conn.execute(_OWNER_INDEX)
@@ -164,10 +178,13 @@ class SQLiteStore:
             record.created_at,
             record.last_active_at,
             record.owner,
+            record.kv.tier,
+            record.kv.tokens,
+            record.kv.replica,
         )
         try:
             with self._write() as conn:
-                conn.execute(f"INSERT INTO sessions ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", values)
+                conn.execute(f"INSERT INTO sessions ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
         except sqlite3.IntegrityError:
             raise exists(record.session_id) from None
 
@@ -183,7 +200,15 @@ class SQLiteStore:
             conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
             return True
 
-    def append(self, session_id: str, messages: Sequence[Message], now: float, *, holder: str | None = None) -> None:
+    def append(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: str | None = None,
+        kv: KVReport | None = None,
+    ) -> None:
         batch = check_messages(messages)
         with self._write() as conn:
             self._require_writable(conn, session_id, holder)
@@ -195,6 +220,11 @@ class SQLiteStore:
                 [(session_id, last + 1 + i, m.role, m.content) for i, m in enumerate(batch)],
             )
             conn.execute("UPDATE sessions SET last_active_at = ? WHERE session_id = ?", (now, session_id))
+            if kv is not None:
+                conn.execute(
+                    "UPDATE sessions SET kv_tier = ?, kv_tokens = ?, kv_replica = ? WHERE session_id = ?",
+                    (kv.tier, kv.tokens, kv.replica, session_id),
+                )
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         check_window(window)
@@ -207,16 +237,11 @@ class SQLiteStore:
             ).fetchall()
         return [Message(role, content) for role, content in rows]
 
-    def message_count(self, session_id: str) -> int:
-        with self._read() as conn:
-            self._require(conn, session_id)
-            (count,) = conn.execute("SELECT COUNT(*) FROM messages WHERE session_id = ?", (session_id,)).fetchone()
-        return int(count)
-
     def clear(self, session_id: str, *, holder: str | None = None) -> None:
         with self._write() as conn:
             self._require_writable(conn, session_id, holder)
             conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+            conn.execute(f"UPDATE sessions SET {_NO_KV} WHERE session_id = ?", (session_id,))
 
     def update(
         self,
@@ -228,8 +253,12 @@ class SQLiteStore:
     ) -> SessionRecord:
         with self._write() as conn:
             self._require_writable(conn, session_id, holder)
-            if not isinstance(system_prompt, Unchanged):
-                conn.execute("UPDATE sessions SET system_prompt = ? WHERE session_id = ?", (system_prompt, session_id))
+            if not isinstance(system_prompt, Unchanged):  # a different prompt: the KV no longer matches
+                conn.execute(
+                    f"UPDATE sessions SET system_prompt = :prompt, {_NO_KV}"
+                    " WHERE session_id = :id AND system_prompt IS NOT :prompt",
+                    {"prompt": system_prompt, "id": session_id},
+                )
             if metadata is not None:
                 conn.execute(
                     "UPDATE sessions SET metadata = ? WHERE session_id = ?", (json.dumps(metadata), session_id)
@@ -254,7 +283,7 @@ class SQLiteStore:
             rows = conn.execute(
                 f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE {where}"
                 " ORDER BY last_active_at DESC, session_id DESC LIMIT ? OFFSET ?",
-                (limit, offset) if owner is None else (owner, limit, offset),
+                (limit, min(offset, MAX_OFFSET)) if owner is None else (owner, limit, min(offset, MAX_OFFSET)),
             ).fetchall()
         return [_record(row) for row in rows]
 

@@ -8,6 +8,7 @@ import pytest
 from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionNotFound, TooManySessions
 from sessions.manager import SessionManager
 from sessions.messages import Message
+from sessions.store import KVReport
 
 U1, A1, U2, A2 = Message("user", "u1"), Message("assistant", "a1"), Message("user", "u2"), Message("assistant", "a2")
 
@@ -145,7 +146,7 @@ def test_history_window(manager):
     manager.create("s1", messages=[U1, A1, U2, A2])
     assert manager.history("s1", window=3) == [A1, U2, A2]
     assert manager.history("s1") == [U1, A1, U2, A2]
-    assert manager.message_count("s1") == 4
+    assert len(manager.history("s1")) == 4
 
 
 @pytest.mark.parametrize("window", [0, -1, 1.5, "2", True])
@@ -216,6 +217,24 @@ def test_commit_turn_stores_prompt_and_reply_together(manager, clock):
     manager.commit_turn("s1", [U1], A1)
     assert manager.history("s1") == [U1, A1]
     assert manager.get("s1").last_active_at == clock.now
+
+
+async def test_commit_turn_stores_the_replicas_kv_report_with_the_turn(manager, other_replica, engine):
+    manager.create("s1", system_prompt="Be terse.", owner="alice")
+    async with manager.turn("s1") as holder:
+        manager.commit_turn("s1", [U1], A1, holder=holder, kv=KVReport("device", 42, "replica-1"))
+    seen = other_replica.get("s1")  # the ingress reads it from the store, not from the replica
+    assert seen.kv == KVReport("device", 42, "replica-1")
+    assert [r.kv for r in other_replica.list_sessions("alice")] == [seen.kv]
+    manager.commit_turn("s1", [U2], A2)  # no report: the last one stands
+    assert manager.get("s1").kv == seen.kv
+    manager.update("s1", metadata={"x": 1})
+    assert manager.get("s1").kv == seen.kv
+    manager.update("s1", system_prompt="Be verbose.")
+    assert manager.get("s1").kv == KVReport() and engine.released == ["s1"]
+    manager.commit_turn("s1", [U1], A1, kv=KVReport("host", 80, "replica-1"))
+    manager.clear("s1")
+    assert manager.get("s1").kv == KVReport() and engine.released == ["s1", "s1"]
 
 
 def test_commit_turn_refuses_a_non_assistant_reply(manager):

@@ -9,6 +9,7 @@ from sessions.errors import (
     SessionError,
     SessionExists,
     SessionNotFound,
+    StoreUnavailable,
     TooManySessions,
 )
 from sessions.messages import Message, parse_message, parse_messages
@@ -22,12 +23,26 @@ def test_error_codes_are_stable_and_share_a_base():
         ContextTooLong: "context_too_long",
         SessionBusy: "session_busy",
         TooManySessions: "too_many_sessions",
+        StoreUnavailable: "store_unavailable",
     }
     for cls, code in expected.items():
         assert issubclass(cls, SessionError)
         assert cls.code == code
         assert cls("what to fix").code == code
         assert str(cls("what to fix")) == "what to fix"
+        assert cls.__doc__
+    assert SessionError.code == SessionError("x").code == "session_error"
+
+
+def test_an_error_subclass_without_a_code_keeps_its_parents():
+    class Gone(SessionNotFound):
+        pass
+
+    class Renamed(SessionNotFound, code="renamed"):
+        pass
+
+    assert Gone("x").code == "session_not_found" and Renamed("x").code == "renamed"
+    assert SessionNotFound.code == "session_not_found"
 
 
 def test_string_content():

@@ -1,16 +1,18 @@
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import subprocess
 import sys
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from sessions.errors import InvalidRequest, SessionExists, SessionNotFound
 from sessions.messages import Message
-from sessions.store import MemoryStore, SQLiteStore, open_store
+from sessions.store import KVReport, MemoryStore, SQLiteStore, open_store
 from sessions.store.base import SessionRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +51,6 @@ def test_append_and_messages_in_order(store):
     store.append("s1", [U1, A1], now=150.0)
     store.append("s1", [U2], now=160.0)
     assert store.messages("s1") == [U1, A1, U2]
-    assert store.message_count("s1") == 3
     assert store.get("s1").last_active_at == 160.0
 
 
@@ -75,7 +76,7 @@ def test_append_to_missing_session(store):
     assert store.count() == 0
 
 
-@pytest.mark.parametrize("method", ["messages", "message_count", "clear"])
+@pytest.mark.parametrize("method", ["messages", "clear"])
 def test_reads_of_missing_session_raise(store, method):
     with pytest.raises(SessionNotFound):
         getattr(store, method)("nope")
@@ -102,9 +103,9 @@ def test_sqlite_append_rolls_back_a_failure_midway(tmp_path):
             " BEGIN SELECT RAISE(ABORT, 'refused'); END"
         )
     with pytest.raises(sqlite3.IntegrityError):
-        store.append("s1", [U1, A1, Message("user", "boom")], now=200.0)
+        store.append("s1", [U1, A1, Message("user", "boom")], now=200.0, kv=KVReport("device", 3, "r1"))
     assert store.messages("s1") == []
-    assert store.get("s1").last_active_at == 100.0
+    assert store.get("s1") == record()  # neither last_active_at nor the KV report changed
     store.append("s1", [U1], now=201.0)  # the connection is usable again
     assert store.messages("s1") == [U1]
     store.close()
@@ -174,6 +175,71 @@ def test_store_is_safe_across_threads(store):
     assert all(u.role == "user" and a.role == "assistant" and u.content == a.content for u, a in pairs)
 
 
+# What SQLiteStore files of earlier versions hold (PRAGMA user_version): opening one with this version upgrades it.
+_V1_SESSIONS = """CREATE TABLE sessions (
+    session_id     TEXT PRIMARY KEY,
+    system_prompt  TEXT,
+    metadata       TEXT NOT NULL,
+    owner          TEXT,
+    created_at     REAL NOT NULL,
+    last_active_at REAL NOT NULL
+)"""
+_V1_REST = (
+    "CREATE INDEX sessions_by_last_active ON sessions (last_active_at)",
+    """CREATE TABLE messages (
+        session_id TEXT NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,
+        seq        INTEGER NOT NULL,
+        role       TEXT NOT NULL,
+        content    TEXT NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID""",
+)
+OLD_SQLITE_SCHEMAS = {
+    1: (_V1_SESSIONS, *_V1_REST),
+    2: (
+        _V1_SESSIONS,
+        *_V1_REST,
+        "ALTER TABLE sessions ADD COLUMN lease_holder TEXT",
+        "ALTER TABLE sessions ADD COLUMN lease_until REAL",
+        "CREATE INDEX sessions_by_owner ON sessions (owner, last_active_at, session_id)",
+    ),
+}
+OLD_INSERT = (  # how those versions wrote a record; still valid on an upgraded file
+    "INSERT INTO sessions (session_id, system_prompt, metadata, created_at, last_active_at, owner)"
+    " VALUES (?, 'Be terse.', '{\"k\": [1, 2]}', 100.0, 100.0, 'alice')"
+)
+
+
+@pytest.mark.parametrize("version", sorted(OLD_SQLITE_SCHEMAS))
+def test_sqlite_upgrades_the_file_of_an_earlier_version(tmp_path, version):
+    path = tmp_path / f"v{version}.db"
+    with closing(sqlite3.connect(path)) as old:
+        for statement in OLD_SQLITE_SCHEMAS[version]:
+            old.execute(statement)
+        old.execute(OLD_INSERT, ("s1",))
+        old.execute("INSERT INTO messages (session_id, seq, role, content) VALUES ('s1', 0, 'user', 'u1')")
+        old.execute(f"PRAGMA user_version = {version}")
+        old.commit()
+    store = SQLiteStore(path)
+    assert store.get("s1") == record()  # kv: nothing reported
+    assert store.messages("s1") == [U1]
+    store.acquire_lease("s1", "turn-a", ttl_s=60)
+    store.append("s1", [A1], now=150.0, holder="turn-a", kv=KVReport("device", 7, "r1"))
+    assert store.list("alice") == [record(last_active_at=150.0, kv=KVReport("device", 7, "r1"))]
+    store.release_lease("s1", "turn-a")
+    store.close()
+    with closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (3,)
+        raw.execute(OLD_INSERT, ("s2",))  # a process still running the old version shares the file
+        raw.commit()
+    reopened = SQLiteStore(path)  # opening an upgraded file again changes nothing
+    assert reopened.get("s1").kv == KVReport("device", 7, "r1")
+    assert reopened.get("s2") == record("s2")
+    reopened.clear("s1")
+    assert reopened.get("s1").kv == KVReport()
+    reopened.close()
+
+
 def test_sqlite_is_durable_across_store_objects(tmp_path):
     path = tmp_path / "durable.db"
     first = SQLiteStore(path)
@@ -218,6 +284,23 @@ def test_sqlite_uses_wal_and_cascades(tmp_path):
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert raw.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+
+
+def test_kv_report_defaults_and_checks():
+    assert KVReport() == KVReport("none", 0, "") and record().kv == KVReport()
+    assert KVReport("host", 5).replica == ""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        KVReport().tier = "device"  # type: ignore[misc]
+    for bad in (
+        {"tier": "gpu"},
+        {"tier": "Device"},
+        {"tokens": -1},
+        {"tokens": 1.5},
+        {"tokens": True},
+        {"replica": None},
+    ):
+        with pytest.raises(ValueError, match="KV report"):
+            KVReport(**bad)
 
 
 def test_open_store_memory():

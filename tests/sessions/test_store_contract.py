@@ -1,4 +1,6 @@
-"""The HistoryStore contract additions (leases, list, update, expire_idle, ping), on every backend with real servers."""
+"""The HistoryStore contract additions (leases, list, update, KV reports, expire_idle, ping), on every backend with
+real servers.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import pytest
 
 from sessions.errors import InvalidRequest, SessionBusy, SessionNotFound
 from sessions.messages import Message
-from sessions.store import UNCHANGED
+from sessions.store import UNCHANGED, KVReport
 from sessions.store.base import SessionRecord
 from tests.sessions.conftest import FakeClock
 
 U1, A1 = Message("user", "u1"), Message("assistant", "a1")
+ON_DEVICE = KVReport("device", 1234, "replica-7")
+ON_HOST = KVReport("host", 2048, "replica-2")
 
 
 def record(session_id: str = "s1", now: float = 100.0, owner: str | None = "alice", **fields) -> SessionRecord:
@@ -148,6 +152,8 @@ def test_list_accepts_the_bounds(store):
     store.create(record())
     assert len(store.list("alice", limit=1000)) == 1
     assert len(store.list("alice", limit=1, offset=0)) == 1
+    for offset in (2**52, 2**53 + 1, 2**63, 2**80):  # past the end, however far: an empty page, not an integer overflow
+        assert store.list("alice", limit=1000, offset=offset) == []
 
 
 # ---- update ----------------------------------------------------------------------------------------------
@@ -173,6 +179,106 @@ def test_update_missing_session(store):
         store.update("nope", system_prompt="x")
 
 
+# ---- KV reports ------------------------------------------------------------------------------------------
+def test_a_new_session_has_no_kv_report(store):
+    store.create(record())
+    assert store.get("s1").kv == KVReport() == KVReport("none", 0, "")
+    store.append("s1", [U1], now=150.0)
+    assert store.get("s1").kv == KVReport()
+
+
+def test_the_kv_report_round_trips_through_append_get_and_list(store):
+    store.create(record())
+    store.create(record("s2", now=90.0))
+    store.append("s1", [U1, A1], now=150.0, kv=ON_DEVICE)
+    assert store.get("s1") == record(last_active_at=150.0, kv=ON_DEVICE)
+    assert store.messages("s1") == [U1, A1]
+    assert [(r.session_id, r.kv) for r in store.list("alice")] == [("s1", ON_DEVICE), ("s2", KVReport())]
+    store.append("s2", [U1], now=160.0, kv=ON_HOST)
+    assert [(r.session_id, r.kv) for r in store.list("alice")] == [("s2", ON_HOST), ("s1", ON_DEVICE)]
+    store.append("s1", [U1], now=170.0, kv=KVReport("none", 0, "replica-7"))  # evicted: reported as such
+    assert store.get("s1").kv == KVReport("none", 0, "replica-7")
+    store.append("s1", [A1], now=180.0, kv=KVReport())
+    assert store.get("s1").kv == KVReport()
+    assert store.messages("s1") == [U1, A1, U1, A1]
+
+
+def test_create_stores_the_records_kv_report(store):
+    store.create(record(kv=ON_HOST))
+    assert store.get("s1") == record(kv=ON_HOST)
+    assert store.list("alice") == [record(kv=ON_HOST)]
+
+
+def test_append_without_a_kv_report_keeps_the_last_one(store):
+    store.create(record())
+    store.append("s1", [U1, A1], now=150.0, kv=ON_DEVICE)
+    store.append("s1", [U1], now=160.0)
+    store.append("s1", [A1], now=170.0, kv=None)
+    assert store.get("s1") == record(last_active_at=170.0, kv=ON_DEVICE)
+    store.touch("s1", 180.0)
+    assert store.get("s1").kv == ON_DEVICE
+
+
+def test_a_refused_append_sets_no_kv_report(store):
+    store.create(record())
+    store.append("s1", [U1], now=150.0, kv=ON_DEVICE)
+    store.acquire_lease("s1", "turn-a", ttl_s=60)
+    with pytest.raises(SessionBusy):
+        store.append("s1", [A1], now=160.0, kv=ON_HOST)
+    with pytest.raises(TypeError):
+        store.append("s1", [A1, "not parsed"], now=160.0, holder="turn-a", kv=ON_HOST)  # type: ignore[list-item]
+    assert store.get("s1") == record(last_active_at=150.0, kv=ON_DEVICE)
+    assert store.messages("s1") == [U1]
+    store.append("s1", [A1], now=170.0, holder="turn-a", kv=ON_HOST)  # the lease's own turn reports
+    assert store.get("s1").kv == ON_HOST
+    with pytest.raises(SessionNotFound):
+        store.append("nope", [U1], now=1.0, kv=ON_HOST)
+
+
+def test_clear_resets_the_kv_report(store):
+    store.create(record())
+    store.append("s1", [U1, A1], now=150.0, kv=ON_DEVICE)
+    store.clear("s1")
+    assert store.get("s1") == record(last_active_at=150.0)
+    store.append("s1", [U1], now=160.0, kv=ON_HOST)
+    store.acquire_lease("s1", "turn-a", ttl_s=60)
+    with pytest.raises(SessionBusy):
+        store.clear("s1")
+    assert store.get("s1").kv == ON_HOST  # a refused clear resets nothing
+    store.clear("s1", holder="turn-a")
+    assert store.get("s1").kv == KVReport()
+
+
+@pytest.mark.parametrize(
+    ("before", "after"), [("Be terse.", "Be verbose."), ("Be terse.", None), (None, "Be terse."), ("Be terse.", "")]
+)
+def test_a_new_system_prompt_resets_the_kv_report(store, before, after):
+    store.create(record(system_prompt=before))
+    store.append("s1", [U1], now=150.0, kv=ON_DEVICE)
+    updated = store.update("s1", system_prompt=after)
+    assert updated == record(system_prompt=after, last_active_at=150.0) == store.get("s1")
+    assert store.messages("s1") == [U1]
+
+
+@pytest.mark.parametrize("prompt", ["Be terse.", None])
+def test_an_update_that_keeps_the_system_prompt_keeps_the_kv_report(store, prompt):
+    store.create(record(system_prompt=prompt))
+    store.append("s1", [U1], now=150.0, kv=ON_DEVICE)
+    assert store.update("s1", system_prompt=prompt).kv == ON_DEVICE  # the same prompt again
+    assert store.update("s1", metadata={"lang": "fr"}).kv == ON_DEVICE
+    assert store.update("s1", system_prompt=UNCHANGED, metadata={}).kv == ON_DEVICE
+    assert store.get("s1") == record(system_prompt=prompt, metadata={}, last_active_at=150.0, kv=ON_DEVICE)
+
+
+def test_a_refused_update_keeps_the_kv_report(store):
+    store.create(record())
+    store.append("s1", [U1], now=150.0, kv=ON_DEVICE)
+    store.acquire_lease("s1", "turn-a", ttl_s=60)
+    with pytest.raises(SessionBusy):
+        store.update("s1", system_prompt="Be verbose.")
+    assert store.get("s1") == record(last_active_at=150.0, kv=ON_DEVICE)
+
+
 # ---- ping and concurrency --------------------------------------------------------------------------------
 def test_ping(store):
     store.ping()
@@ -195,7 +301,7 @@ def test_concurrent_appends_from_two_store_objects_keep_every_message_once_in_or
     for thread in threads:
         thread.join()
     history = stores[1].messages("s1")
-    assert len(history) == 180 and stores[0].message_count("s1") == 180
+    assert len(history) == 180 and len(stores[0].messages("s1")) == 180
     pairs = list(zip(history[::2], history[1::2], strict=True))
     assert all(u.role == "user" and a.role == "assistant" and u.content == a.content for u, a in pairs)
     for n in range(6):  # each writer's turns in the order it wrote them, none lost or doubled

@@ -15,7 +15,7 @@ import redis
 
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
-from sessions.store import open_store
+from sessions.store import KVReport, open_store, postgresql_schema
 from sessions.store.postgresql import PostgreSQLStore
 from sessions.store.postgresql_schema import SCHEMA_VERSION
 from sessions.store.redis import RedisStore
@@ -131,6 +131,42 @@ def test_postgresql_refuses_a_newer_schema(postgres_url):
         PostgreSQLStore(postgres_url)
 
 
+def _columns(conn: psycopg.Connection) -> set[str]:
+    rows = conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'sessionserve_sessions'")
+    return {name for (name,) in rows}
+
+
+def test_postgresql_migrates_a_v1_database_to_v2(postgres_url, monkeypatch):
+    reset_postgres(postgres_url)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        with monkeypatch.context() as patch:  # what a v1 sessionserve created: the v1 DDL, version row 1
+            patch.setattr(postgresql_schema, "SCHEMA_VERSION", 1)
+            postgresql_schema.migrate(conn, "test")
+        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(1,)]
+        assert "kv_tier" not in _columns(conn)
+        v1_insert = (  # a v1 record and message, written as v1 wrote them
+            "INSERT INTO sessionserve_sessions"
+            " (session_id, system_prompt, metadata, created_at, last_active_at, owner, next_seq)"
+            " VALUES (%s, 'Be terse.', '{\"k\": [1, 2]}', 100.0, 100.0, 'alice', %s)"
+        )
+        conn.execute(v1_insert, ("s1", 1))
+        conn.execute("INSERT INTO sessionserve_messages VALUES ('s1', 0, 'user', 'u1')")
+    assert SCHEMA_VERSION == 2
+    store = PostgreSQLStore(postgres_url)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(2,)]
+        assert {"kv_tier", "kv_tokens", "kv_replica"} <= _columns(conn)
+        conn.execute(v1_insert, ("s2", 0))  # a v1 replica still running keeps working on the v2 schema
+    assert store.get("s1") == record() and store.get("s2") == record("s2")  # nothing reported yet
+    store.append("s1", [A1], now=150.0, kv=KVReport("device", 5, "r1"))
+    assert store.messages("s1") == [U1, A1]
+    assert store.list("alice") == [record(last_active_at=150.0, kv=KVReport("device", 5, "r1")), record("s2")]
+    store.close()
+    PostgreSQLStore(postgres_url).close()  # already at v2: opening again migrates nothing
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(2,)]
+
+
 def test_postgresql_refuses_nul_characters_clearly(postgres_url):
     reset_postgres(postgres_url)
     store = PostgreSQLStore(postgres_url)
@@ -139,6 +175,8 @@ def test_postgresql_refuses_nul_characters_clearly(postgres_url):
         lambda: store.append("s1", [Message("user", "a\x00b")], now=1.0),
         lambda: store.update("s1", metadata={"k": "a\x00b"}),
         lambda: store.create(record("s2", system_prompt="\x00")),
+        lambda: store.create(record("s2", kv=KVReport("host", 1, "r\x00"))),
+        lambda: store.append("s1", [U1], now=1.0, kv=KVReport("host", 1, "r\x00")),
     ):
         with pytest.raises(InvalidRequest, match=r"NUL|cannot store"):
             call()
@@ -192,6 +230,28 @@ def test_redis_keys_live_under_the_prefix_with_a_ttl_paused_by_a_lease(redis_url
     store.delete("s1")
     store.delete("n1")
     assert {k for k in raw_redis.keys("layout-1:*")} == set()
+    store.close()
+
+
+def test_redis_keeps_a_kv_report_as_record_fields_absent_until_reported(redis_url, raw_redis):
+    store = RedisStore(f"{redis_url}?prefix=kv-1:")
+    fields = ("kv_tier", "kv_tokens", "kv_replica")
+    store.create(record())
+    store.append("s1", [U1], now=150.0)
+    assert not set(fields) & set(raw_redis.hkeys("kv-1:s:s1"))
+    store.append("s1", [A1], now=160.0, kv=KVReport("host", 9, "r2"))
+    assert raw_redis.hmget("kv-1:s:s1", fields) == ["host", "9", "r2"]
+    assert raw_redis.lrange("kv-1:m:s1", 0, -1) == ['["user", "u1"]', '["assistant", "a1"]']
+    store.clear("s1")
+    assert not set(fields) & set(raw_redis.hkeys("kv-1:s:s1"))
+    store.append("s1", [U1], now=170.0, kv=KVReport("device", 3, "r2"))
+    store.update("s1", system_prompt="Be verbose.")
+    assert not set(fields) & set(raw_redis.hkeys("kv-1:s:s1"))
+    store.create(record("s2", kv=KVReport("device", 4, "")))
+    assert raw_redis.hmget("kv-1:s:s2", fields) == ["device", "4", ""]
+    store.delete("s1")
+    store.delete("s2")
+    assert raw_redis.keys("kv-1:*") == []
     store.close()
 
 

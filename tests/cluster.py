@@ -128,8 +128,20 @@ def start_node(name: str, args: list[str], temp_dir: Path, env: dict[str, str]) 
 class TwoNodeCluster:
     address: str
     head: RayNode
-    worker: RayNode
     env: dict[str, str]
+    worker_args: list[str]
+    worker_dir: Path
+    worker: RayNode | None = None
+
+    def join_worker(self) -> RayNode:
+        """Start the worker node and wait until the cluster counts two alive nodes."""
+        self.worker = start_node("worker", self.worker_args, self.worker_dir, self.env)
+        self.driver("nodes", "2", timeout=90)
+        return self.worker
+
+    def kill_worker(self) -> None:
+        assert self.worker is not None, "no worker node joined"
+        self.worker.kill()
 
     def driver(self, *args: str, timeout: float = 240) -> str:
         """Run `python -m tests.cluster ARGS` connected to this cluster (it must exit 0); what it printed as its
@@ -147,7 +159,8 @@ class TwoNodeCluster:
         return "".join(line.removeprefix(RESULT) for line in result.stdout.splitlines(True) if line.startswith(RESULT))
 
     def logs(self) -> str:
-        return "\n".join(f"--- {n.name}\n{n.log.read_text()[-3000:]}" for n in (self.head, self.worker))
+        nodes = [n for n in (self.head, self.worker) if n is not None]
+        return "\n".join(f"--- {n.name}\n{n.log.read_text()[-3000:]}" for n in nodes)
 
 
 def cluster_env(address: str) -> dict[str, str]:
@@ -159,8 +172,11 @@ def cluster_env(address: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def two_node_cluster(cpus_per_node: int = 1, object_store_bytes: int = 200 * 2**20) -> Iterator[TwoNodeCluster]:
-    """Head + worker on 127.0.0.1, each with `sessionserve_model: 1`; both killed (by process group) on exit."""
+def two_node_cluster(
+    cpus_per_node: int = 1, object_store_bytes: int = 200 * 2**20, join_worker: bool = True
+) -> Iterator[TwoNodeCluster]:
+    """Head + worker on 127.0.0.1, each with `sessionserve_model: 1`; both killed (by process group) on exit.
+    With join_worker=False only the head starts; `cluster.join_worker()` adds the worker later."""
     root = Path(tempfile.mkdtemp(prefix="ss2n-", dir="/tmp"))  # short: Ray's socket paths live under it
     gcs_port = free_port()
     address = f"127.0.0.1:{gcs_port}"
@@ -186,29 +202,31 @@ def two_node_cluster(cpus_per_node: int = 1, object_store_bytes: int = 200 * 2**
         root / "h",
         env,
     )
-    worker: RayNode | None = None
+    cluster = TwoNodeCluster(
+        address,
+        head,
+        env,
+        [
+            f"--address={address}",
+            f"--resources={json.dumps(WORKER_RESOURCES)}",
+            *common,
+            *node_ports(worker_base + 200),
+        ],
+        root / "w",
+    )
     try:
         deadline = time.monotonic() + 60
         while not port_open(gcs_port):
             if head.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"Ray head did not start:\n{head.log.read_text()}")
             time.sleep(0.2)
-        worker = start_node(
-            "worker",
-            [
-                f"--address={address}",
-                f"--resources={json.dumps(WORKER_RESOURCES)}",
-                *common,
-                *node_ports(worker_base + 200),
-            ],
-            root / "w",
-            env,
-        )
-        cluster = TwoNodeCluster(address, head, worker, env)
-        cluster.driver("nodes", timeout=90)
+        if join_worker:
+            cluster.join_worker()
+        else:
+            cluster.driver("nodes", "1", timeout=90)
         yield cluster
     finally:
-        for node in (worker, head):
+        for node in (cluster.worker, head):
             if node is not None and node.process.poll() is None:
                 node.kill()
         shutil.rmtree(root, ignore_errors=True)

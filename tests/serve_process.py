@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,17 @@ import psutil
 import yaml
 
 from tests.cluster import ROOT, free_port, port_open
+from tests.support import TINY
+
+
+def tiny_config(store: str, grace_s: float, **serving: Any) -> dict[str, Any]:
+    """A serve YAML (as a dict) for the 2-layer random model: fast to load, ~400 tokens/s on this machine."""
+    return {
+        "model": {"name": TINY, "device": "cpu", "dtype": "float32", "torch_threads": 1},
+        "engine": {"kv_cache_memory": "64MiB", "host_cache_memory": "64MiB", "max_model_len": 2048},
+        "sessions": {"store": store},
+        "serving": {"cpus_per_replica": 0.5, "shutdown_grace_s": grace_s, **serving},
+    }
 
 
 def kill_tree(pid: int) -> None:
@@ -48,21 +60,25 @@ class ServeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     @classmethod
-    def start(cls, config: dict[str, Any], workdir: Path) -> ServeProcess:
+    def start(
+        cls, config: dict[str, Any], workdir: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> ServeProcess:
+        """`args` go after `serve --config FILE`; `env` is added to ours (from which every RAY_* is dropped)."""
         port = free_port()
         config = {**config, "serving": {**config.get("serving", {}), "host": "127.0.0.1", "port": port}}
         path = workdir / "serve.yaml"
         path.write_text(yaml.safe_dump(config))
         ray_tmp = Path(tempfile.mkdtemp(prefix="sslc-", dir="/tmp"))  # short: Ray's socket paths live under it
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env |= {"RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(ROOT), "SESSIONSERVE_DATA_DIR": str(workdir)}
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        environment |= {"RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(ROOT), "SESSIONSERVE_DATA_DIR": str(workdir)}
+        environment |= env or {}
         process = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "serve", "--config", str(path)],
+            [sys.executable, "-m", "serving.cli", "serve", "--config", str(path), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             cwd=ROOT,
-            env=env,
+            env=environment,
             start_new_session=True,
         )
         running = cls(process, port, ray_tmp)

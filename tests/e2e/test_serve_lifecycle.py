@@ -18,22 +18,12 @@ import httpx
 import pytest
 
 from sessions.store import open_store
-from tests.serve_process import ServeProcess
-from tests.support import TINY
+from tests.serve_process import ServeProcess, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.model]
 
 RAY_WORKER_LINE = re.compile(r"^(\x1b\[\d+m)?\([\w:.-]+ pid=\d+(, ip=[\d.]+)?\)")
 LONG_TURN = 1900  # tokens (its context is 2048); the tiny model makes ~400/s here: several seconds of streaming
-
-
-def tiny_config(store: str, grace_s: float, **serving: Any) -> dict[str, Any]:
-    return {
-        "model": {"name": TINY, "device": "cpu", "dtype": "float32", "torch_threads": 1},
-        "engine": {"kv_cache_memory": "64MiB", "host_cache_memory": "64MiB", "max_model_len": 2048},
-        "sessions": {"store": store},
-        "serving": {"cpus_per_replica": 0.5, "shutdown_grace_s": grace_s, **serving},
-    }
 
 
 @pytest.fixture

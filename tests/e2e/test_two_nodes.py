@@ -10,6 +10,7 @@ process group (tests/cluster.py).
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from tests.cluster import ROOT, TwoNodeCluster, free_port, two_node_cluster
+from tests.serve_process import ServeProcess, tiny_config
 from tests.support import REPLICA_HEADER, TINY, app_config, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.model]
@@ -30,6 +32,12 @@ PER_REPLICA = 2  # sessions wanted on each replica before the node is lost
 @pytest.fixture
 def cluster(smollm2_dir):
     with two_node_cluster() as running:
+        yield running
+
+
+@pytest.fixture
+def head_only(smollm2_dir):
+    with two_node_cluster(join_worker=False) as running:
         yield running
 
 
@@ -95,7 +103,7 @@ def test_sessions_survive_the_loss_of_a_node(cluster, network_store, tmp_path):
         before = {sid: history(http, sid) for sid in owner}
         assert all(len(messages) == 4 for messages in before.values()), before
 
-        cluster.worker.kill()  # the worker node's raylet and every process on it, at once
+        cluster.kill_worker()  # the worker node's raylet and every process on it, at once
         lost = {r for r, node in nodes.items() if node == "worker"}
         survivor = wait_for_placement(cluster, {"head"})
         assert set(survivor) == {r for r, node in nodes.items() if node == "head"}
@@ -130,3 +138,24 @@ def test_serve_with_sqlite_on_two_nodes_is_refused(cluster, tmp_path):
     assert "postgresql://" in result.stderr and "redis://" in result.stderr
     assert not (tmp_path / "sessions.db").exists()  # refused before anything opened the store
     assert time.monotonic() - started < 60
+
+
+def test_serve_joins_with_address_then_warns_when_a_second_node_joins(head_only, tmp_path):
+    """sqlite on a one-node cluster is allowed; a node joining while serving is a warning; SIGTERM still stops us
+    cleanly and leaves the cluster (not ours) running."""
+    config = tiny_config(f"sqlite:///{tmp_path / 'sessions.db'}", 5, replica_resources={"sessionserve_model": 1})
+    env = {"RAY_AUTH_MODE": "disabled"}  # as every process of this cluster (tests/cluster.py cluster_env)
+    server = ServeProcess.start(config, tmp_path, args=["--address", head_only.address], env=env)
+    try:
+        server.wait_for_line("ready on")
+        assert not any("warning:" in line for line in server.lines), server.output()[-3000:]
+        head_only.join_worker()
+        server.wait_for_line("warning: a node joined while serving", timeout=30)
+        warning = next(line for line in server.lines if "warning: a node joined" in line)
+        assert "2 alive nodes" in warning and "postgresql://" in warning and "redis://" in warning
+        server.signal(signal.SIGTERM)
+        assert server.wait(60) == 0, server.output()[-5000:]
+        assert not server.port_open()
+        assert len(json.loads(head_only.driver("nodes", "2"))) == 2  # we disconnected; the cluster lives on
+    finally:
+        server.close()

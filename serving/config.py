@@ -87,6 +87,11 @@ class ServingConfig(_Section):
         gt=0,
         description="Ray CPUs reserved per model replica (scheduling only; model.torch_threads sets threads)",
     )
+    replica_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each model replica needs, e.g. {sessionserve_model: 1} with every model "
+        "node started with --resources '{\"sessionserve_model\": 1}': one replica per node",
+    )
     api_keys: tuple[str, ...] = Field((), description="bearer tokens; empty = no auth")
     max_new_tokens: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask for")
     max_prompt_tokens: int = Field(

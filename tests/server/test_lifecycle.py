@@ -1,75 +1,65 @@
-"""Readiness and drain on a real Ray Serve app: /ready reflects the replicas, drain refuses new turns with
-503 + Retry-After, lets a running turn finish within the grace, and cancels (without committing) what outlives it."""
+"""serving.server.lifecycle without Ray: signals become an event, every stop step is bounded, deploy errors kept."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
-import httpx
-import pytest
-from ray import serve
-
-from tests.support import TINY, app_config, assert_error_envelope, serve_app
-
-pytestmark = pytest.mark.ray
+from serving.server.lifecycle import BackgroundDeploy, StopSignal, bounded, wait_port_closed, wait_ready
 
 
-@pytest.fixture
-def drained_app(tokenizer_dir, serve_port, tmp_path):
-    """A fresh app per test: draining is one-way."""
-    store = f"sqlite:///{tmp_path / 'sessions.db'}"
-    name = f"sessionserve-drain-{time.monotonic_ns()}"
-    config = app_config(store, model=TINY, torch_threads=1, max_model_len=2048)
-    with serve_app(config, serve_port, name, "/drain") as url:
-        yield name, url
+def test_sigterm_and_sigint_set_the_stop_event_instead_of_exiting():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = StopSignal().install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.event.wait(5) and stop.received == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal changes nothing: the first one is what we act on
+        time.sleep(0.1)
+        assert stop.received == signal.SIGTERM
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
-def stream_in_background(url: str, sid: str, max_new_tokens: int) -> tuple[threading.Thread, dict]:
-    outcome: dict = {}
+def test_bounded_gives_up_on_a_hung_step_and_reports_a_failed_one(caplog):
+    started = time.monotonic()
+    assert bounded("hung", lambda: threading.Event().wait(30), timeout_s=0.2) is None
+    assert time.monotonic() - started < 5
+    assert bounded("fine", lambda: 42, timeout_s=5) == 42
 
-    def run() -> None:
-        body = {"prompt": "Tell me a long story.", "max_new_tokens": max_new_tokens, "stream": True}
-        try:
-            with httpx.stream("POST", f"{url}/v1/sessions/{sid}/query", json=body, timeout=120) as response:
-                outcome["status"] = response.status_code
-                outcome["text"] = "".join(response.iter_text())
-        except httpx.HTTPError as error:
-            outcome["error"] = repr(error)
+    def fail() -> None:
+        raise RuntimeError("boom")
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
+    assert bounded("broken", fail, timeout_s=5) is None
+    assert "hung did not finish" in caplog.text and "broken failed: boom" in caplog.text
 
 
-def test_ready_then_drain_lets_a_short_turn_finish_and_refuses_new_ones(drained_app):
-    name, url = drained_app
-    assert httpx.get(f"{url}/ready", timeout=30).json() == {"status": "ready"}
-    assert httpx.post(f"{url}/v1/sessions", json={"session_id": "d1"}).status_code == 201
-    thread, outcome = stream_in_background(url, "d1", max_new_tokens=24)
-    time.sleep(0.3)  # the turn is running
-    report = serve.get_app_handle(name).drain.remote(60).result(timeout_s=90)
-    thread.join(timeout=60)
-    assert report == {"cancelled": 0}
-    assert outcome.get("status") == 200 and "event: done" in outcome["text"], outcome
-    messages = httpx.get(f"{url}/v1/sessions/d1/messages").json()["messages"]
-    assert [m["role"] for m in messages] == ["user", "assistant"]  # the finished turn was committed
-
-    refused = httpx.post(f"{url}/v1/sessions/d1/query", json={"prompt": "again"})
-    assert assert_error_envelope(refused, 503)["code"] == "draining"
-    assert refused.headers["retry-after"].isdigit()
-    assert httpx.get(f"{url}/ready").status_code == 503
-    assert httpx.get(f"{url}/health").status_code == 200  # still alive: liveness is not readiness
+def test_wait_ready_returns_false_once_asked_to_stop():
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    assert wait_ready("http://127.0.0.1:9", stop, interval_s=0.05) is False  # nothing listens on port 9
+    assert time.monotonic() - started < 5
 
 
-def test_drain_cancels_a_turn_that_outlives_the_grace_without_committing_it(drained_app):
-    name, url = drained_app
-    assert httpx.post(f"{url}/v1/sessions", json={"session_id": "d2"}).status_code == 201
-    thread, outcome = stream_in_background(url, "d2", max_new_tokens=2000)  # seconds of decoding
-    time.sleep(0.5)  # the turn is running
-    report = serve.get_app_handle(name).drain.remote(0.2).result(timeout_s=60)
-    thread.join(timeout=60)
-    assert report == {"cancelled": 1}
-    assert "event: done" not in outcome.get("text", ""), outcome
-    messages = httpx.get(f"{url}/v1/sessions/d2/messages").json()["messages"]
-    assert messages == []  # nothing of the cancelled turn was stored
+def test_a_deploy_error_stops_the_server_but_one_caused_by_stopping_does_not_count():
+    stop = threading.Event()
+
+    def fail() -> None:
+        raise ValueError("memory:// is refused")
+
+    failed = BackgroundDeploy(fail, stop).start()
+    assert stop.wait(5) and isinstance(failed.error, ValueError)
+
+    stopping = threading.Event()
+    stopping.set()
+    during_shutdown = BackgroundDeploy(fail, stopping).start()
+    during_shutdown._thread.join(5)
+    assert during_shutdown.error is None
+
+
+def test_wait_port_closed_is_true_for_a_closed_port():
+    assert wait_port_closed("127.0.0.1", 9, timeout_s=1)

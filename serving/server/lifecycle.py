@@ -1,0 +1,139 @@
+"""`sessionserve serve`'s lifecycle: "ready" only when /ready says so, and a graceful stop on SIGTERM or SIGINT.
+
+Stopping drains first (the ingress refuses new turns with 503 + Retry-After, lets running turns finish within the
+grace period and cancels the rest uncommitted), then stops Serve, then Ray if we started it, and returns once the
+HTTP port is closed, so a supervisor that restarts us never finds the port still taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import TypeVar
+
+import httpx
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StopSignal:
+    """SIGTERM and SIGINT set an event instead of raising, so the main thread decides when and how to stop.
+
+    Installed after `ray.init`, whose own SIGTERM handler would `sys.exit` in the middle of whatever runs.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.received: int | None = None
+
+    def install(self) -> StopSignal:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+        self.event.set()
+
+
+class BackgroundDeploy:
+    """`serve.run` waits until every replica is up, which may be never (a replica no node can place): it runs in a
+    daemon thread so that a signal still stops us; a failure is kept and sets the stop event."""
+
+    def __init__(self, deploy: Callable[[], object], stop: threading.Event) -> None:
+        self.error: BaseException | None = None
+        self._deploy, self._stop = deploy, stop
+        self._thread = threading.Thread(target=self._run, name="sessionserve-deploy", daemon=True)
+
+    def start(self) -> BackgroundDeploy:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self._deploy()
+        except BaseException as error:
+            if not self._stop.is_set():  # once we are stopping, serve.shutdown() itself ends serve.run with an error
+                self.error = error
+                self._stop.set()
+
+
+def wait_ready(url: str, stop: threading.Event, timeout_s: float | None = None, interval_s: float = 0.5) -> bool:
+    """Poll GET {url}/ready until it answers 200; False if asked to stop (or timed out) first."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+        try:
+            if httpx.get(f"{url}/ready", timeout=10).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        stop.wait(interval_s)
+    return False
+
+
+def drain(app_name: str, grace_s: float) -> dict[str, int]:
+    """The ingress refuses new turns and waits up to grace_s for running ones; {"cancelled": N} is what it cut."""
+    from ray import serve
+
+    handle = serve.get_app_handle(app_name)
+    return handle.drain.remote(grace_s).result(timeout_s=grace_s + 30)
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host if host not in ("0.0.0.0", "::") else "127.0.0.1", port)) == 0
+
+
+def wait_port_closed(host: str, port: int, timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while port_open(host, port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def bounded(step: str, call: Callable[[], T], timeout_s: float) -> T | None:
+    """Run `call` in a daemon thread for at most timeout_s; log a failure or overrun and go on. A cluster that lost
+    its raylet (a SIGTERM sent to our whole process group reaches Ray's own processes) must not keep us alive."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name=f"sessionserve-{step}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        log.warning("%s did not finish within %.0f s; going on", step, timeout_s)
+    elif errors:
+        log.warning("%s failed: %s", step, errors[0])
+    return result[0] if result else None
+
+
+def shutdown(app_name: str, grace_s: float | None, *, started_ray: bool, host: str, port: int) -> None:
+    """Drain (unless grace_s is None: never ready, so no turn ran), stop Serve, stop Ray when it is ours, and wait
+    for the port to close. Never raises."""
+    import ray
+    from ray import serve
+
+    report = None if grace_s is None else bounded("drain", lambda: drain(app_name, grace_s), grace_s + 40)
+    if report and report.get("cancelled"):
+        log.warning("cancelled %d running turn(s) after %.1f s; none was committed", report["cancelled"], grace_s)
+    bounded("serve shutdown", serve.shutdown, 60)
+    if started_ray:
+        bounded("ray shutdown", ray.shutdown, 60)
+    if not wait_port_closed(host, port):
+        log.warning("port %s:%d still open after shutdown", host, port)

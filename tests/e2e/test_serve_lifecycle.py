@@ -1,0 +1,157 @@
+"""`sessionserve serve` as an operator runs it: a real subprocess with its own Ray, real signals, real HTTP.
+
+"ready" is printed only once /ready answers 200; SIGTERM drains (new turns get 503 + Retry-After, running turns
+finish within serving.shutdown_grace_s or are cancelled uncommitted), then Serve and Ray stop, the port closes and
+the process exits 0 without Ray's "*** SIGTERM received ***" dump.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from sessions.store import open_store
+from tests.serve_process import ServeProcess, tiny_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.model]
+
+RAY_WORKER_LINE = re.compile(r"^(\x1b\[\d+m)?\([\w:.-]+ pid=\d+(, ip=[\d.]+)?\)")
+LONG_TURN = 1900  # tokens (its context is 2048); the tiny model makes ~400/s here: several seconds of streaming
+
+
+@pytest.fixture
+def start_serve(smollm2_dir, tmp_path):
+    started: list[ServeProcess] = []
+
+    def start(config: dict[str, Any]) -> ServeProcess:
+        started.append(ServeProcess.start(config, tmp_path))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.close()
+
+
+def assert_clean_exit(server: ServeProcess, within_s: float) -> None:
+    signalled = time.monotonic()
+    code = server.wait(within_s)
+    took = time.monotonic() - signalled
+    output = server.output()
+    assert code == 0, output[-5000:]
+    assert "SIGTERM received" not in output, output[-5000:]
+    own = [line for line in server.lines if not RAY_WORKER_LINE.match(line)]  # replicas' logs are forwarded too
+    assert not any("Traceback" in line for line in own), "\n".join(own)[-5000:]
+    assert not server.port_open(), "the HTTP port is still open after exit"
+    assert not server.leftovers(), f"Ray processes left behind: {server.leftovers()}"
+    assert took < within_s
+
+
+def stream_turn(url: str, sid: str, events: list[tuple[str, dict]], first: threading.Event) -> None:
+    """POST a long streaming turn and record its SSE events; `first` is set at the first delta."""
+    body = {"prompt": "Tell me a very long story.", "max_new_tokens": LONG_TURN, "stream": True}
+    try:
+        with httpx.stream("POST", f"{url}/v1/sessions/{sid}/query", json=body, timeout=120) as response:
+            if response.status_code != 200:
+                events.append(("http", {"status": response.status_code, "body": response.read().decode()}))
+                return
+            name = ""
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    name = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line.removeprefix("data: "))))
+                    first.set()
+    except httpx.HTTPError as error:  # the connection cut by a cancelled turn
+        events.append(("cut", {"error": repr(error)}))
+    finally:
+        first.set()
+
+
+def create(url: str, sid: str) -> None:
+    response = httpx.post(f"{url}/v1/sessions", json={"session_id": sid}, timeout=60)
+    assert response.status_code == 201, response.text
+
+
+def test_ready_stays_503_while_the_model_is_not_loaded_and_sigterm_then_exits_0(start_serve, tmp_path):
+    # The model replica needs a resource no node has: it never loads, so the server must never say ready.
+    config = tiny_config(f"sqlite:///{tmp_path / 'sessions.db'}", 5, replica_resources={"absent_resource": 1})
+    server = start_serve(config)
+    deadline, seen = time.monotonic() + 120, []
+    while time.monotonic() < deadline and not any(status == 503 for status, _ in seen):
+        try:
+            response = httpx.get(f"{server.url}/ready", timeout=10)
+            seen.append((response.status_code, response.text))
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    assert seen and seen[-1][0] == 503 and "not_ready" in seen[-1][1], seen[-5:]
+    assert 200 not in [status for status, _ in seen]
+    time.sleep(2)  # the CLI polls /ready every 0.5 s: it has seen the 503s too
+    assert not any("ready on" in line for line in server.lines), server.output()
+    server.signal(signal.SIGTERM)
+    assert_clean_exit(server, within_s=60)
+
+
+def test_sigterm_while_idle_exits_0_and_closes_the_port(start_serve, tmp_path):
+    server = start_serve(tiny_config(f"sqlite:///{tmp_path / 'sessions.db'}", 10))
+    server.wait_for_line("ready on")
+    assert httpx.get(f"{server.url}/ready", timeout=10).status_code == 200
+    server.signal(signal.SIGTERM)
+    assert_clean_exit(server, within_s=45)
+    assert "stopped" in server.output()
+
+
+def test_sigterm_during_a_long_turn_lets_it_finish_within_the_grace_and_commits_it(start_serve, tmp_path):
+    store = f"sqlite:///{tmp_path / 'sessions.db'}"
+    server = start_serve(tiny_config(store, 120))
+    server.wait_for_line("ready on")
+    create(server.url, "long")
+    create(server.url, "late")
+    events: list[tuple[str, dict]] = []
+    first = threading.Event()
+    streaming = threading.Thread(target=stream_turn, args=(server.url, "long", events, first))
+    streaming.start()
+    assert first.wait(60)
+    server.signal(signal.SIGTERM)
+    time.sleep(1.5)  # the CLI notices the signal within a second, then asks the ingress to drain
+    refused = httpx.post(f"{server.url}/v1/sessions/late/query", json={"prompt": "hi", "max_new_tokens": 2})
+    assert refused.status_code == 503 and "retry-after" in refused.headers, (refused.status_code, refused.text)
+    assert refused.json()["error"]["code"] == "draining"
+    streaming.join(120)
+    assert events and events[-1][0] == "done", events[-3:]
+    assert_clean_exit(server, within_s=60)
+    done = events[-1][1]
+    assert done["usage"]["completion_tokens"] > 100
+    history = open_store(store).messages("long")
+    assert [(m.role, m.content) for m in history] == [
+        ("user", "Tell me a very long story."),
+        ("assistant", done["response"]),
+    ]
+    assert open_store(store).messages("late") == []
+
+
+def test_a_turn_still_running_after_a_short_grace_is_cancelled_and_not_committed(start_serve, tmp_path):
+    store = f"sqlite:///{tmp_path / 'sessions.db'}"
+    server = start_serve(tiny_config(store, 0.5))
+    server.wait_for_line("ready on")
+    create(server.url, "cut")
+    short = httpx.post(f"{server.url}/v1/sessions/cut/query", json={"prompt": "first", "max_new_tokens": 3}, timeout=60)
+    assert short.status_code == 200, short.text
+    events: list[tuple[str, dict]] = []
+    first = threading.Event()
+    streaming = threading.Thread(target=stream_turn, args=(server.url, "cut", events, first))
+    streaming.start()
+    assert first.wait(60)
+    server.signal(signal.SIGTERM)
+    streaming.join(60)
+    assert_clean_exit(server, within_s=60)
+    assert not any(name == "done" for name, _ in events), events[-3:]
+    history = open_store(store).messages("cut")
+    assert [(m.role, m.content) for m in history] == [("user", "first"), ("assistant", short.json()["response"])]

@@ -32,11 +32,18 @@ def default_torch_threads(cpus: int, replicas_on_node: int) -> int:
     return max(1, cpus // max(1, replicas_on_node))
 
 
-def open_sessions(config: Config, engine: EngineClient | None) -> SessionManager:
-    """The configured store behind a SessionManager; `engine` is told when a session's KV must go."""
+def open_sessions(config: Config, engine: EngineClient | None, *, engine_is_local: bool = True) -> SessionManager:
+    """The configured store behind a SessionManager; `engine` is told when a session's KV must go (a call to
+    another process when not `engine_is_local`: then only for sessions whose record reports KV)."""
     sessions = config.sessions
     store = open_store(sessions.store_url(), idle_ttl_s=sessions.idle_ttl_s)
-    return SessionManager(store, engine, max_sessions=sessions.max_sessions, idle_ttl_s=sessions.idle_ttl_s)
+    return SessionManager(
+        store,
+        engine,
+        max_sessions=sessions.max_sessions,
+        idle_ttl_s=sessions.idle_ttl_s,
+        release_unreported=engine_is_local,
+    )
 
 
 def build_service(config: Config, replicas_on_node: int = 1, replica: str = "") -> SessionService:

@@ -100,6 +100,7 @@ class SessionManager:
         max_sessions: int = 10000,
         idle_ttl_s: float = 86400,
         lease_ttl_s: float = 300.0,
+        release_unreported: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if max_sessions < 1:
@@ -109,6 +110,9 @@ class SessionManager:
         if lease_ttl_s <= 0:
             raise ValueError(f"lease_ttl_s must be > 0 seconds, got {lease_ttl_s}")
         self.lease_ttl_s = lease_ttl_s  # a turn's lease lasts this long unless renewed (every third of it)
+        # False where the engine is another process (the ingress): releasing costs a call, so it is made only for
+        # sessions whose record reports KV; a replica's orphan sweep frees any KV the store never heard of.
+        self.release_unreported = release_unreported
         self.store = store
         self.engine = engine
         self.max_sessions = max_sessions
@@ -162,11 +166,11 @@ class SessionManager:
 
     def destroy(self, session_id: str, owner: str | None = None) -> None:
         """Delete history and record, and free the session's KV."""
-        self.get(session_id, owner)
+        record = self.get(session_id, owner)
         if not self.store.delete(session_id, holder=self._holder(session_id)):
             raise base.not_found(session_id)  # deleted concurrently
         self._turn_locks.pop(session_id, None)
-        self._release(session_id)
+        self._release(session_id, record.kv)
 
     def count(self) -> int:
         return self.store.count()
@@ -213,7 +217,7 @@ class SessionManager:
         )
         self.store.touch(session_id, self._clock())
         if record.system_prompt != before.system_prompt:
-            self._release(session_id)
+            self._release(session_id, before.kv)
         return record
 
     def release_orphans(self) -> list[str]:
@@ -253,10 +257,10 @@ class SessionManager:
 
     def clear(self, session_id: str, owner: str | None = None) -> None:
         """Delete the messages but keep the session and its system prompt; its KV no longer matches, so free it."""
-        self.get(session_id, owner)
+        record = self.get(session_id, owner)
         self.store.clear(session_id, holder=self._holder(session_id))
         self.store.touch(session_id, self._clock())
-        self._release(session_id)
+        self._release(session_id, record.kv)
 
     def commit_turn(
         self,
@@ -312,8 +316,11 @@ class SessionManager:
         entry = self._turn_locks.get(session_id)
         return None if entry is None else entry.holder
 
-    def _release(self, session_id: str) -> None:
+    def _release(self, session_id: str, reported: KVUpdate = None) -> None:
+        """Free the session's KV; `reported` is its record's KV report before the change, when known."""
         if self.engine is None:
+            return
+        if not self.release_unreported and reported is not None and reported.tier == "none":
             return
         try:
             self.engine.release(session_id)

@@ -63,6 +63,6 @@ class ReplicaKV:
 def ingress_history(config: Config, model: DeploymentHandle) -> tuple[HistoryAPI, ReplicaKV]:
     """The ingress' own HistoryAPI over the configured (shared) store, and the KV releaser it tells."""
     kv = ReplicaKV(model)
-    manager = open_sessions(config, kv)
+    manager = open_sessions(config, kv, engine_is_local=False)
     prompts = PromptBuilder(load_tokenizer(config.model.name))
     return HistoryAPI(manager, SessionCatalog(manager, prompts, None, _NO_TRIM)), kv

@@ -9,6 +9,7 @@ from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionN
 from sessions.manager import SessionManager
 from sessions.messages import Message
 from sessions.store import KVReport
+from tests.sessions.conftest import RecordingEngine
 
 U1, A1, U2, A2 = Message("user", "u1"), Message("assistant", "a1"), Message("user", "u2"), Message("assistant", "a2")
 
@@ -507,3 +508,17 @@ async def test_expiry_never_removes_a_session_leased_elsewhere(manager, store, c
     assert manager.expire_idle() == []
     store.release_lease("s1", "another-replica")
     assert manager.expire_idle() == ["s1"] and engine.released == ["s1"]
+
+
+def test_a_remote_engine_is_asked_to_release_only_what_the_store_reports(store, clock):
+    """The ingress's manager: its engine is a call to a replica, made only for sessions whose record reports KV."""
+    remote = RecordingEngine()
+    ingress = SessionManager(store, remote, max_sessions=3, idle_ttl_s=60, release_unreported=False, clock=clock)
+    ingress.create("never-ran")
+    ingress.destroy("never-ran")
+    ingress.create("ran")
+    ingress.commit_turn("ran", [U1], A1, kv=KVReport("device", 12, "replica-1"))
+    ingress.clear("ran")  # reported KV: released, and the report reset
+    ingress.append("ran", [U1])
+    ingress.destroy("ran")  # the report was reset by clear: nothing more to ask
+    assert remote.released == ["ran"]

@@ -93,8 +93,11 @@ class SessionCatalog:
         self.max_context_tokens = max_context_tokens
 
     def details(self, session_id: str, owner: str | None = None) -> SessionDetails:
-        record = self.manager.get(session_id, owner)
-        history = self.manager.history(session_id, owner=owner)
+        record = self.manager.get(session_id, owner)  # checks the owner, so the history is read straight from the store
+        return self.describe(record, self.manager.store.messages(session_id))
+
+    def describe(self, record: SessionRecord, history: list[Message]) -> SessionDetails:
+        session_id = record.session_id
         kv = self.kv.kv_info(session_id) if self.kv is not None else KVInfo(record.kv.tier, record.kv.tokens)
         context = kv.tokens if kv.tokens else self._context_tokens(record, history)
         turns = sum(1 for message in history if message.role == "assistant")

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sessions.errors import InvalidRequest, SessionBusy, SessionError, SessionExists, TooManySessions
+from sessions.errors import InvalidRequest, SessionBusy, SessionError, TooManySessions
 from sessions.lease import TurnLease
 from sessions.messages import Message, parse_messages
 from sessions.store import base
@@ -139,8 +139,6 @@ class SessionManager:
         now = self._clock()
         record = SessionRecord(session_id, system_prompt, metadata, now, now, owner)
         with self._create_lock:
-            if self.store.get(session_id) is not None:
-                raise SessionExists(f"session {session_id!r} already exists: pick another id or omit it")
             if self.store.count() >= self.max_sessions:
                 self.expire_idle()
                 if self.store.count() >= self.max_sessions:
@@ -148,7 +146,7 @@ class SessionManager:
                         f"the server already holds its maximum of {self.max_sessions} sessions: destroy sessions "
                         "you no longer need, or raise sessions.max_sessions"
                     )
-            self.store.create(record)  # still raises SessionExists if another process took the id meanwhile
+            self.store.create(record)  # SessionExists if the id is taken (atomically, whoever took it)
         if history:
             try:
                 self.store.append(session_id, history, now)

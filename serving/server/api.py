@@ -17,10 +17,10 @@ from serving.server import protocol
 from serving.server.errors import to_api_error
 from serving.server.openai_api import OpenAIChat
 from serving.server.openai_protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
-from serving.service import SessionCatalog, SessionService, TextDelta, TurnResult
+from serving.service import SessionCatalog, SessionDetails, SessionService, TextDelta, TurnResult
 from sessions.errors import InvalidRequest
 from sessions.manager import SessionManager
-from sessions.messages import Message
+from sessions.messages import Message, parse_messages
 from sessions.store.base import SessionRecord
 
 P = ParamSpec("P")
@@ -97,15 +97,17 @@ class HistoryAPI:
     async def create_session(
         self, request: protocol.CreateSessionRequest, owner: str | None = None
     ) -> protocol.SessionInfo:
+        messages = parse_messages([m.model_dump(exclude_none=True) for m in request.messages])
+
         def create() -> protocol.SessionInfo:  # one worker-thread hop for the whole operation
             record = self.manager.create(
                 request.session_id,
                 system_prompt=request.system_prompt,
-                messages=[m.model_dump(exclude_none=True) for m in request.messages],
+                messages=messages,
                 metadata=request.metadata,
                 owner=owner,
             )
-            return self._info(record.session_id, owner)
+            return self._session_info(self.catalog.describe(record, messages))
 
         return await asyncio.to_thread(create)
 
@@ -182,7 +184,10 @@ class HistoryAPI:
         )
 
     def _info(self, session_id: str, owner: str | None) -> protocol.SessionInfo:
-        details = self.catalog.details(session_id, owner)
+        return self._session_info(self.catalog.details(session_id, owner))
+
+    @staticmethod
+    def _session_info(details: SessionDetails) -> protocol.SessionInfo:
         return protocol.SessionInfo(
             **_public(details.record),
             turns=details.turns,

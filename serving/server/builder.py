@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from serving.config import Config, load_config
+from serving.server import cluster
 from serving.server.ingress import Ingress
 from serving.server.llm_server import LLMServer
 
@@ -44,12 +45,24 @@ def replicas_per_node(replicas: int) -> int:
     return math.ceil(replicas / max(1, nodes))
 
 
-def build_app(config: Config) -> serve.Application:
-    if config.sessions.store_url() == "memory://":
+def check_store(config: Config) -> None:
+    """Refuse a store the application's processes cannot share (also for `serve run` / KubeRay, not only the CLI)."""
+    import ray
+
+    store = config.sessions.store_url()
+    if store == "memory://":
         raise ValueError(
             "sessions.store memory:// keeps sessions inside one process, but the ingress and the model replicas are "
             "separate processes: use sqlite:///PATH on one machine, postgresql:// or redis:// on several"
         )
+    if ray.is_initialized():
+        check = cluster.check_store(cluster.current_nodes(), store, starting=True)
+        if check.level == "error":
+            raise ValueError(check.message)
+
+
+def build_app(config: Config) -> serve.Application:
+    check_store(config)
     serving = config.serving
     model = LLMServer.options(
         num_replicas=serving.replicas,

@@ -94,3 +94,8 @@ def test_replica_resources_reach_the_model_deployments_actor_options():
     model = build_app(config)._bound_deployment.init_args[0]
     assert model._bound_deployment.ray_actor_options["resources"] == {"sessionserve_model": 1.0}
     assert load_config(None).serving.replica_resources == {}
+
+
+def test_build_app_refuses_a_memory_store_the_ingress_could_not_share():
+    with pytest.raises(ValueError, match=r"memory://.*sqlite:///PATH"):
+        build_app(load_config(None, {"sessions": {"store": "memory://"}}))

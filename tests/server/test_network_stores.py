@@ -61,6 +61,21 @@ def wait_until_busy(url: str, sid: str, metadata: dict) -> None:
     raise AssertionError("the turn never took the session's lease")
 
 
+def wait_until_answered(url: str, within_s: float = 30) -> httpx.Response:
+    """GET until it is not a 503 store_unavailable: a restarted store's connections come back within seconds."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            response = httpx.get(url, timeout=10)
+        except httpx.TimeoutException:
+            response = None
+        if response is not None and response.status_code != 503:
+            assert response.status_code == 200, response.text
+            return response
+        assert time.monotonic() < deadline, f"{url} still failing {within_s}s after the store came back"
+        time.sleep(0.5)
+
+
 def test_history_operations_come_from_the_store_and_are_ordered_with_turns(app_url):
     created = httpx.post(f"{app_url}/v1/sessions", json={"session_id": "n1", "metadata": {"title": "first"}})
     assert created.status_code == 201 and REPLICA_HEADER not in created.headers
@@ -104,7 +119,8 @@ def test_a_stopped_store_is_503_a_running_turn_waits_for_it_and_recovery_needs_n
         store_server.start()
     thread.join(timeout=120)
     assert outcome["status"] == 200 and "event: done" in outcome["text"], outcome  # kept streaming, then committed
-    messages = httpx.get(f"{app_url}/v1/sessions/n2/messages").json()["messages"]
+    recovered = wait_until_answered(f"{app_url}/v1/sessions/n2/messages")  # the pools reconnect on their own
+    messages = recovered.json()["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert httpx.get(f"{app_url}/v1/sessions/n3").status_code == 404  # the refused create wrote nothing
     assert httpx.post(f"{app_url}/v1/sessions", json={"session_id": "n3"}).status_code == 201

@@ -1,0 +1,171 @@
+// Paged attention on the CPU: every query row reads its sequence's K/V where it lies in the pool, through the
+// block table (no gathered copy). One kernel serves decode rows (one query per sequence) and prefill chunks
+// over a cached prefix (many queries per sequence), causal, with an optional sliding window and logit
+// soft-capping. fp32 throughout (softmax in fp32 like transformers' eager/sdpa paths).
+//
+// Work items: (sequence, kv head, tile of up to kTileRows query rows); each keeps the tile's query vectors of
+// every query head sharing the kv head (GQA without repeat_kv) and runs an online softmax over chunks of
+// kChunk keys, so the rescaling cost is paid once per chunk. Items run on torch's intra-op thread pool.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kChunk = 256;
+
+struct Item {
+  int64_t seq, kv_head, row_begin, row_end;  // rows relative to the sequence's first query row
+};
+
+void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                     const at::Tensor& block_tables, const at::Tensor& seq_info, double scale, int64_t window,
+                     double softcap) {
+  TORCH_CHECK(query.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kFloat, "fp32 only");
+  TORCH_CHECK(v_pool.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "fp32 only");
+  TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && k_pool.dim() == 4 && v_pool.dim() == 4, "bad ranks");
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "pools must be contiguous");
+  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous(), "block_tables: int32");
+  TORCH_CHECK(seq_info.scalar_type() == at::kInt && seq_info.is_contiguous() && seq_info.size(1) == 3,
+              "seq_info: int32 [seqs, 3] (first row, rows, context)");
+  const int64_t heads = query.size(1), dim = query.size(2);
+  const int64_t block_size = k_pool.size(1), kv_heads = k_pool.size(2);
+  TORCH_CHECK(k_pool.size(3) == dim && heads % kv_heads == 0, "shape mismatch");
+  const int64_t group = heads / kv_heads;
+  const int64_t q_row_stride = query.stride(0), q_head_stride = query.stride(1);
+  const int64_t o_row_stride = out.stride(0), o_head_stride = out.stride(1);
+  const float* q_base = query.data_ptr<float>();
+  const float* k_base = k_pool.data_ptr<float>();
+  const float* v_base = v_pool.data_ptr<float>();
+  float* o_base = out.data_ptr<float>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t table_width = block_tables.size(1);
+  const int32_t* info = seq_info.data_ptr<int32_t>();
+  const int64_t seqs = seq_info.size(0);
+  const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  const int64_t token_stride = kv_heads * dim;  // between consecutive tokens of one block
+
+  std::vector<Item> items;
+  for (int64_t s = 0; s < seqs; ++s) {
+    const int64_t rows = info[s * 3 + 1];
+    for (int64_t h = 0; h < kv_heads; ++h)
+      for (int64_t r = 0; r < rows; r += kTileRows) items.push_back({s, h, r, std::min(rows, r + kTileRows)});
+  }
+
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q, acc, scores, row_max, row_sum;
+    for (int64_t it = begin; it < end; ++it) {
+      const Item item = items[it];
+      const int64_t first_row = info[item.seq * 3], rows = info[item.seq * 3 + 1], context = info[item.seq * 3 + 2];
+      const int32_t* table = tables + item.seq * table_width;
+      const int64_t tile = item.row_end - item.row_begin, m_count = tile * group;
+      q.assign(m_count * dim, 0.f);
+      acc.assign(m_count * dim, 0.f);
+      scores.resize(m_count * kChunk);
+      row_max.assign(m_count, -std::numeric_limits<float>::infinity());
+      row_sum.assign(m_count, 0.f);
+      std::vector<int64_t> lo(m_count), hi(m_count);  // attended key range [lo, hi] of each query vector
+      for (int64_t r = 0; r < tile; ++r) {
+        const int64_t position = context - rows + item.row_begin + r;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t m = r * group + g, head = item.kv_head * group + g;
+          const float* src = q_base + (first_row + item.row_begin + r) * q_row_stride + head * q_head_stride;
+          std::copy(src, src + dim, q.data() + m * dim);
+          hi[m] = position;
+          lo[m] = window > 0 ? std::max<int64_t>(0, position - window + 1) : 0;
+        }
+      }
+      const int64_t key_begin = lo[0], key_end = hi[m_count - 1] + 1;
+      for (int64_t chunk = key_begin; chunk < key_end; chunk += kChunk) {
+        const int64_t n = std::min(kChunk, key_end - chunk);
+        // scores = q . k for every (query vector, key) of the chunk
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t key = chunk + j;
+          const float* k = k_base + (static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size) *
+                                        token_stride + item.kv_head * dim;
+          for (int64_t m = 0; m < m_count; ++m) {
+            const float* qm = q.data() + m * dim;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < dim; ++d) dot += qm[d] * k[d];
+            scores[m * kChunk + j] = dot;
+          }
+        }
+        for (int64_t m = 0; m < m_count; ++m) {
+          float* s = scores.data() + m * kChunk;
+          float chunk_max = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t key = chunk + j;
+            if (key < lo[m] || key > hi[m]) {
+              s[j] = -std::numeric_limits<float>::infinity();
+              continue;
+            }
+            float v = s[j] * fscale;
+            if (cap > 0.f) v = std::tanh(v / cap) * cap;
+            s[j] = v;
+            chunk_max = std::max(chunk_max, v);
+          }
+          if (chunk_max == -std::numeric_limits<float>::infinity()) {  // nothing attended in this chunk
+            for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+            continue;
+          }
+          const float new_max = std::max(row_max[m], chunk_max);
+          if (new_max > row_max[m]) {
+            const float correction = std::exp(row_max[m] - new_max);  // exp(-inf) = 0 on the first chunk
+            float* a = acc.data() + m * dim;
+            for (int64_t d = 0; d < dim; ++d) a[d] *= correction;
+            row_sum[m] *= correction;
+            row_max[m] = new_max;
+          }
+          float sum = 0.f;
+          for (int64_t j = 0; j < n; ++j) {
+            const float p = std::exp(s[j] - new_max);  // masked: exp(-inf) = 0
+            s[j] = p;
+            sum += p;
+          }
+          row_sum[m] += sum;
+        }
+        // acc += p . v
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t key = chunk + j;
+          const float* v = v_base + (static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size) *
+                                        token_stride + item.kv_head * dim;
+          for (int64_t m = 0; m < m_count; ++m) {
+            const float p = scores[m * kChunk + j];
+            if (p == 0.f) continue;
+            float* a = acc.data() + m * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) a[d] += p * v[d];
+          }
+        }
+      }
+      for (int64_t r = 0; r < tile; ++r) {
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t m = r * group + g, head = item.kv_head * group + g;
+          float* dst = o_base + (first_row + item.row_begin + r) * o_row_stride + head * o_head_stride;
+          const float inv = 1.f / row_sum[m];
+          for (int64_t d = 0; d < dim; ++d) dst[d] = acc[m * dim + d] * inv;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sessionserve, m) {
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor query, Tensor k_pool, Tensor v_pool, Tensor block_tables, "
+      "Tensor seq_info, float scale, int window, float softcap) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(sessionserve, CPU, m) { m.impl("paged_attention", &paged_attention); }

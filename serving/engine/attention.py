@@ -50,7 +50,7 @@ class _PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # transfor
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.keys, self.values, self.is_initialized = keys, values, True
-        self.key_pool, self.value_pool = keys, values  # the same tensors, typed: [blocks, block_size, heads, dim]
+        self.key_pool, self.value_pool = keys, values  # the same tensors, typed, in the backend's layout
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         pass  # pool tensors exist from the start
@@ -69,8 +69,9 @@ class _PagedLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]  # transfor
 
 
 class PagedKVCache(Cache):
-    def __init__(self, kv: torch.Tensor) -> None:
-        self.pool_layers = [_PagedLayer(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
+    def __init__(self, kv: torch.Tensor, backend: AttentionBackend) -> None:
+        self.backend = backend
+        self.pool_layers = [_PagedLayer(*backend.pool_views(kv[i, 0], kv[i, 1])) for i in range(kv.shape[0])]
         super().__init__(layers=cast(Any, self.pool_layers))  # transformers types it as a wider invariant list
         self.batch: PagedBatch | None = None
 
@@ -80,10 +81,7 @@ class PagedKVCache(Cache):
         """Write this step's K/V ([1, kv_heads, T, head_dim]) into the pool; return them unchanged."""
         layer = self.pool_layers[layer_idx]
         assert self.batch is not None, "the model runner sets the batch around each forward pass"
-        slots = self.batch.slot_mapping
-        keys, values = layer.key_pool, layer.value_pool
-        keys.view(-1, *keys.shape[2:]).index_copy_(0, slots, key_states[0].transpose(0, 1))
-        values.view(-1, *values.shape[2:]).index_copy_(0, slots, value_states[0].transpose(0, 1))
+        self.backend.write(layer.key_pool, layer.value_pool, key_states, value_states, self.batch.slot_mapping)
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -6,9 +6,11 @@ backend's kernels want (block tables as tensors, masks, split points), built onc
 Then, in each layer, `forward` gets the layer's queries, its fresh K/V (already written into the pool), the
 layer's pool tensors and the layer's static facts (`LayerAttention`: sliding window, soft-capping, scale).
 
-The pool layout is fixed by the engine: per layer, K and V are each `[num_blocks, block_size, kv_heads,
-head_dim]` (flash-attn's paged layout and FlashInfer's NHD), block ids index dim 0, so tier moves and
-copy-on-write stay one indexing op over all layers. A backend attends causally: query row `i` of a sequence
+The engine owns the pool's memory: per layer, K and V are each a contiguous `[num_blocks, block_size,
+kv_heads, head_dim]` tensor (flash-attn's paged layout and FlashInfer's NHD); block ids index dim 0, so tier
+moves and copy-on-write stay one indexing op over all layers. A backend may order the elements *within* a
+block its own way (`pool_views`; it then writes K/V itself, `write`): the CPU kernel keeps keys transposed.
+A backend attends causally: query row `i` of a sequence
 sits at position `context - rows + i` and sees keys `[0, position]`, or only the last `window` of them on a
 sliding layer.
 
@@ -63,6 +65,24 @@ class AttentionBackend(ABC):
 
     name: str = ""
 
+    def pool_views(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K and V pools as this backend lays them out, from the engine's contiguous per-layer
+        tensors `[num_blocks, block_size, kv_heads, head_dim]`. Only the order within a block may change: blocks
+        stay the unit that tier moves and copy-on-write copy as a whole."""
+        return keys, values
+
+    def write(
+        self,
+        key_pool: torch.Tensor,
+        value_pool: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> None:
+        """Store this step's K/V ([1, kv_heads, rows, head_dim]) at pool slots (block * block_size + offset)."""
+        key_pool.view(-1, *key_pool.shape[2:]).index_copy_(0, slots, key[0].transpose(0, 1))
+        value_pool.view(-1, *value_pool.shape[2:]).index_copy_(0, slots, value[0].transpose(0, 1))
+
     @abstractmethod
     def prepare(self, sequences: list[StepSequence], num_rows: int, device: torch.device) -> Any:
         """Per-step metadata, shared by all layers. `sequences` come in row order: decodes (one row each,
@@ -74,7 +94,7 @@ class AttentionBackend(ABC):
         query: torch.Tensor,  # [1, heads, rows, head_dim]
         key: torch.Tensor,  # [1, kv_heads, rows, head_dim]: this step's K (already in the pool)
         value: torch.Tensor,
-        key_pool: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+        key_pool: torch.Tensor,  # as `pool_views` lays them out
         value_pool: torch.Tensor,
         metadata: Any,
         layer: LayerAttention,

@@ -1,10 +1,11 @@
 """`CpuPagedBackend`: attention that reads the KV pool where it lies, through a small C++ kernel (fp32, CPU).
 
-csrc/paged_attention.cpp is built once per machine with torch.utils.cpp_extension (seconds; cached under
-torch's extensions directory) and registered as `torch.ops.sessionserve.paged_attention`. It serves decode rows
-and prefill chunks over a cached prefix with no gathered copy: each (sequence, kv head, tile of query rows)
-walks its block table with an online softmax, causal, sliding window and soft-capping included. A chunk with no
-cached prefix attends only its own fresh K/V, which torch SDPA does best (unless the layer is soft-capped).
+csrc/paged_attention.cpp is built once per machine with torch.utils.cpp_extension (seconds; cached under torch's
+extensions directory) and registered as `torch.ops.sessionserve.paged_attention`. It serves decode rows and
+prefill chunks over a cached prefix with no gathered copy: each (sequence, kv head, tile of query rows) walks its
+block table with an online softmax, causal, sliding window and soft-capping included, prefetching the next block.
+Keys are kept transposed within each block (`pool_views`) so a block's scores need no horizontal sums. A chunk
+with no cached prefix attends only its own fresh K/V, which torch SDPA does best (unless the layer is soft-capped).
 """
 
 from __future__ import annotations
@@ -72,6 +73,24 @@ class CpuPagedBackend(AttentionBackend):
     def __init__(self, block_size: int) -> None:
         self._op = load_kernel()
         self.block_size = block_size
+
+    def pool_views(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys transposed within each block, [num_blocks, kv_heads, head_dim, block_size]: a block's scores are
+        then head_dim vector FMAs over its keys. Values keep the engine's layout."""
+        blocks, block_size, kv_heads, head_dim = keys.shape
+        return keys.view(blocks, kv_heads, head_dim, block_size), values
+
+    def write(
+        self,
+        key_pool: torch.Tensor,
+        value_pool: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> None:
+        block_size = key_pool.shape[3]
+        key_pool.permute(0, 3, 1, 2)[slots // block_size, slots % block_size] = key[0].transpose(0, 1)
+        value_pool.view(-1, *value_pool.shape[2:]).index_copy_(0, slots, value[0].transpose(0, 1))
 
     def prepare(self, sequences: list[StepSequence], num_rows: int, device: torch.device) -> _CpuMetadata:
         fresh = [s for s in sequences if s.fresh and s.rows > 1]

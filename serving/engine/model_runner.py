@@ -73,7 +73,7 @@ class ModelRunner:
         self.kv_pool = zeros(shape, loaded.dtype, self.device)
         host_shape = (layers, 2, self.num_host_blocks, config.block_size, kv_heads, head_dim)
         self.host_kv_pool = zeros(host_shape, loaded.dtype, torch.device("cpu"), pin=self.device.type == "cuda")
-        self.cache: PagedKVCache | None = PagedKVCache(self.kv_pool)
+        self.cache: PagedKVCache | None = PagedKVCache(self.kv_pool, self.backend)
         self._use_paged_attention()
         self._skip_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # 4D: transformers keeps it
         self.timings = {"prepare_s": 0.0, "forward_s": 0.0, "sample_s": 0.0, "copy_s": 0.0}

@@ -30,7 +30,9 @@ def test_backend_equals_dense_attention(backend_name, layer, heads, kv_heads):
     torch.manual_seed(0)
     rng = random.Random(0)
     dim, num_blocks = 32, 200
-    key_pool, value_pool = torch.randn(num_blocks, BLOCK, kv_heads, dim), torch.randn(num_blocks, BLOCK, kv_heads, dim)
+    backend = PortableBackend(BLOCK) if backend_name == "portable" else CpuPagedBackend(BLOCK)
+    raw = torch.zeros(2, num_blocks, BLOCK, kv_heads, dim)
+    key_pool, value_pool = backend.pool_views(raw[0], raw[1])
     free = list(range(num_blocks))
     rng.shuffle(free)
     # (new rows, context): decodes of different lengths, chunks over a prefix (one past 256 keys), fresh chunks
@@ -39,14 +41,15 @@ def test_backend_equals_dense_attention(backend_name, layer, heads, kv_heads):
     for rows, context in shapes:
         blocks = [free.pop() for _ in range(-(-context // BLOCK))]
         sequences.append(StepSequence(start=row, rows=rows, context=context, block_ids=blocks))
-        flat = torch.tensor([b * BLOCK + i for b in blocks for i in range(BLOCK)][:context])
-        dense.append(tuple(pool.view(-1, kv_heads, dim)[flat].transpose(0, 1) for pool in (key_pool, value_pool)))
+        k, v = torch.randn(kv_heads, context, dim), torch.randn(kv_heads, context, dim)
+        slots = torch.tensor([b * BLOCK + i for b in blocks for i in range(BLOCK)][:context])
+        backend.write(key_pool, value_pool, k[None], v[None], slots)  # the backend's own layout
+        dense.append((k, v))
         row += rows
     query = torch.randn(1, heads, row, dim)
     # this step's fresh K/V, as the model hands them over (already written into the pool)
     key = torch.cat([k[:, s.context - s.rows :] for (k, _), s in zip(dense, sequences, strict=True)], 1)[None]
     value = torch.cat([v[:, s.context - s.rows :] for (_, v), s in zip(dense, sequences, strict=True)], 1)[None]
-    backend = PortableBackend(BLOCK) if backend_name == "portable" else CpuPagedBackend(BLOCK)
     metadata = backend.prepare(sequences, row, torch.device("cpu"))
     out = backend.forward(query, key, value, key_pool, value_pool, metadata, layer, 0.2)
     for seq, (k, v) in zip(sequences, dense, strict=True):

@@ -3,6 +3,10 @@
 // over a cached prefix (many queries per sequence), causal, with an optional sliding window and logit
 // soft-capping. fp32 throughout (softmax in fp32 like transformers' eager/sdpa paths).
 //
+// Layout: V blocks are [block_size, kv_heads, head_dim] (the engine's pool layout); K blocks are stored
+// transposed, [kv_heads, head_dim, block_size], so that the scores of a block's keys are head_dim
+// vector FMAs (one vector = the block's keys) with no horizontal reductions.
+//
 // Work items: (sequence, kv head, tile of up to kTileRows query rows); each keeps the tile's query vectors of
 // every query head sharing the kv head (GQA without repeat_kv) and runs an online softmax over chunks of
 // kChunk keys, so the rescaling cost is paid once per chunk. Items run on torch's intra-op thread pool.
@@ -21,10 +25,54 @@ namespace {
 
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kChunk = 256;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Item {
   int64_t seq, kv_head, row_begin, row_end;  // rows relative to the sequence's first query row
 };
+
+// s[m * stride + j] = sum_d q[m * dim + d] * kt[d * BS + j] for MB query vectors and the BS keys of one block
+template <int MB, int BS>
+inline void block_scores(const float* q, int64_t dim, const float* kt, float* s, int64_t stride) {
+  float acc[MB][BS] = {};
+  for (int64_t d = 0; d < dim; ++d) {
+    const float* row = kt + d * BS;
+    for (int m = 0; m < MB; ++m) {
+      const float qd = q[m * dim + d];
+#pragma omp simd
+      for (int j = 0; j < BS; ++j) acc[m][j] += qd * row[j];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < BS; ++j) s[m * stride + j] = acc[m][j];
+}
+
+inline void block_scores_any(const float* q, int64_t m_count, int64_t dim, const float* kt, int64_t bs, float* s,
+                             int64_t stride) {
+  for (int64_t m = 0; m < m_count; ++m) {
+    float* out = s + m * stride;
+    for (int64_t j = 0; j < bs; ++j) out[j] = 0.f;
+    for (int64_t d = 0; d < dim; ++d) {
+      const float qd = q[m * dim + d];
+      const float* row = kt + d * bs;
+#pragma omp simd
+      for (int64_t j = 0; j < bs; ++j) out[j] += qd * row[j];
+    }
+  }
+}
+
+void scores_for_block(const float* q, int64_t m_count, int64_t dim, const float* kt, int64_t bs, float* s,
+                      int64_t stride) {
+  if (bs != 16) return block_scores_any(q, m_count, dim, kt, bs, s, stride);
+  int64_t m = 0;
+  for (; m + 4 <= m_count; m += 4) block_scores<4, 16>(q + m * dim, dim, kt, s + m * stride, stride);
+  switch (m_count - m) {
+    case 3: block_scores<3, 16>(q + m * dim, dim, kt, s + m * stride, stride); break;
+    case 2: block_scores<2, 16>(q + m * dim, dim, kt, s + m * stride, stride); break;
+    case 1: block_scores<1, 16>(q + m * dim, dim, kt, s + m * stride, stride); break;
+    default: break;
+  }
+}
 
 void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& k_pool, const at::Tensor& v_pool,
                      const at::Tensor& block_tables, const at::Tensor& seq_info, double scale, int64_t window,
@@ -38,8 +86,10 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
   TORCH_CHECK(seq_info.scalar_type() == at::kInt && seq_info.is_contiguous() && seq_info.size(1) == 3,
               "seq_info: int32 [seqs, 3] (first row, rows, context)");
   const int64_t heads = query.size(1), dim = query.size(2);
-  const int64_t block_size = k_pool.size(1), kv_heads = k_pool.size(2);
-  TORCH_CHECK(k_pool.size(3) == dim && heads % kv_heads == 0, "shape mismatch");
+  // k_pool: [blocks, kv_heads, head_dim, block_size]; v_pool: [blocks, block_size, kv_heads, head_dim]
+  const int64_t block_size = v_pool.size(1), kv_heads = v_pool.size(2);
+  TORCH_CHECK(k_pool.size(1) == kv_heads && k_pool.size(2) == dim && k_pool.size(3) == block_size, "K layout");
+  TORCH_CHECK(v_pool.size(3) == dim && heads % kv_heads == 0, "shape mismatch");
   const int64_t group = heads / kv_heads;
   const int64_t q_row_stride = query.stride(0), q_head_stride = query.stride(1);
   const int64_t o_row_stride = out.stride(0), o_head_stride = out.stride(1);
@@ -52,7 +102,9 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
   const int32_t* info = seq_info.data_ptr<int32_t>();
   const int64_t seqs = seq_info.size(0);
   const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  const int64_t token_stride = kv_heads * dim;  // between consecutive tokens of one block
+  const int64_t block_numel = kv_heads * dim * block_size;
+  const int64_t token_stride = kv_heads * dim;  // V: between consecutive tokens of one block
+  const int64_t chunk_keys = std::max<int64_t>(block_size, kChunk / block_size * block_size);
 
   std::vector<Item> items;
   for (int64_t s = 0; s < seqs; ++s) {
@@ -63,88 +115,94 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
 
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q, acc, scores, row_max, row_sum;
+    std::vector<int64_t> lo, hi;
     for (int64_t it = begin; it < end; ++it) {
       const Item item = items[it];
       const int64_t first_row = info[item.seq * 3], rows = info[item.seq * 3 + 1], context = info[item.seq * 3 + 2];
       const int32_t* table = tables + item.seq * table_width;
       const int64_t tile = item.row_end - item.row_begin, m_count = tile * group;
-      q.assign(m_count * dim, 0.f);
+      q.resize(m_count * dim);
       acc.assign(m_count * dim, 0.f);
-      scores.resize(m_count * kChunk);
-      row_max.assign(m_count, -std::numeric_limits<float>::infinity());
+      scores.resize(m_count * chunk_keys);
+      row_max.assign(m_count, kNegInf);
       row_sum.assign(m_count, 0.f);
-      std::vector<int64_t> lo(m_count), hi(m_count);  // attended key range [lo, hi] of each query vector
+      lo.resize(m_count);
+      hi.resize(m_count);  // attended key range [lo, hi] of each query vector
       for (int64_t r = 0; r < tile; ++r) {
         const int64_t position = context - rows + item.row_begin + r;
         for (int64_t g = 0; g < group; ++g) {
           const int64_t m = r * group + g, head = item.kv_head * group + g;
           const float* src = q_base + (first_row + item.row_begin + r) * q_row_stride + head * q_head_stride;
-          std::copy(src, src + dim, q.data() + m * dim);
+          for (int64_t d = 0; d < dim; ++d) q[m * dim + d] = src[d] * fscale;
           hi[m] = position;
           lo[m] = window > 0 ? std::max<int64_t>(0, position - window + 1) : 0;
         }
       }
-      const int64_t key_begin = lo[0], key_end = hi[m_count - 1] + 1;
-      for (int64_t chunk = key_begin; chunk < key_end; chunk += kChunk) {
-        const int64_t n = std::min(kChunk, key_end - chunk);
-        // scores = q . k for every (query vector, key) of the chunk
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t key = chunk + j;
-          const float* k = k_base + (static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size) *
-                                        token_stride + item.kv_head * dim;
-          for (int64_t m = 0; m < m_count; ++m) {
-            const float* qm = q.data() + m * dim;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; ++d) dot += qm[d] * k[d];
-            scores[m * kChunk + j] = dot;
+      const int64_t key_begin = lo[0] / block_size * block_size, key_end = hi[m_count - 1] + 1;
+      for (int64_t chunk = key_begin; chunk < key_end; chunk += chunk_keys) {
+        const int64_t n = std::min(chunk_keys, key_end - chunk);
+        // scores of every (query vector, key) of the chunk, a block at a time (the last may be partial)
+        for (int64_t b = 0; b < n; b += block_size) {
+          const int64_t block = table[(chunk + b) / block_size];
+          const float* kt = k_base + block * block_numel + item.kv_head * dim * block_size;
+          // blocks lie anywhere in the pool: ask for the next block's keys and this block's values (read by
+          // the p . v pass after this chunk) ahead of time, the hardware prefetcher cannot guess them
+          if (chunk + b + block_size < key_end) {
+            const float* next = k_base + static_cast<int64_t>(table[(chunk + b) / block_size + 1]) * block_numel +
+                                item.kv_head * dim * block_size;
+            for (int64_t line = 0; line < dim * block_size; line += 16) __builtin_prefetch(next + line);
           }
+          const float* v = v_base + block * block_numel + item.kv_head * dim;
+          for (int64_t t = 0; t < block_size; ++t)
+            for (int64_t line = 0; line < dim; line += 16) __builtin_prefetch(v + t * token_stride + line);
+          scores_for_block(q.data(), m_count, dim, kt, block_size, scores.data() + b, chunk_keys);
         }
         for (int64_t m = 0; m < m_count; ++m) {
-          float* s = scores.data() + m * kChunk;
-          float chunk_max = -std::numeric_limits<float>::infinity();
-          for (int64_t j = 0; j < n; ++j) {
-            const int64_t key = chunk + j;
-            if (key < lo[m] || key > hi[m]) {
-              s[j] = -std::numeric_limits<float>::infinity();
-              continue;
-            }
-            float v = s[j] * fscale;
-            if (cap > 0.f) v = std::tanh(v / cap) * cap;
-            s[j] = v;
-            chunk_max = std::max(chunk_max, v);
-          }
-          if (chunk_max == -std::numeric_limits<float>::infinity()) {  // nothing attended in this chunk
+          float* s = scores.data() + m * chunk_keys;
+          const int64_t first = std::max<int64_t>(0, lo[m] - chunk), last = std::min(n, hi[m] - chunk + 1);
+          if (first >= last) {  // nothing attended in this chunk
             for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
             continue;
           }
+          if (cap > 0.f) {
+            const float inv_cap = 1.f / cap;
+#pragma omp simd
+            for (int64_t j = first; j < last; ++j) s[j] = std::tanh(s[j] * inv_cap) * cap;
+          }
+          float chunk_max = kNegInf;
+          for (int64_t j = first; j < last; ++j) chunk_max = std::max(chunk_max, s[j]);
           const float new_max = std::max(row_max[m], chunk_max);
           if (new_max > row_max[m]) {
             const float correction = std::exp(row_max[m] - new_max);  // exp(-inf) = 0 on the first chunk
             float* a = acc.data() + m * dim;
+#pragma omp simd
             for (int64_t d = 0; d < dim; ++d) a[d] *= correction;
             row_sum[m] *= correction;
             row_max[m] = new_max;
           }
           float sum = 0.f;
-          for (int64_t j = 0; j < n; ++j) {
-            const float p = std::exp(s[j] - new_max);  // masked: exp(-inf) = 0
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = first; j < last; ++j) {
+            const float p = std::exp(s[j] - new_max);
             s[j] = p;
             sum += p;
           }
+          for (int64_t j = 0; j < first; ++j) s[j] = 0.f;
+          for (int64_t j = last; j < n; ++j) s[j] = 0.f;
           row_sum[m] += sum;
         }
-        // acc += p . v
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t key = chunk + j;
-          const float* v = v_base + (static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size) *
-                                        token_stride + item.kv_head * dim;
-          for (int64_t m = 0; m < m_count; ++m) {
-            const float p = scores[m * kChunk + j];
-            if (p == 0.f) continue;
-            float* a = acc.data() + m * dim;
+        // acc += p . v, one query vector at a time over its keys of the chunk
+        for (int64_t m = 0; m < m_count; ++m) {
+          const float* p = scores.data() + m * chunk_keys;
+          float* a = acc.data() + m * dim;
+          const int64_t first = std::max<int64_t>(0, lo[m] - chunk), last = std::min(n, hi[m] - chunk + 1);
+          for (int64_t j = first; j < last; ++j) {
+            const int64_t key = chunk + j;
+            const float* v = v_base + static_cast<int64_t>(table[key / block_size]) * block_numel +
+                             (key % block_size) * token_stride + item.kv_head * dim;
+            const float pj = p[j];
 #pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) a[d] += p * v[d];
+            for (int64_t d = 0; d < dim; ++d) a[d] += pj * v[d];
           }
         }
       }

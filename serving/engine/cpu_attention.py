@@ -4,7 +4,7 @@ csrc/paged_attention.cpp is built once per machine with torch.utils.cpp_extensio
 extensions directory) and registered as `torch.ops.sessionserve.paged_attention`. It serves decode rows and
 prefill chunks over a cached prefix with no gathered copy: each (sequence, kv head, tile of query rows) walks its
 block table with an online softmax, causal, sliding window and soft-capping included, prefetching the next block.
-Keys are kept transposed within each block (`pool_views`) so a block's scores need no horizontal sums. A chunk
+Blocks are kept head-major, keys transposed (`pool_views`), so a block's scores need no horizontal sums. A chunk
 with no cached prefix attends only its own fresh K/V, which torch SDPA does best (unless the layer is soft-capped).
 """
 
@@ -75,10 +75,11 @@ class CpuPagedBackend(AttentionBackend):
         self.block_size = block_size
 
     def pool_views(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys transposed within each block, [num_blocks, kv_heads, head_dim, block_size]: a block's scores are
-        then head_dim vector FMAs over its keys. Values keep the engine's layout."""
+        """Head-major blocks, so that a kv head's part of a block is one contiguous run: keys transposed,
+        [num_blocks, kv_heads, head_dim, block_size] (a block's scores are then head_dim vector FMAs over its keys,
+        no horizontal sums), values [num_blocks, kv_heads, block_size, head_dim]."""
         blocks, block_size, kv_heads, head_dim = keys.shape
-        return keys.view(blocks, kv_heads, head_dim, block_size), values
+        return keys.view(blocks, kv_heads, head_dim, block_size), values.view(blocks, kv_heads, block_size, head_dim)
 
     def write(
         self,
@@ -89,8 +90,9 @@ class CpuPagedBackend(AttentionBackend):
         slots: torch.Tensor,
     ) -> None:
         block_size = key_pool.shape[3]
-        key_pool.permute(0, 3, 1, 2)[slots // block_size, slots % block_size] = key[0].transpose(0, 1)
-        value_pool.view(-1, *value_pool.shape[2:]).index_copy_(0, slots, value[0].transpose(0, 1))
+        blocks, offsets = slots // block_size, slots % block_size
+        key_pool.permute(0, 3, 1, 2)[blocks, offsets] = key[0].transpose(0, 1)
+        value_pool.permute(0, 2, 1, 3)[blocks, offsets] = value[0].transpose(0, 1)
 
     def prepare(self, sequences: list[StepSequence], num_rows: int, device: torch.device) -> _CpuMetadata:
         fresh = [s for s in sequences if s.fresh and s.rows > 1]

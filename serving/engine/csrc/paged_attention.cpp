@@ -3,9 +3,9 @@
 // over a cached prefix (many queries per sequence), causal, with an optional sliding window and logit
 // soft-capping. fp32 throughout (softmax in fp32 like transformers' eager/sdpa paths).
 //
-// Layout: V blocks are [block_size, kv_heads, head_dim] (the engine's pool layout); K blocks are stored
-// transposed, [kv_heads, head_dim, block_size], so that the scores of a block's keys are head_dim
-// vector FMAs (one vector = the block's keys) with no horizontal reductions.
+// Layout, head-major within each block so that one kv head's part of a block is one contiguous run:
+// K blocks are [kv_heads, head_dim, block_size] (transposed: the scores of a block's keys are head_dim vector
+// FMAs, one vector = the block's keys, with no horizontal sums), V blocks [kv_heads, block_size, head_dim].
 //
 // Work items: (sequence, kv head, tile of up to kTileRows query rows); each keeps the tile's query vectors of
 // every query head sharing the kv head (GQA without repeat_kv) and runs an online softmax over chunks of
@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -26,6 +27,21 @@ namespace {
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kChunk = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0 as plain arithmetic, so the softmax loop vectorizes (libm's expf call does not): Cephes'
+// expf, 2^n * p(r) with |r| <= ln2 / 2, about 1 ulp; exp(x < -87.3) gives ~1e-38 instead of 0
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.3365447504f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const float y =
+      ((((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+         1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r) + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
 
 struct Item {
   int64_t seq, kv_head, row_begin, row_end;  // rows relative to the sequence's first query row
@@ -86,8 +102,8 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
   TORCH_CHECK(seq_info.scalar_type() == at::kInt && seq_info.is_contiguous() && seq_info.size(1) == 3,
               "seq_info: int32 [seqs, 3] (first row, rows, context)");
   const int64_t heads = query.size(1), dim = query.size(2);
-  // k_pool: [blocks, kv_heads, head_dim, block_size]; v_pool: [blocks, block_size, kv_heads, head_dim]
-  const int64_t block_size = v_pool.size(1), kv_heads = v_pool.size(2);
+  // k_pool: [blocks, kv_heads, head_dim, block_size]; v_pool: [blocks, kv_heads, block_size, head_dim]
+  const int64_t kv_heads = v_pool.size(1), block_size = v_pool.size(2);
   TORCH_CHECK(k_pool.size(1) == kv_heads && k_pool.size(2) == dim && k_pool.size(3) == block_size, "K layout");
   TORCH_CHECK(v_pool.size(3) == dim && heads % kv_heads == 0, "shape mismatch");
   const int64_t group = heads / kv_heads;
@@ -103,7 +119,6 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
   const int64_t seqs = seq_info.size(0);
   const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
   const int64_t block_numel = kv_heads * dim * block_size;
-  const int64_t token_stride = kv_heads * dim;  // V: between consecutive tokens of one block
   const int64_t chunk_keys = std::max<int64_t>(block_size, kChunk / block_size * block_size);
 
   std::vector<Item> items;
@@ -152,9 +167,8 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
                                 item.kv_head * dim * block_size;
             for (int64_t line = 0; line < dim * block_size; line += 16) __builtin_prefetch(next + line);
           }
-          const float* v = v_base + block * block_numel + item.kv_head * dim;
-          for (int64_t t = 0; t < block_size; ++t)
-            for (int64_t line = 0; line < dim; line += 16) __builtin_prefetch(v + t * token_stride + line);
+          const float* v = v_base + block * block_numel + item.kv_head * block_size * dim;
+          for (int64_t line = 0; line < dim * block_size; line += 16) __builtin_prefetch(v + line);
           scores_for_block(q.data(), m_count, dim, kt, block_size, scores.data() + b, chunk_keys);
         }
         for (int64_t m = 0; m < m_count; ++m) {
@@ -170,6 +184,7 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
             for (int64_t j = first; j < last; ++j) s[j] = std::tanh(s[j] * inv_cap) * cap;
           }
           float chunk_max = kNegInf;
+#pragma omp simd reduction(max : chunk_max)
           for (int64_t j = first; j < last; ++j) chunk_max = std::max(chunk_max, s[j]);
           const float new_max = std::max(row_max[m], chunk_max);
           if (new_max > row_max[m]) {
@@ -183,7 +198,7 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
           float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
           for (int64_t j = first; j < last; ++j) {
-            const float p = std::exp(s[j] - new_max);
+            const float p = exp_nonpositive(s[j] - new_max);
             s[j] = p;
             sum += p;
           }
@@ -199,7 +214,7 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
           for (int64_t j = first; j < last; ++j) {
             const int64_t key = chunk + j;
             const float* v = v_base + static_cast<int64_t>(table[key / block_size]) * block_numel +
-                             (key % block_size) * token_stride + item.kv_head * dim;
+                             (item.kv_head * block_size + key % block_size) * dim;
             const float pj = p[j];
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) a[d] += pj * v[d];

@@ -55,3 +55,25 @@ def test_backend_equals_dense_attention(backend_name, layer, heads, kv_heads):
     for seq, (k, v) in zip(sequences, dense, strict=True):
         expected = dense_reference(query, k, v, seq, layer, 0.2)
         torch.testing.assert_close(out[seq.start : seq.start + seq.rows], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_the_backend_choice_falls_back_to_portable(monkeypatch):
+    import serving.engine.cpu_attention as cpu_attention
+    from serving.engine.attention_backend import select_backend
+
+    monkeypatch.delenv("SESSIONSERVE_ATTENTION", raising=False)
+    cpu = torch.device("cpu")
+    assert select_backend(BLOCK, cpu, torch.float32).name == "cpu"
+    assert select_backend(BLOCK, cpu, torch.bfloat16).name == "portable"  # the kernel is fp32 only
+    monkeypatch.setenv("SESSIONSERVE_ATTENTION", "portable")
+    assert select_backend(BLOCK, cpu, torch.float32).name == "portable"
+
+    def no_compiler():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(cpu_attention, "load_kernel", no_compiler)
+    monkeypatch.delenv("SESSIONSERVE_ATTENTION")
+    assert select_backend(BLOCK, cpu, torch.float32).name == "portable"  # serves anyway, slower
+    monkeypatch.setenv("SESSIONSERVE_ATTENTION", "cpu")
+    with pytest.raises(RuntimeError, match="no compiler"):
+        select_backend(BLOCK, cpu, torch.float32)

@@ -81,7 +81,10 @@ class PagedKVCache(Cache):
         """Write this step's K/V ([1, kv_heads, T, head_dim]) into the pool; return them unchanged."""
         layer = self.pool_layers[layer_idx]
         assert self.batch is not None, "the model runner sets the batch around each forward pass"
-        self.backend.write(layer.key_pool, layer.value_pool, key_states, value_states, self.batch.slot_mapping)
+        batch = self.batch
+        self.backend.write(
+            layer.key_pool, layer.value_pool, key_states, value_states, batch.slot_mapping, batch.metadata
+        )
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -78,8 +78,10 @@ class AttentionBackend(ABC):
         key: torch.Tensor,
         value: torch.Tensor,
         slots: torch.Tensor,
+        metadata: Any,
     ) -> None:
-        """Store this step's K/V ([1, kv_heads, rows, head_dim]) at pool slots (block * block_size + offset)."""
+        """Store this step's K/V ([1, kv_heads, rows, head_dim]) at pool slots (block * block_size + offset);
+        `metadata` is this step's, for a backend that derives its own write indices once per step."""
         key_pool.view(-1, *key_pool.shape[2:]).index_copy_(0, slots, key[0].transpose(0, 1))
         value_pool.view(-1, *value_pool.shape[2:]).index_copy_(0, slots, value[0].transpose(0, 1))
 

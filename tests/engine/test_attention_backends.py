@@ -43,7 +43,8 @@ def test_backend_equals_dense_attention(backend_name, layer, heads, kv_heads):
         sequences.append(StepSequence(start=row, rows=rows, context=context, block_ids=blocks))
         k, v = torch.randn(kv_heads, context, dim), torch.randn(kv_heads, context, dim)
         slots = torch.tensor([b * BLOCK + i for b in blocks for i in range(BLOCK)][:context])
-        backend.write(key_pool, value_pool, k[None], v[None], slots)  # the backend's own layout
+        sequence_meta = backend.prepare([StepSequence(0, context, context, blocks)], context, torch.device("cpu"))
+        backend.write(key_pool, value_pool, k[None], v[None], slots, sequence_meta)  # the backend's own layout
         dense.append((k, v))
         row += rows
     query = torch.randn(1, heads, row, dim)

@@ -129,13 +129,14 @@ def _gemm_params(loaded: LoadedModel) -> int:
 
 
 def gemm_rate(loaded: LoadedModel, batch: int) -> float:
-    """FLOP/s of the model's own GEMMs: a forward of `batch` one-token sequences with no KV (best of 3)."""
+    """FLOP/s of the model's own GEMMs: a forward of `batch` one-token sequences with no KV (best of 5, warm)."""
     import torch
 
     ids = torch.zeros(batch, 1, dtype=torch.long, device=loaded.device)
     best = float("inf")
     with torch.inference_mode():
-        for _ in range(3):
+        loaded.model(input_ids=ids, use_cache=False)  # warm-up: first-call initialisation is not the GEMMs' rate
+        for _ in range(5):
             started = time.perf_counter()
             loaded.model(input_ids=ids, use_cache=False)
             best = min(best, time.perf_counter() - started)
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['best_step_ms']:.1f}", f"{row['roofline_ms']:.1f}", f"{row['vs_roofline']:.2f}",
             f"{row['tok_s'] / one['tok_s']:.1f}", f"{row['batch'] * one['step_ms'] / row['step_ms']:.1f}",
         )  # fmt: skip
-    Console().print(table)
+    Console(width=200).print(table)
     for engine in engines.values():
         engine.runner.close()
     if args.out:

@@ -1,11 +1,22 @@
-"""Decode-only throughput of the paged engine core by batch size and context length.
+"""Decode-only throughput of the paged engine core by batch size and context length, against a roofline.
 
 Isolates what batching buys in the decode phase (the multi-turn benchmark mixes in prefill and the HTTP-free
-async layer): for each context length, `batch` sequences of that many prompt tokens are prefilled, then only
-the decode steps are timed. The ratio batch-N / batch-1 shows how much of a step is shared work (weights)
-and how much grows per sequence (attention over its KV blocks).
+async layer): for each context length, `batch` sequences of that many prompt tokens are set up, then only the
+decode steps are timed. The ratio batch-N / batch-1 shows how much of a step is shared work (weights) and how
+much grows per sequence (attention over its KV blocks).
 
-    .venv/bin/python -m benchmarks.decode_scaling --contexts 300,600 --batches 1,16
+Prompts are set up without running the model by default (`--prefill synthetic`: the KV of all but the last
+prompt token is written into the pool with random values; decode reads it exactly as it would read computed
+KV, and a 16 x 4,096-token prefill would take minutes on a small CPU); `--prefill model` prefills for real.
+
+Each step (the median step time, robust to bursts of load on a shared machine; the best and the overall tok/s
+are printed too) is compared with a roofline printed with it:
+    max((bytes of weights + KV read once) / read bandwidth, FLOPs / GEMM rate)
+the read bandwidth measured at the start (summing a large tensor), the GEMM rate from a weights-only forward of
+the same batch (one token per sequence, no KV). `--backends cpu,portable` runs attention backends side by side
+(same model, same prompts, interleaved) for an A/B in one run.
+
+    .venv/bin/python -m benchmarks.decode_scaling --contexts 2048,4096 --batches 1,16 --backends cpu,portable
 """
 
 from __future__ import annotations
@@ -13,15 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
     from serving.engine.llm_engine import LLMEngine
+    from serving.models import LoadedModel
 
 console = Console(stderr=True)
 
@@ -33,15 +46,45 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    parser.add_argument("--contexts", type=_ints, default=[300, 600], help="prompt tokens per sequence")
+    parser.add_argument("--contexts", type=_ints, default=[2048, 4096], help="prompt tokens per sequence")
     parser.add_argument("--batches", type=_ints, default=[1, 16], help="sequences decoded together")
     parser.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps per run")
+    parser.add_argument(
+        "--kv-cache-memory", default=None, help="device KV pool (e.g. 4GiB); default: just enough for the largest run"
+    )
+    parser.add_argument(
+        "--backends", default="auto", help="attention backends to compare, e.g. cpu,portable (auto: the engine's)"
+    )
+    parser.add_argument("--prefill", choices=["synthetic", "model"], default="synthetic")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per (context, batch, backend); best reported")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
 
 
-def decode_tok_s(engine: LLMEngine, context: int, batch: int, decode_tokens: int) -> float:
-    """Prefill `batch` random prompts, then time `decode_tokens` decode-only steps."""
+def _synthetic_prefill(engine: LLMEngine) -> None:
+    """Mark every waiting request's prompt but its last token as computed, with random KV in its blocks."""
+    import torch
+
+    pool = engine.runner.kv_pool
+    for request in list(engine.scheduler.waiting):
+        cached = request.num_tokens - 1
+        if not (engine.kv_manager.attach(request) and engine.kv_manager.allocate_slots(request, cached)):
+            raise RuntimeError("the KV pool is too small for this run: raise --kv-cache-memory")
+        request.num_computed_tokens = cached
+        ids = torch.tensor(request.block_ids, device=pool.device)
+        shape = (*pool.shape[:2], len(request.block_ids), *pool.shape[3:])
+        pool.index_copy_(2, ids, torch.randn(shape, dtype=pool.dtype, device=pool.device))
+
+
+def decode_tok_s(
+    engine: LLMEngine,
+    context: int,
+    batch: int,
+    decode_tokens: int,
+    synthetic: bool = False,
+    step_times: list[float] | None = None,
+) -> float:
+    """Set up `batch` random prompts, then time `decode_tokens` decode-only steps (each appended to `step_times`)."""
     from serving.engine.types import GenerationRequest, SamplingParams
 
     rng = random.Random(context * 1000 + batch)
@@ -49,38 +92,162 @@ def decode_tok_s(engine: LLMEngine, context: int, batch: int, decode_tokens: int
     for index in range(batch):
         prompt = [rng.randrange(engine.vocab_size) for _ in range(context)]
         engine.add_request(GenerationRequest(f"r{context}-{batch}-{index}", prompt, params))
+    if synthetic:
+        _synthetic_prefill(engine)
     while not all(request.num_output_tokens for request in engine.requests.values()):
         engine.step()  # prefill (chunked); each sequence leaves it with its first token
     generated, started = 0, time.perf_counter()
     while engine.has_work():
+        step_started = time.perf_counter()
         generated += sum(len(output.token_ids) for output in engine.step())
+        if step_times is not None:
+            step_times.append(time.perf_counter() - step_started)
     return generated / (time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------------------------------ roofline
+
+
+def read_bandwidth(nbytes: int = 2**29) -> float:
+    """Bytes per second summing a tensor much larger than the caches (best of 5)."""
+    import torch
+
+    data = torch.ones(nbytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return nbytes / best
+
+
+def _gemm_params(loaded: LoadedModel) -> int:
+    """Weights used as GEMM operands per token: every Linear (lm_head included, even when tied to embeddings)."""
+    import torch
+
+    return sum(m.weight.numel() for m in loaded.model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def gemm_rate(loaded: LoadedModel, batch: int) -> float:
+    """FLOP/s of the model's own GEMMs: a forward of `batch` one-token sequences with no KV (best of 5, warm)."""
+    import torch
+
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=loaded.device)
+    best = float("inf")
+    with torch.inference_mode():
+        loaded.model(input_ids=ids, use_cache=False)  # warm-up: first-call initialisation is not the GEMMs' rate
+        for _ in range(5):
+            started = time.perf_counter()
+            loaded.model(input_ids=ids, use_cache=False)
+            best = min(best, time.perf_counter() - started)
+    return 2 * _gemm_params(loaded) * batch / best
+
+
+def roofline_s(loaded: LoadedModel, context: int, batch: int, bandwidth: float, rate: float) -> dict[str, float]:
+    from serving.engine.model_runner import kv_shape
+
+    config = loaded.model.config
+    layers, kv_heads, head_dim = kv_shape(config)
+    itemsize = loaded.dtype.itemsize
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())  # tied weights counted once
+    kv = layers * 2 * batch * context * kv_heads * head_dim * itemsize
+    attention_flops = 4 * batch * context * config.num_attention_heads * head_dim * layers
+    flops = 2 * _gemm_params(loaded) * batch + attention_flops
+    return {"bytes": weights + kv, "flops": flops, "roofline_s": max((weights + kv) / bandwidth, flops / rate)}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def _engines(loaded: LoadedModel, names: list[str], config: Any) -> dict[str, LLMEngine]:
+    from serving.engine.attention_backend import AttentionBackend, PortableBackend
+    from serving.engine.cpu_attention import CpuPagedBackend
+    from serving.engine.llm_engine import LLMEngine
+
+    engines = {}
+    for name in names:
+        backend: AttentionBackend | None = None
+        if name == "portable":
+            backend = PortableBackend(config.block_size)
+        elif name == "cpu":
+            backend = CpuPagedBackend(config.block_size)
+        elif name != "auto":
+            raise ValueError(f"unknown attention backend {name!r}: expected auto, cpu or portable")
+        engine = LLMEngine(loaded, config, backend=backend)
+        engines[engine.runner.backend.name] = engine
+    return engines
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from serving.config import EngineConfig, ModelConfig
-    from serving.engine.llm_engine import LLMEngine
+    from serving.engine.model_runner import kv_shape
     from serving.models import load_model
 
     loaded = load_model(ModelConfig(name=args.model))
-    engine = LLMEngine(loaded, EngineConfig(max_batch_size=max(args.batches)))
-    decode_tok_s(engine, 32, 1, 4)  # warm-up
+    bandwidth = read_bandwidth()
+    rates = {batch: gemm_rate(loaded, batch) for batch in args.batches}
+    console.log(
+        f"read bandwidth {bandwidth / 1e9:.1f} GB/s; GEMM rate "
+        + ", ".join(f"batch {b} {r / 1e9:.1f} GFLOP/s" for b, r in rates.items())
+    )
+    kv_memory = args.kv_cache_memory
+    if kv_memory is None:  # room for the largest run (+ a block per sequence of slack)
+        layers, kv_heads, head_dim = kv_shape(loaded.model.config)
+        per_token = layers * 2 * kv_heads * head_dim * loaded.dtype.itemsize
+        tokens = max(args.batches) * (max(args.contexts) + args.decode_tokens + 2 * EngineConfig().block_size)
+        kv_memory = tokens * per_token
+    config = EngineConfig(max_batch_size=max(args.batches), kv_cache_memory=kv_memory, host_cache_memory=0)
+    engines = _engines(loaded, args.backends.split(","), config)
+    for engine in engines.values():
+        decode_tok_s(engine, 32, 1, 4)  # warm-up (builds and loads kernels)
     rows = []
     for context in args.contexts:
-        rates = {batch: decode_tok_s(engine, context, batch, args.decode_tokens) for batch in args.batches}
-        rows += [{"context": context, "batch": b, "tok_s": round(r, 1)} for b, r in rates.items()]
-        console.log(f"context {context}: " + ", ".join(f"batch {b} {r:.1f} tok/s" for b, r in rates.items()))
-    table = Table("context", "batch", "decode tok/s", f"x batch {args.batches[0]}", title="decode scaling")
-    base = {row["context"]: row["tok_s"] for row in rows if row["batch"] == args.batches[0]}
+        for batch in args.batches:
+            runs: dict[str, list[float]] = {name: [] for name in engines}
+            steps: dict[str, list[float]] = {name: [] for name in engines}
+            for _ in range(args.repeats):  # interleaved, so that load from elsewhere hits every backend alike
+                for name, engine in engines.items():
+                    synthetic = args.prefill == "synthetic"
+                    runs[name].append(decode_tok_s(engine, context, batch, args.decode_tokens, synthetic, steps[name]))
+            bound = roofline_s(loaded, context, batch, bandwidth, rates[batch])
+            for name, rates_seen in runs.items():
+                tok_s = max(rates_seen)
+                # the median step: robust to bursts of load from other processes on a shared machine
+                step_s = statistics.median(steps[name])
+                rows.append(
+                    {"context": context, "batch": batch, "backend": name, "tok_s": round(tok_s, 1)}
+                    | {"runs_tok_s": [round(r, 1) for r in rates_seen]}
+                    | {"step_ms": round(step_s * 1e3, 2), "best_step_ms": round(min(steps[name]) * 1e3, 2)}
+                    | {"roofline_ms": round(bound["roofline_s"] * 1e3, 2)}
+                    | {"vs_roofline": round(step_s / bound["roofline_s"], 2)}
+                )
+            console.log(
+                f"context {context} batch {batch}: "
+                + ", ".join(f"{name} {max(r):.1f} tok/s" for name, r in runs.items())
+                + f" (roofline {bound['roofline_s'] * 1e3:.1f} ms/step)"
+            )
+    first = args.batches[0]
+    table = Table(
+        "context", "batch", "backend", "decode tok/s", "median step ms", "best step ms", "roofline ms",
+        "median step / roofline", f"x batch {first} (tok/s)", f"x batch {first} (median step)", title="decode scaling",
+    )  # fmt: skip
+    base = {(row["context"], row["backend"]): row for row in rows if row["batch"] == first}
     for row in rows:
+        one = base[(row["context"], row["backend"])]
         table.add_row(
-            str(row["context"]), str(row["batch"]), f"{row['tok_s']:.1f}", f"{row['tok_s'] / base[row['context']]:.1f}"
-        )
-    Console().print(table)
+            str(row["context"]), str(row["batch"]), row["backend"], f"{row['tok_s']:.1f}", f"{row['step_ms']:.1f}",
+            f"{row['best_step_ms']:.1f}", f"{row['roofline_ms']:.1f}", f"{row['vs_roofline']:.2f}",
+            f"{row['tok_s'] / one['tok_s']:.1f}", f"{row['batch'] * one['step_ms'] / row['step_ms']:.1f}",
+        )  # fmt: skip
+    Console(width=200).print(table)
+    for engine in engines.values():
+        engine.runner.close()
     if args.out:
+        machine = {"read_bandwidth_gb_s": bandwidth / 1e9, "gemm_gflop_s": {b: r / 1e9 for b, r in rates.items()}}
         args.out.write_text(
-            json.dumps({"config": vars(args) | {"out": str(args.out)}, "results": rows}, indent=2) + "\n"
+            json.dumps({"config": vars(args) | {"out": str(args.out)}, "machine": machine, "results": rows}, indent=2)
+            + "\n"
         )
 
 

@@ -3,6 +3,10 @@
 Pieces are tokenized separately and concatenated: markup with special tokens recognised, message text with special
 tokens split. Because a piece's ids never depend on its neighbours, a conversation's prompt is a prefix of the next
 turn's prompt (when nothing was trimmed), so the engine can reuse the session's KV by longest common prefix.
+
+BOS: a chat template renders whatever the model expects at the start (many emit the BOS token themselves), and
+its output is used as is, so BOS never appears twice. A model without a chat template (a base model) gets the
+tokenizer's BOS first whenever the tokenizer's own `encode` would add one: it was trained on such sequences.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class PromptBuilder:
         # before encoding, so another thread encoding with the same object could make user text parse as markup.
         self._tokenizer = copy.deepcopy(tokenizer)
         self._template = ChatTemplate(self._tokenizer)
+        # a base model's prompt starts like its tokenizer's own encode() output; a chat template decides for itself
+        self._bos: tuple[int, ...] = () if self._template.has_chat_template else added_bos(self._tokenizer)
         self.default_system_prompt = default_system_prompt
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[bool, str], tuple[int, ...]] = OrderedDict()  # history repeats every turn
@@ -99,7 +105,8 @@ class PromptBuilder:
     def _encode_pieces(self, messages: list[Message]) -> list[tuple[int, ...]]:
         pieces = self._template.pieces(messages)
         with self._lock:
-            return [self._encode(text, plain=plain) for text, plain in pieces]
+            encoded = [self._encode(text, plain=plain) for text, plain in pieces]
+        return [self._bos, *encoded] if self._bos else encoded
 
     def _encode(self, text: str, *, plain: bool) -> tuple[int, ...]:
         """Token ids of one piece; plain text gets special tokens split so "<|im_start|>" stays characters."""
@@ -113,6 +120,16 @@ class PromptBuilder:
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return ids
+
+
+def added_bos(tokenizer: Any) -> tuple[int, ...]:
+    """(bos_token_id,) when the tokenizer's encode() puts BOS before the text it is given, else ()."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return ()
+    with_special = list(tokenizer.encode("Hello", add_special_tokens=True))
+    plain = list(tokenizer.encode("Hello", add_special_tokens=False))
+    return (int(bos),) if with_special[:1] == [bos] and plain[:1] != [bos] else ()
 
 
 def _length(pieces: list[tuple[int, ...]]) -> int:

@@ -14,6 +14,7 @@ import time
 import torch
 
 from serving.config import EngineConfig
+from serving.engine.attention_backend import AttentionBackend
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.kv_cache_manager import KVCacheManager
 from serving.engine.model_runner import ModelRunner
@@ -26,8 +27,8 @@ from serving.models import LoadedModel
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
-        self.runner = ModelRunner(loaded, config)
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, backend: AttentionBackend | None = None) -> None:
+        self.runner = ModelRunner(loaded, config, backend)
         self.kv_manager = KVCacheManager(
             self.runner.num_device_blocks, self.runner.num_host_blocks, config.block_size, self.runner
         )
@@ -37,7 +38,7 @@ class LLMEngine:
         embeddings = loaded.model.get_input_embeddings()
         assert isinstance(embeddings.weight, torch.Tensor)
         self.vocab_size = int(embeddings.weight.shape[0])
-        limits = [self.runner.num_device_blocks * config.block_size, self.runner.context_cap]
+        limits: list[int | None] = [self.runner.num_device_blocks * config.block_size]
         limits += [config.max_model_len, getattr(loaded.model.config, "max_position_embeddings", None)]
         self.max_context_tokens = min(int(x) for x in limits if x)
         self.requests: dict[str, Request] = {}

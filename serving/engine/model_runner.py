@@ -13,15 +13,8 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from serving.config import EngineConfig
-from serving.engine.attention import (
-    ATTENTION_NAME,
-    DecodeGroup,
-    PagedBatch,
-    PagedKVCache,
-    PrefillChunk,
-    check_supported,
-    register,
-)
+from serving.engine.attention import ATTENTION_NAME, PagedBatch, PagedKVCache, check_supported, register
+from serving.engine.attention_backend import AttentionBackend, StepSequence, select_backend
 from serving.engine.kv_cache_manager import BlockPairs
 from serving.engine.request import Request
 from serving.engine.sampler import sample
@@ -63,18 +56,13 @@ _ENGINES_ON_MODEL: WeakKeyDictionary[PreTrainedModel, tuple[int, str]] = WeakKey
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, backend: AttentionBackend | None = None) -> None:
         self.model = loaded.model
         self.device = loaded.device
         self.block_size = config.block_size
-        self.context_cap = check_supported(self.model)  # raises ValueError for what cannot be served exactly
-        if self.context_cap is not None:
-            log.warning(
-                "%s uses sliding-window attention: the paged engine serves it exactly only within the window, "
-                "so the context is capped at %d tokens (older turns are trimmed to fit)",
-                type(self.model).__name__,
-                self.context_cap,
-            )
+        self.layers = check_supported(self.model)  # raises ValueError for what cannot be served exactly
+        self.backend: AttentionBackend = backend or select_backend(config.block_size, self.device, loaded.dtype)
+        log.info("paged attention backend: %s", self.backend.name)
         layers, kv_heads, head_dim = kv_shape(self.model.config)
         self.bytes_per_block = layers * 2 * config.block_size * kv_heads * head_dim * loaded.dtype.itemsize
         self.num_device_blocks = config.kv_cache_memory // self.bytes_per_block
@@ -85,10 +73,9 @@ class ModelRunner:
         self.kv_pool = zeros(shape, loaded.dtype, self.device)
         host_shape = (layers, 2, self.num_host_blocks, config.block_size, kv_heads, head_dim)
         self.host_kv_pool = zeros(host_shape, loaded.dtype, torch.device("cpu"), pin=self.device.type == "cuda")
-        self.cache: PagedKVCache | None = PagedKVCache(self.kv_pool)
+        self.cache: PagedKVCache | None = PagedKVCache(self.kv_pool, self.backend)
         self._use_paged_attention()
         self._skip_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # 4D: transformers keeps it
-        self._aranges = torch.arange(0, device=self.device)
         self.timings = {"prepare_s": 0.0, "forward_s": 0.0, "sample_s": 0.0, "copy_s": 0.0}
 
     def _use_paged_attention(self) -> None:
@@ -181,9 +168,8 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         sampled_requests: list[Request] = []
-        decodes: list[Request] = []
-        prefills: list[PrefillChunk] = []
-        # single-token rows first, shortest context first (so groups of similar length are consecutive rows)
+        sequences: list[StepSequence] = []
+        # single-token rows first, shortest context first (so rows of similar length are consecutive)
         rows = sorted(
             zip(out.requests, out.num_tokens, strict=True), key=lambda r: (r[1] > 1, r[0].num_computed_tokens)
         )
@@ -193,22 +179,16 @@ class ModelRunner:
             ids.extend(request.all_token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
-            if n == 1:
-                decodes.append(request)
-            else:
-                mask = None
-                if start:  # attend to the cached prefix and causally within the chunk
-                    mask = self._arange(end)[None, :] <= self._arange(end)[start:, None]
-                blocks = torch.tensor(table[: -(-end // block_size)], device=self.device)
-                prefills.append(PrefillChunk(start=row, length=n, context=end, block_ids=blocks, mask=mask))
+            sequences.append(StepSequence(start=row, rows=n, context=end, block_ids=table[: -(-end // block_size)]))
             if end == request.num_tokens:
                 logits_rows.append(row + n - 1)
                 sampled_requests.append(request)
         assert self.cache is not None, "execute() after close()"
         batch = PagedBatch(
             slot_mapping=torch.tensor(slots, device=self.device),
-            decodes=self._decode_groups(decodes),
-            prefills=prefills,
+            backend=self.backend,
+            metadata=self.backend.prepare(sequences, len(ids), self.device),
+            layers=self.layers,
             cache=self.cache,
         )
         return StepInputs(
@@ -218,33 +198,3 @@ class ModelRunner:
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
             sampled_requests=sampled_requests,
         )
-
-    def _decode_groups(self, requests: list[Request]) -> list[DecodeGroup]:
-        """Split rows (sorted by context) where the context more than doubles, bounding the padding."""
-        block_size = self.block_size
-        groups: list[DecodeGroup] = []
-        start = 0
-        while start < len(requests):
-            first = requests[start].num_computed_tokens + 1
-            end = start + 1
-            while end < len(requests) and requests[end].num_computed_tokens + 1 <= max(
-                2 * first, first + 4 * block_size
-            ):
-                end += 1
-            members = requests[start:end]
-            contexts = [r.num_computed_tokens + 1 for r in members]
-            width = -(-contexts[-1] // block_size)
-            tables = [r.block_ids[:width] + [0] * (width - len(r.block_ids[:width])) for r in members]
-            mask = None
-            if len(members) > 1:
-                lengths = torch.tensor(contexts, device=self.device)
-                mask = (self._arange(width * block_size)[None, :] < lengths[:, None])[:, None, None, :]
-            block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
-            groups.append(DecodeGroup(start, len(members), contexts[-1], block_tables, mask))
-            start = end
-        return groups
-
-    def _arange(self, n: int) -> torch.Tensor:
-        if self._aranges.numel() < n:
-            self._aranges = torch.arange(max(n, 2 * self._aranges.numel()), device=self.device)
-        return self._aranges[:n]

@@ -1,0 +1,274 @@
+"""The attention-backend interface: how one engine step's attention reads the paged KV pool.
+
+The model runner describes a step once (`StepSequence` per sequence: its rows in the flattened batch, its
+context, its block table) and hands it to the backend's `prepare`, which turns it into whatever metadata the
+backend's kernels want (block tables as tensors, masks, split points), built once and shared by every layer.
+Then, in each layer, `forward` gets the layer's queries, its fresh K/V (already written into the pool), the
+layer's pool tensors and the layer's static facts (`LayerAttention`: sliding window, soft-capping, scale).
+
+The engine owns the pool's memory: per layer, K and V are each a contiguous `[num_blocks, block_size,
+kv_heads, head_dim]` tensor (flash-attn's paged layout and FlashInfer's NHD); block ids index dim 0, so tier
+moves and copy-on-write stay one indexing op over all layers. A backend may order the elements *within* a
+block its own way (`pool_views`; it then writes K/V itself, `write`): the CPU kernel keeps keys transposed.
+A backend attends causally: query row `i` of a sequence
+sits at position `context - rows + i` and sees keys `[0, position]`, or only the last `window` of them on a
+sliding layer.
+
+Implementations:
+- `PortableBackend` (any device): gathers each sequence's blocks into a dense copy per layer, then torch SDPA
+  (math path when soft-capping). Simple and exact; it copies the whole context every layer.
+- `serving.engine.cpu_attention.CpuPagedBackend` (CPU, fp32): a C++ kernel that reads the blocks where they lie.
+
+`select_backend` picks the fastest one that can serve the model (`SESSIONSERVE_ATTENTION` overrides: "portable",
+"cpu"); a GPU issue adds CUDA backends here (flash-attn paged KV, FlashInfer, flex_attention).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerAttention:
+    """What one layer's attention needs beyond its tensors (static, from the model's config)."""
+
+    window: int | None = None  # sliding layers: attend to the last `window` tokens (the query's own included)
+    softcap: float | None = None  # scores -> tanh(scores / softcap) * softcap before the softmax
+
+
+@dataclass(frozen=True, slots=True)
+class StepSequence:
+    """One sequence's rows in a step: `rows` new tokens at rows [start, start + rows) of the flattened batch."""
+
+    start: int
+    rows: int
+    context: int  # tokens attended after this step: cached + new
+    block_ids: list[int]  # the blocks holding positions [0, context)
+
+    @property
+    def fresh(self) -> bool:
+        """A chunk with no cached prefix: its fresh K/V is its whole context."""
+        return self.rows == self.context
+
+
+class AttentionBackend(ABC):
+    """Attention over the paged pool, one instance per model runner."""
+
+    name: str = ""
+
+    def pool_views(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K and V pools as this backend lays them out, from the engine's contiguous per-layer
+        tensors `[num_blocks, block_size, kv_heads, head_dim]`. Only the order within a block may change: blocks
+        stay the unit that tier moves and copy-on-write copy as a whole."""
+        return keys, values
+
+    def write(
+        self,
+        key_pool: torch.Tensor,
+        value_pool: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        slots: torch.Tensor,
+        metadata: Any,
+    ) -> None:
+        """Store this step's K/V ([1, kv_heads, rows, head_dim]) at pool slots (block * block_size + offset);
+        `metadata` is this step's, for a backend that derives its own write indices once per step."""
+        key_pool.view(-1, *key_pool.shape[2:]).index_copy_(0, slots, key[0].transpose(0, 1))
+        value_pool.view(-1, *value_pool.shape[2:]).index_copy_(0, slots, value[0].transpose(0, 1))
+
+    @abstractmethod
+    def prepare(self, sequences: list[StepSequence], num_rows: int, device: torch.device) -> Any:
+        """Per-step metadata, shared by all layers. `sequences` come in row order: decodes (one row each,
+        shortest context first), then prefill chunks."""
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [1, heads, rows, head_dim]
+        key: torch.Tensor,  # [1, kv_heads, rows, head_dim]: this step's K (already in the pool)
+        value: torch.Tensor,
+        key_pool: torch.Tensor,  # as `pool_views` lays them out
+        value_pool: torch.Tensor,
+        metadata: Any,
+        layer: LayerAttention,
+        scaling: float,
+    ) -> torch.Tensor:
+        """The attention output, [rows, heads, head_dim]."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def causal_mask(
+    rows: int, context: int, window: int | None, device: torch.device, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[rows, context] bool (True: attended) for a chunk whose last row sits at `context - 1`; with `lengths`
+    ([n]: each decode row's context, rows == 1) a [n, 1, 1, context] mask for a group of single-token rows."""
+    keys = torch.arange(context, device=device)
+    if lengths is not None:
+        last = (lengths - 1)[:, None]
+        mask = keys[None, :] <= last
+        if window is not None:
+            mask &= keys[None, :] > last - window
+        return mask[:, None, None, :]
+    positions = torch.arange(context - rows, context, device=device)[:, None]
+    mask = keys[None, :] <= positions
+    if window is not None:
+        mask &= keys[None, :] > positions - window
+    return mask
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None
+) -> torch.Tensor:
+    """Attention of q [b, heads, rows, dim] over k/v [b, kv_heads, keys, dim] with a bool mask (None: every key);
+    SDPA unless soft-capped (then the math path, like transformers' eager)."""
+    if softcap is None:
+        gqa = q.dim() == 4 and q.shape[1] != k.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    if q.dim() == 4 and q.shape[1] != k.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+# ---------------------------------------------------------------------------------------------- portable
+
+
+@dataclass(slots=True)
+class _DecodeGroup:
+    start: int
+    count: int
+    context: int  # longest context in the group
+    lengths: torch.Tensor  # [count] contexts
+    block_tables: torch.Tensor  # [count, max_blocks], padded with block 0
+
+
+@dataclass(slots=True)
+class _PortableMetadata:
+    decodes: list[_DecodeGroup]
+    prefills: list[tuple[StepSequence, torch.Tensor]]  # (chunk, its block ids as a tensor)
+    device: torch.device
+    masks: dict[tuple[int, int | None], torch.Tensor | None] = field(default_factory=dict)  # (item, window)
+
+
+def _gather(pool: torch.Tensor, block_ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, kv_heads, blocks * block_size, head_dim] (a strided view of one gather copy)."""
+    return pool.index_select(0, block_ids.reshape(-1)).view(rows, -1, *pool.shape[2:]).transpose(1, 2)
+
+
+class PortableBackend(AttentionBackend):
+    """Gather + SDPA on any device: single-token rows of similar context share one SDPA call (keys padded to the
+    group's longest context, query heads folded onto their KV head so no repeat_kv copy; a group keeps padding
+    under 2x), one call per prefill chunk (a fresh chunk attends its own K/V, nothing gathered)."""
+
+    name = "portable"
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+
+    def prepare(self, sequences: list[StepSequence], num_rows: int, device: torch.device) -> _PortableMetadata:
+        block_size = self.block_size
+        decodes = [s for s in sequences if s.rows == 1 and not s.fresh]
+        groups: list[_DecodeGroup] = []
+        start = 0
+        while start < len(decodes):
+            first = decodes[start].context
+            end = start + 1
+            while end < len(decodes) and decodes[end].context <= max(2 * first, first + 4 * block_size):
+                end += 1
+            members = decodes[start:end]
+            width = -(-members[-1].context // block_size)
+            tables = [s.block_ids[:width] + [0] * (width - len(s.block_ids[:width])) for s in members]
+            lengths = torch.tensor([s.context for s in members], device=device)
+            block_tables = torch.tensor(tables, dtype=torch.long, device=device)
+            groups.append(_DecodeGroup(members[0].start, len(members), members[-1].context, lengths, block_tables))
+            start = end
+        prefills = [
+            (s, torch.tensor(s.block_ids[: -(-s.context // block_size)], device=device))
+            for s in sequences
+            if s.rows > 1 or s.fresh
+        ]
+        return _PortableMetadata(groups, prefills, device)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_pool: torch.Tensor,
+        value_pool: torch.Tensor,
+        metadata: Any,
+        layer: LayerAttention,
+        scaling: float,
+    ) -> torch.Tensor:
+        meta: _PortableMetadata = metadata
+        _, heads, rows, head_dim = query.shape
+        kv_heads = key.shape[1]
+        window = layer.window
+        out = query.new_empty(rows, heads, head_dim)
+        for index, group in enumerate(meta.decodes):
+            rows_ = slice(group.start, group.start + group.count)
+            q = query[0, :, rows_].transpose(0, 1).reshape(group.count, kv_heads, heads // kv_heads, head_dim)
+            k = _gather(key_pool, group.block_tables, group.count)[:, :, : group.context]
+            v = _gather(value_pool, group.block_tables, group.count)[:, :, : group.context]
+            mask_key = (index, window)
+            if mask_key not in meta.masks:
+                needed = group.count > 1 or (window is not None and group.context > window)
+                meta.masks[mask_key] = (
+                    causal_mask(1, group.context, window, meta.device, group.lengths) if needed else None
+                )
+            mask = meta.masks[mask_key]
+            o = attend(q, k, v, mask, scaling, layer.softcap)
+            out[rows_] = o.reshape(group.count, heads, head_dim)
+        for index, (chunk, block_ids) in enumerate(meta.prefills):
+            rows_ = slice(chunk.start, chunk.start + chunk.rows)
+            q = query[:, :, rows_]
+            if chunk.fresh:  # the chunk is the whole context: its fresh K/V, nothing gathered
+                k, v = key[:, :, rows_], value[:, :, rows_]
+            else:
+                k = _gather(key_pool, block_ids, 1)[:, :, : chunk.context]
+                v = _gather(value_pool, block_ids, 1)[:, :, : chunk.context]
+            mask_key = (-1 - index, window)
+            if mask_key not in meta.masks:
+                meta.masks[mask_key] = causal_mask(chunk.rows, chunk.context, window, meta.device)
+            o = attend(q, k, v, meta.masks[mask_key], scaling, layer.softcap)
+            out[rows_] = o[0].transpose(0, 1)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- choice
+
+
+def select_backend(block_size: int, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """The fastest backend that serves this device and dtype (`SESSIONSERVE_ATTENTION` forces one)."""
+    wanted = os.environ.get("SESSIONSERVE_ATTENTION", "auto")
+    if wanted not in ("auto", "portable", "cpu"):
+        raise ValueError(f"SESSIONSERVE_ATTENTION={wanted!r}: expected auto, portable or cpu")
+    if wanted != "portable" and device.type == "cpu" and dtype == torch.float32:
+        from serving.engine.cpu_attention import CpuPagedBackend, load_kernel
+
+        try:
+            load_kernel()
+        except Exception as error:  # no compiler, or it failed: serve anyway, slower
+            if wanted == "cpu":
+                raise
+            log.warning("the CPU paged-attention kernel did not build (%s); using the portable backend", error)
+        else:
+            return CpuPagedBackend(block_size)
+    if wanted == "cpu":
+        raise ValueError(f"the cpu attention backend serves fp32 on the CPU, not {dtype} on {device}")
+    return PortableBackend(block_size)

@@ -26,7 +26,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from serving.engine.attention_backend import AttentionBackend, LayerAttention, attend
+from serving.engine.attention_backend import AttentionBackend, KVPair, LayerAttention, LayerTensors, attend
 
 ATTENTION_NAME = "sessionserve_paged"
 
@@ -82,9 +82,8 @@ class PagedKVCache(Cache):
         layer = self.pool_layers[layer_idx]
         assert self.batch is not None, "the model runner sets the batch around each forward pass"
         batch = self.batch
-        self.backend.write(
-            layer.key_pool, layer.value_pool, key_states, value_states, batch.slot_mapping, batch.metadata
-        )
+        pool, fresh = KVPair(layer.key_pool, layer.value_pool), KVPair(key_states, value_states)
+        self.backend.write(pool, fresh, batch.slot_mapping, batch.metadata)
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -130,9 +129,8 @@ def paged_attention_forward(
     layer = batch.cache.pool_layers[layer_idx]
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    out = batch.backend.forward(
-        query, key, value, layer.key_pool, layer.value_pool, batch.metadata, batch.layers[layer_idx], scaling
-    )
+    tensors = LayerTensors(query, key, value, layer.key_pool, layer.value_pool)
+    out = batch.backend.forward(tensors, batch.metadata, batch.layers[layer_idx], scaling)
     return out.unsqueeze(0), None
 
 

@@ -29,7 +29,7 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,21 @@ class StepSequence:
         return self.rows == self.context
 
 
+class KVPair(NamedTuple):
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+class LayerTensors(NamedTuple):
+    """One layer's tensors for a step: the step's Q/K/V and the layer's pool, as `pool_views` lays it out."""
+
+    query: torch.Tensor  # [1, heads, rows, head_dim]
+    key: torch.Tensor  # [1, kv_heads, rows, head_dim]: this step's K (already in the pool)
+    value: torch.Tensor
+    key_pool: torch.Tensor
+    value_pool: torch.Tensor
+
+
 class AttentionBackend(ABC):
     """Attention over the paged pool, one instance per model runner."""
 
@@ -71,17 +86,10 @@ class AttentionBackend(ABC):
         stay the unit that tier moves and copy-on-write copy as a whole."""
         return keys, values
 
-    def write(
-        self,
-        key_pool: torch.Tensor,
-        value_pool: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        slots: torch.Tensor,
-        metadata: Any,
-    ) -> None:
+    def write(self, pool: KVPair, fresh: KVPair, slots: torch.Tensor, metadata: Any) -> None:
         """Store this step's K/V ([1, kv_heads, rows, head_dim]) at pool slots (block * block_size + offset);
         `metadata` is this step's, for a backend that derives its own write indices once per step."""
+        (key_pool, value_pool), (key, value) = pool, fresh
         key_pool.view(-1, *key_pool.shape[2:]).index_copy_(0, slots, key[0].transpose(0, 1))
         value_pool.view(-1, *value_pool.shape[2:]).index_copy_(0, slots, value[0].transpose(0, 1))
 
@@ -91,17 +99,7 @@ class AttentionBackend(ABC):
         shortest context first), then prefill chunks."""
 
     @abstractmethod
-    def forward(
-        self,
-        query: torch.Tensor,  # [1, heads, rows, head_dim]
-        key: torch.Tensor,  # [1, kv_heads, rows, head_dim]: this step's K (already in the pool)
-        value: torch.Tensor,
-        key_pool: torch.Tensor,  # as `pool_views` lays them out
-        value_pool: torch.Tensor,
-        metadata: Any,
-        layer: LayerAttention,
-        scaling: float,
-    ) -> torch.Tensor:
+    def forward(self, tensors: LayerTensors, metadata: Any, layer: LayerAttention, scaling: float) -> torch.Tensor:
         """The attention output, [rows, heads, head_dim]."""
 
 
@@ -204,17 +202,8 @@ class PortableBackend(AttentionBackend):
         ]
         return _PortableMetadata(groups, prefills, device)
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_pool: torch.Tensor,
-        value_pool: torch.Tensor,
-        metadata: Any,
-        layer: LayerAttention,
-        scaling: float,
-    ) -> torch.Tensor:
+    def forward(self, tensors: LayerTensors, metadata: Any, layer: LayerAttention, scaling: float) -> torch.Tensor:
+        query, key, value, key_pool, value_pool = tensors
         meta: _PortableMetadata = metadata
         _, heads, rows, head_dim = query.shape
         kv_heads = key.shape[1]

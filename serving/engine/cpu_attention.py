@@ -18,7 +18,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from serving.engine.attention_backend import AttentionBackend, LayerAttention, StepSequence, causal_mask
+from serving.engine.attention_backend import (
+    AttentionBackend,
+    KVPair,
+    LayerAttention,
+    LayerTensors,
+    StepSequence,
+    causal_mask,
+)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
 # fast-math lets gcc vectorize exp and the dot-product reductions; infinities stay meaningful (masked scores)
@@ -82,17 +89,10 @@ class CpuPagedBackend(AttentionBackend):
         blocks, block_size, kv_heads, head_dim = keys.shape
         return keys.view(blocks, kv_heads, head_dim, block_size), values.view(blocks, kv_heads, block_size, head_dim)
 
-    def write(
-        self,
-        key_pool: torch.Tensor,
-        value_pool: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        slots: torch.Tensor,
-        metadata: Any,
-    ) -> None:
+    def write(self, pool: KVPair, fresh: KVPair, slots: torch.Tensor, metadata: Any) -> None:
         """index_copy_ into flat views at indices computed once per step (index_put_ on the permuted views is
         as exact but erratic: tens of microseconds to milliseconds on a loaded machine)."""
+        (key_pool, value_pool), (key, value) = pool, fresh
         meta: _CpuMetadata = metadata
         _, kv_heads, head_dim, block_size = key_pool.shape
         if meta.write_index is None:
@@ -117,17 +117,8 @@ class CpuPagedBackend(AttentionBackend):
             device=device,
         )
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_pool: torch.Tensor,
-        value_pool: torch.Tensor,
-        metadata: Any,
-        layer: LayerAttention,
-        scaling: float,
-    ) -> torch.Tensor:
+    def forward(self, tensors: LayerTensors, metadata: Any, layer: LayerAttention, scaling: float) -> torch.Tensor:
+        query, key, value, key_pool, value_pool = tensors
         meta: _CpuMetadata = metadata
         _, heads, rows, head_dim = query.shape
         out = query.new_empty(rows, heads, head_dim)

@@ -8,7 +8,15 @@ import random
 import pytest
 import torch
 
-from serving.engine.attention_backend import LayerAttention, PortableBackend, StepSequence, attend, causal_mask
+from serving.engine.attention_backend import (
+    KVPair,
+    LayerAttention,
+    LayerTensors,
+    PortableBackend,
+    StepSequence,
+    attend,
+    causal_mask,
+)
 from serving.engine.cpu_attention import CpuPagedBackend
 
 BLOCK = 16
@@ -44,7 +52,8 @@ def test_backend_equals_dense_attention(backend_name, layer, heads, kv_heads):
         k, v = torch.randn(kv_heads, context, dim), torch.randn(kv_heads, context, dim)
         slots = torch.tensor([b * BLOCK + i for b in blocks for i in range(BLOCK)][:context])
         sequence_meta = backend.prepare([StepSequence(0, context, context, blocks)], context, torch.device("cpu"))
-        backend.write(key_pool, value_pool, k[None], v[None], slots, sequence_meta)  # the backend's own layout
+        pool = KVPair(key_pool, value_pool)
+        backend.write(pool, KVPair(k[None], v[None]), slots, sequence_meta)  # the backend's own layout
         dense.append((k, v))
         row += rows
     query = torch.randn(1, heads, row, dim)
@@ -52,7 +61,7 @@ def test_backend_equals_dense_attention(backend_name, layer, heads, kv_heads):
     key = torch.cat([k[:, s.context - s.rows :] for (k, _), s in zip(dense, sequences, strict=True)], 1)[None]
     value = torch.cat([v[:, s.context - s.rows :] for (_, v), s in zip(dense, sequences, strict=True)], 1)[None]
     metadata = backend.prepare(sequences, row, torch.device("cpu"))
-    out = backend.forward(query, key, value, key_pool, value_pool, metadata, layer, 0.2)
+    out = backend.forward(LayerTensors(query, key, value, key_pool, value_pool), metadata, layer, 0.2)
     for seq, (k, v) in zip(sequences, dense, strict=True):
         expected = dense_reference(query, k, v, seq, layer, 0.2)
         torch.testing.assert_close(out[seq.start : seq.start + seq.rows], expected, atol=2e-5, rtol=1e-4)

@@ -49,6 +49,9 @@ def assert_clean_exit(server: ServeProcess, within_s: float) -> None:
     own = [line for line in server.lines if not RAY_WORKER_LINE.match(line)]  # replicas' logs are forwarded too
     assert not any("Traceback" in line for line in own), "\n".join(own)[-5000:]
     assert not server.port_open(), "the HTTP port is still open after exit"
+    deadline = time.monotonic() + 20  # Ray's own processes get a moment to finish exiting after ray.shutdown()
+    while server.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert not server.leftovers(), f"Ray processes left behind: {server.leftovers()}"
     assert took < within_s
 

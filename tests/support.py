@@ -26,6 +26,20 @@ def smollm2_config(store: str, **engine: object) -> Config:
     )
 
 
+def generate_reference(loaded: object, ids: list[int], n: int) -> list[int]:
+    """What plain transformers `generate` (greedy) answers after `ids`: the engine's exactness reference."""
+    import torch
+
+    with torch.inference_mode():
+        out = loaded.model.generate(  # type: ignore[attr-defined]
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+        )
+    return out[0, len(ids) :].tolist()
+
+
 def wait_healthy(url: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

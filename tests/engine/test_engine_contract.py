@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from serving.config import EngineConfig
 from serving.engine.paged_engine import PagedEngine
 from serving.engine.token_ids import common_prefix_length
 from serving.engine.types import GenerationChunk, GenerationRequest, KVInfo, SamplingParams
+from tests.support import generate_reference
 
 N = 20  # new tokens per request: enough to see the behaviour, small enough to be quick
 QUESTION = "What is the capital of France?"
@@ -22,14 +22,7 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def reference(loaded, ids: list[int], n: int = N) -> list[int]:
-    with torch.inference_mode():
-        out = loaded.model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n,
-            do_sample=False,
-        )
-    return out[0, len(ids) :].tolist()
+    return generate_reference(loaded, ids, n)
 
 
 async def run(engine, request_id: str, ids: list[int], key: str | None = None, **params) -> list[GenerationChunk]:

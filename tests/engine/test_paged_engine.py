@@ -11,6 +11,7 @@ from serving.config import EngineConfig
 from serving.engine.paged_engine import PagedEngine
 from serving.engine.types import EngineFailed, GenerationChunk, GenerationRequest, KVInfo, SamplingParams
 from serving.models import LoadedModel
+from tests.support import generate_reference
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -31,14 +32,7 @@ def chat_ids(tokenizer, question: str) -> list[int]:
 
 
 def reference(loaded: LoadedModel, ids: list[int], n: int) -> list[int]:
-    with torch.inference_mode():
-        out = loaded.model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n,
-            do_sample=False,
-        )
-    return out[0, len(ids) :].tolist()
+    return generate_reference(loaded, ids, n)
 
 
 async def run(engine, request_id: str, ids: list[int], key: str | None = None, **params) -> list[GenerationChunk]:

@@ -30,6 +30,7 @@ from rich.table import Table
 console = Console(stderr=True)
 TARGET_RATIO = 0.8  # session operations run at >= 0.8x the throughput of /health
 MESSAGE = {"role": "user", "content": "a note appended without generating"}
+OPERATIONS = ("health", "create", "info", "history", "append", "delete")  # delete removes what create made
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,8 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=1000, help="sessions in the store before timing")
     parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per operation")
+    parser.add_argument(
+        "--operations", default=",".join(OPERATIONS), help=f"comma-separated subset of {','.join(OPERATIONS)}"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.operations = args.operations.split(",")
+    if set(args.operations) - set(OPERATIONS) or "health" not in args.operations:
+        parser.error(f"--operations: a subset of {','.join(OPERATIONS)} that includes health")
+    if "delete" in args.operations and "create" not in args.operations:
+        parser.error("--operations: delete removes what create made, so it needs create")
+    return args
 
 
 def _store_url(kind: str, stack: ExitStack) -> str:
@@ -149,6 +159,8 @@ async def _run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.gather(*(http.post("/v1/sessions", json={"session_id": sid, **body}) for sid in batch))
     results: dict[str, Any] = {}
     for name, operation in _operations(ids, run).items():
+        if name not in args.operations:
+            continue
         most = results["create"]["ops"] if name == "delete" else None  # delete removes what create made
         results[name] = await _measure(args.clients, args.seconds, operation, url, most)
         console.print(f"{name}: {results[name]}")

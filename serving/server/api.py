@@ -68,6 +68,12 @@ def _public(record: SessionRecord) -> dict[str, Any]:
     }
 
 
+def _messages_response(session_id: str, history: list[Message]) -> protocol.MessagesResponse:
+    return protocol.MessagesResponse(
+        session_id=session_id, messages=[protocol.MessageOut(role=m.role, content=m.content) for m in history]
+    )
+
+
 def query_response(result: TurnResult) -> protocol.QueryResponse:
     return protocol.QueryResponse(
         session_id=result.session_id,
@@ -160,8 +166,8 @@ class HistoryAPI:
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
 
         def append() -> protocol.MessagesResponse:
-            self.manager.append(session_id, messages, owner)
-            return self._messages(session_id, None, owner)
+            self.manager.append(session_id, messages, owner)  # checked the owner: read the history straight back
+            return _messages_response(session_id, self.manager.store.messages(session_id))
 
         return await asyncio.to_thread(append)
 
@@ -178,10 +184,7 @@ class HistoryAPI:
         return None
 
     def _messages(self, session_id: str, window: int | None, owner: str | None) -> protocol.MessagesResponse:
-        history = self.manager.history(session_id, window, owner)
-        return protocol.MessagesResponse(
-            session_id=session_id, messages=[protocol.MessageOut(role=m.role, content=m.content) for m in history]
-        )
+        return _messages_response(session_id, self.manager.history(session_id, window, owner))
 
     def _info(self, session_id: str, owner: str | None) -> protocol.SessionInfo:
         return self._session_info(self.catalog.details(session_id, owner))

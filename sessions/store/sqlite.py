@@ -2,7 +2,8 @@
 
 Nothing is cached in memory: every call is a transaction on the file, so two processes on one file always agree.
 Writes take the write lock up front (BEGIN IMMEDIATE) because a deferred transaction that upgrades from read to
-write can fail with SQLITE_BUSY without waiting on busy_timeout; the same lock makes lease checks atomic.
+write can fail with SQLITE_BUSY without waiting on busy_timeout; the same lock makes lease checks atomic. Concurrent
+writers of one process share a transaction and its fsync (group_commit.py), each still durable before it returns.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sessions.errors import StoreUnavailable
 from sessions.messages import Message
 from sessions.store import base
 from sessions.store.base import MAX_OFFSET, SessionRecord
+from sessions.store.group_commit import GroupCommit
 from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, Unchanged
 
 _SCHEMA_VERSION = 3
@@ -93,6 +95,7 @@ class SQLiteStore:
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")  # a committed turn survives power loss, not just a crash
         self._conn.execute("PRAGMA foreign_keys = ON")  # per connection; needed for ON DELETE CASCADE
+        self._writes = GroupCommit(self._conn, self._lock, self._unavailable)
         with self._write() as conn:  # not executescript(): it would COMMIT first and race another process's init
             for statement in _SCHEMA:
                 conn.execute(statement)
@@ -104,10 +107,21 @@ class SQLiteStore:
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @contextmanager
-    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One snapshot for multi-statement reads.
+
+        While a write batch is open the read runs inside it and sees its changes a moment before they are durable;
+        only a failed COMMIT (disk full, I/O error) can take back a change a read has shown.
+        """
         with self._lock:
+            if self._writes.open:
+                try:
+                    yield self._conn
+                except sqlite3.OperationalError as error:
+                    raise self._unavailable(error) from None
+                return
             try:
-                self._conn.execute(begin)
+                self._conn.execute("BEGIN")
             except sqlite3.OperationalError as error:  # locked past busy_timeout, unreadable file, ...
                 raise self._unavailable(error) from None
             try:
@@ -138,10 +152,7 @@ class SQLiteStore:
         return row
 
     def _write(self) -> AbstractContextManager[sqlite3.Connection]:
-        return self._transaction("BEGIN IMMEDIATE")
-
-    def _read(self) -> AbstractContextManager[sqlite3.Connection]:
-        return self._transaction("BEGIN")  # one snapshot for multi-statement reads
+        return self._writes.write()
 
     @staticmethod
     def _require(conn: sqlite3.Connection, session_id: str) -> None:

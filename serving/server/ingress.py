@@ -222,9 +222,11 @@ class Ingress:
 
     @app.get("/", include_in_schema=False)
     async def chat_page(self, request: Request) -> Response:
-        """The web chat page. Under a route prefix, `/prefix` redirects to `/prefix/` so its relative URLs resolve."""
-        if not request.url.path.endswith("/"):
-            return RedirectResponse(request.url.replace(path=request.url.path + "/"))
+        """The web chat page. Under a route prefix, `/prefix` redirects to `/prefix/` so its relative URLs resolve
+        (a relative Location, so it holds behind a proxy that rewrites the scheme or host)."""
+        path = request.url.path
+        if not path.endswith("/"):
+            return RedirectResponse(path.rsplit("/", 1)[-1] + "/")
         return FileResponse(Path(__file__).parent / WEB_FILES[1] / "index.html")
 
     @app.get("/health")

@@ -43,8 +43,8 @@ MAX_BODY_BYTES = 8 * 2**20
 app = FastAPI(title="sessionserve", version="0.1.0", description="Chat sessions with server-side history and KV.")
 # The web chat page: plain files shipped as package data (serving/server/static/), open without a key (the page asks
 # for one when the API answers 401). The API stays under /v1.
-WEB_FILES = ("serving.server", "static")
-app.mount("/static", StaticFiles(packages=[WEB_FILES]), name="static")
+WEB_DIR = Path(__file__).parent / "static"
+app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
 
 @app.middleware("http")
@@ -227,7 +227,7 @@ class Ingress:
         path = request.url.path
         if not path.endswith("/"):
             return RedirectResponse(path.rsplit("/", 1)[-1] + "/")
-        return FileResponse(Path(__file__).parent / WEB_FILES[1] / "index.html")
+        return FileResponse(WEB_DIR / "index.html")
 
     @app.get("/health")
     async def health(self) -> dict:

@@ -130,6 +130,7 @@ function renderSessions() {
       const meta = document.createElement("span");
       meta.className = "meta";
       meta.textContent = `${kvText(s.kv)} · ${new Date(s.last_active_at * 1000).toLocaleString()}`;
+      button.disabled = state.busy;
       button.append(title, meta);
       button.addEventListener("click", () => run(() => select(s.session_id)));
       item.append(button);
@@ -177,7 +178,8 @@ function renderHeader() {
   $("chat-kv").textContent = info ? kvText(info.kv) : "";
   const none = info === null || state.busy;
   for (const id of ["rename", "fork", "delete", "send", "prompt"]) $(id).disabled = none;
-  $("new-session").disabled = state.busy;
+  // One action at a time: no switching sessions while a reply streams into this one.
+  for (const button of document.querySelectorAll("#new-session, #sessions .session")) button.disabled = state.busy;
 }
 
 // ---- per-turn stats, kept in this tab so a reload still shows them -----------------------------------------------
@@ -252,6 +254,7 @@ async function deleteSession() {
 
 async function send(prompt) {
   const sid = state.current;
+  const replyIndex = state.messages + 1; // the reply's index in the stored history once the turn is committed
   const body = {
     prompt,
     max_new_tokens: Number.parseInt($("max-new-tokens").value, 10),
@@ -280,12 +283,13 @@ async function send(prompt) {
     reply.classList.remove("streaming");
     text.textContent = result.response;
     const info = await api(sessionPath(sid));
-    const stats = { ...result.usage, ...result.timing, kv: info.kv, replica: response.headers.get("x-sessionserve-replica") };
-    saveStats(sid, state.messages + 1, stats);
+    const replica = response.headers.get("x-sessionserve-replica");
+    const stats = { ...result.usage, ...result.timing, kv: info.kv, replica };
+    saveStats(sid, replyIndex, stats);
     showStats(reply, stats);
     state.messages += 2;
     state.info = info;
-    if (typeof info.metadata?.title !== "string") await rename(prompt.slice(0, 60));
+    if (typeof info.metadata?.title !== "string") await rename(prompt.replace(/\s+/g, " ").slice(0, 60));
     renderHeader();
     await loadSessions();
   } catch (error) {
@@ -315,6 +319,7 @@ async function busy(action) {
   } finally {
     state.busy = false;
     renderHeader();
+    if (state.current !== null) $("prompt").focus();
   }
 }
 

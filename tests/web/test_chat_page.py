@@ -78,6 +78,7 @@ def test_chat_streams_forks_renames_and_deletes(chromium_page: Page, http_url: s
     ask(page, "And of Italy?", max_new_tokens=24)
     fork_stats = page.locator(".message.assistant").last.locator(".turn-stats")
     assert int(fork_stats.get_attribute("data-cached-tokens")) > 0  # the fork reused its parent's KV
+    screenshot(page, "chat-fork")
 
     page.reload()
     expect(sidebar_item(page, sid)).to_be_visible()

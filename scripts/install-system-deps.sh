@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System packages the test suite and the network history stores need: redis-server and the PostgreSQL server.
+# System packages the test suite and the network history stores need: redis-server, the PostgreSQL server, and
+# Debian's chromium (the web chat page's browser tests drive it through Playwright; no browser is downloaded).
 # Idempotent: does nothing when the binaries are present; otherwise apt-get update + install (Debian/Ubuntu).
 set -euo pipefail
 
@@ -11,6 +12,7 @@ have_postgres() {
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 have_postgres || packages+=(postgresql-15)
+command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 if [ ${#packages[@]} -eq 0 ]; then
     exit 0
 fi

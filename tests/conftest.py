@@ -1,7 +1,7 @@
 """Shared, expensive fixtures: built once per test session.
 
-Tests that use the real model or a Ray cluster are marked `model` / `ray` here from the fixtures they use, so
-`make test-fast` (`-m "not model and not ray"`) can never pick up a slow test by a forgotten marker.
+Tests that use the real model, a Ray cluster or a browser are marked `model` / `ray` / `browser` here from the fixtures
+they use, so `make test-fast` (`-m "not model and not ray"`) can never pick up a slow test by a forgotten marker.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def smollm2_dir():
 
 MODEL_FIXTURES = {"smollm2_dir", "smollm2", "local_client", "http_url", "http_client"}
 RAY_FIXTURES = {"ray_cluster", "serve_port", "http_url", "http_client"}
+BROWSER_FIXTURES = {"chromium_page"}  # tests/web/conftest.py
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -31,6 +32,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.model)
         if used & RAY_FIXTURES:
             item.add_marker(pytest.mark.ray)
+        if used & BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)
 
 
 @pytest.fixture(scope="session")

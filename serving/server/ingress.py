@@ -9,15 +9,17 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 from serving.config import Config
 from serving.server import auth, metrics, protocol
@@ -39,6 +41,10 @@ T = TypeVar("T")
 MAX_BODY_BYTES = 8 * 2**20
 
 app = FastAPI(title="sessionserve", version="0.1.0", description="Chat sessions with server-side history and KV.")
+# The web chat page: plain files shipped as package data (serving/server/static/), open without a key (the page asks
+# for one when the API answers 401). The API stays under /v1.
+WEB_DIR = Path(__file__).parent / "static"
+app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
 
 @app.middleware("http")
@@ -213,6 +219,15 @@ class Ingress:
         for call in cancelled:
             call.cancel()
         return {"cancelled": len(cancelled)}
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page(self, request: Request) -> Response:
+        """The web chat page. Under a route prefix, `/prefix` redirects to `/prefix/` so its relative URLs resolve
+        (a relative Location, so it holds behind a proxy that rewrites the scheme or host)."""
+        path = request.url.path
+        if not path.endswith("/"):
+            return RedirectResponse(path.rsplit("/", 1)[-1] + "/")
+        return FileResponse(WEB_DIR / "index.html")
 
     @app.get("/health")
     async def health(self) -> dict:

@@ -12,7 +12,7 @@ import enum
 import json
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -99,7 +99,7 @@ class _SessionMethods:
                 if isinstance(event, str):
                     yield event
 
-    def stream_events(self, prompt: Prompt, *, session_id: str, **params: Any) -> Iterator[TurnEvent]:
+    def stream_events(self, prompt: Prompt, *, session_id: str, **params: Any) -> Generator[TurnEvent, None, None]:
         """Text pieces, then the turn's QueryResponse (usage: cached tokens; timing: TTFT)."""
         raise NotImplementedError
 
@@ -162,7 +162,7 @@ class SessionClient(_SessionMethods):
         response = self._request("POST", f"/v1/sessions/{session_id}/query", json=body.model_dump())
         return protocol.QueryResponse.model_validate(response.json())
 
-    def stream_events(self, prompt: Prompt, *, session_id: str, **params: Any) -> Iterator[TurnEvent]:
+    def stream_events(self, prompt: Prompt, *, session_id: str, **params: Any) -> Generator[TurnEvent, None, None]:
         """Text pieces as the server streams them (Server-Sent Events), then the turn's QueryResponse."""
         body = _query_request(prompt, True, params)
         with self._http.stream("POST", f"/v1/sessions/{session_id}/query", json=body.model_dump()) as response:
@@ -244,7 +244,7 @@ class LocalClient(_SessionMethods):
     def query(self, prompt: Prompt, *, session_id: str, **params: Any) -> protocol.QueryResponse:
         return self._run(self.api.query(session_id, _query_request(prompt, False, params)))
 
-    def stream_events(self, prompt: Prompt, *, session_id: str, **params: Any) -> Iterator[TurnEvent]:
+    def stream_events(self, prompt: Prompt, *, session_id: str, **params: Any) -> Generator[TurnEvent, None, None]:
         """Text pieces as they are generated, then the turn's QueryResponse; leaving early cancels the turn."""
         request = _query_request(prompt, True, params)
         pieces: queue.Queue[Any] = queue.Queue()

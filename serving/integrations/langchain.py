@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, SystemMessage
 
+from serving.client import KEEP
 from serving.server.protocol import APIError
 
 if TYPE_CHECKING:
-    from serving.client import LocalClient, SessionClient
+    from serving.client import LocalClient, SessionClient, _Keep
 
 SUPPORTED = (
     "HumanMessage, AIMessage without tool calls, SystemMessage (it sets the session's system prompt) "
     "and ChatMessage with role user, assistant or system, all with text content"
 )
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "ai": "assistant", "system": "system"}
-_UNSET = object()  # add_messages: no SystemMessage among the messages
 
 
 class SessionChatMessageHistory(BaseChatMessageHistory):
@@ -42,8 +42,8 @@ class SessionChatMessageHistory(BaseChatMessageHistory):
         self.client = client
         self.session_id = session_id
 
-    @property  # type: ignore[override]  # LangChain declares `messages` as an attribute or a property
-    def messages(self) -> list[BaseMessage]:
+    @property
+    def messages(self) -> list[BaseMessage]:  # type: ignore[override]  # LangChain: "an attribute or a property"
         try:
             info = self.client.session_info(self.session_id)
             history = self.client.history(self.session_id)
@@ -62,16 +62,16 @@ class SessionChatMessageHistory(BaseChatMessageHistory):
             if error.code != "session_not_found":
                 raise
             try:  # first write: one create carries the system prompt and the messages
-                prompt = None if system is _UNSET else system
-                self.client.create_session(self.session_id, system_prompt=prompt, messages=stored)  # type: ignore[arg-type]
+                prompt = None if system is KEEP else system
+                self.client.create_session(self.session_id, system_prompt=prompt, messages=stored)
             except APIError as exists:
                 if exists.code != "session_exists":  # created meanwhile by another writer: write into it
                     raise
                 self._write(system, stored)
 
-    def _write(self, system: object, stored: list[dict[str, Any]]) -> None:
-        if system is not _UNSET:
-            self.client.update_session(self.session_id, system_prompt=system)  # type: ignore[arg-type]
+    def _write(self, system: str | _Keep, stored: list[dict[str, Any]]) -> None:
+        if system is not KEEP:
+            self.client.update_session(self.session_id, system_prompt=system)
         if stored:
             self.client.append(self.session_id, stored)
 
@@ -85,9 +85,9 @@ class SessionChatMessageHistory(BaseChatMessageHistory):
                 raise
 
 
-def _to_session(messages: Sequence[BaseMessage]) -> tuple[object, list[dict[str, Any]]]:
-    """(the last SystemMessage's text or _UNSET, the other messages as our wire dicts); refuses what cannot be kept."""
-    system: object = _UNSET
+def _to_session(messages: Sequence[BaseMessage]) -> tuple[str | _Keep, list[dict[str, Any]]]:
+    """(the last SystemMessage's text, or KEEP without one; the others as wire dicts); refuses what cannot be kept."""
+    system: str | _Keep = KEEP
     stored: list[dict[str, Any]] = []
     for message in messages:
         role = _role(message)
@@ -102,8 +102,8 @@ def _to_session(messages: Sequence[BaseMessage]) -> tuple[object, list[dict[str,
 def _role(message: BaseMessage) -> str:
     if isinstance(message, AIMessage) and (message.tool_calls or message.invalid_tool_calls):
         raise ValueError(f"an AIMessage with tool calls cannot be stored in a session; supported: {SUPPORTED}")
-    for kind, role in ((HumanMessage, "user"), (AIMessage, "assistant"), (SystemMessage, "system")):
-        if isinstance(message, kind):  # chunks (AIMessageChunk, ...) included
+    for cls, role in ((HumanMessage, "user"), (AIMessage, "assistant"), (SystemMessage, "system")):
+        if isinstance(message, cls):  # chunks (AIMessageChunk, ...) included
             return role
     if isinstance(message, ChatMessage) and message.role in _ROLES:
         return _ROLES[message.role]

@@ -114,7 +114,7 @@ class ChatREPL:
                     if not self.command(line):
                         return
                 except APIError as error:
-                    self.console.print(f"[red]{escape(error.message)}[/]")
+                    self.console.print(error.message, style="red", markup=False, highlight=False)
                 continue
             self.turn(line[1:] if line.startswith("//") else line)
 
@@ -123,10 +123,7 @@ class ChatREPL:
         name, _, argument = line.partition(" ")
         handler = self.commands.get(name.lower())
         if handler is None:
-            self.console.print(
-                f"[yellow]unknown command {escape(name)}[/]: /help lists the commands (start a message with // to"
-                f" send a leading /)"
-            )
+            self.warn(f"unknown command {name}: /help lists the commands (start a message with // to send a leading /)")
             return True
         return handler(argument.strip())
 
@@ -142,9 +139,9 @@ class ChatREPL:
                     else:
                         result = event
         except APIError as error:
-            self.console.print(f"[red]{escape(error.message)}[/]", end="")
+            self.console.print(error.message, style="red", end="", markup=False, highlight=False)
         except KeyboardInterrupt:
-            self.console.print(" [yellow](interrupted)[/]", end="")
+            self.console.print(" (interrupted)", style="yellow", end="", markup=False, highlight=False)
         self.console.print()
         if result is not None:
             self.replies.add(result)
@@ -152,6 +149,9 @@ class ChatREPL:
 
     def note(self, text: str) -> None:
         self.console.print(text, style="dim", markup=False, highlight=False)
+
+    def warn(self, text: str) -> None:
+        self.console.print(text, style="yellow", markup=False, highlight=False)
 
     # ---- commands (each returns False to leave) ---------------------------------------------------------------
     def help(self, _: str) -> bool:
@@ -199,7 +199,7 @@ class ChatREPL:
 
     def switch(self, argument: str) -> bool:
         if not argument:
-            self.console.print("[yellow]usage: /switch ID[/] (/sessions lists them)")
+            self.warn("usage: /switch ID (/sessions lists them)")
             return True
         info = self.client.session_info(argument)  # 404 -> printed by the loop; we stay where we are
         self.session_id = info.session_id
@@ -215,7 +215,7 @@ class ChatREPL:
         window: int | None = None
         if argument:
             if not argument.isdigit() or int(argument) < 1:
-                self.console.print("[yellow]usage: /history [N][/] with N a whole number of messages, at least 1")
+                self.warn("usage: /history [N], N a whole number of messages, at least 1")
                 return True
             window = int(argument)
         messages = self.client.history(self.session_id, window)

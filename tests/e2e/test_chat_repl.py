@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -17,11 +18,13 @@ DIM = "\x1b[2m"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def spawn_chat(url: str, *args: str) -> pexpect.spawn:
+def spawn_chat(url: str, *args: str, max_new_tokens: int = 16) -> pexpect.spawn:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color", "COLUMNS": "200"}
     env.pop("NO_COLOR", None)
-    command = [sys.executable, "-m", "serving.cli", "chat", "--url", url, "--max-new-tokens", "16", *args]
-    return pexpect.spawn(command[0], command[1:], env=env, encoding="utf-8", timeout=120, dimensions=(50, 200))
+    args = ("chat", "--url", url, "--max-new-tokens", str(max_new_tokens), *args)
+    return pexpect.spawn(
+        sys.executable, ["-m", "serving.cli", *args], env=env, encoding="utf-8", timeout=120, dimensions=(50, 200)
+    )
 
 
 def until_prompt(chat: pexpect.spawn) -> str:
@@ -63,6 +66,9 @@ def test_commands_streaming_footer_fork_and_switch(http_url, http_client):
     chat.sendline("/history 2")
     shown = until_prompt(chat)
     assert "user> And of Italy?" in shown and "assistant> " in shown and "capital of France" not in shown
+
+    chat.sendline("/history x")
+    assert "usage: /history [N]" in until_prompt(chat)
 
     chat.sendline("/system Answer in one word.")
     assert "system prompt set" in until_prompt(chat)
@@ -111,6 +117,24 @@ def test_session_id_resumes_or_creates(http_url, http_client, existing):
         chat.sendcontrol("d")
         if chat.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=5) == 0:
             break
+    chat.close()
+    assert chat.exitstatus == 0
+    http_client.destroy_session(sid)
+
+
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(http_url, http_client):
+    chat = spawn_chat(http_url, max_new_tokens=400)
+    sid = re.search(r"session (\S+) \(new\)", until_prompt(chat)).group(1)
+    chat.sendline("Write a long story about a dragon who learns to cook.")
+    chat.expect_exact("bot>")
+    time.sleep(1)
+    chat.sendintr()
+    chat.expect_exact("(interrupted)")
+    until_prompt(chat)
+    chat.sendline("/stats")
+    assert f"session {sid}:" in until_prompt(chat)  # still chatting
+    chat.sendline("/quit")
+    chat.expect(pexpect.EOF)
     chat.close()
     assert chat.exitstatus == 0
     http_client.destroy_session(sid)

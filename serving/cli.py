@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -32,11 +31,13 @@ def serve(
     from ray import serve as ray_serve
 
     from serving.config import load_config
+    from serving.logs import configure_logging
     from serving.models import SMOLLM2, prepare_smollm2
     from serving.server import cluster, lifecycle
     from serving.server.builder import build_app
 
     settings = load_config(config, {"serving": {k: v for k, v in {"host": host, "port": port}.items() if v}})
+    configure_logging(settings.serving.log_format)
     started_ray = cluster.connect(address)
     stop = lifecycle.StopSignal().install()
     store = settings.sessions.store_url()
@@ -74,40 +75,32 @@ def chat(
     url: Annotated[str, typer.Option(help="server URL")] = "http://127.0.0.1:8000",
     local: Annotated[bool, typer.Option("--local", help="run the model in-process instead of over HTTP")] = False,
     config: ConfigOption = None,
-    session_id: Annotated[str | None, typer.Option(help="resume this session")] = None,
-    system_prompt: Annotated[str | None, typer.Option(help="system prompt of a new session")] = None,
+    session_id: Annotated[str | None, typer.Option(help="resume this session (created if it does not exist)")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="system prompt of new sessions")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     api_key: Annotated[str | None, typer.Option(envvar="SESSIONSERVE_API_KEY")] = None,
 ) -> None:
-    """Chat in the terminal, streaming replies. Empty line or Ctrl-D quits; the session stays on the server."""
+    """Chat in the terminal, streaming replies; /help lists the commands. /quit or Ctrl-D leaves; sessions stay."""
+    import httpx
+
+    from serving.chat_repl import ChatREPL
+    from serving.client import LocalClient, SessionClient
     from serving.server.protocol import APIError
 
     if local:
-        from serving.client import LocalClient
         from serving.config import load_config
 
-        client = LocalClient(load_config(config))
+        client: LocalClient | SessionClient = LocalClient(load_config(config))
     else:
-        from serving.client import SessionClient
-
         client = SessionClient(url, api_key=api_key)
     try:
-        sid = session_id or client.create_session(uuid.uuid4().hex, system_prompt=system_prompt)
-        console.print(f"[dim]session {sid}[/]")
-        while True:
-            try:
-                text = console.input("[bold cyan]you>[/] ")
-            except EOFError:
-                break
-            if not text.strip():
-                break
-            console.print("[bold magenta]bot>[/] ", end="")
-            try:
-                for piece in client.stream(text, session_id=sid, max_new_tokens=max_new_tokens):
-                    console.print(piece, end="", markup=False, highlight=False)
-            except APIError as error:
-                console.print(f"[red]{error.message}[/]", end="")
-            console.print()
+        ChatREPL(client, console, system_prompt=system_prompt, max_new_tokens=max_new_tokens).run(session_id)
+    except APIError as error:  # the session could not be opened (wrong key, server draining, ...)
+        typer.echo(f"error: {error.message}", err=True)
+        raise typer.Exit(code=1) from None
+    except httpx.TransportError as error:
+        typer.echo(f"error: cannot reach {url}: {error}", err=True)
+        raise typer.Exit(code=1) from None
     finally:
         client.close()
 

@@ -7,11 +7,12 @@ so MII session code works unchanged. SessionClient imports only httpx and the wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from serving.server.api import SessionAPI
 
 Prompt = str | dict[str, Any]
+TurnEvent = str | protocol.QueryResponse  # stream_events: text pieces, then the turn's result
 
 
 def _validated(model: type, **fields: Any) -> Any:
@@ -90,6 +92,17 @@ class _SessionMethods:
             fields["system_prompt"] = system_prompt
         return self._update(session_id, _validated(protocol.UpdateSessionRequest, **fields))
 
+    def stream(self, prompt: Prompt, *, session_id: str, **params: Any) -> Iterator[str]:
+        """Yield the reply's text pieces as they are generated; leaving the loop early cancels the turn."""
+        with contextlib.closing(self.stream_events(prompt, session_id=session_id, **params)) as events:
+            for event in events:
+                if isinstance(event, str):
+                    yield event
+
+    def stream_events(self, prompt: Prompt, *, session_id: str, **params: Any) -> Generator[TurnEvent, None, None]:
+        """Text pieces, then the turn's QueryResponse (usage: cached tokens; timing: TTFT)."""
+        raise NotImplementedError
+
     def _create(self, body: protocol.CreateSessionRequest) -> protocol.SessionInfo:
         raise NotImplementedError
 
@@ -149,8 +162,8 @@ class SessionClient(_SessionMethods):
         response = self._request("POST", f"/v1/sessions/{session_id}/query", json=body.model_dump())
         return protocol.QueryResponse.model_validate(response.json())
 
-    def stream(self, prompt: Prompt, *, session_id: str, **params: Any) -> Iterator[str]:
-        """Yield text pieces as the server streams them (Server-Sent Events)."""
+    def stream_events(self, prompt: Prompt, *, session_id: str, **params: Any) -> Generator[TurnEvent, None, None]:
+        """Text pieces as the server streams them (Server-Sent Events), then the turn's QueryResponse."""
         body = _query_request(prompt, True, params)
         with self._http.stream("POST", f"/v1/sessions/{session_id}/query", json=body.model_dump()) as response:
             if response.status_code >= 400:
@@ -164,6 +177,8 @@ class SessionClient(_SessionMethods):
                     data = json.loads(line[5:])
                     if event == "delta":
                         yield data["text"]
+                    elif event == "done":
+                        yield protocol.QueryResponse.model_validate(data)
                     elif event == "error":
                         raise protocol.APIError(500, data["error"]["code"], data["error"]["message"])
 
@@ -229,17 +244,16 @@ class LocalClient(_SessionMethods):
     def query(self, prompt: Prompt, *, session_id: str, **params: Any) -> protocol.QueryResponse:
         return self._run(self.api.query(session_id, _query_request(prompt, False, params)))
 
-    def stream(self, prompt: Prompt, *, session_id: str, **params: Any) -> Iterator[str]:
-        """Yield text pieces as they are generated; leaving the loop early cancels the turn."""
+    def stream_events(self, prompt: Prompt, *, session_id: str, **params: Any) -> Generator[TurnEvent, None, None]:
+        """Text pieces as they are generated, then the turn's QueryResponse; leaving early cancels the turn."""
         request = _query_request(prompt, True, params)
         pieces: queue.Queue[Any] = queue.Queue()
         done = object()
 
-        async def pump(events: AsyncIterator[str | protocol.QueryResponse]) -> None:
+        async def pump(events: AsyncIterator[TurnEvent]) -> None:
             try:
                 async for event in events:
-                    if isinstance(event, str):
-                        pieces.put(event)
+                    pieces.put(event)
             except BaseException as error:  # handed to the consuming thread
                 pieces.put(error)
             finally:

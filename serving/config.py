@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from platformdirs import user_cache_dir, user_data_dir
@@ -100,6 +100,9 @@ class ServingConfig(_Section):
     request_timeout_s: float = Field(600, gt=0, description="an HTTP request still running after this is answered 408")
     shutdown_grace_s: float = Field(
         30, ge=0, description="on SIGTERM/SIGINT, how long running turns may finish before they are cancelled"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="our log lines (one per turn, with its request id) as text with key=value fields or JSON"
     )
 
 

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from serving.config import Config
+from serving.logs import configure_logging
 from serving.server import auth, metrics, protocol
 from serving.server.api import HistoryAPI
 from serving.server.auth import Owner
@@ -137,6 +138,7 @@ class Ingress:
 
     def __init__(self, model: DeploymentHandle, config: dict, api_keys: tuple[str, ...] = ()) -> None:
         parsed = Config.model_validate(config)
+        configure_logging(parsed.serving.log_format)
         self.model = model
         self.model_name = parsed.model.name
         auth.configure(api_keys)

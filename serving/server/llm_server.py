@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 from ray import serve
 
 from serving.config import Config
+from serving.logs import configure_logging
 from serving.server import protocol
 from serving.server.api import SessionAPI
 from serving.server.metrics import ReplicaReport, TurnSample
@@ -24,6 +25,7 @@ from serving.server.openai_protocol import ChatCompletionChunk, ChatCompletionRe
 from serving.service import TurnResult
 
 log = logging.getLogger(__name__)
+turn_log = logging.getLogger("serving.turns")  # one line per turn, for operators
 
 T = TypeVar("T")
 # What a stream yields: the replica's name first, then the events, then a ReplicaReport (an protocol.APIError ends it).
@@ -47,15 +49,12 @@ def _replica_name() -> str:
         return f"pid-{os.getpid()}"
 
 
-def _log_to_stderr() -> None:
-    """Our INFO lines (thread count, expiry sweeps) in the replica's log; Ray configures only its own loggers."""
-    for name in ("serving", "sessions"):
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        if not logger.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            logger.addHandler(handler)
+def _request_id() -> str | None:
+    """The x-request-id of the HTTP request behind this call. Ray Serve's proxy takes it from the header (or
+    generates one and echoes it in the response), and its handle calls carry it from the ingress to this replica."""
+    from ray.serve.context import _get_serve_request_context  # Ray has no public accessor (2.60)
+
+    return _get_serve_request_context().request_id or None
 
 
 @serve.deployment(name="LLMServer", max_ongoing_requests=256, health_check_period_s=10)
@@ -65,8 +64,8 @@ class LLMServer:
     def __init__(self, config: dict, replicas_on_node: int = 1) -> None:
         from serving.bootstrap import build_service  # heavy imports happen in the replica
 
-        _log_to_stderr()
         parsed = Config.model_validate(config)
+        configure_logging(parsed.serving.log_format)
         self.replica = _replica_name()
         service = build_service(parsed, replicas_on_node, self.replica)
         service.on_turn = self._record_turn
@@ -143,6 +142,20 @@ class LLMServer:
         tpot = (result.total_ms - result.ttft_ms) / decode_tokens if decode_tokens > 0 else None
         self._turns.append(
             TurnSample(result.ttft_ms, tpot, result.prompt_tokens, result.cached_tokens, result.completion_tokens)
+        )
+        turn_log.info(
+            "turn",
+            extra={
+                "request_id": _request_id(),
+                "session_id": result.session_id or None,  # None: a stateless chat completion
+                "replica": self.replica,
+                "prompt_tokens": result.prompt_tokens,
+                "cached_tokens": result.cached_tokens,
+                "completion_tokens": result.completion_tokens,
+                "ttft_ms": round(result.ttft_ms, 1),
+                "total_ms": round(result.total_ms, 1),
+                "finish_reason": result.finish_reason,
+            },
         )
 
     def _report(self) -> ReplicaReport:

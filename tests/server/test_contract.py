@@ -46,6 +46,16 @@ def test_stream_pieces_form_the_committed_reply(client):
     client.destroy_session(sid)
 
 
+def test_stream_events_end_with_the_turns_result(client):
+    sid = client.create_session(new_id())
+    events = list(client.stream_events("Count from one to five.", session_id=sid, max_new_tokens=16))
+    *pieces, result = events
+    assert pieces and all(isinstance(piece, str) for piece in pieces)
+    assert result.response == "".join(pieces) == client.history(sid)[-1].content
+    assert result.usage.completion_tokens > 0 and 0 < result.timing.ttft_ms <= result.timing.total_ms
+    client.destroy_session(sid)
+
+
 def test_create_with_generated_id_and_initial_messages(client):
     sid = client.create_session(
         system_prompt="Be brief.",

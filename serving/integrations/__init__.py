@@ -1,0 +1,1 @@
+"""Adapters for frameworks users already have (each behind its own extra)."""

@@ -26,16 +26,18 @@ def smollm2_config(store: str, **engine: object) -> Config:
     )
 
 
-def generate_reference(loaded: object, ids: list[int], n: int) -> list[int]:
+def generate_reference(loaded: object, ids: list[int], n: int, **options: object) -> list[int]:
     """What plain transformers `generate` (greedy) answers after `ids`: the engine's exactness reference."""
     import torch
 
+    device = loaded.device  # type: ignore[attr-defined]
     with torch.inference_mode():
         out = loaded.model.generate(  # type: ignore[attr-defined]
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            torch.tensor([ids], device=device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
             max_new_tokens=n,
             do_sample=False,
+            **options,
         )
     return out[0, len(ids) :].tolist()
 

@@ -26,7 +26,7 @@ from serving.engine.llm_engine import LLMEngine
 from serving.engine.model_runner import kv_shape
 from serving.engine.types import GenerationRequest, SamplingParams
 from serving.models import SMOLLM2_RANDOM, LoadedModel, load_model
-from tests.support import generate_reference
+from tests.support import generate_reference, logit_gap
 
 DEVICE = os.environ.get("SESSIONSERVE_GPU_TEST_DEVICE", "cuda")
 MODEL = os.environ.get("SESSIONSERVE_GPU_TEST_MODEL", SMOLLM2_RANDOM)
@@ -149,10 +149,5 @@ def test_bf16_tokens_are_best_within_the_logit_tolerance(engine_for, bf16_model,
     n, ids = 12, prompts(4, seed=3)
     out = run(engine, [GenerationRequest(f"r{i}", p, greedy(n)) for i, p in enumerate(ids)])
     for i, p in enumerate(ids):
-        tokens = out[f"r{i}"]
-        sequence = torch.tensor([[*p, *tokens]], device=DEVICE)
-        with torch.inference_mode():
-            logits = bf16_model.model(sequence).logits[0, len(p) - 1 : -1].float()  # the step before each token
-        chosen = logits.gather(1, torch.tensor(tokens, device=DEVICE)[:, None])[:, 0]
-        gap = (logits.max(1).values - chosen).max().item()
+        gap = logit_gap(bf16_model, p, out[f"r{i}"])
         assert gap <= BF16_LOGIT_TOLERANCE, f"prompt {i}: a token {gap:.3f} below the best logit"

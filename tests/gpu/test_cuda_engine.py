@@ -62,7 +62,9 @@ def engine_for(monkeypatch):
 
     def make(loaded: LoadedModel, backend: str, **config: object) -> LLMEngine:
         monkeypatch.setenv("SESSIONSERVE_ATTENTION", backend)
-        values: dict[str, object] = {"kv_cache_memory": "256MiB", "host_cache_memory": "256MiB"} | config
+        # a pool of a few hundred blocks either way (eager flex on the CPU scores every pool slot)
+        pool = "256MiB" if DEVICE == "cuda" else "4MiB"
+        values: dict[str, object] = {"kv_cache_memory": pool, "host_cache_memory": pool} | config
         engines.append(LLMEngine(loaded, EngineConfig(**values)))
         assert engines[-1].runner.backend.name == backend
         return engines[-1]

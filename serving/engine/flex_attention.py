@@ -3,15 +3,16 @@
 Each layer's pool is handed to flex_attention as one long sequence: `[1, kv_heads, num_blocks * block_size,
 head_dim]`, a strided view of the engine's `[num_blocks, block_size, kv_heads, head_dim]` tensor (no copy). A
 `BlockMask` built from the step's block tables (`BlockMask.from_kv_blocks`, KV tile = one pool block) tells the
-kernel which pool blocks each query tile reads, so it visits only the sequence's own blocks; a `mask_mod` maps a
-pool slot back to its position in the sequence (`logical`: pool block -> index in the block table) for causality,
-the sliding window and the unwritten tail of the last block. Soft-capping is a `score_mod`.
+kernel which pool blocks each query tile reads, so it visits only the sequence's own blocks: blocks every row of
+the tile sees whole ("full": no mask evaluated) and edge blocks (causal edge, window edge, unwritten tail), where a
+`mask_mod` maps a pool slot back to its position in the sequence (`logical`: pool block -> index in the table).
+Soft-capping is a `score_mod`.
 
 Decode rows go through one call (batch = sequences, one query row each, the pool broadcast over the batch);
 each prefill chunk through a call of its own. On CUDA the call is `torch.compile`d (Triton kernels: flex
-decoding for one-row queries); elsewhere it runs eagerly, where torch evaluates the masks densely over the
-pool: exact (the CPU tests check it against the portable backend) but slow, so `select_backend` never picks it
-on the CPU.
+decoding for one-row queries); elsewhere it runs eagerly, where torch evaluates the mask_mod densely over the
+pool: exact but slow, so `select_backend` picks it on the CUDA only. The CPU tests check both the eager path and
+the compiled CPU kernel (static shapes), which reads only the listed blocks, against the portable backend.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ Q_TILE = 128  # query rows per block-mask tile (flex_attention's default sparse 
 
 
 @functools.cache
-def _compiled() -> Callable[..., torch.Tensor]:
-    """flex_attention compiled once per process (the fused Triton kernels exist only compiled)."""
-    return cast(Callable[..., torch.Tensor], torch.compile(flex_attention, dynamic=True))
+def _compiled(dynamic: bool) -> Callable[..., torch.Tensor]:
+    """flex_attention compiled once per process (the fused kernels exist only compiled). CUDA compiles for
+    dynamic shapes (batch sizes and chunk lengths vary every step); torch 2.13's CPU template builds only static
+    shapes, which is enough for the tests."""
+    return cast(Callable[..., torch.Tensor], torch.compile(flex_attention, dynamic=dynamic))
 
 
 @dataclass(slots=True)
@@ -43,8 +46,8 @@ class _Group:
     rows: int
     logical: torch.Tensor  # [batch, num_pool_blocks] long: index of each pool block in the table, -1 if absent
     first_position: torch.Tensor  # [batch] long: position of each sequence's first query row
-    kv_num_blocks: torch.Tensor  # [batch, 1, q_tiles] int32
-    kv_indices: torch.Tensor  # [batch, 1, q_tiles, max_blocks] int32: pool blocks each query tile reads
+    tables: torch.Tensor  # [batch, max_blocks] long: block tables, padded with block 0
+    lengths: torch.Tensor  # [batch] long: blocks in each table
 
 
 @dataclass(slots=True)
@@ -56,10 +59,10 @@ class _FlexMetadata:
 class FlexPagedBackend(AttentionBackend):
     name = "flex"
 
-    def __init__(self, block_size: int, num_blocks: int, compiled: bool) -> None:
+    def __init__(self, block_size: int, num_blocks: int, compiled: bool, dynamic: bool = True) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks  # pool blocks: the flat KV length is num_blocks * block_size
-        self._attend = _compiled() if compiled else cast(Callable[..., torch.Tensor], flex_attention)
+        self._attend = _compiled(dynamic) if compiled else cast(Callable[..., torch.Tensor], flex_attention)
 
     def prepare(self, sequences: list[StepSequence], num_rows: int, device: torch.device) -> _FlexMetadata:
         decodes = [s for s in sequences if s.rows == 1]
@@ -68,29 +71,48 @@ class FlexPagedBackend(AttentionBackend):
         return _FlexMetadata(groups, {})
 
     def _group(self, members: list[StepSequence], device: torch.device) -> _Group:
-        block_size, rows = self.block_size, members[0].rows
-        q_tiles = -(-rows // Q_TILE)
+        width = max(len(s.block_ids) for s in members)
+        tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in members], dtype=torch.long)
+        lengths = torch.tensor([len(s.block_ids) for s in members], dtype=torch.long)
         logical = torch.full((len(members), self.num_blocks), -1, dtype=torch.long)
-        # as wide as the pool, like torch's own paged helper: compiled kernels size the KV extent by it
-        indices = torch.zeros(len(members), 1, q_tiles, self.num_blocks, dtype=torch.int32)
-        counts = torch.zeros(len(members), 1, q_tiles, dtype=torch.int32)
         for b, seq in enumerate(members):
-            blocks = torch.tensor(seq.block_ids, dtype=torch.long)
-            logical[b, blocks] = torch.arange(len(seq.block_ids))
-            indices[b, 0, :, : len(seq.block_ids)] = blocks.to(torch.int32)
-            first = seq.context - seq.rows
-            for tile in range(q_tiles):  # a tile reads blocks up to its last row's position (causal)
-                last = first + min((tile + 1) * Q_TILE, rows) - 1
-                counts[b, 0, tile] = last // block_size + 1
-        first_position = torch.tensor([s.context - s.rows for s in members], dtype=torch.long)
+            logical[b, tables[b, : len(seq.block_ids)]] = torch.arange(len(seq.block_ids))
         return _Group(
             starts=[s.start for s in members],
-            rows=rows,
+            rows=members[0].rows,
             logical=logical.to(device),
-            first_position=first_position.to(device),
-            kv_num_blocks=counts.to(device),
-            kv_indices=indices.to(device),
+            first_position=torch.tensor([s.context - s.rows for s in members], dtype=torch.long, device=device),
+            tables=tables.to(device),
+            lengths=lengths.to(device),
         )
+
+    def block_lists(self, group: _Group, window: int | None) -> tuple[torch.Tensor, ...]:
+        """(partial counts, partial indices, full counts, full indices) per (sequence, query tile): the pool
+        blocks the tile must read with the mask_mod applied (causal edge, window edge, unwritten tail), and those
+        every row of the tile attends whole (no mask_mod: the kernel skips it). Indices are padded to the pool's
+        width (compiled kernels size the KV extent by it), each list in table order."""
+        block_size, device = self.block_size, group.tables.device
+        q_tiles = -(-group.rows // Q_TILE)
+        tile = torch.arange(q_tiles, device=device)
+        tile_first = group.first_position[:, None] + tile * Q_TILE  # [batch, tiles]: positions of a tile's rows
+        tile_last = group.first_position[:, None] + torch.clamp((tile + 1) * Q_TILE, max=group.rows) - 1
+        block = torch.arange(group.tables.shape[1], device=device)
+        block_first, block_last = block * block_size, block * block_size + block_size - 1  # [blocks]
+        in_table = (block[None, :] < group.lengths[:, None])[:, None, :]  # [batch, 1, blocks]
+        needed = in_table & (block_first <= tile_last[..., None])
+        full = in_table & (block_last <= tile_first[..., None])
+        if window is not None:
+            needed &= block_last > tile_first[..., None] - window
+            full &= block_first > tile_last[..., None] - window
+        partial = needed & ~full
+        lists = []
+        for chosen in (partial, full):
+            order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)  # chosen blocks first, in order
+            physical = group.tables[:, None, :].expand_as(chosen).gather(-1, order).to(torch.int32)
+            indices = torch.zeros(*chosen.shape[:2], self.num_blocks, dtype=torch.int32, device=device)
+            indices[..., : physical.shape[-1]] = physical
+            lists += [chosen.sum(-1, dtype=torch.int32)[:, None], indices[:, None]]
+        return tuple(lists)
 
     def _block_mask(self, group: _Group, window: int | None) -> BlockMask:
         block_size, logical, first_position = self.block_size, group.logical, group.first_position
@@ -104,9 +126,12 @@ class FlexPagedBackend(AttentionBackend):
                 allowed = allowed & (key_position > query_position - window)
             return allowed
 
+        counts, indices, full_counts, full_indices = self.block_lists(group, window)
         return BlockMask.from_kv_blocks(
-            group.kv_num_blocks,
-            group.kv_indices,
+            counts,
+            indices,
+            full_counts,
+            full_indices,
             BLOCK_SIZE=(Q_TILE, block_size),
             mask_mod=mask_mod,
             seq_lengths=(group.rows, self.num_blocks * block_size),

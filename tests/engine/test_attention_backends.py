@@ -43,6 +43,7 @@ def test_backend_equals_dense_attention(backend_name, layer, heads, kv_heads):
         "portable": lambda: PortableBackend(BLOCK),
         "cpu": lambda: CpuPagedBackend(BLOCK),
         "flex": lambda: FlexPagedBackend(BLOCK, num_blocks, compiled=False),  # eager: mask_mod (CUDA: compiled)
+        "flex-compiled": lambda: FlexPagedBackend(BLOCK, num_blocks, compiled=True, dynamic=False),
     }
     backend = backends[backend_name]()
     raw = torch.zeros(2, num_blocks, BLOCK, kv_heads, dim)
@@ -151,9 +152,10 @@ def test_flash_attn_arguments_translate_window_and_softcap(layer, window_size, s
     }  # fmt: skip
 
 
-def test_flex_block_mask_lists_every_block_a_query_attends():
-    """Eager flex_attention applies only the mask_mod, so the sparse block lists (what the fused CUDA kernels
-    read) are checked here: every (query tile, pool block) with an attended key is in the tile's list."""
+def test_flex_block_lists_cover_every_attended_block_and_full_ones_are_whole():
+    """The sparse block lists (what the fused kernels read; eager flex applies only the mask_mod) against the
+    mask_mod evaluated densely: every attended pool block is listed, and a block listed as full is attended by
+    every row of the query tile (the kernel skips the mask there)."""
     from torch.nn.attention.flex_attention import create_mask
 
     num_blocks = 40
@@ -166,12 +168,25 @@ def test_flex_block_mask_lists_every_block_a_query_attends():
     metadata = backend.prepare(sequences, 202, CPU)
     for group in metadata.groups:
         for window in (None, 20):
+            counts, indices, full_counts, full_indices = backend.block_lists(group, window)
             block_mask = backend._block_mask(group, window)
             dense = create_mask(block_mask.mask_mod, len(group.starts), 1, group.rows, num_blocks * BLOCK, "cpu")
             for b in range(len(group.starts)):
-                for tile in range(group.kv_num_blocks.shape[-1]):
-                    rows = dense[b, 0, tile * 128 : (tile + 1) * 128]
-                    attended = set(torch.nonzero(rows.any(0)).flatten().div(BLOCK, rounding_mode="floor").tolist())
-                    listed = group.kv_indices[b, 0, tile, : group.kv_num_blocks[b, 0, tile]].tolist()
-                    assert attended, "every query row attends to at least its own key"
-                    assert attended <= set(listed), (b, tile, attended - set(listed))
+                for tile in range(counts.shape[-1]):
+                    rows = dense[b, 0, tile * 128 : (tile + 1) * 128].view(-1, num_blocks, BLOCK)
+                    attended = set(torch.nonzero(rows.any(0).any(-1)).flatten().tolist())
+                    partial = set(indices[b, 0, tile, : counts[b, 0, tile]].tolist())
+                    full = set(full_indices[b, 0, tile, : full_counts[b, 0, tile]].tolist())
+                    assert attended and not partial & full
+                    assert attended <= partial | full, (b, tile, window, attended - partial - full)
+                    whole = set(torch.nonzero(rows.all(0).all(-1)).flatten().tolist())
+                    assert full <= whole, (b, tile, window, full - whole)
+                    if window is None and group.rows == 1:
+                        assert full, "a decode past its first block reads whole blocks unmasked"
+
+
+@pytest.mark.parametrize("layer", [LayerAttention(window=40), LayerAttention(softcap=2.0)])
+def test_compiled_flex_on_the_cpu_equals_dense_attention(layer):
+    """The fused kernel reads only the listed blocks, so this checks the block lists end to end (torch's CPU
+    template: static shapes; CUDA compiles the same call for dynamic shapes, not run here)."""
+    test_backend_equals_dense_attention("flex-compiled", layer, 9, 3)

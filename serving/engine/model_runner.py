@@ -119,16 +119,19 @@ class ModelRunner:
         started = time.perf_counter()
         src_ids = torch.tensor([s for s, _ in pairs], device=src.device)
         dst_ids = torch.tensor([d for _, d in pairs], device=dst.device)
-        blocks = src.index_select(2, src_ids)
-        if blocks.device != dst.device:
+        to_device = src.device.type == "cpu" and dst.device.type != "cpu"
+        if to_device and src.is_pinned():
+            # Host -> device: gather the blocks straight into pinned staging (torch's caching host allocator, which
+            # keeps it alive until the async copy that reads it is done), since a non_blocking copy from a pageable
+            # index_select result would be synchronous; the copy and the index_copy_ after it are ordered on the
+            # same CUDA stream.
+            staging = torch.empty((*src.shape[:2], len(pairs), *src.shape[3:]), dtype=src.dtype, pin_memory=True)
+            blocks = torch.index_select(src, 2, src_ids, out=staging).to(dst.device, non_blocking=True)
+        else:
+            blocks = src.index_select(2, src_ids)
             # Device -> host must block: index_copy_ below reads `blocks` on the CPU at once, and an async copy
-            # would still be in flight. Host -> device: the index_select result is a fresh pageable tensor, from
-            # which a non_blocking copy is synchronous anyway, so pin it when the host pool is pinned; the copy
-            # and the index_copy_ after it are then ordered on the same CUDA stream.
-            to_device = dst.device.type != "cpu"
-            if to_device and src.is_pinned():
-                blocks = blocks.pin_memory()
-            blocks = blocks.to(dst.device, non_blocking=to_device and blocks.is_pinned())
+            # would still be in flight (the race this guards against: reading a staging tensor not yet written).
+            blocks = blocks.to(dst.device)
         dst.index_copy_(2, dst_ids, blocks)
         self.timings["copy_s"] += time.perf_counter() - started
 

@@ -1,13 +1,14 @@
 # make serve: set up .venv (torch first, then the project, then the embedded model) and serve on 127.0.0.1:8000.
 # make test:  the same set-up, then lint (ruff, mypy, import layers) and the whole test suite.
 # make test-fast: what needs neither the real model nor Ray (no model conversion: the tokenizer alone), < 1 min.
+# make gpu-wheels, then on the GPU machine make test-gpu / make bench-gpu: README, "Running on a GPU".
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 
-.PHONY: install model serve test test-fast lint bench clean system-deps
+.PHONY: install model serve test test-fast lint bench clean system-deps gpu-wheels gpu-site test-gpu bench-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +43,40 @@ test-fast: system-deps install
 
 bench: model
 	$(PY) -m benchmarks.multiturn --quick --out benchmarks/out/quick.json
+
+# ---- GPU machine: its own python3 + torch, no network, no Ray; only .gpu/ (a few MiB) travels with the tree.
+GPU_DIR := .gpu
+GPU_PY ?= python3
+# where the wheels are installed for GPU_PY; empty: GPU_PY's own packages (the CPU check with .venv)
+GPU_SITE ?= /tmp/sessionserve-gpu-site
+GPU_TEST_DEVICE ?= cuda
+# pure-Python wheels (and pydantic-core for CPython 3.12) that the GPU machine lacks or has older
+GPU_WHEELS := transformers==5.23.0 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing-extensions==4.16.0 platformdirs==4.14.7
+GPU_ENV = PYTHONPATH=$(if $(GPU_SITE),$(GPU_SITE):).$(if $(PYTHONPATH),:$(PYTHONPATH)) \
+	SESSIONSERVE_CACHE_DIR=$(CURDIR)/$(GPU_DIR)/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+gpu-wheels: install  # here, with network: the wheels and SmolLM2's tokenizer into .gpu/ (git-ignored)
+	rm -rf $(GPU_DIR)/wheels && mkdir -p $(GPU_DIR)/wheels
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(GPU_DIR)/wheels $(GPU_WHEELS)
+	SESSIONSERVE_CACHE_DIR=$(CURDIR)/$(GPU_DIR)/cache $(PY) -c \
+		"from serving.model_files import prepare_smollm2_tokenizer as p; print(p())"
+
+gpu-site:
+	$(if $(GPU_SITE),$(GPU_PY) -m pip install --quiet --no-index --no-deps --no-compile --upgrade \
+		--target $(GPU_SITE) $(GPU_DIR)/wheels/*.whl,@true)
+
+test-gpu: gpu-site  # the engine exactness suite on cuda (GPU_TEST_DEVICE=cpu: the same tests on the CPU)
+	$(GPU_ENV) SESSIONSERVE_GPU_TEST_DEVICE=$(GPU_TEST_DEVICE) \
+		$(if $(filter cpu,$(GPU_TEST_DEVICE)),SESSIONSERVE_GPU_TEST_MODEL=builtin:tiny-random-llama) \
+		$(GPU_PY) -m pytest -q -rs -p no:cacheprovider --confcutdir=tests/gpu tests/gpu
+
+BENCH_GPU_ARGS ?= --contexts 1024,4096 --batches 1,16,64 --backends flex,portable
+bench-gpu: gpu-site  # decode scaling of the CUDA attention backends on SmolLM2-135M's shape (random weights)
+	mkdir -p benchmarks/out
+	$(GPU_ENV) $(GPU_PY) -m benchmarks.decode_scaling --model builtin:smollm2-135m-random \
+		--device $(GPU_TEST_DEVICE) $(BENCH_GPU_ARGS) --out benchmarks/out/gpu-$(GPU_TEST_DEVICE).json
 
 clean:
 	rm -rf $(VENV)

@@ -46,6 +46,8 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16")
     parser.add_argument("--contexts", type=_ints, default=[2048, 4096], help="prompt tokens per sequence")
     parser.add_argument("--batches", type=_ints, default=[1, 16], help="sequences decoded together")
     parser.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps per run")
@@ -53,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--kv-cache-memory", default=None, help="device KV pool (e.g. 4GiB); default: just enough for the largest run"
     )
     parser.add_argument(
-        "--backends", default="auto", help="attention backends to compare, e.g. cpu,portable (auto: the engine's)"
+        "--backends",
+        default="auto",
+        help="attention backends to compare, e.g. cpu,portable or flex,portable (auto: the engine's choice)",
     )
     parser.add_argument("--prefill", choices=["synthetic", "model"], default="synthetic")
     parser.add_argument("--repeats", type=int, default=1, help="runs per (context, batch, backend); best reported")
@@ -108,15 +112,26 @@ def decode_tok_s(
 # ------------------------------------------------------------------------------------------------ roofline
 
 
-def read_bandwidth(nbytes: int = 2**29) -> float:
-    """Bytes per second summing a tensor much larger than the caches (best of 5)."""
+def _synchronize(device: Any) -> None:
+    """Wait for queued GPU work, so that a timer around it measures the work (no-op on the CPU)."""
     import torch
 
-    data = torch.ones(nbytes // 4, dtype=torch.float32)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth(device: Any, nbytes: int = 2**29) -> float:
+    """Bytes per second summing a tensor much larger than the caches, on `device` (best of 5)."""
+    import torch
+
+    data = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    data.sum()
     best = float("inf")
     for _ in range(5):
+        _synchronize(device)
         started = time.perf_counter()
         data.sum()
+        _synchronize(device)
         best = min(best, time.perf_counter() - started)
     return nbytes / best
 
@@ -137,8 +152,10 @@ def gemm_rate(loaded: LoadedModel, batch: int) -> float:
     with torch.inference_mode():
         loaded.model(input_ids=ids, use_cache=False)  # warm-up: first-call initialisation is not the GEMMs' rate
         for _ in range(5):
+            _synchronize(loaded.device)
             started = time.perf_counter()
             loaded.model(input_ids=ids, use_cache=False)
+            _synchronize(loaded.device)
             best = min(best, time.perf_counter() - started)
     return 2 * _gemm_params(loaded) * batch / best
 
@@ -160,19 +177,16 @@ def roofline_s(loaded: LoadedModel, context: int, batch: int, bandwidth: float, 
 
 
 def _engines(loaded: LoadedModel, names: list[str], config: Any) -> dict[str, LLMEngine]:
-    from serving.engine.attention_backend import AttentionBackend, PortableBackend
-    from serving.engine.cpu_attention import CpuPagedBackend
+    from serving.engine.attention_backend import make_backend
     from serving.engine.llm_engine import LLMEngine
+    from serving.engine.model_runner import ModelRunner
 
     engines = {}
     for name in names:
-        backend: AttentionBackend | None = None
-        if name == "portable":
-            backend = PortableBackend(config.block_size)
-        elif name == "cpu":
-            backend = CpuPagedBackend(config.block_size)
-        elif name != "auto":
-            raise ValueError(f"unknown attention backend {name!r}: expected auto, cpu or portable")
+        backend = None
+        if name != "auto":
+            blocks = ModelRunner.device_blocks(loaded, config)
+            backend = make_backend(name, config.block_size, blocks, loaded.device)
         engine = LLMEngine(loaded, config, backend=backend)
         engines[engine.runner.backend.name] = engine
     return engines
@@ -184,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     from serving.engine.model_runner import kv_shape
     from serving.models import load_model
 
-    loaded = load_model(ModelConfig(name=args.model))
-    bandwidth = read_bandwidth()
+    loaded = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype))
+    bandwidth = read_bandwidth(loaded.device)
     rates = {batch: gemm_rate(loaded, batch) for batch in args.batches}
     console.log(
         f"read bandwidth {bandwidth / 1e9:.1f} GB/s; GEMM rate "

@@ -53,9 +53,14 @@ def build_service(config: Config, replicas_on_node: int = 1, replica: str = "") 
 
     threads = config.model.torch_threads or default_torch_threads(usable_cpus(), replicas_on_node)
     log.info("torch uses %d CPU threads (model.torch_threads=%d)", threads, config.model.torch_threads)
-    loaded = load_model(config.model.model_copy(update={"torch_threads": threads}))
-    engine = PagedEngine(loaded, config.engine)
+    if config.engine.kind == "mii":
+        from serving.engine.mii_engine import build_mii_engine
+
+        engine, tokenizer = build_mii_engine(config.model, config.engine)
+    else:
+        loaded = load_model(config.model.model_copy(update={"torch_threads": threads}))
+        engine, tokenizer = PagedEngine(loaded, config.engine), loaded.tokenizer
     manager = open_sessions(config, engine)
     limits = TurnLimits(config.serving.max_new_tokens, config.serving.max_prompt_tokens)
-    prompts = PromptBuilder(loaded.tokenizer)
+    prompts = PromptBuilder(tokenizer)
     return SessionService(manager, prompts, engine, limits, config.sessions.commit_timeout_s, replica)

@@ -48,6 +48,9 @@ class ModelConfig(_Section):
 
 
 class EngineConfig(_Section):
+    kind: Literal["paged", "mii"] = Field(
+        "paged", description="paged (this engine) or mii (DeepSpeed-MII FastGen, experimental: CUDA, extra [mii])"
+    )
     max_batch_size: int = Field(32, ge=1, description="most sequences in one forward pass")
     max_batch_tokens: int = Field(2048, ge=16, description="most tokens (decode + prefill chunks) in one step")
     block_size: int = Field(16, ge=1, description="tokens per KV block")

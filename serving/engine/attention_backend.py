@@ -19,8 +19,13 @@ Implementations:
   (math path when soft-capping). Simple and exact; it copies the whole context every layer.
 - `serving.engine.cpu_attention.CpuPagedBackend` (CPU, fp32): a C++ kernel that reads the blocks where they lie.
 
-`select_backend` picks the fastest one that can serve the model (`SESSIONSERVE_ATTENTION` overrides: "portable",
-"cpu"); a GPU issue adds CUDA backends here (flash-attn paged KV, FlashInfer, flex_attention).
+- `serving.engine.flex_attention.FlexPagedBackend` (CUDA, compiled): torch's flex_attention over the pool with a
+  paged block mask. Runs eagerly on the CPU too (exact, slow: tests only).
+- `serving.engine.flash_attention.FlashAttnPagedBackend` (CUDA, fp16/bf16, blocks of 256 tokens): flash-attn's
+  paged KV cache, when the package is installed.
+
+`select_backend` picks the fastest one that can serve the model (`choose_backend`, a pure function, decides;
+`SESSIONSERVE_ATTENTION` forces one of auto, portable, cpu, flex, flash_attn).
 """
 
 from __future__ import annotations
@@ -241,23 +246,90 @@ class PortableBackend(AttentionBackend):
 
 # ---------------------------------------------------------------------------------------------- choice
 
+BACKENDS = ("auto", "portable", "cpu", "flex", "flash_attn")
+FLEX_TILE = 16  # flex_attention's Triton kernels tile KV in multiples of 16 keys: a pool block must be one
 
-def select_backend(block_size: int, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
-    """The fastest backend that serves this device and dtype (`SESSIONSERVE_ATTENTION` forces one)."""
+
+def choose_backend(
+    device: torch.device, dtype: torch.dtype, block_size: int, installed: set[str], wanted: str = "auto"
+) -> tuple[str, list[str]]:
+    """Which backend serves this device, dtype and block size, given the optional packages `installed`
+    ("flash_attn"); with the reasons the faster ones were passed over (logged). `wanted` forces one, and it is
+    an error when it cannot serve. A pure function: the selection is unit-tested without those packages."""
+    if wanted not in BACKENDS:
+        raise ValueError(f"SESSIONSERVE_ATTENTION={wanted!r}: expected one of {', '.join(BACKENDS)}")
+    checks: dict[str, str | None] = {}  # backend -> why it cannot serve (None: it can), fastest first
+    if device.type == "cuda":
+        checks["flash_attn"] = (
+            "flash-attn is not installed" if "flash_attn" not in installed
+            else f"flash-attn's paged KV needs engine.block_size a multiple of 256, not {block_size}"
+            if block_size % 256
+            else f"flash-attn serves float16/bfloat16, not {dtype}" if dtype not in (torch.float16, torch.bfloat16)
+            else None
+        )  # fmt: skip
+        checks["flex"] = (
+            f"flex_attention's kernels need engine.block_size a multiple of {FLEX_TILE}, not {block_size}"
+            if block_size % FLEX_TILE
+            else None
+        )
+    else:
+        checks["flash_attn"] = f"flash-attn runs on CUDA, not {device}"
+        # eager flex_attention (off CUDA) is exact but evaluates its masks over the whole pool: forced only (tests)
+        checks["flex"] = None if wanted == "flex" else f"flex_attention is fused on CUDA only, not on {device}"
+        checks["cpu"] = None if device.type == "cpu" and dtype == torch.float32 else (
+            f"the cpu kernel serves float32 on the CPU, not {dtype} on {device}"
+        )  # fmt: skip
+    checks["portable"] = None
+    if wanted != "auto":
+        problem = checks.get(wanted, f"the {wanted} backend serves the CPU, not {device}")
+        if problem is not None:
+            raise ValueError(f"attention backend {wanted}: {problem}")
+        return wanted, []
+    reasons: list[str] = []
+    for name, problem in checks.items():
+        if problem is None:
+            return name, reasons
+        reasons.append(f"{name}: {problem}")
+    raise AssertionError("portable serves every device")  # pragma: no cover
+
+
+def installed_packages() -> set[str]:
+    """The optional attention packages importable here (found, not imported)."""
+    import importlib.util
+
+    return {name for name in ("flash_attn",) if importlib.util.find_spec(name) is not None}
+
+
+def select_backend(block_size: int, num_blocks: int, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """The fastest backend that serves this device and dtype (`SESSIONSERVE_ATTENTION` forces one) for a pool of
+    `num_blocks` blocks. The CPU kernel that fails to build falls back to portable unless it was forced."""
     wanted = os.environ.get("SESSIONSERVE_ATTENTION", "auto")
-    if wanted not in ("auto", "portable", "cpu"):
-        raise ValueError(f"SESSIONSERVE_ATTENTION={wanted!r}: expected auto, portable or cpu")
-    if wanted != "portable" and device.type == "cpu" and dtype == torch.float32:
-        from serving.engine.cpu_attention import CpuPagedBackend, load_kernel
+    name, reasons = choose_backend(device, dtype, block_size, installed_packages(), wanted)
+    for reason in reasons:
+        log.info("attention backend not chosen: %s", reason)
+    try:
+        return make_backend(name, block_size, num_blocks, device)
+    except Exception as error:  # the CPU kernel did not build (no compiler): serve anyway, slower
+        if name != "cpu" or wanted == "cpu":
+            raise
+        log.warning("the CPU paged-attention kernel did not build (%s); using the portable backend", error)
+        return PortableBackend(block_size)
 
-        try:
-            load_kernel()
-        except Exception as error:  # no compiler, or it failed: serve anyway, slower
-            if wanted == "cpu":
-                raise
-            log.warning("the CPU paged-attention kernel did not build (%s); using the portable backend", error)
-        else:
-            return CpuPagedBackend(block_size)
-    if wanted == "cpu":
-        raise ValueError(f"the cpu attention backend serves fp32 on the CPU, not {dtype} on {device}")
-    return PortableBackend(block_size)
+
+def make_backend(name: str, block_size: int, num_blocks: int, device: torch.device) -> AttentionBackend:
+    """The backend called `name` (importing its module only now: flash-attn and the kernels are optional)."""
+    if name == "cpu":
+        from serving.engine.cpu_attention import CpuPagedBackend
+
+        return CpuPagedBackend(block_size)
+    if name == "flex":
+        from serving.engine.flex_attention import FlexPagedBackend
+
+        return FlexPagedBackend(block_size, num_blocks, compiled=device.type == "cuda")
+    if name == "flash_attn":
+        from serving.engine.flash_attention import FlashAttnPagedBackend
+
+        return FlashAttnPagedBackend(block_size)
+    if name == "portable":
+        return PortableBackend(block_size)
+    raise ValueError(f"unknown attention backend {name!r}: expected one of {', '.join(BACKENDS[1:])}")

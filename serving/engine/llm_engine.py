@@ -69,6 +69,9 @@ class LLMEngine:
             if request_id in self.requests:
                 self._aborts.add(request_id)
 
+    def close(self) -> None:
+        self.runner.close()
+
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborts)
 

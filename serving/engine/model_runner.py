@@ -61,14 +61,16 @@ class ModelRunner:
         self.device = loaded.device
         self.block_size = config.block_size
         self.layers = check_supported(self.model)  # raises ValueError for what cannot be served exactly
-        self.backend: AttentionBackend = backend or select_backend(config.block_size, self.device, loaded.dtype)
-        log.info("paged attention backend: %s", self.backend.name)
         layers, kv_heads, head_dim = kv_shape(self.model.config)
-        self.bytes_per_block = layers * 2 * config.block_size * kv_heads * head_dim * loaded.dtype.itemsize
-        self.num_device_blocks = config.kv_cache_memory // self.bytes_per_block
+        self.bytes_per_block = self.block_bytes(loaded, config)
+        self.num_device_blocks = self.device_blocks(loaded, config)
         self.num_host_blocks = config.host_cache_memory // self.bytes_per_block
         if self.num_device_blocks < 1:
             raise ValueError(f"kv_cache_memory {config.kv_cache_memory} B holds no block of {self.bytes_per_block} B")
+        self.backend: AttentionBackend = backend or select_backend(
+            config.block_size, self.num_device_blocks, self.device, loaded.dtype
+        )
+        log.info("paged attention backend: %s", self.backend.name)
         shape = (layers, 2, self.num_device_blocks, config.block_size, kv_heads, head_dim)
         self.kv_pool = zeros(shape, loaded.dtype, self.device)
         host_shape = (layers, 2, self.num_host_blocks, config.block_size, kv_heads, head_dim)
@@ -77,6 +79,17 @@ class ModelRunner:
         self._use_paged_attention()
         self._skip_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # 4D: transformers keeps it
         self.timings = {"prepare_s": 0.0, "forward_s": 0.0, "sample_s": 0.0, "copy_s": 0.0}
+
+    @staticmethod
+    def block_bytes(loaded: LoadedModel, config: EngineConfig) -> int:
+        """Bytes of one KV block (all layers, K and V)."""
+        layers, kv_heads, head_dim = kv_shape(loaded.model.config)
+        return layers * 2 * config.block_size * kv_heads * head_dim * loaded.dtype.itemsize
+
+    @staticmethod
+    def device_blocks(loaded: LoadedModel, config: EngineConfig) -> int:
+        """Blocks in the device pool (what a backend built outside the runner must know)."""
+        return config.kv_cache_memory // ModelRunner.block_bytes(loaded, config)
 
     def _use_paged_attention(self) -> None:
         """Switch the model to paged attention (plain SDPA when called outside an engine step)."""
@@ -106,16 +119,19 @@ class ModelRunner:
         started = time.perf_counter()
         src_ids = torch.tensor([s for s, _ in pairs], device=src.device)
         dst_ids = torch.tensor([d for _, d in pairs], device=dst.device)
-        blocks = src.index_select(2, src_ids)
-        if blocks.device != dst.device:
+        to_device = src.device.type == "cpu" and dst.device.type != "cpu"
+        if to_device and src.is_pinned():
+            # Host -> device: gather the blocks straight into pinned staging (torch's caching host allocator, which
+            # keeps it alive until the async copy that reads it is done), since a non_blocking copy from a pageable
+            # index_select result would be synchronous; the copy and the index_copy_ after it are ordered on the
+            # same CUDA stream.
+            staging = torch.empty((*src.shape[:2], len(pairs), *src.shape[3:]), dtype=src.dtype, pin_memory=True)
+            blocks = torch.index_select(src, 2, src_ids, out=staging).to(dst.device, non_blocking=True)
+        else:
+            blocks = src.index_select(2, src_ids)
             # Device -> host must block: index_copy_ below reads `blocks` on the CPU at once, and an async copy
-            # would still be in flight. Host -> device: the index_select result is a fresh pageable tensor, from
-            # which a non_blocking copy is synchronous anyway, so pin it when the host pool is pinned; the copy
-            # and the index_copy_ after it are then ordered on the same CUDA stream.
-            to_device = dst.device.type != "cpu"
-            if to_device and src.is_pinned():
-                blocks = blocks.pin_memory()
-            blocks = blocks.to(dst.device, non_blocking=to_device and blocks.is_pinned())
+            # would still be in flight (the race this guards against: reading a staging tensor not yet written).
+            blocks = blocks.to(dst.device)
         dst.index_copy_(2, dst_ids, blocks)
         self.timings["copy_s"] += time.perf_counter() - started
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from serving.config import EngineConfig
 from serving.engine.llm_engine import LLMEngine
@@ -31,11 +32,41 @@ class _Stream:
     queue: asyncio.Queue[GenerationChunk | BaseException] = field(default_factory=asyncio.Queue)
 
 
-class PagedEngine:
-    """Implements `serving.engine.types.Engine` with continuous batching over a paged, tiered KV cache."""
+class StepCore(Protocol):
+    """The synchronous engine a `PagedEngine` drives from its thread: `LLMEngine`, or `MiiCore` (mii_engine.py)."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
-        self.core = LLMEngine(loaded, config or EngineConfig())
+    @property
+    def lock(self) -> threading.RLock: ...
+    @property
+    def requests(self) -> Mapping[str, object]: ...
+    @property
+    def max_context_tokens(self) -> int: ...
+
+    def add_request(self, spec: GenerationRequest) -> None: ...
+    def abort(self, request_id: str) -> None: ...
+    def has_work(self) -> bool: ...
+    def step(self) -> list[GenerationChunk]: ...
+    def fail_all(self) -> list[str]: ...
+    def release(self, cache_key: str) -> None: ...
+    def fork(self, source_key: str, target_key: str) -> None: ...
+    def cache_keys(self) -> list[str]: ...
+    def kv_info(self, cache_key: str) -> KVInfo: ...
+    def stats(self) -> dict[str, float]: ...
+    def close(self) -> None: ...
+
+
+class PagedEngine:
+    """Implements `serving.engine.types.Engine` with continuous batching over a paged, tiered KV cache (or over
+    another `StepCore`: the same streaming, cancelling and failure handling for every engine kind)."""
+
+    def __init__(
+        self, loaded: LoadedModel | None, config: EngineConfig | None = None, core: StepCore | None = None
+    ) -> None:
+        if core is None:
+            if loaded is None:
+                raise ValueError("PagedEngine needs a loaded model or a core")
+            core = LLMEngine(loaded, config or EngineConfig())
+        self.core: StepCore = core
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._closed = False
@@ -121,7 +152,7 @@ class PagedEngine:
         self._closed = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join)
-        self.core.runner.close()
+        self.core.close()
 
     # ----------------------------------------------------------------------------------------- worker
 

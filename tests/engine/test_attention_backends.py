@@ -18,6 +18,7 @@ from serving.engine.attention_backend import (
     causal_mask,
 )
 from serving.engine.cpu_attention import CpuPagedBackend
+from serving.engine.flex_attention import FlexPagedBackend
 
 BLOCK = 16
 
@@ -29,7 +30,7 @@ def dense_reference(query, keys, values, seq: StepSequence, layer: LayerAttentio
     return attend(q, keys[None], values[None], mask, scaling, layer.softcap)[0].transpose(0, 1)
 
 
-@pytest.mark.parametrize("backend_name", ["portable", "cpu"])
+@pytest.mark.parametrize("backend_name", ["portable", "cpu", "flex"])
 @pytest.mark.parametrize(
     "layer", [LayerAttention(), LayerAttention(window=40), LayerAttention(softcap=2.0), LayerAttention(7, 1.5)]
 )
@@ -38,7 +39,13 @@ def test_backend_equals_dense_attention(backend_name, layer, heads, kv_heads):
     torch.manual_seed(0)
     rng = random.Random(0)
     dim, num_blocks = 32, 200
-    backend = PortableBackend(BLOCK) if backend_name == "portable" else CpuPagedBackend(BLOCK)
+    backends = {
+        "portable": lambda: PortableBackend(BLOCK),
+        "cpu": lambda: CpuPagedBackend(BLOCK),
+        "flex": lambda: FlexPagedBackend(BLOCK, num_blocks, compiled=False),  # eager: mask_mod (CUDA: compiled)
+        "flex-compiled": lambda: FlexPagedBackend(BLOCK, num_blocks, compiled=True, dynamic=False),
+    }
+    backend = backends[backend_name]()
     raw = torch.zeros(2, num_blocks, BLOCK, kv_heads, dim)
     key_pool, value_pool = backend.pool_views(raw[0], raw[1])
     free = list(range(num_blocks))
@@ -73,17 +80,113 @@ def test_the_backend_choice_falls_back_to_portable(monkeypatch):
 
     monkeypatch.delenv("SESSIONSERVE_ATTENTION", raising=False)
     cpu = torch.device("cpu")
-    assert select_backend(BLOCK, cpu, torch.float32).name == "cpu"
-    assert select_backend(BLOCK, cpu, torch.bfloat16).name == "portable"  # the kernel is fp32 only
+    assert select_backend(BLOCK, 64, cpu, torch.float32).name == "cpu"
+    assert select_backend(BLOCK, 64, cpu, torch.bfloat16).name == "portable"  # the kernel is fp32 only
     monkeypatch.setenv("SESSIONSERVE_ATTENTION", "portable")
-    assert select_backend(BLOCK, cpu, torch.float32).name == "portable"
+    assert select_backend(BLOCK, 64, cpu, torch.float32).name == "portable"
 
     def no_compiler():
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(cpu_attention, "load_kernel", no_compiler)
     monkeypatch.delenv("SESSIONSERVE_ATTENTION")
-    assert select_backend(BLOCK, cpu, torch.float32).name == "portable"  # serves anyway, slower
+    assert select_backend(BLOCK, 64, cpu, torch.float32).name == "portable"  # serves anyway, slower
     monkeypatch.setenv("SESSIONSERVE_ATTENTION", "cpu")
     with pytest.raises(RuntimeError, match="no compiler"):
-        select_backend(BLOCK, cpu, torch.float32)
+        select_backend(BLOCK, 64, cpu, torch.float32)
+
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "block_size", "installed", "chosen", "passed_over"),
+    [
+        (CUDA, torch.bfloat16, 256, {"flash_attn"}, "flash_attn", []),
+        (CUDA, torch.bfloat16, 16, {"flash_attn"}, "flex", ["multiple of 256, not 16"]),
+        (CUDA, torch.float32, 256, {"flash_attn"}, "flex", ["float16/bfloat16, not torch.float32"]),
+        (CUDA, torch.bfloat16, 256, set(), "flex", ["flash-attn is not installed"]),
+        (CUDA, torch.bfloat16, 8, set(), "portable", ["not installed", "multiple of 16, not 8"]),
+        (CPU, torch.float32, 16, {"flash_attn"}, "cpu", ["runs on CUDA", "fused on CUDA only"]),
+        (CPU, torch.bfloat16, 16, set(), "portable", ["runs on CUDA", "fused on CUDA only", "float32 on the CPU"]),
+    ],
+)
+def test_choose_backend_by_device_dtype_block_size_and_packages(
+    device, dtype, block_size, installed, chosen, passed_over
+):
+    from serving.engine.attention_backend import choose_backend
+
+    name, reasons = choose_backend(device, dtype, block_size, installed)
+    assert name == chosen
+    assert len(reasons) == len(passed_over)
+    for reason, expected in zip(reasons, passed_over, strict=True):
+        assert expected in reason, (reason, expected)
+
+
+def test_a_forced_backend_that_cannot_serve_says_why():
+    from serving.engine.attention_backend import choose_backend
+
+    with pytest.raises(ValueError, match="multiple of 256, not 16"):
+        choose_backend(CUDA, torch.bfloat16, 16, {"flash_attn"}, "flash_attn")
+    with pytest.raises(ValueError, match="flash-attn runs on CUDA"):
+        choose_backend(CPU, torch.float32, 256, {"flash_attn"}, "flash_attn")
+    with pytest.raises(ValueError, match="expected one of auto, portable"):
+        choose_backend(CPU, torch.float32, 16, set(), "flashinfer")
+    assert choose_backend(CPU, torch.float32, 4, set(), "flex") == ("flex", [])  # eager, for tests
+
+
+@pytest.mark.parametrize(
+    ("layer", "window_size", "softcap"),
+    [
+        (LayerAttention(), (-1, -1), 0.0),
+        (LayerAttention(window=40), (39, 0), 0.0),
+        (LayerAttention(7, 1.5), (6, 0), 1.5),
+    ],
+)
+def test_flash_attn_arguments_translate_window_and_softcap(layer, window_size, softcap):
+    """flash-attn's window (left, right) excludes the query's own key; ours includes it."""
+    from serving.engine.flash_attention import kernel_arguments
+
+    assert kernel_arguments(layer, 0.125) == {
+        "softmax_scale": 0.125, "causal": True, "window_size": window_size, "softcap": softcap,
+    }  # fmt: skip
+
+
+def test_flex_block_lists_cover_every_attended_block_and_full_ones_are_whole():
+    """The sparse block lists (what the fused kernels read; eager flex applies only the mask_mod) against the
+    mask_mod evaluated densely: every attended pool block is listed, and a block listed as full is attended by
+    every row of the query tile (the kernel skips the mask there)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    num_blocks = 40
+    backend = FlexPagedBackend(BLOCK, num_blocks, compiled=False)
+    sequences = [
+        StepSequence(0, 1, 37, [5, 2, 30]),
+        StepSequence(1, 1, 16, [7]),
+        StepSequence(2, 200, 250, [11, 3, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25]),
+    ]
+    metadata = backend.prepare(sequences, 202, CPU)
+    for group in metadata.groups:
+        for window in (None, 20):
+            counts, indices, full_counts, full_indices = backend.block_lists(group, window)
+            block_mask = backend._block_mask(group, window)
+            dense = create_mask(block_mask.mask_mod, len(group.starts), 1, group.rows, num_blocks * BLOCK, "cpu")
+            for b in range(len(group.starts)):
+                for tile in range(counts.shape[-1]):
+                    rows = dense[b, 0, tile * 128 : (tile + 1) * 128].view(-1, num_blocks, BLOCK)
+                    attended = set(torch.nonzero(rows.any(0).any(-1)).flatten().tolist())
+                    partial = set(indices[b, 0, tile, : counts[b, 0, tile]].tolist())
+                    full = set(full_indices[b, 0, tile, : full_counts[b, 0, tile]].tolist())
+                    assert attended and not partial & full
+                    assert attended <= partial | full, (b, tile, window, attended - partial - full)
+                    whole = set(torch.nonzero(rows.all(0).all(-1)).flatten().tolist())
+                    assert full <= whole, (b, tile, window, full - whole)
+                    if window is None and group.rows == 1:
+                        assert full, "a decode past its first block reads whole blocks unmasked"
+
+
+@pytest.mark.parametrize("layer", [LayerAttention(window=40), LayerAttention(softcap=2.0)])
+def test_compiled_flex_on_the_cpu_equals_dense_attention(layer):
+    """The fused kernel reads only the listed blocks, so this checks the block lists end to end (torch's CPU
+    template: static shapes; CUDA compiles the same call for dynamic shapes, not run here)."""
+    test_backend_equals_dense_attention("flex-compiled", layer, 9, 3)

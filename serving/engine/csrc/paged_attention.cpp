@@ -11,7 +11,7 @@
 // every query head sharing the kv head (GQA without repeat_kv), so each K/V block is read from memory once for
 // all of them. An item walks its blocks once, with an online softmax per block; items run on torch's intra-op
 // thread pool. Decode is bound by reading the KV, so the per-block work stays in registers: with 16-token
-// blocks and head_dim a multiple of 16, a template keeps a few query vectors' scores (one 16-float vector each)
+// blocks and head_dim 32, 64, 128 or 256, a template keeps a few query vectors' scores (one 16-float vector each)
 // and their output accumulators in vector registers (`block_fast`); other shapes take a plain loop
 // (`block_generic`), same arithmetic.
 #include <ATen/Parallel.h>

@@ -16,6 +16,10 @@ the read bandwidth measured at the start (summing a large tensor), the GEMM rate
 the same batch (one token per sequence, no KV). `--backends cpu,portable` runs attention backends side by side
 (same model, same prompts, interleaved) for an A/B in one run.
 
+On a machine shared with other jobs, wall time measures the neighbours as much as the engine. `--clock cpu` runs
+torch on one thread and times everything (steps, bandwidth, GEMM rate) in that thread's CPU time, which other
+processes taking the CPU do not inflate (they still share the memory bandwidth): use it for A/B comparisons there.
+
     .venv/bin/python -m benchmarks.decode_scaling --contexts 2048,4096 --batches 1,16 --backends cpu,portable
 """
 
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
     from serving.models import LoadedModel
 
 console = Console(stderr=True)
+clock = time.perf_counter  # time.thread_time with --clock cpu
 
 
 def _ints(text: str) -> list[int]:
@@ -61,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--prefill", choices=["synthetic", "model"], default="synthetic")
     parser.add_argument("--repeats", type=int, default=1, help="runs per (context, batch, backend); best reported")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: torch's threads, wall time; cpu: one thread, its CPU time (A/B on a busy shared machine)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -100,13 +111,13 @@ def decode_tok_s(
         _synthetic_prefill(engine)
     while not all(request.num_output_tokens for request in engine.requests.values()):
         engine.step()  # prefill (chunked); each sequence leaves it with its first token
-    generated, started = 0, time.perf_counter()
+    generated, started = 0, clock()
     while engine.has_work():
-        step_started = time.perf_counter()
+        step_started = clock()
         generated += sum(len(output.token_ids) for output in engine.step())
         if step_times is not None:
-            step_times.append(time.perf_counter() - step_started)
-    return generated / (time.perf_counter() - started)
+            step_times.append(clock() - step_started)
+    return generated / (clock() - started)
 
 
 # ------------------------------------------------------------------------------------------------ roofline
@@ -129,10 +140,10 @@ def read_bandwidth(device: Any, nbytes: int = 2**29) -> float:
     best = float("inf")
     for _ in range(5):
         _synchronize(device)
-        started = time.perf_counter()
+        started = clock()
         data.sum()
         _synchronize(device)
-        best = min(best, time.perf_counter() - started)
+        best = min(best, clock() - started)
     return nbytes / best
 
 
@@ -153,10 +164,10 @@ def gemm_rate(loaded: LoadedModel, batch: int) -> float:
         loaded.model(input_ids=ids, use_cache=False)  # warm-up: first-call initialisation is not the GEMMs' rate
         for _ in range(5):
             _synchronize(loaded.device)
-            started = time.perf_counter()
+            started = clock()
             loaded.model(input_ids=ids, use_cache=False)
             _synchronize(loaded.device)
-            best = min(best, time.perf_counter() - started)
+            best = min(best, clock() - started)
     return 2 * _gemm_params(loaded) * batch / best
 
 
@@ -194,6 +205,12 @@ def _engines(loaded: LoadedModel, names: list[str], config: Any) -> dict[str, LL
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.clock == "cpu":
+        import torch
+
+        global clock
+        torch.set_num_threads(1)  # thread_time counts the calling thread only: the whole step must run in it
+        clock = time.thread_time
     from serving.config import EngineConfig, ModelConfig
     from serving.engine.model_runner import kv_shape
     from serving.models import load_model

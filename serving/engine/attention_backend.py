@@ -57,7 +57,9 @@ class StepSequence:
     start: int
     rows: int
     context: int  # tokens attended after this step: cached + new
-    block_ids: list[int]  # the blocks holding positions [0, context)
+    # the blocks holding positions [0, context); in an all-sliding model, entries before the window of the
+    # sequence's first row may be DROPPED (-1, freed): no query of the step attends them, nothing may read them
+    block_ids: list[int]
 
     @property
     def fresh(self) -> bool:
@@ -197,11 +199,12 @@ class PortableBackend(AttentionBackend):
             width = -(-members[-1].context // block_size)
             tables = [s.block_ids[:width] + [0] * (width - len(s.block_ids[:width])) for s in members]
             lengths = torch.tensor([s.context for s in members], device=device)
-            block_tables = torch.tensor(tables, dtype=torch.long, device=device)
+            # dropped entries (-1) gather block 0 instead: outside every window, masked like the padding
+            block_tables = torch.tensor(tables, dtype=torch.long, device=device).clamp_(min=0)
             groups.append(_DecodeGroup(members[0].start, len(members), members[-1].context, lengths, block_tables))
             start = end
         prefills = [
-            (s, torch.tensor(s.block_ids[: -(-s.context // block_size)], device=device))
+            (s, torch.tensor(s.block_ids[: -(-s.context // block_size)], device=device).clamp_(min=0))
             for s in sequences
             if s.rows > 1 or s.fresh
         ]

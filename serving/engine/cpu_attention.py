@@ -1,16 +1,19 @@
 """`CpuPagedBackend`: attention that reads the KV pool where it lies, through a small C++ kernel (fp32, CPU).
 
-csrc/paged_attention.cpp is built once per machine with torch.utils.cpp_extension (seconds; cached under torch's
-extensions directory) and registered as `torch.ops.sessionserve.paged_attention`. It serves decode rows and
-prefill chunks over a cached prefix with no gathered copy: each (sequence, kv head, tile of query rows) walks its
-block table with an online softmax, causal, sliding window and soft-capping included, prefetching the next block.
-Blocks are kept head-major, keys transposed (`pool_views`), so a block's scores need no horizontal sums. A chunk
+csrc/paged_attention.cpp is built once per machine and source version with torch.utils.cpp_extension (seconds;
+cached under torch's extensions directory, in a folder named after the source's hash so that checkouts with
+different sources never load each other's build) and registered as `torch.ops.sessionserve.paged_attention`. It
+serves decode rows and prefill chunks over a cached prefix with no gathered copy: each (sequence, kv head, tile
+of query rows) walks its block table once for all query heads sharing the kv head, with an online softmax per
+block in vector registers, causal, sliding window and soft-capping included, prefetching blocks ahead. Blocks
+are kept head-major, keys transposed (`pool_views`), so a block's scores need no horizontal sums. A chunk
 with no cached prefix attends only its own fresh K/V, which torch SDPA does best (unless the layer is soft-capped).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +40,9 @@ def load_kernel() -> Any:
     """Build (first time on this machine) and load the kernel; returns the op. Raises if it cannot be built."""
     from torch.utils.cpp_extension import load
 
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     load(
-        name="sessionserve_paged_attention",
+        name=f"sessionserve_paged_attention_{digest}",
         sources=[str(SOURCE)],
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],

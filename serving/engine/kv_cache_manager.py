@@ -8,6 +8,10 @@
   (whole blocks, plus the partial last block, copied first if a fork shares it); the rest is freed. When the turn
   ends, its blocks become the session's KV.
 - A fork shares its parent's blocks (reference counts); whoever writes into a shared partial block copies it.
+- In a model whose every layer is sliding (`window`), blocks wholly before the window of a request's next token
+  are freed as it advances (the entry becomes `DROPPED`), so a sequence holds about `window` tokens of KV at any
+  context. A later turn reuses such a session's KV only if the prompt keeps every token whose KV it still needs;
+  otherwise it recomputes from the start (KV at a position depends on the window before it, layer upon layer).
 
 Tensor copies (device<->host, copy-on-write) are asked of the model runner through `BlockCopier`, at once.
 """
@@ -18,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from serving.engine.block_pool import BlockPool
+from serving.engine.block_pool import DROPPED, BlockPool
 from serving.engine.request import Request
 from serving.engine.token_ids import common_prefix_length
 from serving.engine.types import KVTier
@@ -47,8 +51,16 @@ class SessionKV:
 
 
 class KVCacheManager:
-    def __init__(self, num_device_blocks: int, num_host_blocks: int, block_size: int, copier: BlockCopier) -> None:
+    def __init__(
+        self,
+        num_device_blocks: int,
+        num_host_blocks: int,
+        block_size: int,
+        copier: BlockCopier,
+        window: int | None = None,
+    ) -> None:
         self.block_size = block_size
+        self.window = window  # every layer sliding: the most tokens back any layer reads (None: keep everything)
         self.pools = {"device": BlockPool(num_device_blocks), "host": BlockPool(num_host_blocks)}
         self.device = self.pools["device"]
         self.host = self.pools["host"]
@@ -101,20 +113,22 @@ class KVCacheManager:
         reuse = 0
         if session is not None and session.tier != "none":
             reuse = min(common_prefix_length(session.token_ids, request.all_token_ids), request.num_tokens - 1)
+            if reuse and session.block_ids[self._first_needed_block(reuse)] == DROPPED:
+                reuse = 0  # the KV the first new token needs was dropped: recompute everything
             keep = self.blocks_for(reuse)
             pool = self.pools[session.tier]
             cow = (
                 session.tier == "device" and reuse % self.block_size and pool.ref_count(session.block_ids[keep - 1]) > 1
             )
-            if not self._make_room(keep if session.tier == "host" else int(bool(cow))):
+            if not self._make_room(_held(session.block_ids[:keep]) if session.tier == "host" else int(bool(cow))):
                 session.request = None
                 self._idle[session.tier][session.key] = None
                 return False
             pool.free(session.block_ids[keep:])
             blocks = session.block_ids[:keep]
             if session.tier == "host" and keep:
-                on_device = self.device.allocate(keep)
-                self.copier.swap_in(list(zip(blocks, on_device, strict=True)))
+                on_device, pairs = self._moved(blocks, self.device)
+                self.copier.swap_in(pairs)
                 self.host.free(blocks)
                 blocks = on_device
                 self.counters["restored_sessions"] += 1
@@ -131,7 +145,9 @@ class KVCacheManager:
         return True
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Make the block table cover `num_new_tokens` more tokens, offloading idle sessions if needed."""
+        """Make the block table cover `num_new_tokens` more tokens, offloading idle sessions if needed (and, in an
+        all-sliding model, first free the blocks no layer will read again)."""
+        self._drop_outside_window(request)
         need = self.blocks_for(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
         if need <= 0:
             return True
@@ -181,6 +197,30 @@ class KVCacheManager:
             del self._idle[session.tier][session.key]
         return session
 
+    def _first_needed_block(self, position: int) -> int:
+        """The earliest block whose KV the token at `position` (> 0) needs: its window's start, or the block
+        holding `position - 1` (new tokens are written after it)."""
+        first_key = max(0, position - self.window + 1) if self.window is not None else 0
+        return min(first_key, position - 1) // self.block_size
+
+    def _drop_outside_window(self, request: Request) -> None:
+        """Free the blocks before the window of the request's next token; dropped entries form a prefix, so walk
+        back from the newest candidate until one is already dropped."""
+        if self.window is None or not request.num_computed_tokens:
+            return
+        table = request.block_ids
+        index = min(self._first_needed_block(request.num_computed_tokens), len(table)) - 1
+        while index >= 0 and table[index] != DROPPED:
+            self.device.free([table[index]])
+            table[index] = DROPPED
+            index -= 1
+
+    def _moved(self, blocks: list[int], pool: BlockPool) -> tuple[list[int], BlockPairs]:
+        """`blocks` on newly allocated blocks of `pool` (dropped entries stay dropped), and the copies to make."""
+        fresh = iter(pool.allocate(_held(blocks)))
+        table = [DROPPED if block == DROPPED else next(fresh) for block in blocks]
+        return table, [(old, new) for old, new in zip(blocks, table, strict=True) if old != DROPPED]
+
     def _make_room(self, num_blocks: int) -> bool:
         """Free device blocks by moving least recently used idle sessions to the host tier."""
         while self.device.num_free < num_blocks:
@@ -190,7 +230,7 @@ class KVCacheManager:
         return True
 
     def _offload(self, session: SessionKV) -> None:
-        n = len(session.block_ids)
+        n = _held(session.block_ids)
         while self.host.num_free < n and self._idle["host"]:
             self._forget_kv(self.sessions[next(iter(self._idle["host"]))])
             self.counters["dropped_sessions"] += 1
@@ -199,8 +239,8 @@ class KVCacheManager:
             self.counters["dropped_sessions"] += 1
             return
         del self._idle["device"][session.key]
-        on_host = self.host.allocate(n)
-        self.copier.swap_out(list(zip(session.block_ids, on_host, strict=True)))
+        on_host, pairs = self._moved(session.block_ids, self.host)
+        self.copier.swap_out(pairs)
         self.device.free(session.block_ids)
         session.tier, session.block_ids = "host", on_host
         self._idle["host"][session.key] = None
@@ -212,3 +252,8 @@ class KVCacheManager:
             self.pools[session.tier].free(session.block_ids)
             self._idle[session.tier].pop(session.key, None)
         session.tier, session.token_ids, session.block_ids = "none", [], []
+
+
+def _held(blocks: list[int]) -> int:
+    """How many blocks a block table holds (dropped entries hold none)."""
+    return sum(block != DROPPED for block in blocks)

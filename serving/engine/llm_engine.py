@@ -29,8 +29,14 @@ from serving.models import LoadedModel
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, backend: AttentionBackend | None = None) -> None:
         self.runner = ModelRunner(loaded, config, backend)
+        windows = [layer.window for layer in self.runner.layers if layer.window is not None]
         self.kv_manager = KVCacheManager(
-            self.runner.num_device_blocks, self.runner.num_host_blocks, config.block_size, self.runner
+            self.runner.num_device_blocks,
+            self.runner.num_host_blocks,
+            config.block_size,
+            self.runner,
+            # KV behind the window is freed only where no layer reads it: every layer sliding
+            window=max(windows) if len(windows) == len(self.runner.layers) else None,
         )
         self.scheduler = Scheduler(self.kv_manager, config.max_batch_size, config.max_batch_tokens)
         self.tokenizer = loaded.tokenizer

@@ -31,22 +31,23 @@ def dense_reference(query, keys, values, seq: StepSequence, layer: LayerAttentio
 
 
 @pytest.mark.parametrize("backend_name", ["portable", "cpu", "flex"])
+@pytest.mark.parametrize("block", [BLOCK, 5])  # the kernel's vector path (16-token blocks) and its plain loop
 @pytest.mark.parametrize(
     "layer", [LayerAttention(), LayerAttention(window=40), LayerAttention(softcap=2.0), LayerAttention(7, 1.5)]
 )
 @pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
-def test_backend_equals_dense_attention(backend_name, layer, heads, kv_heads):
+def test_backend_equals_dense_attention(backend_name, block, layer, heads, kv_heads):
     torch.manual_seed(0)
     rng = random.Random(0)
-    dim, num_blocks = 32, 200
+    dim, num_blocks = 32, 400
     backends = {
-        "portable": lambda: PortableBackend(BLOCK),
-        "cpu": lambda: CpuPagedBackend(BLOCK),
-        "flex": lambda: FlexPagedBackend(BLOCK, num_blocks, compiled=False),  # eager: mask_mod (CUDA: compiled)
-        "flex-compiled": lambda: FlexPagedBackend(BLOCK, num_blocks, compiled=True, dynamic=False),
+        "portable": lambda: PortableBackend(block),
+        "cpu": lambda: CpuPagedBackend(block),
+        "flex": lambda: FlexPagedBackend(block, num_blocks, compiled=False),  # eager: mask_mod (CUDA: compiled)
+        "flex-compiled": lambda: FlexPagedBackend(block, num_blocks, compiled=True, dynamic=False),
     }
     backend = backends[backend_name]()
-    raw = torch.zeros(2, num_blocks, BLOCK, kv_heads, dim)
+    raw = torch.zeros(2, num_blocks, block, kv_heads, dim)
     key_pool, value_pool = backend.pool_views(raw[0], raw[1])
     free = list(range(num_blocks))
     rng.shuffle(free)
@@ -54,10 +55,10 @@ def test_backend_equals_dense_attention(backend_name, layer, heads, kv_heads):
     shapes = [(1, 5), (1, 300), (1, 17), (1, 600), (40, 300), (3, 20), (35, 35), (1, 1)]
     sequences, dense, row = [], [], 0
     for rows, context in shapes:
-        blocks = [free.pop() for _ in range(-(-context // BLOCK))]
+        blocks = [free.pop() for _ in range(-(-context // block))]
         sequences.append(StepSequence(start=row, rows=rows, context=context, block_ids=blocks))
         k, v = torch.randn(kv_heads, context, dim), torch.randn(kv_heads, context, dim)
-        slots = torch.tensor([b * BLOCK + i for b in blocks for i in range(BLOCK)][:context])
+        slots = torch.tensor([b * block + i for b in blocks for i in range(block)][:context])
         sequence_meta = backend.prepare([StepSequence(0, context, context, blocks)], context, torch.device("cpu"))
         pool = KVPair(key_pool, value_pool)
         backend.write(pool, KVPair(k[None], v[None]), slots, sequence_meta)  # the backend's own layout

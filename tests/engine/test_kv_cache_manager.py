@@ -1,5 +1,6 @@
 """Exact block ids for the session KV lifecycle: reuse, copy-on-write, offload, restore, drop (block_size 4)."""
 
+from serving.engine.block_pool import DROPPED
 from serving.engine.kv_cache_manager import KVCacheManager
 from serving.engine.request import Request
 from serving.engine.types import SamplingParams
@@ -186,3 +187,55 @@ def test_preempt_frees_blocks_and_resets_progress():
     assert (req.block_ids, req.num_computed_tokens, req.attached) == ([], 0, True)
     assert kv.device.num_free == 6
     assert kv.allocate_slots(req, 10) and req.block_ids == [3, 4, 5]
+
+
+# ------------------------------------------------------------------------------ all-sliding models (window 6)
+
+
+def sliding(device=8, host=8):
+    return KVCacheManager(device, host, block_size=4, copier=FakeCopier(), window=6)
+
+
+def test_an_all_sliding_model_frees_the_blocks_behind_every_window():
+    kv = sliding()
+    req = request("r", range(20), key="s")
+    start(kv, req)  # the prompt's chunk attends within itself: nothing dropped before it runs
+    assert req.block_ids == [0, 1, 2, 3, 4]
+    req.all_token_ids.append(99)
+    assert kv.allocate_slots(req, 1)  # the token at 20 reads keys 15..20: blocks 0-2 (keys 0..11) go
+    assert req.block_ids == [DROPPED, DROPPED, DROPPED, 3, 4, 5] and kv.device.num_used == 3
+    req.num_computed_tokens += 1
+    req.all_token_ids.append(98)
+    assert kv.allocate_slots(req, 1)  # keys 16..21: block 3 (keys 12..15) goes
+    assert req.block_ids == [DROPPED, DROPPED, DROPPED, DROPPED, 4, 5] and kv.device.num_used == 2
+    kv.finish(req)
+    assert kv.session_info("s") == ("device", 21) and kv.device.num_used == 2
+
+
+def test_a_sliding_session_offloads_and_restores_only_the_blocks_it_holds():
+    kv = sliding(device=4, host=4)
+    first = turn(kv, "a1", range(16), key="a", reply=(99, 98, 97))  # 18 computed: blocks 0-2 dropped on the way
+    assert kv.sessions["a"].block_ids == [DROPPED, DROPPED, DROPPED, 3, 1]
+    start(kv, hog := request("hog", range(100, 112)))  # 3 blocks, 2 free: a goes to the host
+    assert kv.session_info("a") == ("host", 18) and kv.host.num_used == 2
+    assert kv.sessions["a"].block_ids == [DROPPED, DROPPED, DROPPED, 0, 1]
+    assert kv.copier.calls[-1] == ("out", [(3, 0), (1, 1)])
+    kv.finish(hog)
+    back = request("a2", [*first.all_token_ids, 5, 6], key="a")
+    assert kv.attach(back) and back.num_computed_tokens == 18  # the new tokens' windows are all held
+    assert back.block_ids[:3] == [DROPPED] * 3 and kv.copier.calls[-1] == ("in", [(0, 1), (1, 0)])
+    assert kv.host.num_used == 0 and kv.device.num_used == 2
+
+
+def test_a_prompt_that_leaves_the_held_window_recomputes_from_the_start():
+    kv = sliding()
+    first = turn(kv, "a1", range(16), key="a", reply=(99, 98, 97))
+    edited = request("a2", [*first.all_token_ids[:10], 50, 51], key="a")  # diverges at 10: needs keys 5..9
+    assert kv.attach(edited)
+    assert edited.num_computed_tokens == 0 and edited.block_ids == [] and kv.device.num_used == 0
+
+
+def test_without_a_window_every_block_is_kept():
+    kv = manager(device=8)
+    turn(kv, "a1", range(16), key="a", reply=(99, 98, 97))
+    assert DROPPED not in kv.sessions["a"].block_ids and kv.device.num_used == 5

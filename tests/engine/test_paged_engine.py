@@ -338,7 +338,8 @@ def _windowed(kind: str, tokenizer):
 @pytest.mark.parametrize("backend", ["portable", "cpu"])
 @pytest.mark.parametrize("kind", ["gemma3-mixed", "mistral-sliding", "gemma2-softcap"])
 async def test_sliding_and_softcapped_attention_past_the_window_equal_generate(tokenizer, monkeypatch, kind, backend):
-    """200+ tokens of context, batched with a short prompt, chunked prefill, then a warm turn over cached KV."""
+    """200+ tokens of context, batched with a short prompt, chunked prefill, then a warm turn over cached KV and an
+    edited one; an all-sliding model holds only the window's KV."""
     monkeypatch.setenv("SESSIONSERVE_ATTENTION", backend)
     loaded = _loaded(_windowed(kind, tokenizer), tokenizer)
     engine = PagedEngine(loaded, tiny_config(max_batch_tokens=48))
@@ -349,10 +350,17 @@ async def test_sliding_and_softcapped_attention_past_the_window_equal_generate(t
         )
         assert tokens(first) == reference(loaded, LONG, 8)
         assert tokens(short) == reference(loaded, PROMPT_B, 8)
+        # the session's 227 tokens of KV: every block where a layer attends to all of it, the window's otherwise
+        held = engine.core.kv_manager.device.num_used
+        assert held == (5 if kind == "mistral-sliding" else 57)  # 16-token window: keys 211..226, blocks 52..56
         second_ids = [*LONG, *tokens(first), *range(6000, 6030)]  # 30 new tokens over 227 cached
         second = await run(engine, "warm", second_ids, key="s", max_new_tokens=8)
         assert second[0].cached_tokens == len(LONG) + 7
         assert tokens(second) == reference(loaded, second_ids, 8)
+        edited = [*LONG[:100], *range(7000, 7010)]  # diverges at 100: an all-sliding model no longer holds 85..99
+        third = await run(engine, "edit", edited, key="s", max_new_tokens=8)
+        assert third[0].cached_tokens == (0 if kind == "mistral-sliding" else 100)
+        assert tokens(third) == reference(loaded, edited, 8)
     finally:
         await engine.shutdown()
     if kind == "gemma2-softcap":  # the cap changes this model's output: the test above can fail without it

@@ -8,8 +8,12 @@
 // FMAs, one vector = the block's keys, with no horizontal sums), V blocks [kv_heads, block_size, head_dim].
 //
 // Work items: (sequence, kv head, tile of up to kTileRows query rows); each keeps the tile's query vectors of
-// every query head sharing the kv head (GQA without repeat_kv) and runs an online softmax over chunks of
-// kChunk keys, so the rescaling cost is paid once per chunk. Items run on torch's intra-op thread pool.
+// every query head sharing the kv head (GQA without repeat_kv), so each K/V block is read from memory once for
+// all of them. An item walks its blocks once, with an online softmax per block; items run on torch's intra-op
+// thread pool. Decode is bound by reading the KV, so the per-block work stays in registers: with 16-token
+// blocks and head_dim 32, 64, 128 or 256, a template keeps a few query vectors' scores (one 16-float vector each)
+// and their output accumulators in vector registers (`block_fast`); other shapes take a plain loop
+// (`block_generic`), same arithmetic.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -25,70 +29,192 @@
 namespace {
 
 constexpr int64_t kTileRows = 16;
-constexpr int64_t kChunk = 256;
+constexpr int kLanes = 16;           // floats per vector: the keys of one block of the fast path
+constexpr int64_t kPrefetchAhead = 2;  // blocks lie anywhere in the pool: ask for them before they are needed
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0 as plain arithmetic, so the softmax loop vectorizes (libm's expf call does not): Cephes'
-// expf, 2^n * p(r) with |r| <= ln2 / 2, about 1 ulp; exp(x < -87.3) gives ~1e-38 instead of 0
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.3365447504f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  const float y =
+// 16 floats (int32s); gcc maps them onto whatever vector registers the target has (one zmm with AVX-512)
+typedef float vec __attribute__((vector_size(64)));
+typedef int32_t ivec __attribute__((vector_size(64)));
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+inline vec splat(float x) { return vec{} + x; }
+
+inline vec vmax(vec a, vec b) { return a > b ? a : b; }
+
+// lane i + 8, + 4, + 2, + 1 (mod 16): a tree reduction over the 16 lanes in four steps
+constexpr ivec kHalf8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+constexpr ivec kHalf4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+constexpr ivec kHalf2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+constexpr ivec kHalf1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+
+inline float reduce_max(vec v) {
+  v = vmax(v, __builtin_shuffle(v, kHalf8));
+  v = vmax(v, __builtin_shuffle(v, kHalf4));
+  v = vmax(v, __builtin_shuffle(v, kHalf2));
+  return vmax(v, __builtin_shuffle(v, kHalf1))[0];
+}
+
+inline float reduce_sum(vec v) {
+  v += __builtin_shuffle(v, kHalf8);
+  v += __builtin_shuffle(v, kHalf4);
+  v += __builtin_shuffle(v, kHalf2);
+  return (v + __builtin_shuffle(v, kHalf1))[0];
+}
+
+// exp(x) for x <= 0, 16 lanes as plain vector arithmetic (libm's expf is one call per lane): Cephes' expf,
+// 2^n * p(r) with |r| <= ln2 / 2, about 1 ulp; exp(x < -87.3) gives ~1e-38 instead of 0, exp(-inf) too
+inline vec exp_nonpositive(vec x) {
+  x = vmax(x, splat(-87.3365447504f));
+  const vec z = x * 1.44269504088896341f + 0.5f;
+  vec n = __builtin_convertvector(__builtin_convertvector(z, ivec), vec);  // rounds toward zero...
+  n = n > z ? n - 1.f : n;                                                   // ...so step down: floor(z)
+  const vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const vec y =
       ((((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
          1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r) + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  return y * reinterpret_cast<const vec&>(bits);
+}
+
+// The running state of one work item's query vectors (m = row in the tile * group + head in the group).
+struct Rows {
+  const float* q;     // [m, dim], scaled
+  const int32_t* lo;  // [m]: first attended key
+  const int32_t* hi;  // [m]: last attended key
+  float* max;         // [m]: running max of the scores
+  float* sum;         // [m]: running sum of exp(score - max)
+  float* acc;         // [m, dim]: running sum of exp(score - max) * value
+  Rows at(int64_t m, int64_t dim) const {
+    return {q + m * dim, lo + m, hi + m, max + m, sum + m, acc + m * dim};
+  }
+};
+
+// MB query vectors against one block of 16 keys: scores, mask, online-softmax update, acc += p . v.
+// `keys` is how many of the block's keys any of them attends (the rest may not hold this sequence's KV).
+template <int DV, int MB>
+void block_fast(Rows r, const float* kt, const float* v, int32_t key0, int keys, float cap) {
+  constexpr int dim = DV * kLanes;
+  constexpr int P = MB <= 2 ? 4 : 2;  // independent partial sums per score vector, to hide the FMA latency
+  vec s[MB][P] = {};
+  for (int d = 0; d < dim; d += P) {
+    for (int p = 0; p < P; ++p) {
+      const vec k = load(kt + (d + p) * kLanes);
+      for (int m = 0; m < MB; ++m) s[m][p] += r.q[m * dim + d + p] * k;
+    }
+  }
+  ivec key = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  key += key0;
+  alignas(64) float prob[MB][kLanes];
+  float correction[MB];
+  for (int m = 0; m < MB; ++m) {
+    vec score = s[m][0];
+    for (int p = 1; p < P; ++p) score += s[m][p];
+    if (cap > 0.f) {
+      alignas(64) float t[kLanes];
+      store(t, score);
+      for (int j = 0; j < kLanes; ++j) t[j] = std::tanh(t[j] / cap) * cap;
+      score = load(t);
+    }
+    const ivec attended = (key >= r.lo[m]) & (key <= r.hi[m]);
+    score = attended ? score : splat(kNegInf);
+    const float block_max = reduce_max(score);
+    if (block_max == kNegInf) {  // no key of this block for this query vector
+      correction[m] = 1.f;
+      store(prob[m], vec{});
+      continue;
+    }
+    const float new_max = std::max(r.max[m], block_max);
+    correction[m] = std::exp(r.max[m] - new_max);  // exp(-inf) = 0 on the first block
+    r.max[m] = new_max;
+    const vec p = attended ? exp_nonpositive(score - new_max) : vec{};
+    store(prob[m], p);
+    r.sum[m] = r.sum[m] * correction[m] + reduce_sum(p);
+  }
+  vec acc[MB][DV];
+  for (int m = 0; m < MB; ++m)
+    for (int x = 0; x < DV; ++x) acc[m][x] = load(r.acc + m * dim + x * kLanes) * correction[m];
+  for (int j = 0; j < keys; ++j) {
+    const float* row = v + j * dim;
+    for (int x = 0; x < DV; ++x) {
+      const vec value = load(row + x * kLanes);
+      for (int m = 0; m < MB; ++m) acc[m][x] += prob[m][j] * value;
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int x = 0; x < DV; ++x) store(r.acc + m * dim + x * kLanes, acc[m][x]);
+}
+
+// All of an item's query vectors against one 16-key block, MB at a time (as many as fit in registers).
+template <int DV>
+void blocks_fast(Rows r, int64_t m_count, const float* kt, const float* v, int32_t key0, int keys, float cap) {
+  constexpr int most = DV <= 4 ? 4 : (DV == 8 ? 2 : 1);
+  const int64_t dim = DV * kLanes;
+  int64_t m = 0;
+  for (; m + most <= m_count; m += most) block_fast<DV, most>(r.at(m, dim), kt, v, key0, keys, cap);
+  switch (m_count - m) {
+    case 3: block_fast<DV, 3>(r.at(m, dim), kt, v, key0, keys, cap); break;
+    case 2: block_fast<DV, 2>(r.at(m, dim), kt, v, key0, keys, cap); break;
+    case 1: block_fast<DV, 1>(r.at(m, dim), kt, v, key0, keys, cap); break;
+    default: break;
+  }
+}
+
+// The same for any block size and head_dim, one query vector at a time (`scores`: block_size floats rounded up
+// to whole vectors).
+void block_generic(Rows r, int64_t m_count, int64_t dim, const float* kt, const float* v, int64_t block_size,
+                   int32_t key0, float cap, float* scores) {
+  const int64_t padded = (block_size + kLanes - 1) / kLanes * kLanes;
+  for (int64_t m = 0; m < m_count; ++m) {
+    const float* q = r.q + m * dim;
+    for (int64_t j = 0; j < padded; ++j) scores[j] = 0.f;
+    for (int64_t d = 0; d < dim; ++d) {
+      const float qd = q[d];
+      const float* row = kt + d * block_size;
+#pragma omp simd
+      for (int64_t j = 0; j < block_size; ++j) scores[j] += qd * row[j];
+    }
+    float block_max = kNegInf;
+    for (int64_t j = 0; j < padded; ++j) {
+      const int64_t key = key0 + j;
+      if (cap > 0.f) scores[j] = std::tanh(scores[j] / cap) * cap;
+      if (j >= block_size || key < r.lo[m] || key > r.hi[m]) scores[j] = kNegInf;
+      block_max = std::max(block_max, scores[j]);
+    }
+    if (block_max == kNegInf) continue;
+    const float new_max = std::max(r.max[m], block_max);
+    const float correction = std::exp(r.max[m] - new_max);
+    r.max[m] = new_max;
+    float sum = 0.f;
+    for (int64_t j = 0; j < padded; j += kLanes) {
+      const vec s = load(scores + j);
+      const vec p = s == splat(kNegInf) ? vec{} : exp_nonpositive(s - new_max);
+      store(scores + j, p);
+      sum += reduce_sum(p);
+    }
+    r.sum[m] = r.sum[m] * correction + sum;
+    float* acc = r.acc + m * dim;
+    for (int64_t d = 0; d < dim; ++d) acc[d] *= correction;
+    for (int64_t j = 0; j < block_size; ++j) {
+      const float p = scores[j];
+      if (p == 0.f) continue;  // not attended: the key may not hold this sequence's KV
+      const float* value = v + j * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) acc[d] += p * value[d];
+    }
+  }
 }
 
 struct Item {
   int64_t seq, kv_head, row_begin, row_end;  // rows relative to the sequence's first query row
 };
-
-// s[m * stride + j] = sum_d q[m * dim + d] * kt[d * BS + j] for MB query vectors and the BS keys of one block
-template <int MB, int BS>
-inline void block_scores(const float* q, int64_t dim, const float* kt, float* s, int64_t stride) {
-  float acc[MB][BS] = {};
-  for (int64_t d = 0; d < dim; ++d) {
-    const float* row = kt + d * BS;
-    for (int m = 0; m < MB; ++m) {
-      const float qd = q[m * dim + d];
-#pragma omp simd
-      for (int j = 0; j < BS; ++j) acc[m][j] += qd * row[j];
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < BS; ++j) s[m * stride + j] = acc[m][j];
-}
-
-inline void block_scores_any(const float* q, int64_t m_count, int64_t dim, const float* kt, int64_t bs, float* s,
-                             int64_t stride) {
-  for (int64_t m = 0; m < m_count; ++m) {
-    float* out = s + m * stride;
-    for (int64_t j = 0; j < bs; ++j) out[j] = 0.f;
-    for (int64_t d = 0; d < dim; ++d) {
-      const float qd = q[m * dim + d];
-      const float* row = kt + d * bs;
-#pragma omp simd
-      for (int64_t j = 0; j < bs; ++j) out[j] += qd * row[j];
-    }
-  }
-}
-
-void scores_for_block(const float* q, int64_t m_count, int64_t dim, const float* kt, int64_t bs, float* s,
-                      int64_t stride) {
-  if (bs != 16) return block_scores_any(q, m_count, dim, kt, bs, s, stride);
-  int64_t m = 0;
-  for (; m + 4 <= m_count; m += 4) block_scores<4, 16>(q + m * dim, dim, kt, s + m * stride, stride);
-  switch (m_count - m) {
-    case 3: block_scores<3, 16>(q + m * dim, dim, kt, s + m * stride, stride); break;
-    case 2: block_scores<2, 16>(q + m * dim, dim, kt, s + m * stride, stride); break;
-    case 1: block_scores<1, 16>(q + m * dim, dim, kt, s + m * stride, stride); break;
-    default: break;
-  }
-}
 
 void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& k_pool, const at::Tensor& v_pool,
                      const at::Tensor& block_tables, const at::Tensor& seq_info, double scale, int64_t window,
@@ -118,8 +244,8 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
   const int32_t* info = seq_info.data_ptr<int32_t>();
   const int64_t seqs = seq_info.size(0);
   const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  const int64_t block_numel = kv_heads * dim * block_size;
-  const int64_t chunk_keys = std::max<int64_t>(block_size, kChunk / block_size * block_size);
+  const int64_t block_numel = kv_heads * dim * block_size, head_numel = dim * block_size;
+  const bool fast = block_size == kLanes && (dim == 32 || dim == 64 || dim == 128 || dim == 256);
 
   std::vector<Item> items;
   for (int64_t s = 0; s < seqs; ++s) {
@@ -129,8 +255,8 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
   }
 
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q, acc, scores, row_max, row_sum;
-    std::vector<int64_t> lo, hi;
+    std::vector<float> q, acc, row_max, row_sum, scores((block_size + kLanes - 1) / kLanes * kLanes);
+    std::vector<int32_t> lo, hi;
     for (int64_t it = begin; it < end; ++it) {
       const Item item = items[it];
       const int64_t first_row = info[item.seq * 3], rows = info[item.seq * 3 + 1], context = info[item.seq * 3 + 2];
@@ -138,87 +264,49 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
       const int64_t tile = item.row_end - item.row_begin, m_count = tile * group;
       q.resize(m_count * dim);
       acc.assign(m_count * dim, 0.f);
-      scores.resize(m_count * chunk_keys);
       row_max.assign(m_count, kNegInf);
       row_sum.assign(m_count, 0.f);
       lo.resize(m_count);
-      hi.resize(m_count);  // attended key range [lo, hi] of each query vector
+      hi.resize(m_count);
       for (int64_t r = 0; r < tile; ++r) {
         const int64_t position = context - rows + item.row_begin + r;
         for (int64_t g = 0; g < group; ++g) {
           const int64_t m = r * group + g, head = item.kv_head * group + g;
           const float* src = q_base + (first_row + item.row_begin + r) * q_row_stride + head * q_head_stride;
           for (int64_t d = 0; d < dim; ++d) q[m * dim + d] = src[d] * fscale;
-          hi[m] = position;
-          lo[m] = window > 0 ? std::max<int64_t>(0, position - window + 1) : 0;
+          hi[m] = static_cast<int32_t>(position);
+          lo[m] = static_cast<int32_t>(window > 0 ? std::max<int64_t>(0, position - window + 1) : 0);
         }
       }
-      const int64_t key_begin = lo[0] / block_size * block_size, key_end = hi[m_count - 1] + 1;
-      for (int64_t chunk = key_begin; chunk < key_end; chunk += chunk_keys) {
-        const int64_t n = std::min(chunk_keys, key_end - chunk);
-        // scores of every (query vector, key) of the chunk, a block at a time (the last may be partial)
-        for (int64_t b = 0; b < n; b += block_size) {
-          const int64_t block = table[(chunk + b) / block_size];
-          const float* kt = k_base + block * block_numel + item.kv_head * dim * block_size;
-          // blocks lie anywhere in the pool: ask for the next block's keys and this block's values (read by
-          // the p . v pass after this chunk) ahead of time, the hardware prefetcher cannot guess them
-          if (chunk + b + block_size < key_end) {
-            const float* next = k_base + static_cast<int64_t>(table[(chunk + b) / block_size + 1]) * block_numel +
-                                item.kv_head * dim * block_size;
-            for (int64_t line = 0; line < dim * block_size; line += 16) __builtin_prefetch(next + line);
+      const Rows state{q.data(), lo.data(), hi.data(), row_max.data(), row_sum.data(), acc.data()};
+      // the first row attends the earliest keys, the last row the latest: blocks before the first row's
+      // window are never read (an all-sliding model may have dropped them)
+      const int64_t first_block = lo[0] / block_size, last_key = hi[m_count - 1];
+      const int64_t last_block = last_key / block_size;
+      for (int64_t b = first_block; b <= last_block; ++b) {
+        if (b + kPrefetchAhead <= last_block) {
+          const int64_t ahead = static_cast<int64_t>(table[b + kPrefetchAhead]) * block_numel;
+          const float* k_next = k_base + ahead + item.kv_head * head_numel;
+          const float* v_next = v_base + ahead + item.kv_head * head_numel;
+          for (int64_t line = 0; line < head_numel; line += 16) {
+            __builtin_prefetch(k_next + line);
+            __builtin_prefetch(v_next + line);
           }
-          const float* v = v_base + block * block_numel + item.kv_head * block_size * dim;
-          for (int64_t line = 0; line < dim * block_size; line += 16) __builtin_prefetch(v + line);
-          scores_for_block(q.data(), m_count, dim, kt, block_size, scores.data() + b, chunk_keys);
         }
-        for (int64_t m = 0; m < m_count; ++m) {
-          float* s = scores.data() + m * chunk_keys;
-          const int64_t first = std::max<int64_t>(0, lo[m] - chunk), last = std::min(n, hi[m] - chunk + 1);
-          if (first >= last) {  // nothing attended in this chunk
-            for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
-            continue;
-          }
-          if (cap > 0.f) {
-            const float inv_cap = 1.f / cap;
-#pragma omp simd
-            for (int64_t j = first; j < last; ++j) s[j] = std::tanh(s[j] * inv_cap) * cap;
-          }
-          float chunk_max = kNegInf;
-#pragma omp simd reduction(max : chunk_max)
-          for (int64_t j = first; j < last; ++j) chunk_max = std::max(chunk_max, s[j]);
-          const float new_max = std::max(row_max[m], chunk_max);
-          if (new_max > row_max[m]) {
-            const float correction = std::exp(row_max[m] - new_max);  // exp(-inf) = 0 on the first chunk
-            float* a = acc.data() + m * dim;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) a[d] *= correction;
-            row_sum[m] *= correction;
-            row_max[m] = new_max;
-          }
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = first; j < last; ++j) {
-            const float p = exp_nonpositive(s[j] - new_max);
-            s[j] = p;
-            sum += p;
-          }
-          for (int64_t j = 0; j < first; ++j) s[j] = 0.f;
-          for (int64_t j = last; j < n; ++j) s[j] = 0.f;
-          row_sum[m] += sum;
+        const int64_t offset = static_cast<int64_t>(table[b]) * block_numel + item.kv_head * head_numel;
+        const float* kt = k_base + offset;
+        const float* v = v_base + offset;
+        const int32_t key0 = static_cast<int32_t>(b * block_size);
+        if (!fast) {
+          block_generic(state, m_count, dim, kt, v, block_size, key0, cap, scores.data());
+          continue;
         }
-        // acc += p . v, one query vector at a time over its keys of the chunk
-        for (int64_t m = 0; m < m_count; ++m) {
-          const float* p = scores.data() + m * chunk_keys;
-          float* a = acc.data() + m * dim;
-          const int64_t first = std::max<int64_t>(0, lo[m] - chunk), last = std::min(n, hi[m] - chunk + 1);
-          for (int64_t j = first; j < last; ++j) {
-            const int64_t key = chunk + j;
-            const float* v = v_base + static_cast<int64_t>(table[key / block_size]) * block_numel +
-                             (item.kv_head * block_size + key % block_size) * dim;
-            const float pj = p[j];
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) a[d] += pj * v[d];
-          }
+        const int keys = static_cast<int>(std::min<int64_t>(block_size, last_key - key0 + 1));
+        switch (dim) {
+          case 32: blocks_fast<2>(state, m_count, kt, v, key0, keys, cap); break;
+          case 64: blocks_fast<4>(state, m_count, kt, v, key0, keys, cap); break;
+          case 128: blocks_fast<8>(state, m_count, kt, v, key0, keys, cap); break;
+          default: blocks_fast<16>(state, m_count, kt, v, key0, keys, cap); break;
         }
       }
       for (int64_t r = 0; r < tile; ++r) {

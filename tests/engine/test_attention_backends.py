@@ -190,4 +190,4 @@ def test_flex_block_lists_cover_every_attended_block_and_full_ones_are_whole():
 def test_compiled_flex_on_the_cpu_equals_dense_attention(layer):
     """The fused kernel reads only the listed blocks, so this checks the block lists end to end (torch's CPU
     template: static shapes; CUDA compiles the same call for dynamic shapes, not run here)."""
-    test_backend_equals_dense_attention("flex-compiled", layer, 9, 3)
+    test_backend_equals_dense_attention("flex-compiled", BLOCK, layer, 9, 3)

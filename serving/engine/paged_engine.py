@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from serving.config import EngineConfig
 from serving.engine.llm_engine import LLMEngine
@@ -34,8 +35,17 @@ class _Stream:
 class PagedEngine:
     """Implements `serving.engine.types.Engine` with continuous batching over a paged, tiered KV cache."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
-        self.core = LLMEngine(loaded, config or EngineConfig())
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        kv_dir: Path | None = None,
+        persist_timeout_s: float = 60.0,
+    ) -> None:
+        """`kv_dir`: the disk tier's directory (None: no disk tier); on shutdown, idle sessions' KV is written there
+        for up to `persist_timeout_s`, so a restarted engine reuses it."""
+        self.core = LLMEngine(loaded, config or EngineConfig(), kv_dir=kv_dir)
+        self.persist_timeout_s = persist_timeout_s
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._closed = False
@@ -121,6 +131,10 @@ class PagedEngine:
         self._closed = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join)
+        if self._failure is None and not await asyncio.to_thread(self.core.persist, self.persist_timeout_s):
+            log.warning("some sessions' KV was not on disk %.0f s into shutdown", self.persist_timeout_s)
+        if self.core.disk is not None:
+            self.core.disk.close()
         self.core.runner.close()
 
     # ----------------------------------------------------------------------------------------- worker

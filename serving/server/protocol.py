@@ -48,7 +48,7 @@ class ForkSessionRequest(_Strict):
 
 
 class KVState(BaseModel):
-    tier: Literal["device", "host", "none"]
+    tier: Literal["device", "host", "disk", "none"]
     tokens: int
 
 

@@ -28,7 +28,8 @@ class KVReport:
     """A session's KV cache as last reported by the replica holding it (stored with the turn it committed).
 
     `tier`: "device" (accelerator memory), "host" (offloaded to host memory), "disk" (a file in the kv dir) or
-    "none" (not held); `tokens`: how many tokens it covers; `replica`: the id of the replica holding it, "" if unknown. KVReport() means nothing reported.
+    "none" (not held); `tokens`: how many tokens it covers; `replica`: the id of the replica holding it, "" if
+    unknown. KVReport() means nothing reported.
     """
 
     tier: str = "none"

@@ -41,9 +41,9 @@ async def first_turn(engine: PagedEngine, prompt: list[int], key: str) -> list[i
 def test_hash_chain_matches_only_the_tokens_it_encodes():
     chain = hash_chain("m", list(range(10)), 4)  # blocks of 4, 4 and a partial 2
     assert len(chain) == 3
-    assert matching_tokens("m", chain, 10, list(range(10)) + [99], 4) == 10
+    assert matching_tokens("m", chain, 10, [*range(10), 99], 4) == 10
     assert matching_tokens("m", chain, 10, [*range(9), 99], 4) == 8  # the partial block differs
-    assert matching_tokens("m", chain, 10, [0, *range(1, 10)][:5] + [77, 6, 7, 8, 9], 4) == 4
+    assert matching_tokens("m", chain, 10, [0, 1, 2, 3, 4, 77, 6, 7, 8, 9], 4) == 4
     assert matching_tokens("other model", chain, 10, list(range(10)), 4) == 0
     assert matching_tokens("m", chain, 10, list(range(7)), 4) == 4  # a shorter prompt: whole blocks it has
 

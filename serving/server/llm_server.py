@@ -103,6 +103,9 @@ class LLMServer:
     ) -> AsyncIterator[StreamEvent]:
         return self._stream(self.api.chat_completion_stream(request, session_id, owner))
 
+    async def warm(self, session_id: str, owner: str | None) -> Reply[protocol.WarmResponse]:
+        return await self._reply(self.api.warm(session_id, owner))
+
     async def release_kv(self, session_id: str) -> None:
         """The ingress destroyed, cleared or re-prompted the session in the store: free its KV here."""
         await self.api.release_kv(session_id)
@@ -117,6 +120,13 @@ class LLMServer:
         problem = self.api.service.engine.health()
         if problem is not None:
             raise RuntimeError(problem)
+
+    async def __del__(self) -> None:
+        """Ray Serve calls this on a graceful stop (after the ingress drained): the engine writes its sessions' KV
+        to the node's KV dir, so that after a restart their next turns load it instead of recomputing."""
+        if self._janitor is not None:
+            self._janitor.cancel()
+        await self.api.service.shutdown()
 
     # ---- plumbing ------------------------------------------------------------------------------------
     async def _reply(self, call: Awaitable[T]) -> Reply[T]:

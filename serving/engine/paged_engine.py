@@ -40,7 +40,7 @@ class PagedEngine:
         loaded: LoadedModel,
         config: EngineConfig | None = None,
         kv_dir: Path | None = None,
-        persist_timeout_s: float = 60.0,
+        persist_timeout_s: float = 30.0,
     ) -> None:
         """`kv_dir`: the disk tier's directory (None: no disk tier); on shutdown, idle sessions' KV is written there
         for up to `persist_timeout_s`, so a restarted engine reuses it."""

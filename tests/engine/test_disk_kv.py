@@ -162,3 +162,23 @@ async def test_smollm2_turn_after_a_restart_from_disk_equals_generate(smollm2, t
         await restarted.shutdown()
     assert second[0].cached_tokens == len(first_ids) + len(reply) - 1 and second[0].kv_source == "disk"
     assert tokens(second) == reference(smollm2, second_ids, 8)
+
+
+async def test_past_the_disk_budget_the_least_recently_used_file_goes(engines, tiny_model):
+    engine = engines(device_blocks=12, host_blocks=0)
+    disk = engine.core.disk
+    assert disk is not None
+    nexts = {}
+    for key, start in (("a", 1000), ("b", 2000), ("c", 3000), ("d", 4000)):  # each pushes the one before to disk
+        nexts[key] = await first_turn(engine, list(range(start, start + 24)), key)
+        assert disk.flush(10)
+        if key == "b":  # a's file is written: from now on the budget holds two and a half such files
+            disk.budget_bytes = disk.path("a").stat().st_size * 5 // 2
+    assert not disk.path("a").exists() and disk.path("b").exists() and disk.path("c").exists()
+    assert engine.stats()["disk_evicted"] == 1
+    a2 = await run(engine, "a2", nexts["a"], key="a", max_new_tokens=6)
+    assert a2[0].cached_tokens == 0 and tokens(a2) == reference(tiny_model, nexts["a"], 6)
+    assert disk.flush(10)  # a's turn pushed d to disk, and b (now least recently used) out
+    assert not disk.path("b").exists() and disk.path("c").exists() and disk.path("d").exists()
+    c2 = await run(engine, "c2", nexts["c"], key="c", max_new_tokens=6)
+    assert c2[0].cached_tokens == 31 and tokens(c2) == reference(tiny_model, nexts["c"], 6)

@@ -74,6 +74,7 @@ class LLMServer:
         self._turns: list[TurnSample] = []
         self._idle_ttl_s = parsed.sessions.idle_ttl_s
         self._janitor: asyncio.Task[None] | None = None
+        self._stopped = False
 
     # ---- what needs the KV (history-only operations are the ingress', straight from the store) -------
     async def fork_session(
@@ -121,9 +122,16 @@ class LLMServer:
         if problem is not None:
             raise RuntimeError(problem)
 
-    async def __del__(self) -> None:
-        """Ray Serve calls this on a graceful stop (after the ingress drained): the engine writes its sessions' KV
-        to the node's KV dir, so that after a restart their next turns load it instead of recomputing."""
+    def __del__(self) -> Awaitable[None] | None:
+        """Ray Serve calls this on a graceful stop (after the ingress drained) and awaits what it returns: the engine
+        writes its sessions' KV to the node's KV dir, so that after a restart their next turns load it instead of
+        recomputing. Plain `def`, so that garbage collection calling it again afterwards creates no coroutine."""
+        if self._stopped:
+            return None
+        self._stopped = True
+        return self._stop()
+
+    async def _stop(self) -> None:
         if self._janitor is not None:
             self._janitor.cancel()
         await self.api.service.shutdown()

@@ -129,13 +129,17 @@ class DiskKVStore:
         self._queue.put(key)
 
     def load(self, key: str, prompt: Sequence[int], max_tokens: int) -> DiskHit | None:
-        """The stored KV that matches `prompt` (at most `max_tokens` of it), or None: nothing stored, or stale,
-        foreign or unreadable (such a file is deleted, so its next turn does not try it again)."""
+        """The stored KV that matches `prompt` (at most `max_tokens` of it); None when nothing is stored. A hit of
+        0 tokens means stale: stored KV none of which matches (another session's, another model's, an edited
+        history), or a file that cannot be read (deleted, so its next turn does not try it again)."""
         with self._lock:
             snapshot = self._pending.get(key)
         if snapshot is not None:
-            tokens = self._matched(snapshot.chain, snapshot.num_tokens, prompt, max_tokens)
-            return DiskHit(tokens, snapshot.blocks[: self._blocks(tokens)], self.io) if tokens else None
+            matched = self._matched(snapshot.chain, snapshot.num_tokens, prompt)
+            tokens = min(matched, max_tokens)
+            if matched and not tokens:
+                return None  # a one-token prompt: nothing it could reuse
+            return DiskHit(tokens, snapshot.blocks[: self._blocks(tokens)], self.io)
         path = self.path(key)
         if not path.exists():
             return None
@@ -143,16 +147,19 @@ class DiskKVStore:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 self._check(meta, key)
-                tokens = self._matched(json.loads(meta["chain"]), int(meta["num_tokens"]), prompt, max_tokens)
-                blocks = f.get_slice("blocks")[: self._blocks(tokens)] if tokens else None
+                matched = self._matched(json.loads(meta["chain"]), int(meta["num_tokens"]), prompt)
+                tokens = min(max_tokens, matched)
+                blocks = f.get_slice("blocks")[: self._blocks(tokens)]
         except Exception as error:  # truncated, foreign, wrong shape: never served, recomputed
             log.warning("discarding the KV file of session %r: %s", key, error)
             self.counters["disk_rejected"] += 1
             self.discard(key)
-            return None
-        if blocks is None:
+            return DiskHit(0, torch.empty(0), self.io)
+        if not matched:
             self.counters["disk_rejected"] += 1
-            return None
+            return DiskHit(0, blocks, self.io)
+        if not tokens:
+            return None  # a one-token prompt: nothing it could reuse
         with self._lock:
             if key in self._files:
                 self._files.move_to_end(key)
@@ -189,8 +196,8 @@ class DiskKVStore:
     def _blocks(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def _matched(self, chain: list[str], num_tokens: int, prompt: Sequence[int], max_tokens: int) -> int:
-        return min(max_tokens, matching_tokens(self.identity, chain, num_tokens, prompt, self.block_size))
+    def _matched(self, chain: list[str], num_tokens: int, prompt: Sequence[int]) -> int:
+        return matching_tokens(self.identity, chain, num_tokens, prompt, self.block_size)
 
     def _check(self, meta: dict[str, str], key: str) -> None:
         for name, expected in (("format", FORMAT), ("identity", self.identity), ("key", key)):

@@ -56,7 +56,8 @@ class DiskTier(Protocol):
         """Take a copy of the blocks now (the caller frees them right after) and store it."""
 
     def load(self, key: str, prompt: Sequence[int], max_tokens: int) -> StoredKV | None:
-        """The stored KV of `key` that matches `prompt`'s leading tokens (at most max_tokens), or None."""
+        """The stored KV of `key` that matches `prompt`'s leading tokens (at most max_tokens); None if nothing is
+        stored; a hit of 0 tokens if what is stored does not match (stale, foreign or unreadable)."""
 
     def discard(self, key: str) -> None: ...
 
@@ -144,7 +145,8 @@ class KVCacheManager:
         reuse = 0
         if session is not None and session.tier not in self._idle:  # nothing in memory: maybe on disk
             hit = self.disk.load(session.key, request.all_token_ids, request.num_tokens - 1) if self.disk else None
-            if hit is not None:
+            request.kv_stale = hit is not None and not hit.tokens
+            if hit is not None and hit.tokens:
                 if not self._make_room(self.blocks_for(hit.tokens)):
                     session.request = None
                     return False

@@ -199,6 +199,7 @@ class LLMEngine:
             request.num_prompt_tokens,
             request.num_cached_tokens,
             request.kv_source,
+            request.kv_stale,
         )
 
     def _finish(self, request: Request, reason: FinishReason) -> None:

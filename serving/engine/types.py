@@ -56,6 +56,7 @@ class GenerationChunk:
     prompt_tokens: int = 0  # prompt length (set on every chunk)
     cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed
     kv_source: KVTier = "none"  # where the reused KV came from; prompt_tokens - cached_tokens were recomputed
+    kv_stale: bool = False  # the session's stored KV did not match this prompt (hash chain): recomputed instead
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,7 +91,7 @@ async def test_a_restarted_engine_reuses_the_kv_written_at_shutdown(engines, tin
     restarted = engines()
     assert "a" in restarted.cache_keys()  # known from its file
     a2 = await run(restarted, "a2", second, key="a", max_new_tokens=6)
-    assert a2[0].cached_tokens == 31 and a2[0].kv_source == "disk"
+    assert a2[0].cached_tokens == 31 and a2[0].kv_source == "disk" and not a2[0].kv_stale
     assert tokens(a2) == reference(tiny_model, second, 6)
     restarted.release("a")  # destroy: the file goes too
     assert restarted.core.disk is not None and not restarted.core.disk.path("a").exists()
@@ -107,7 +107,7 @@ async def test_another_sessions_file_in_place_is_recomputed_not_served(engines, 
     shutil.copy(disk.path("b"), disk.path("a"))
     restarted = engines()
     a2 = await run(restarted, "a2", second, key="a", max_new_tokens=6)
-    assert a2[0].cached_tokens == 0 and a2[0].kv_source == "none"
+    assert a2[0].cached_tokens == 0 and a2[0].kv_source == "none" and a2[0].kv_stale
     assert tokens(a2) == reference(tiny_model, second, 6)
     assert restarted.stats()["disk_rejected"] == 1
 
@@ -121,7 +121,7 @@ async def test_a_truncated_file_is_recomputed_not_served(engines, tiny_model):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     restarted = engines()
     a2 = await run(restarted, "a2", second, key="a", max_new_tokens=6)
-    assert a2[0].cached_tokens == 0 and tokens(a2) == reference(tiny_model, second, 6)
+    assert a2[0].cached_tokens == 0 and a2[0].kv_stale and tokens(a2) == reference(tiny_model, second, 6)
     assert not path.exists()  # unusable: deleted
 
 
@@ -131,7 +131,7 @@ async def test_kv_written_by_another_model_is_recomputed_not_served(engines, tin
     await first.shutdown()
     restarted = engines()
     a2 = await run(restarted, "a2", second, key="a", max_new_tokens=6)
-    assert a2[0].cached_tokens == 0 and tokens(a2) == reference(tiny_model, second, 6)
+    assert a2[0].cached_tokens == 0 and a2[0].kv_stale and tokens(a2) == reference(tiny_model, second, 6)
 
 
 async def test_an_edited_history_reuses_only_the_blocks_before_the_edit(engines, tiny_model):

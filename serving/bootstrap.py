@@ -59,7 +59,7 @@ def build_service(config: Config, replicas_on_node: int = 1, replica: str = "") 
         engine, tokenizer = build_mii_engine(config.model, config.engine)
     else:
         loaded = load_model(config.model.model_copy(update={"torch_threads": threads}))
-        engine, tokenizer = PagedEngine(loaded, config.engine), loaded.tokenizer
+        engine, tokenizer = PagedEngine(loaded, config.engine, config.sessions.kv_path()), loaded.tokenizer
     manager = open_sessions(config, engine)
     limits = TurnLimits(config.serving.max_new_tokens, config.serving.max_prompt_tokens)
     prompts = PromptBuilder(tokenizer)

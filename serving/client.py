@@ -182,6 +182,10 @@ class SessionClient(_SessionMethods):
                     elif event == "error":
                         raise protocol.APIError(500, data["error"]["code"], data["error"]["message"])
 
+    def warm(self, session_id: str) -> protocol.WarmResponse:
+        """Bring the session's KV to the device ahead of its next turn; says from where and how long it took."""
+        return protocol.WarmResponse.model_validate(self._request("POST", f"/v1/sessions/{session_id}/warm").json())
+
     def history(self, session_id: str, window: int | None = None) -> list[protocol.MessageOut]:
         params = {"window": window} if window is not None else {}
         response = self._request("GET", f"/v1/sessions/{session_id}/messages", params=params)
@@ -267,6 +271,10 @@ class LocalClient(_SessionMethods):
                 yield item
         finally:
             task.cancel()
+
+    def warm(self, session_id: str) -> protocol.WarmResponse:
+        """Bring the session's KV to the device ahead of its next turn; says from where and how long it took."""
+        return self._run(self.api.warm(session_id))
 
     def history(self, session_id: str, window: int | None = None) -> list[protocol.MessageOut]:
         if window is not None and window < 1:

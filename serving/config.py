@@ -56,9 +56,12 @@ class EngineConfig(_Section):
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     kv_cache_memory: int = Field(2 * 2**30, description="device bytes for the KV pool")
     host_cache_memory: int = Field(4 * 2**30, description="host bytes for offloaded idle sessions' KV")
+    disk_cache_memory: int = Field(
+        16 * 2**30, description="disk bytes for idle sessions' KV past the host tier (in sessions.kv_dir); 0 = off"
+    )
     max_model_len: int = Field(0, ge=0, description="context limit in tokens (prompt + reply); 0 = the model's")
 
-    @field_validator("kv_cache_memory", "host_cache_memory", mode="before")
+    @field_validator("kv_cache_memory", "host_cache_memory", "disk_cache_memory", mode="before")
     @classmethod
     def _sizes(cls, value: int | str) -> int:
         return parse_bytes(value)
@@ -76,8 +79,17 @@ class SessionsConfig(_Section):
         10, ge=0, description="how long a finished turn waits for an unreachable store before it fails uncommitted"
     )
 
+    kv_dir: str = Field(
+        "",
+        description="where sessions' KV files go past the host tier and on shutdown (one per node, shared by its "
+        "replicas); empty = kv/ in the data dir",
+    )
+
     def store_url(self) -> str:
         return self.store or f"sqlite:///{data_dir() / 'sessions.db'}"
+
+    def kv_path(self) -> Path:
+        return Path(self.kv_dir) if self.kv_dir else data_dir() / "kv"
 
 
 class ServingConfig(_Section):

@@ -15,9 +15,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
-from serving.engine.types import Engine, FinishReason, GenerationRequest, KVInfo, SamplingParams
+from serving.engine.token_ids import common_prefix_length
+from serving.engine.types import Engine, FinishReason, GenerationRequest, KVInfo, KVTier, SamplingParams
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.manager import SessionManager
 from sessions.messages import Message
@@ -54,6 +55,20 @@ class TurnResult:
     cached_tokens: int
     ttft_ms: float
     total_ms: float
+
+
+WarmSource = Literal["device", "host", "disk", "recomputed"]
+
+
+@dataclass(frozen=True, slots=True)
+class WarmResult:
+    """A session's KV brought to the device ahead of its next turn: from where, how much, how long it took."""
+
+    session_id: str
+    source: WarmSource  # the tier the reused KV came from; "recomputed" when none was reused
+    tokens: int  # tokens of the session's history whose KV is on the device now
+    cached_tokens: int  # of those, how many were reused rather than recomputed
+    ms: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +183,45 @@ class SessionService:
                 if isinstance(event, TurnResult) and event.finish_reason != "cancelled":
                     await self._commit(session_id, [*new_messages, Message(role="assistant", content=event.response)])
                 yield event
+
+    async def warm(self, session_id: str, owner: str | None = None) -> WarmResult:
+        """Bring the session's KV to the device (from host or disk, or by prefilling its history) without a turn.
+
+        What is warmed is the prefix every next turn's prompt shares (history + the markup opening a user message:
+        the common prefix of two renderings with different user texts), run for one token that is thrown away: the
+        engine's one path (reuse the matching prefix, compute the rest) leaves exactly that prefix's KV pinned.
+        """
+        await asyncio.to_thread(self.manager.get, session_id, owner)  # 404 before waiting for the lock
+        start = time.perf_counter()
+        async with self.manager.turn(session_id):
+            record, history = await asyncio.to_thread(self._load, session_id, owner)
+            a, b = (
+                self.prompts.build(
+                    record.system_prompt,
+                    history,
+                    [Message(role="user", content=text)],
+                    max_new_tokens=1,
+                    max_context_tokens=self.max_context_tokens,
+                ).token_ids
+                for text in ("a", "b")
+            )
+            prefix = a[: common_prefix_length(a, b)]
+            cached = 0
+            source_tier: KVTier = "none"
+            if prefix:
+                request = GenerationRequest(
+                    uuid.uuid4().hex, prefix, SamplingParams(max_new_tokens=1), cache_key=session_id
+                )
+                async with aclosing(self.engine.generate(request)) as chunks:
+                    async for chunk in chunks:
+                        cached, source_tier = chunk.cached_tokens, chunk.kv_source
+        return WarmResult(
+            session_id=session_id,
+            source="recomputed" if source_tier == "none" else source_tier,
+            tokens=len(prefix),
+            cached_tokens=cached,
+            ms=(time.perf_counter() - start) * 1000,
+        )
 
     async def _commit(self, session_id: str, turn: list[Message]) -> None:
         """Store a finished turn (one atomic append). While the store is unreachable, retry until

@@ -6,12 +6,20 @@ they use, so `make test-fast` (`-m "not model and not ray"`) can never pick up a
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 
 from serving.client import LocalClient, SessionClient
 from serving.config import ModelConfig
 from serving.models import SMOLLM2, TINY_RANDOM, LoadedModel, load_model, prepare_smollm2, prepare_smollm2_tokenizer
 from tests.support import deploy, smollm2_config
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Nothing a test starts (KV files on shutdown included) writes into the user's own data dir."""
+    os.environ.setdefault("SESSIONSERVE_DATA_DIR", tempfile.mkdtemp(prefix="sessionserve-test-data-"))
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 
@@ -14,11 +15,13 @@ APP_NAME = "sessionserve-test"
 
 
 def smollm2_config(store: str, **engine: object) -> Config:
+    """A SQLite store's KV files go beside it, so tests never find each other's KV (same ids, same prompts)."""
+    kv_dir = str(Path(store.removeprefix("sqlite:///")).parent / "kv") if store.startswith("sqlite:///") else ""
     return load_config(
         None,
         {
             "engine": {"kv_cache_memory": "512MiB", "host_cache_memory": "512MiB", "max_model_len": 1024, **engine},
-            "sessions": {"store": store},
+            "sessions": {"store": store, "kv_dir": kv_dir},
             # Ray reserves, torch uses: a half-CPU reservation lets a second app fit on the 2-CPU test cluster.
             "serving": {"cpus_per_replica": 0.5},
             "model": {"device": "cpu", "dtype": "float32", "torch_threads": 2},

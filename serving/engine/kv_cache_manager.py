@@ -3,7 +3,9 @@
 - A request's block table covers its computed tokens; blocks are added as the scheduler gives it tokens.
 - A session (cache_key) keeps the blocks of its last turn, pinned: other traffic never discards them. When the
   device pool runs out, the least recently used *idle* sessions move to the host tier; past the host budget the
-  least recently used host sessions are dropped (their next turn recomputes from the prompt).
+  least recently used host sessions go to the disk tier (`DiskTier`, when configured; dropped otherwise, and their
+  next turn recomputes from the prompt). A turn whose session holds nothing in memory asks the disk tier, which
+  answers only with KV whose hash chain matches the turn's prompt (after a restart, or from another replica).
 - A turn borrows its session's KV: the longest common prefix of the prompt with the session's tokens is reused
   (whole blocks, plus the partial last block, copied first if a fork shares it); the rest is freed. When the turn
   ends, its blocks become the session's KV.
@@ -19,6 +21,7 @@ Tensor copies (device<->host, copy-on-write) are asked of the model runner throu
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,6 +44,30 @@ class BlockCopier(Protocol):
         """Copy device blocks to device blocks: [(src_id, dst_id), ...]."""
 
 
+class StoredKV(Protocol):
+    """KV found on disk for a prompt: its first `tokens` tokens, ready to be copied into device blocks."""
+
+    @property
+    def tokens(self) -> int: ...
+
+    def restore(self, device_block_ids: list[int]) -> None: ...
+
+
+class DiskTier(Protocol):
+    """The last tier (serving/engine/disk_kv.py): written in the background, bound to the tokens it encodes."""
+
+    def save(self, key: str, token_ids: list[int], tier: KVTier, block_ids: list[int]) -> None:
+        """Take a copy of the blocks now (the caller frees them right after) and store it."""
+
+    def load(self, key: str, prompt: Sequence[int], max_tokens: int) -> StoredKV | None:
+        """The stored KV of `key` that matches `prompt`'s leading tokens (at most max_tokens); None if nothing is
+        stored; a hit of 0 tokens if what is stored does not match (stale, foreign or unreadable)."""
+
+    def discard(self, key: str) -> None: ...
+
+    def has(self, key: str) -> bool: ...
+
+
 @dataclass(eq=False, slots=True)
 class SessionKV:
     key: str
@@ -57,6 +84,7 @@ class KVCacheManager:
         num_host_blocks: int,
         block_size: int,
         copier: BlockCopier,
+        disk: DiskTier | None = None,
         window: int | None = None,
     ) -> None:
         self.block_size = block_size
@@ -65,9 +93,11 @@ class KVCacheManager:
         self.device = self.pools["device"]
         self.host = self.pools["host"]
         self.copier = copier
+        self.disk = disk
         self.sessions: dict[str, SessionKV] = {}
         self._idle: dict[str, OrderedDict[str, None]] = {"device": OrderedDict(), "host": OrderedDict()}  # LRU first
         self.counters = {"offloaded_sessions": 0, "restored_sessions": 0, "dropped_sessions": 0, "cow_copies": 0}
+        self.counters |= {"spilled_sessions": 0, "disk_restored_sessions": 0}
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -84,10 +114,18 @@ class KVCacheManager:
         return session.tier, len(session.token_ids)
 
     def release(self, key: str) -> None:
-        """Forget a session. A turn in flight keeps its blocks until it ends, then frees them."""
+        """Forget a session, on disk too. A turn in flight keeps its blocks until it ends, then frees them."""
         session = self.sessions.pop(key, None)
         if session is not None and session.request is None:
             self._forget_kv(session)
+        if self.disk is not None:
+            self.disk.discard(key)
+
+    def persist(self) -> None:
+        """Move every idle session's KV (device and host) to the disk tier: the last thing before a shutdown."""
+        for tier in ("device", "host"):
+            for key in list(self._idle[tier]):
+                self._evict(self.sessions[key])
 
     def fork(self, source_key: str, target_key: str) -> None:
         """`target_key` shares `source_key`'s idle KV (same tier); nothing to share leaves it empty."""
@@ -96,7 +134,7 @@ class KVCacheManager:
         self.release(target_key)
         target = self.sessions[target_key] = SessionKV(target_key)
         source = self.sessions.get(source_key)
-        if source is None or source.request is not None or source.tier == "none":
+        if source is None or source.request is not None or source.tier not in self._idle:
             return
         self.pools[source.tier].share(source.block_ids)
         target.tier, target.token_ids, target.block_ids = source.tier, list(source.token_ids), list(source.block_ids)
@@ -111,10 +149,24 @@ class KVCacheManager:
         session = self._claim_session(request)
         blocks: list[int] = []
         reuse = 0
-        if session is not None and session.tier != "none":
+        if session is not None and session.tier not in self._idle:  # nothing in memory: maybe on disk
+            hit = self.disk.load(session.key, request.all_token_ids, request.num_tokens - 1) if self.disk else None
+            request.kv_stale = hit is not None and not hit.tokens
+            if hit is not None and hit.tokens:
+                if not self._make_room(self.blocks_for(hit.tokens)):
+                    session.request = None
+                    return False
+                blocks = self.device.allocate(self.blocks_for(hit.tokens))
+                hit.restore(blocks)
+                reuse = hit.tokens
+                request.kv_source = "disk"
+                self.counters["disk_restored_sessions"] += 1
+            session.tier, session.token_ids = "none", []
+        elif session is not None:
             reuse = min(common_prefix_length(session.token_ids, request.all_token_ids), request.num_tokens - 1)
             if reuse and session.block_ids[self._first_needed_block(reuse)] == DROPPED:
                 reuse = 0  # the KV the first new token needs was dropped: recompute everything
+            request.kv_source = session.tier if reuse else "none"
             keep = self.blocks_for(reuse)
             pool = self.pools[session.tier]
             cow = (
@@ -193,7 +245,7 @@ class KVCacheManager:
         if session.request is not None:
             return None  # a concurrent turn of the same session: run without reuse, keep nothing
         session.request = request
-        if session.tier != "none":
+        if session.tier in self._idle:
             del self._idle[session.tier][session.key]
         return session
 
@@ -232,11 +284,9 @@ class KVCacheManager:
     def _offload(self, session: SessionKV) -> None:
         n = _held(session.block_ids)
         while self.host.num_free < n and self._idle["host"]:
-            self._forget_kv(self.sessions[next(iter(self._idle["host"]))])
-            self.counters["dropped_sessions"] += 1
+            self._evict(self.sessions[next(iter(self._idle["host"]))])
         if self.host.num_free < n:  # bigger than the whole host tier
-            self._forget_kv(session)
-            self.counters["dropped_sessions"] += 1
+            self._evict(session)
             return
         del self._idle["device"][session.key]
         on_host, pairs = self._moved(session.block_ids, self.host)
@@ -246,9 +296,23 @@ class KVCacheManager:
         self._idle["host"][session.key] = None
         self.counters["offloaded_sessions"] += 1
 
+    def _evict(self, session: SessionKV) -> None:
+        """An idle session leaves memory: to the disk tier if there is one, else dropped (its next turn recomputes)."""
+        token_ids = session.token_ids
+        # A file holds a prefix of whole blocks from the first: a table with blocks freed behind a sliding window
+        # (every layer sliding) has none to give, so such a session is dropped instead.
+        if self.disk is not None and DROPPED not in session.block_ids:
+            self.disk.save(session.key, token_ids, session.tier, session.block_ids)
+        self._forget_kv(session)
+        if self.disk is not None and self.disk.has(session.key):
+            session.tier, session.token_ids = "disk", token_ids
+            self.counters["spilled_sessions"] += 1
+        else:
+            self.counters["dropped_sessions"] += 1
+
     def _forget_kv(self, session: SessionKV) -> None:
-        """Drop an idle session's KV from whichever tier holds it; its next turn recomputes."""
-        if session.tier != "none":
+        """Drop an idle session's KV from whichever memory tier holds it (not its file: see `release`)."""
+        if session.tier in self._idle:
             self.pools[session.tier].free(session.block_ids)
             self._idle[session.tier].pop(session.key, None)
         session.tier, session.token_ids, session.block_ids = "none", [], []

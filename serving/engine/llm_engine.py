@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from serving.config import EngineConfig
 from serving.engine.attention_backend import AttentionBackend
 from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.disk_kv import FORMAT, DiskKVStore
 from serving.engine.kv_cache_manager import KVCacheManager
-from serving.engine.model_runner import ModelRunner
+from serving.engine.model_runner import ModelRunner, kv_shape
 from serving.engine.request import Request
 from serving.engine.sampler import make_generator
 from serving.engine.scheduler import Scheduler, SchedulerOutput
@@ -27,14 +29,26 @@ from serving.models import LoadedModel
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, backend: AttentionBackend | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        backend: AttentionBackend | None = None,
+        kv_dir: Path | None = None,
+    ) -> None:
         self.runner = ModelRunner(loaded, config, backend)
+        self.disk: DiskKVStore | None = None
+        if kv_dir is not None and config.disk_cache_memory > 0:
+            shape = kv_shape(loaded.model.config)  # (layers, kv_heads, head_dim)
+            identity = f"{FORMAT}|{loaded.name}|{loaded.dtype}|block={config.block_size}|kv={shape}"
+            self.disk = DiskKVStore(kv_dir, config.disk_cache_memory, identity, config.block_size, self.runner)
         windows = [layer.window for layer in self.runner.layers if layer.window is not None]
         self.kv_manager = KVCacheManager(
             self.runner.num_device_blocks,
             self.runner.num_host_blocks,
             config.block_size,
             self.runner,
+            self.disk,
             # KV behind the window is freed only where no layer reads it: every layer sliding
             window=max(windows) if len(windows) == len(self.runner.layers) else None,
         )
@@ -76,6 +90,8 @@ class LLMEngine:
                 self._aborts.add(request_id)
 
     def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
         self.runner.close()
 
     def has_work(self) -> bool:
@@ -114,7 +130,16 @@ class LLMEngine:
 
     def cache_keys(self) -> list[str]:
         with self.lock:
-            return list(self.kv_manager.sessions)
+            keys = list(self.kv_manager.sessions)
+        return list(dict.fromkeys(keys + (self.disk.keys() if self.disk else [])))
+
+    def persist(self, timeout_s: float) -> bool:
+        """Write every idle session's KV to the disk tier and wait (up to timeout_s) until it is on disk."""
+        if self.disk is None:
+            return True
+        with self.lock:
+            self.kv_manager.persist()
+        return self.disk.flush(timeout_s)
 
     def kv_info(self, cache_key: str) -> KVInfo:
         with self.lock:
@@ -128,6 +153,7 @@ class LLMEngine:
                 **self.counters,
                 **self.runner.timings,
                 **self.kv_manager.counters,
+                **(self.disk.counters if self.disk else {}),
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),
                 "device_blocks_used": self.kv_manager.device.num_used,
@@ -135,7 +161,7 @@ class LLMEngine:
                 "host_blocks_used": self.kv_manager.host.num_used,
                 "host_blocks_total": self.kv_manager.host.num_blocks,
                 "block_size": self.kv_manager.block_size,
-                **{f"sessions_{tier}": tiers.count(tier) for tier in ("device", "host", "none", "busy")},
+                **{f"sessions_{tier}": tiers.count(tier) for tier in ("device", "host", "disk", "none", "busy")},
             }
 
     # ------------------------------------------------------------------------------------------ internals
@@ -178,7 +204,14 @@ class LLMEngine:
         self, request: Request, token_ids: list[int], text: str, finish: FinishReason | None
     ) -> GenerationChunk:
         return GenerationChunk(
-            request.request_id, token_ids, text, finish, request.num_prompt_tokens, request.num_cached_tokens
+            request.request_id,
+            token_ids,
+            text,
+            finish,
+            request.num_prompt_tokens,
+            request.num_cached_tokens,
+            request.kv_source,
+            request.kv_stale,
         )
 
     def _finish(self, request: Request, reason: FinishReason) -> None:

@@ -262,6 +262,10 @@ class MiiCore:
         with self.lock:
             return {**self.counters, "running": len(self.requests), "sessions": len(self.cache_keys())}
 
+    def persist(self, timeout_s: float) -> bool:
+        """Nothing to write: this core has no disk tier (its KV lives in DeepSpeed's cache only)."""
+        return True
+
     def close(self) -> None:
         with self.lock:
             for session in self.sessions.values():

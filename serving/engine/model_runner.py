@@ -19,6 +19,7 @@ from serving.engine.kv_cache_manager import BlockPairs
 from serving.engine.request import Request
 from serving.engine.sampler import sample
 from serving.engine.scheduler import SchedulerOutput
+from serving.engine.types import KVTier
 from serving.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,24 @@ class ModelRunner:
 
     def copy(self, pairs: BlockPairs) -> None:
         self._copy(self.kv_pool, self.kv_pool, pairs)
+
+    # ------------------------------------------------------------------------------ BlockIO (the disk tier)
+
+    def gather(self, tier: KVTier, block_ids: list[int]) -> torch.Tensor:
+        """A copy of blocks of the device or host pool, block-major on the CPU: [n, layers, 2, block, heads, dim]."""
+        started = time.perf_counter()
+        pool = self.kv_pool if tier == "device" else self.host_kv_pool
+        blocks = pool.index_select(2, torch.tensor(block_ids, device=pool.device))
+        blocks = blocks.permute(2, 0, 1, 3, 4, 5).contiguous().cpu()  # .cpu() waits for a device copy
+        self.timings["copy_s"] += time.perf_counter() - started
+        return blocks
+
+    def scatter(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        """Write block-major `blocks` (from `gather` or a file) into device blocks `block_ids`."""
+        started = time.perf_counter()
+        ids = torch.tensor(block_ids, device=self.device)
+        self.kv_pool.index_copy_(2, ids, blocks.to(self.device, self.kv_pool.dtype).permute(1, 2, 0, 3, 4, 5))
+        self.timings["copy_s"] += time.perf_counter() - started
 
     # ------------------------------------------------------------------------------ one step
 

@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from serving.config import EngineConfig
@@ -52,6 +53,7 @@ class StepCore(Protocol):
     def cache_keys(self) -> list[str]: ...
     def kv_info(self, cache_key: str) -> KVInfo: ...
     def stats(self) -> dict[str, float]: ...
+    def persist(self, timeout_s: float) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -60,13 +62,21 @@ class PagedEngine:
     another `StepCore`: the same streaming, cancelling and failure handling for every engine kind)."""
 
     def __init__(
-        self, loaded: LoadedModel | None, config: EngineConfig | None = None, core: StepCore | None = None
+        self,
+        loaded: LoadedModel | None,
+        config: EngineConfig | None = None,
+        kv_dir: Path | None = None,
+        persist_timeout_s: float = 30.0,
+        core: StepCore | None = None,
     ) -> None:
+        """`kv_dir`: the disk tier's directory (None: no disk tier); on shutdown, idle sessions' KV is written there
+        for up to `persist_timeout_s`, so a restarted engine reuses it."""
         if core is None:
             if loaded is None:
                 raise ValueError("PagedEngine needs a loaded model or a core")
-            core = LLMEngine(loaded, config or EngineConfig())
+            core = LLMEngine(loaded, config or EngineConfig(), kv_dir=kv_dir)
         self.core: StepCore = core
+        self.persist_timeout_s = persist_timeout_s
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._closed = False
@@ -152,6 +162,8 @@ class PagedEngine:
         self._closed = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join)
+        if self._failure is None and not await asyncio.to_thread(self.core.persist, self.persist_timeout_s):
+            log.warning("some sessions' KV was not on disk %.0f s into shutdown", self.persist_timeout_s)
         self.core.close()
 
     # ----------------------------------------------------------------------------------------- worker

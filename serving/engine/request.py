@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from serving.engine.types import FinishReason, SamplingParams
+from serving.engine.types import FinishReason, KVTier, SamplingParams
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +31,8 @@ class Request:
     num_computed_tokens: int = 0  # leading tokens of all_token_ids whose KV is in this request's blocks
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the session instead of being computed
     block_ids: list[int] = field(default_factory=list)  # device block table
+    kv_source: KVTier = "none"  # the tier the reused prefix came from ("none": everything computed)
+    kv_stale: bool = False  # KV was stored for this session but did not match the prompt: discarded, recomputed
     attached: bool = False  # the KV cache manager has taken over the session's KV for this request
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

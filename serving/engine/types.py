@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "cancelled"]
-KVTier = Literal["device", "host", "none"]
+KVTier = Literal["device", "host", "disk", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,8 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0  # prompt length (set on every chunk)
     cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed
+    kv_source: KVTier = "none"  # where the reused KV came from; prompt_tokens - cached_tokens were recomputed
+    kv_stale: bool = False  # the session's stored KV did not match this prompt (hash chain): recomputed instead
 
 
 @dataclass(frozen=True, slots=True)

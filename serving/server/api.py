@@ -253,6 +253,17 @@ class SessionAPI(HistoryAPI):
         except Exception as error:
             raise to_api_error(error) from error
 
+    @_as_api_errors
+    async def warm(self, session_id: str, owner: str | None = None) -> protocol.WarmResponse:
+        result = await self.service.warm(session_id, owner)
+        return protocol.WarmResponse(
+            session_id=result.session_id,
+            source=result.source,
+            tokens=result.tokens,
+            cached_tokens=result.cached_tokens,
+            ms=result.ms,
+        )
+
     async def release_kv(self, session_id: str) -> None:
         """Free a session's KV here (the ingress destroyed or cleared it in the store)."""
         self.service.engine.release(session_id)

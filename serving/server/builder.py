@@ -35,6 +35,9 @@ SESSION_AFFINITY = RequestRouterConfig(
 )
 
 
+KV_PERSIST_TIMEOUT_S = 30.0
+
+
 def replicas_per_node(replicas: int) -> int:
     """Model replicas that will share a node's CPUs: spread evenly over the alive nodes Ray knows of."""
     import ray
@@ -67,6 +70,8 @@ def build_app(config: Config) -> serve.Application:
     model = LLMServer.options(
         num_replicas=serving.replicas,
         request_router_config=SESSION_AFFINITY,
+        # A stopping replica writes its sessions' KV to disk (LLMServer.__del__; the engine gives it 30 s).
+        graceful_shutdown_timeout_s=KV_PERSIST_TIMEOUT_S + 15,
         ray_actor_options={
             "num_cpus": serving.cpus_per_replica,
             "num_gpus": serving.gpus_per_replica,

@@ -304,6 +304,12 @@ class Ingress:
             return await self._stream(events, _session_sse)
         return await self._unary(self._model(session_id).query.remote(session_id, body, owner), response)
 
+    @app.post("/v1/sessions/{session_id}/warm", response_model=protocol.WarmResponse, responses=ERRORS)
+    async def warm(self, session_id: str, response: Response, owner: Owner) -> protocol.WarmResponse:
+        """Bring the session's KV to the device of its replica ahead of its next turn (from host, disk or history)."""
+        self._admit()
+        return await self._unary(self._model(session_id).warm.remote(session_id, owner), response)
+
     @app.get("/v1/sessions/{session_id}/messages", response_model=protocol.MessagesResponse, responses=ERRORS)
     async def messages(
         self,

@@ -73,6 +73,7 @@ class LLMServer:
         self._turns: list[TurnSample] = []
         self._idle_ttl_s = parsed.sessions.idle_ttl_s
         self._janitor: asyncio.Task[None] | None = None
+        self._stopped = False
 
     # ---- what needs the KV (history-only operations are the ingress', straight from the store) -------
     async def fork_session(
@@ -102,6 +103,9 @@ class LLMServer:
     ) -> AsyncIterator[StreamEvent]:
         return self._stream(self.api.chat_completion_stream(request, session_id, owner))
 
+    async def warm(self, session_id: str, owner: str | None) -> Reply[protocol.WarmResponse]:
+        return await self._reply(self.api.warm(session_id, owner))
+
     async def release_kv(self, session_id: str) -> None:
         """The ingress destroyed, cleared or re-prompted the session in the store: free its KV here."""
         await self.api.release_kv(session_id)
@@ -116,6 +120,20 @@ class LLMServer:
         problem = self.api.service.engine.health()
         if problem is not None:
             raise RuntimeError(problem)
+
+    def __del__(self) -> Awaitable[None] | None:
+        """Ray Serve calls this on a graceful stop (after the ingress drained) and awaits what it returns: the engine
+        writes its sessions' KV to the node's KV dir, so that after a restart their next turns load it instead of
+        recomputing. Plain `def`, so that garbage collection calling it again afterwards creates no coroutine."""
+        if self._stopped:
+            return None
+        self._stopped = True
+        return self._stop()
+
+    async def _stop(self) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
+        await self.api.service.shutdown()
 
     # ---- plumbing ------------------------------------------------------------------------------------
     async def _reply(self, call: Awaitable[T]) -> Reply[T]:

@@ -48,7 +48,7 @@ class ForkSessionRequest(_Strict):
 
 
 class KVState(BaseModel):
-    tier: Literal["device", "host", "none"]
+    tier: Literal["device", "host", "disk", "none"]
     tokens: int
 
 
@@ -111,6 +111,18 @@ class QueryResponse(BaseModel):
     finish_reason: Literal["stop", "length", "cancelled"]
     usage: Usage
     timing: Timing
+
+
+class WarmResponse(BaseModel):
+    """POST /v1/sessions/{sid}/warm: the session's KV is on the device of the replica that serves its turns."""
+
+    session_id: str
+    source: Literal["device", "host", "disk", "recomputed"] = Field(
+        description="where the KV came from: already on the device, the host tier, the disk tier, or recomputed"
+    )
+    tokens: int = Field(description="tokens of the history whose KV is on the device now")
+    cached_tokens: int = Field(description="of those, tokens reused rather than recomputed")
+    ms: float = Field(description="how long warming took on the replica")
 
 
 class AppendRequest(_Strict):

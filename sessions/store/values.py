@@ -20,15 +20,16 @@ UNCHANGED = Unchanged.UNCHANGED
 Holder = str | None  # the turn lease an edit acts under; None: the caller holds no lease
 Prompt = str | Unchanged | None  # update: a new system prompt, UNCHANGED, or None to clear it
 Metadata = dict[str, Any] | None  # update: new metadata (replaces it whole), or None to keep it
-KV_TIERS = ("device", "host", "none")
+KV_TIERS = ("device", "host", "disk", "none")
 
 
 @dataclass(frozen=True, slots=True)
 class KVReport:
     """A session's KV cache as last reported by the replica holding it (stored with the turn it committed).
 
-    `tier`: "device" (accelerator memory), "host" (offloaded to host memory) or "none" (not held); `tokens`: how many
-    tokens it covers; `replica`: the id of the replica holding it, "" if unknown. KVReport() means nothing reported.
+    `tier`: "device" (accelerator memory), "host" (offloaded to host memory), "disk" (a file in the kv dir) or
+    "none" (not held); `tokens`: how many tokens it covers; `replica`: the id of the replica holding it, "" if
+    unknown. KVReport() means nothing reported.
     """
 
     tier: str = "none"

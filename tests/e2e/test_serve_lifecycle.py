@@ -158,3 +158,37 @@ def test_a_turn_still_running_after_a_short_grace_is_cancelled_and_not_committed
     assert not any(name == "done" for name, _ in events), events[-3:]
     history = open_store(store).messages("cut")
     assert [(m.role, m.content) for m in history] == [("user", "first"), ("assistant", short.json()["response"])]
+
+
+def query(url: str, sid: str, prompt: str, max_new_tokens: int) -> dict:
+    response = httpx.post(
+        f"{url}/v1/sessions/{sid}/query", json={"prompt": prompt, "max_new_tokens": max_new_tokens}, timeout=120
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_after_a_restart_a_sessions_next_turn_loads_its_kv_from_disk(start_serve, tmp_path):
+    store = f"sqlite:///{tmp_path / 'sessions.db'}"
+    config = tiny_config(store, 10)
+    server = start_serve(config)
+    server.wait_for_line("ready on")
+    create(server.url, "kept")
+    first = query(server.url, "kept", "Tell me a story about a lighthouse.", 48)
+    server.signal(signal.SIGTERM)
+    assert_clean_exit(server, within_s=90)
+    assert list((tmp_path / "kv").glob("*.safetensors")), "the drain wrote no KV file"
+
+    restarted = start_serve(config)  # new Ray, new replica ids: the KV dir is what carries over
+    restarted.wait_for_line("ready on")
+    history = [{"role": m.role, "content": m.content} for m in open_store(store).messages("kept")]
+    response = httpx.post(f"{restarted.url}/v1/sessions", json={"session_id": "control", "messages": history})
+    assert response.status_code == 201, response.text  # same history, never run: its KV must be recomputed
+    warmed = httpx.post(f"{restarted.url}/v1/sessions/kept/warm", timeout=120).json()
+    assert warmed["source"] == "disk" and warmed["cached_tokens"] >= first["usage"]["prompt_tokens"], warmed
+    kept = query(restarted.url, "kept", "And then?", 16)
+    control = query(restarted.url, "control", "And then?", 16)
+    assert kept["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"] and control["usage"]["cached_tokens"] == 0
+    assert kept["response"] == control["response"]  # KV from disk is exact: same reply as a full recompute
+    restarted.signal(signal.SIGTERM)
+    assert_clean_exit(restarted, within_s=90)

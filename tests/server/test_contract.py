@@ -38,6 +38,20 @@ def test_second_turn_reuses_first_turns_kv(client):
     client.destroy_session(sid)
 
 
+def test_warm_brings_the_kv_back_and_the_next_turn_reuses_it(client):
+    sid = client.create_session(
+        new_id(), messages=[{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}]
+    )
+    cold = client.warm(sid)  # imported history, never run: prefilled now
+    assert cold.source == "recomputed" and cold.cached_tokens == 0 and cold.tokens > 0 and cold.ms > 0
+    again = client.warm(sid)
+    assert again.source == "device" and again.cached_tokens == again.tokens - 1  # one token always recomputed
+    turn = client.query("And now?", session_id=sid, max_new_tokens=4)
+    assert turn.usage.cached_tokens == cold.tokens  # warm covered exactly the prefix every next turn shares
+    expect(404, client.warm, new_id())
+    client.destroy_session(sid)
+
+
 def test_stream_pieces_form_the_committed_reply(client):
     sid = client.create_session(new_id())
     pieces = list(client.stream("Count from one to five.", session_id=sid, max_new_tokens=16))

@@ -15,7 +15,9 @@ async def replica(tokenizer_dir):
     config = app_config("memory://", model=TINY, torch_threads=1)  # in-process: one process, memory is shared
     server = LLMServer.func_or_class(config.model_dump(mode="json"))
     yield server
-    await server.api.service.shutdown()
+    stopping = server.__del__()  # what Ray Serve does on a graceful stop
+    assert stopping is not None
+    await stopping
 
 
 async def test_a_failing_engine_step_fails_turns_and_the_replica_reports_unhealthy(replica):

@@ -151,6 +151,14 @@ class SessionClient(_SessionMethods):
 
     def stream(self, prompt: Prompt, *, session_id: str, **params: Any) -> Iterator[str]:
         """Yield text pieces as the server streams them (Server-Sent Events)."""
+        for event in self.stream_events(prompt, session_id=session_id, **params):
+            if isinstance(event, str):
+                yield event
+
+    def stream_events(
+        self, prompt: Prompt, *, session_id: str, **params: Any
+    ) -> Iterator[str | protocol.QueryResponse]:
+        """Text pieces, then the final QueryResponse (usage, and the turn's timing by phase)."""
         body = _query_request(prompt, True, params)
         with self._http.stream("POST", f"/v1/sessions/{session_id}/query", json=body.model_dump()) as response:
             if response.status_code >= 400:
@@ -164,6 +172,8 @@ class SessionClient(_SessionMethods):
                     data = json.loads(line[5:])
                     if event == "delta":
                         yield data["text"]
+                    elif event == "done":
+                        yield protocol.QueryResponse.model_validate(data)
                     elif event == "error":
                         raise protocol.APIError(500, data["error"]["code"], data["error"]["message"])
 
@@ -231,6 +241,14 @@ class LocalClient(_SessionMethods):
 
     def stream(self, prompt: Prompt, *, session_id: str, **params: Any) -> Iterator[str]:
         """Yield text pieces as they are generated; leaving the loop early cancels the turn."""
+        for event in self.stream_events(prompt, session_id=session_id, **params):
+            if isinstance(event, str):
+                yield event
+
+    def stream_events(
+        self, prompt: Prompt, *, session_id: str, **params: Any
+    ) -> Iterator[str | protocol.QueryResponse]:
+        """Text pieces, then the final QueryResponse (usage, and the turn's timing by phase)."""
         request = _query_request(prompt, True, params)
         pieces: queue.Queue[Any] = queue.Queue()
         done = object()
@@ -238,8 +256,7 @@ class LocalClient(_SessionMethods):
         async def pump(events: AsyncIterator[str | protocol.QueryResponse]) -> None:
             try:
                 async for event in events:
-                    if isinstance(event, str):
-                        pieces.put(event)
+                    pieces.put(event)
             except BaseException as error:  # handed to the consuming thread
                 pieces.put(error)
             finally:

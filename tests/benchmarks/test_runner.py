@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from benchmarks.runner import run_workload
-from benchmarks.systems.base import StreamEvent
+from benchmarks.systems.base import StreamEvent, Turn
 from benchmarks.workload import SessionScript, Workload, WorkloadSpec
 
 
@@ -24,7 +24,9 @@ class EchoSystem:
 
     async def start(self) -> None: ...
 
-    async def stream(self, session_id: str, prompt_ids: list[int], max_new_tokens: int) -> AsyncIterator[StreamEvent]:
+    async def begin_session(self, session_id: str, history: list) -> None: ...
+
+    async def stream(self, session_id: str, turn: Turn) -> AsyncIterator[StreamEvent]:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         self.order.append(session_id)

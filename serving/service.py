@@ -157,12 +157,10 @@ class SessionService:
         _require_user_last(new_messages)
         started, timing = time.perf_counter(), TurnTiming()
         await asyncio.to_thread(self.manager.get, session_id, owner)  # 404 before waiting for the lock
-        timing.store_read_s = time.perf_counter() - started
         async with self.manager.turn(session_id):
-            loaded = time.perf_counter()
             record, history = await asyncio.to_thread(self._load, session_id, owner)
             built_at = time.perf_counter()
-            timing.store_read_s += built_at - loaded
+            timing.store_read_s = built_at - started  # with the turn lock and lease (no wait between own turns)
             built = self.prompts.build(
                 record.system_prompt,
                 history,

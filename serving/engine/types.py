@@ -36,7 +36,7 @@ class TurnTiming:
     for every request in it. `other_s` is what no phase covers: thread hand-offs, the event loop, bookkeeping.
     """
 
-    store_read_s: float = 0.0  # session record and history from the store
+    store_read_s: float = 0.0  # session record and history from the store (with the turn lock and lease)
     prompt_s: float = 0.0  # prompt building: chat template, tokenization, context trimming
     queue_s: float = 0.0  # submitted -> start of the first engine step that runs it
     schedule_s: float = 0.0  # the scheduler's share of its steps (admission, blocks, KV moves)

@@ -104,8 +104,10 @@ class SQLiteStore:
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @contextmanager
-    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+    def _transaction(self, begin: str, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """`durable=False`: this commit is not fsynced (WAL with synchronous=NORMAL), for what a crash may lose
+        harmlessly (a turn lease lapses by itself). The next durable commit fsyncs the WAL with it."""
+        with self._lock, self._synchronous("FULL" if durable else "NORMAL"):
             try:
                 self._conn.execute(begin)
             except sqlite3.OperationalError as error:  # locked past busy_timeout, unreadable file, ...
@@ -125,6 +127,17 @@ class SQLiteStore:
                     self._conn.execute("ROLLBACK")
                 raise self._unavailable(error) from None
 
+    @contextmanager
+    def _synchronous(self, level: str) -> Iterator[None]:
+        if level == "FULL":  # the connection's own setting
+            yield
+            return
+        self._conn.execute(f"PRAGMA synchronous = {level}")
+        try:
+            yield
+        finally:
+            self._conn.execute("PRAGMA synchronous = FULL")
+
     def _unavailable(self, error: sqlite3.Error) -> StoreUnavailable:
         return StoreUnavailable(f"the SQLite history store at {self.path} failed: {error}; retry later")
 
@@ -137,8 +150,8 @@ class SQLiteStore:
                 raise self._unavailable(error) from None
         return row
 
-    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
-        return self._transaction("BEGIN IMMEDIATE")
+    def _write(self, durable: bool = True) -> AbstractContextManager[sqlite3.Connection]:
+        return self._transaction("BEGIN IMMEDIATE", durable)
 
     def _read(self) -> AbstractContextManager[sqlite3.Connection]:
         return self._transaction("BEGIN")  # one snapshot for multi-statement reads
@@ -256,7 +269,7 @@ class SQLiteStore:
 
     def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:
         base.check_lease(holder, ttl_s)
-        with self._write() as conn:
+        with self._write(durable=False) as conn:  # a lease lost in a power cut is no harm: it lapses anyway
             self._require_writable(conn, session_id, holder)
             conn.execute(
                 "UPDATE sessions SET lease_holder = ?, lease_until = ? WHERE session_id = ?",
@@ -264,7 +277,7 @@ class SQLiteStore:
             )
 
     def release_lease(self, session_id: str, holder: str) -> None:
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             conn.execute(
                 "UPDATE sessions SET lease_holder = NULL, lease_until = NULL WHERE session_id = ? AND lease_holder = ?",
                 (session_id, holder),

@@ -41,14 +41,13 @@ class HTTPSystem:
         from openai import AsyncOpenAI
         from ray import serve
 
+        from serving.server import cluster
         from serving.server.builder import build_app
 
         config = served_config(self.context, self.store_dir)
         port = self.context.serve_port
-        if port is None:  # our own cluster and proxy
-            self._owns_ray = not ray.is_initialized()
-            if self._owns_ray:
-                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if port is None:  # our own cluster (started as `sessionserve serve` starts it) and proxy
+            self._owns_ray = not ray.is_initialized() and cluster.connect(None)
             port = _free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
         route = f"/{self.app_name}"

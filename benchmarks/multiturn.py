@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="synthetic",
         help="synthetic: the flags above; vllm-multiturn: vLLM's multi-turn shape (24 sessions of 12-18 turns, "
         "500-token shared prefix, per-session prefix lognormal around 1,000 tokens, user turns 120-160 tokens, "
-        "answers 80-120 tokens, so --ignore-eos); --sessions scales it down",
+        "answers 80-120 tokens, so --ignore-eos); --sessions and --turns (at most) scale it down",
     )
     parser.add_argument(
         "--request-rate",
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype))
     engine_config = EngineConfig(**({"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}))
     if args.workload == "vllm-multiturn":
-        spec = vllm_multiturn(args.sessions, args.seed)
+        spec = vllm_multiturn(args.sessions, args.seed, args.turns)
     else:
         spec = WorkloadSpec(
             sessions=args.sessions, turns=args.turns, history_tokens=args.history_tokens,

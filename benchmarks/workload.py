@@ -56,12 +56,13 @@ class WorkloadSpec:
     reply_tokens: tuple[int, int] | None = None
 
 
-def vllm_multiturn(sessions: int = 24, seed: int = 0) -> WorkloadSpec:
+def vllm_multiturn(sessions: int = 24, seed: int = 0, max_turns: int = 18) -> WorkloadSpec:
     """vLLM's multi-turn benchmark shape: 12-18 turns, a 500-token shared prefix (the system prompt), a per-session
-    prefix lognormal around 1,000 tokens, user turns of 120-160 tokens and answers of 80-120 tokens."""
+    prefix lognormal around 1,000 tokens, user turns of 120-160 tokens and answers of 80-120 tokens.
+    `max_turns` below 18 scales it down for a small machine (turns drawn in [min(12, max_turns), max_turns])."""
     return WorkloadSpec(
-        sessions=sessions, turns=18, history_tokens=500, system_prompt_tokens=500, user_tokens=(120, 160),
-        seed=seed, turns_range=(12, 18), session_prefix_tokens=1000, reply_tokens=(80, 120),
+        sessions=sessions, turns=max_turns, history_tokens=500, system_prompt_tokens=500, user_tokens=(120, 160),
+        seed=seed, turns_range=(min(12, max_turns), max_turns), session_prefix_tokens=1000, reply_tokens=(80, 120),
     )  # fmt: skip
 
 

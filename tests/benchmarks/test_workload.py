@@ -105,6 +105,7 @@ def test_vllm_multiturn_shape(tokenizer):
         prefixes.append(token_count(tokenizer, prefix))
     assert all(1 <= n <= 2000 for n in prefixes) and len(set(prefixes)) == len(prefixes)  # drawn per session
     assert 500 <= statistics.fmean(prefixes) <= 1500  # lognormal around 1,000
+    assert vllm_multiturn(max_turns=3).turns_range == (3, 3)  # a reduced run
 
 
 def test_summary_reports_phases_and_the_share_outside_the_forward_pass():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sessions.errors import InvalidRequest, SessionExists, SessionNotFound
+from sessions.errors import InvalidRequest, SessionError, SessionExists, SessionNotFound
 from sessions.messages import Message
 from sessions.store import KVReport, MemoryStore, SQLiteStore, open_store
 from sessions.store.base import SessionRecord
@@ -109,6 +109,27 @@ def test_sqlite_append_rolls_back_a_failure_midway(tmp_path):
     store.append("s1", [U1], now=201.0)  # the connection is usable again
     assert store.messages("s1") == [U1]
     store.close()
+
+
+def test_sqlite_lease_writes_leave_turn_commits_durable(tmp_path):
+    """Leases commit without an fsync (synchronous=NORMAL for that transaction only); everything else stays FULL,
+    also after a lease write that failed."""
+    store = SQLiteStore(tmp_path / "s.db")
+    store.create(record())
+    full = 2  # PRAGMA synchronous: 1 = NORMAL, 2 = FULL
+    store.acquire_lease("s1", "turn-a", 30.0)
+    assert store._conn.execute("PRAGMA synchronous").fetchone() == (full,)
+    with pytest.raises(SessionError):  # held by turn-a
+        store.acquire_lease("s1", "turn-b", 30.0)
+    assert store._conn.execute("PRAGMA synchronous").fetchone() == (full,)
+    store.append("s1", [U1, A1], now=200.0, holder="turn-a")
+    store.release_lease("s1", "turn-a")
+    assert store._conn.execute("PRAGMA synchronous").fetchone() == (full,)
+    store.close()
+    reopened = SQLiteStore(tmp_path / "s.db")
+    assert reopened.messages("s1") == [U1, A1]
+    reopened.acquire_lease("s1", "turn-b", 30.0)  # turn-a gave the lease back
+    reopened.close()
 
 
 def test_clear_keeps_record_and_system_prompt(store):

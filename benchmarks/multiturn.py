@@ -30,6 +30,7 @@ from benchmarks.workload import WorkloadSpec, build_workload, vllm_multiturn
 
 DEFAULTS: dict[str, Any] = {"sessions": 8, "turns": 6, "history_tokens": 2048, "max_new_tokens": 32}
 QUICK: dict[str, Any] = {"sessions": 4, "turns": 3, "history_tokens": 256, "max_new_tokens": 12}  # < 3 min, 4 systems
+DEFAULT_SYSTEMS = ("sessionserve", "sessionserve-nokv", "hf-generate", "hf-cb")  # full-path systems: ask by name
 REFERENCE_SYSTEM = "hf-generate"  # other systems' replies are compared with its replies
 EOS_STOPS = "stops a reply in every system (lengths recorded; TPOT is per token)"
 EOS_IGNORED = "ignored by every system (--ignore-eos): every reply is max_new_tokens long"
@@ -44,7 +45,11 @@ def _pair(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.multiturn", description=__doc__.splitlines()[0])
-    parser.add_argument("--systems", default=",".join(SYSTEM_NAMES), help=f"comma-separated: {', '.join(SYSTEM_NAMES)}")
+    parser.add_argument(
+        "--systems",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"comma-separated, of {', '.join(SYSTEM_NAMES)} (default {','.join(DEFAULT_SYSTEMS)})",
+    )
     parser.add_argument("--sessions", type=int, help=f"concurrent chat sessions (default {DEFAULTS['sessions']})")
     parser.add_argument("--turns", type=int, help=f"measured user turns per session (default {DEFAULTS['turns']})")
     parser.add_argument(

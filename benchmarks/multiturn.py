@@ -26,10 +26,11 @@ from benchmarks import report
 from benchmarks.chat import PromptRenderer
 from benchmarks.runner import RunResult, run_workload
 from benchmarks.systems import SYSTEM_NAMES, BenchContext, build_system
-from benchmarks.workload import WorkloadSpec, build_workload
+from benchmarks.workload import WorkloadSpec, build_workload, vllm_multiturn
 
 DEFAULTS: dict[str, Any] = {"sessions": 8, "turns": 6, "history_tokens": 2048, "max_new_tokens": 32}
 QUICK: dict[str, Any] = {"sessions": 4, "turns": 3, "history_tokens": 256, "max_new_tokens": 12}  # < 3 min, 4 systems
+DEFAULT_SYSTEMS = ("sessionserve", "sessionserve-nokv", "hf-generate", "hf-cb")  # full-path systems: ask by name
 REFERENCE_SYSTEM = "hf-generate"  # other systems' replies are compared with its replies
 EOS_STOPS = "stops a reply in every system (lengths recorded; TPOT is per token)"
 EOS_IGNORED = "ignored by every system (--ignore-eos): every reply is max_new_tokens long"
@@ -44,7 +45,11 @@ def _pair(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.multiturn", description=__doc__.splitlines()[0])
-    parser.add_argument("--systems", default=",".join(SYSTEM_NAMES), help=f"comma-separated: {', '.join(SYSTEM_NAMES)}")
+    parser.add_argument(
+        "--systems",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"comma-separated, of {', '.join(SYSTEM_NAMES)} (default {','.join(DEFAULT_SYSTEMS)})",
+    )
     parser.add_argument("--sessions", type=int, help=f"concurrent chat sessions (default {DEFAULTS['sessions']})")
     parser.add_argument("--turns", type=int, help=f"measured user turns per session (default {DEFAULTS['turns']})")
     parser.add_argument(
@@ -79,11 +84,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--request-timeout-s", type=float, default=1800, help="a system whose request takes longer fails"
     )
+    parser.add_argument(
+        "--workload",
+        choices=("synthetic", "vllm-multiturn"),
+        default="synthetic",
+        help="synthetic: the flags above; vllm-multiturn: vLLM's multi-turn shape (24 sessions of 12-18 turns, "
+        "500-token shared prefix, per-session prefix lognormal around 1,000 tokens, user turns 120-160 tokens, "
+        "answers 80-120 tokens, so --ignore-eos); --sessions and --turns (at most) scale it down",
+    )
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=0.0,
+        help="Poisson arrivals: each session sends its next request an exponential delay of mean 1/RATE s after "
+        "its previous reply (vLLM's per-client rate); 0 = at once",
+    )
     parser.add_argument("--quick", action="store_true", help=f"small preset for a smoke run: {QUICK}")
     parser.add_argument("--out", type=Path, default=Path("results.json"), help="JSON path; the PNG goes next to it")
     parser.add_argument("--verbose", action="store_true", help="show transformers' and the engine's log messages")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else DEFAULTS
+    if args.workload == "vllm-multiturn":  # the spec's own lengths; answers are exact lengths, as in vLLM's run
+        spec = vllm_multiturn()
+        preset = {"sessions": spec.sessions, "turns": spec.turns, "history_tokens": spec.history_tokens}
+        preset["max_new_tokens"] = max(spec.reply_tokens or (0, DEFAULTS["max_new_tokens"]))
+        args.ignore_eos = True
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -112,6 +137,7 @@ async def _run_system(
             tick,
             args.request_timeout_s,
             in_flight=args.in_flight,
+            request_rate=args.request_rate,
         )
         return result, system.info()
     finally:
@@ -134,17 +160,20 @@ def _replies_match(results: dict[str, RunResult]) -> dict[str, dict[str, Any]]:
 
 def _print_table(document: dict[str, Any]) -> None:
     table = Table(title="multi-turn benchmark (ms; TTFT by turn is p50 over sessions)")
-    for column in ("system", "TTFT p50", "TTFT p90", "turn 0", "last turn", "TPOT p50", "tok/s", "wall s", "cached"):
+    columns = ("system", "TTFT p50", "p90", "p99", "turn 0", "last turn", "TPOT p50", "tok/s", "wall s", "cached")
+    for column in (*columns, "outside fwd"):
         table.add_column(column, justify="left" if column == "system" else "right")
     for name, s in document["systems"].items():
         if "error" in s:
             table.add_row(name, "[red]failed")  # the error follows the table
             continue
         by_turn = s["ttft_ms_by_turn"]
+        outside = s.get("outside_forward_fraction_p50", {}).get("of_client_e2e")
         table.add_row(
             name,
-            *(str(v) for v in (s["ttft_ms"]["p50"], s["ttft_ms"]["p90"], by_turn[0], by_turn[-1])),
-            *(str(v) for v in (s["tpot_ms"]["p50"], s["throughput_tok_s"], s["wall_s"], s["cached_tokens"])),
+            *(str(v) for v in (s["ttft_ms"]["p50"], s["ttft_ms"]["p90"], s["ttft_ms"]["p99"], by_turn[0], by_turn[-1])),
+            *(str(v) for v in (s["tpot_ms"]["p50"], s["throughput_tok_s"], s["wall_s"], s["cached_fraction"])),
+            "-" if outside is None else f"{outside:.1%}",
         )
     console.print(table)
     for name, s in document["systems"].items():
@@ -167,14 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     loaded = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype))
     engine_config = EngineConfig(**({"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}))
-    spec = WorkloadSpec(
-        sessions=args.sessions, turns=args.turns, history_tokens=args.history_tokens,
-        system_prompt_tokens=args.system_prompt_tokens, user_tokens=args.user_tokens, seed=args.seed,
-    )  # fmt: skip
+    if args.workload == "vllm-multiturn":
+        spec = vllm_multiturn(args.sessions, args.seed, args.turns)
+    else:
+        spec = WorkloadSpec(
+            sessions=args.sessions, turns=args.turns, history_tokens=args.history_tokens,
+            system_prompt_tokens=args.system_prompt_tokens, user_tokens=args.user_tokens, seed=args.seed,
+        )  # fmt: skip
     workload = build_workload(loaded.tokenizer, spec)
+    spec_user = spec.user_tokens[1] + spec.session_prefix_tokens * 2  # the first turn carries the session prefix
     max_context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 1 << 30)
     renderer = PromptRenderer(loaded.tokenizer, max_context)
-    longest = args.history_tokens + args.turns * (args.user_tokens[1] + args.max_new_tokens + 16)
+    longest = spec.history_tokens + spec_user + spec.turns * (spec.user_tokens[1] + args.max_new_tokens + 16)
     tokens_bound = args.sessions * args.turns * (longest + args.max_new_tokens) + 1024  # + warm-up
     if longest > max_context:
         console.print(f"[yellow]warning: prompts may reach ~{longest} tokens, over the model's {max_context}")
@@ -201,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with progress:
         for name in args.systems:
-            task = progress.add_task(name, total=args.sessions * args.turns)
+            task = progress.add_task(name, total=sum(len(s.user_turns) for s in workload.sessions))
             context = BenchContext(loaded, engine_config, args.max_new_tokens, tokens_bound, args.ignore_eos)
             attn = loaded.model.config._attn_implementation
             try:

@@ -38,10 +38,10 @@ def summarize(result: RunResult, turns: int) -> dict[str, Any]:
     reported = [r.cached_tokens for r in records if r.cached_tokens is not None]
     prompt_total = sum(r.prompt_tokens for r in records)
     return {
-        "ttft_ms": {"p50": _r(percentile(ttft, 50)), "p90": _r(percentile(ttft, 90))},
+        "ttft_ms": {"p50": _r(percentile(ttft, 50)), "p90": _r(percentile(ttft, 90)), "p99": _r(percentile(ttft, 99))},
         "ttft_ms_by_turn": [_r(percentile([r.ttft_ms for r in rs], 50)) for rs in by_turn],
         "ttft_ms_p90_by_turn": [_r(percentile([r.ttft_ms for r in rs], 90)) for rs in by_turn],
-        "tpot_ms": {"p50": _r(percentile(tpot, 50)), "p90": _r(percentile(tpot, 90))},
+        "tpot_ms": {"p50": _r(percentile(tpot, 50)), "p90": _r(percentile(tpot, 90)), "p99": _r(percentile(tpot, 99))},
         "e2e_ms": {"p50": _r(percentile([r.e2e_ms for r in records], 50))},
         "throughput_tok_s": _r(completion / result.wall_s if result.wall_s > 0 else 0.0),
         "wall_s": _r(result.wall_s, 3),
@@ -58,6 +58,29 @@ def summarize(result: RunResult, turns: int) -> dict[str, Any]:
             for rs in by_turn
         ],
         "cached_fraction": _r(sum(reported) / prompt_total, 4) if reported and prompt_total else None,
+        **phases(records),
+    }
+
+
+def phases(records: Sequence[TurnRecord]) -> dict[str, Any]:
+    """For systems that report where a turn went: p50 per phase, and the share of a turn outside the forward
+    pass at p50, of the client's end-to-end time and of the service's own total."""
+    timed = [r for r in records if r.phases_ms]
+    if not timed:
+        return {}
+    names = list(timed[0].phases_ms or {})
+    outside_e2e = [1 - (r.phases_ms or {})["forward"] / r.e2e_ms for r in timed if r.e2e_ms > 0]
+    outside_turn = [1 - p["forward"] / p["total"] for r in timed if (p := r.phases_ms or {})["total"] > 0]
+    return {
+        "phases_ms_p50": {name: _r(percentile([(r.phases_ms or {})[name] for r in timed], 50), 3) for name in names},
+        "outside_forward_fraction_p50": {
+            "of_client_e2e": _r(percentile(outside_e2e, 50), 4),
+            "of_service_turn": _r(percentile(outside_turn, 50), 4),
+        },
+        "phases_ms_by_request": [
+            {"session_id": r.session_id, "turn": r.turn, "e2e_ms": _r(r.e2e_ms, 3), **(r.phases_ms or {})}
+            for r in timed
+        ],
     }
 
 

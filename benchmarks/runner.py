@@ -8,13 +8,16 @@ the same way for every system; TPOT = (last token - first token) / (tokens - 1) 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 from benchmarks.chat import PromptRenderer
 from benchmarks.systems import System
+from benchmarks.systems.base import StreamEvent, Turn
 from benchmarks.workload import Message, SessionScript, Workload
 
 WARMUP_HISTORY: list[Message] = [{"role": "system", "content": "Warm-up."}]  # shares no prefix with the workload
@@ -30,6 +33,7 @@ class TurnRecord:
     ttft_ms: float
     tpot_ms: float | None  # None when fewer than two tokens came back
     e2e_ms: float
+    phases_ms: dict[str, float] | None = None  # where the turn went inside the system, when it reports it
 
 
 @dataclass(slots=True)
@@ -40,74 +44,96 @@ class RunResult:
 
 
 async def timed_request(
-    system: System, session_id: str, turn: int, prompt_ids: list[int], max_new_tokens: int, timeout_s: float | None
-) -> tuple[TurnRecord, list[int]]:
+    system: System, session_id: str, turn_index: int, turn: Turn, timeout_s: float | None, tokenizer: Any
+) -> tuple[TurnRecord, str]:
+    """One request, timed from submission: TTFT at the first event with output (a token or a content byte)."""
     tokens: list[int] = []
-    cached: int | None = None
+    texts: list[str] = []
+    final = StreamEvent()
     first: float | None = None
     last = start = time.perf_counter()
 
     async def consume() -> None:
-        nonlocal cached, first, last
-        async with aclosing(system.stream(session_id, prompt_ids, max_new_tokens)) as events:
+        nonlocal first, last
+        async with aclosing(system.stream(session_id, turn)) as events:
             async for event in events:
                 now = time.perf_counter()
-                if event.token_ids:
+                if event.token_ids or event.text:
                     if first is None:
                         first = now
                     last = now
                     tokens.extend(event.token_ids)
-                if event.cached_tokens is not None:
-                    cached = event.cached_tokens
+                    texts.append(event.text)
+                for name in ("cached_tokens", "prompt_tokens", "completion_tokens", "phases_ms"):
+                    if getattr(event, name) is not None:
+                        setattr(final, name, getattr(event, name))
 
     try:
         await asyncio.wait_for(consume(), timeout_s)
     except asyncio.TimeoutError:
-        raise TimeoutError(f"{session_id} turn {turn}: no complete reply within {timeout_s} s") from None
+        raise TimeoutError(f"{session_id} turn {turn_index}: no complete reply within {timeout_s} s") from None
     end = time.perf_counter()
     first = end if first is None else first
+    completion = final.completion_tokens if final.completion_tokens is not None else len(tokens)
     record = TurnRecord(
         session_id=session_id,
-        turn=turn,
-        prompt_tokens=len(prompt_ids),
-        completion_tokens=len(tokens),
-        cached_tokens=cached,
+        turn=turn_index,
+        prompt_tokens=final.prompt_tokens if final.prompt_tokens is not None else len(turn.prompt_ids),
+        completion_tokens=completion,
+        cached_tokens=final.cached_tokens,
         ttft_ms=(first - start) * 1000,
-        tpot_ms=(last - first) * 1000 / (len(tokens) - 1) if len(tokens) > 1 else None,
+        tpot_ms=(last - first) * 1000 / (completion - 1) if completion > 1 else None,
         e2e_ms=(end - start) * 1000,
+        phases_ms=final.phases_ms,
     )
-    return record, tokens
+    reply = "".join(texts) if any(texts) else tokenizer.decode(tokens, skip_special_tokens=True)
+    return record, reply
 
 
-async def warm_up(system: System, renderer: PromptRenderer, max_new_tokens: int, timeout_s: float | None) -> None:
+async def warm_up(
+    system: System, renderer: PromptRenderer, tokenizer: Any, max_new_tokens: int, timeout_s: float | None
+) -> None:
     """One short request, not counted: lazy initialisation, first-call kernels, allocator growth."""
-    prompt = renderer.render(WARMUP_HISTORY, "Say hello.", max_new_tokens)
-    await timed_request(system, "warmup", 0, prompt, max_new_tokens, timeout_s)
+    user = "Say hello."
+    turn = Turn(renderer.render(WARMUP_HISTORY, user, max_new_tokens), user, max_new_tokens)
+    await system.begin_session("warmup", list(WARMUP_HISTORY))
+    await timed_request(system, "warmup", 0, turn, timeout_s, tokenizer)
     await system.end_session("warmup")
 
 
-async def _run_session(
-    system: System,
-    script: SessionScript,
-    renderer: PromptRenderer,
-    tokenizer: object,
-    max_new_tokens: int,
-    timeout_s: float | None,
-    records: list[TurnRecord],
-    replies: list[str],
-    on_turn: Callable[[], None],
-    requests: asyncio.Semaphore,
-) -> None:
+@dataclass(slots=True)
+class _Driver:
+    """What every session of one run shares."""
+
+    system: System
+    renderer: PromptRenderer
+    tokenizer: Any
+    max_new_tokens: int
+    timeout_s: float | None
+    records: list[TurnRecord]
+    on_turn: Callable[[], None]
+    requests: asyncio.Semaphore
+    request_rate: float  # > 0: a session waits an exponential think time of mean 1/rate before each request
+
+
+async def _run_session(driver: _Driver, script: SessionScript, replies: list[str]) -> None:
+    system = driver.system
     history = list(script.history)
-    for turn, user in enumerate(script.user_turns):
-        prompt = renderer.render(history, user, max_new_tokens)
-        async with requests:  # FIFO: with fewer slots than sessions, turns interleave round-robin
-            record, tokens = await timed_request(system, script.session_id, turn, prompt, max_new_tokens, timeout_s)
-        reply = tokenizer.decode(tokens, skip_special_tokens=True)  # type: ignore[attr-defined]
+    await system.begin_session(script.session_id, list(script.history))
+    think = random.Random(f"think:{script.session_id}")  # the same arrival times for every system
+    for index, user in enumerate(script.user_turns):
+        if driver.request_rate > 0:
+            await asyncio.sleep(think.expovariate(driver.request_rate))
+        max_new = script.max_new_tokens[index] if script.max_new_tokens else driver.max_new_tokens
+        turn = Turn(driver.renderer.render(history, user, max_new), user, max_new)
+        async with driver.requests:  # FIFO: with fewer slots than sessions, turns interleave round-robin
+            record, reply = await timed_request(
+                system, script.session_id, index, turn, driver.timeout_s, driver.tokenizer
+            )
         history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        records.append(record)
+        driver.records.append(record)
         replies.append(reply)
-        on_turn()
+        driver.on_turn()
     await system.end_session(script.session_id)
 
 
@@ -115,38 +141,29 @@ async def run_workload(
     system: System,
     workload: Workload,
     renderer: PromptRenderer,
-    tokenizer: object,
+    tokenizer: Any,
     max_new_tokens: int,
     concurrency: int,
     on_turn: Callable[[], None] = lambda: None,
     timeout_s: float | None = None,
     in_flight: int | None = None,
+    request_rate: float = 0.0,
 ) -> RunResult:
     """Warm up, then run every session; at most `concurrency` sessions are live and `in_flight` requests run at once.
 
     A live session waiting for a request slot is idle but not ended: its KV is still the system's to keep,
     move or evict — the realistic shape of many chat users, most of them reading at any moment.
     """
-    await warm_up(system, renderer, max_new_tokens, timeout_s)
+    await warm_up(system, renderer, tokenizer, max_new_tokens, timeout_s)
     slots = asyncio.Semaphore(max(1, concurrency))
-    requests = asyncio.Semaphore(max(1, in_flight or concurrency))
     records: list[TurnRecord] = []
     replies: dict[str, list[str]] = {script.session_id: [] for script in workload.sessions}
+    requests = asyncio.Semaphore(max(1, in_flight or concurrency))
+    driver = _Driver(system, renderer, tokenizer, max_new_tokens, timeout_s, records, on_turn, requests, request_rate)
 
     async def session(script: SessionScript) -> None:
         async with slots:
-            await _run_session(
-                system,
-                script,
-                renderer,
-                tokenizer,
-                max_new_tokens,
-                timeout_s,
-                records,
-                replies[script.session_id],
-                on_turn,
-                requests,
-            )
+            await _run_session(driver, script, replies[script.session_id])
 
     start = time.perf_counter()
     tasks = [asyncio.create_task(session(script)) for script in workload.sessions]

@@ -2,12 +2,14 @@
 
 One system prompt shared by every session; per session an initial history of about `history_tokens`
 tokens (alternating user / assistant messages of generated text); then `turns` user messages of
-uniformly drawn lengths. Lengths are measured with the real tokenizer, so the counts are controlled,
-and the same seed always gives the same messages.
+uniformly drawn lengths. `vllm_multiturn()` gives vLLM's own shape (per-session prefix, 12-18 turns).
+Lengths are measured with the real tokenizer, so the counts are controlled, and the same seed always gives
+the same messages.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +49,21 @@ class WorkloadSpec:
     history_user_tokens: tuple[int, int] = (32, 128)  # user messages inside the initial history
     history_assistant_tokens: tuple[int, int] = (64, 256)  # assistant messages inside the initial history
     seed: int = 0
+    # vLLM's multi-turn shape (preset `vllm-multiturn`): turns per session drawn in [min, max] instead of `turns`,
+    # a per-session prefix (lognormal, this mean) opening the first user message, and reply lengths per turn.
+    turns_range: tuple[int, int] | None = None
+    session_prefix_tokens: int = 0
+    reply_tokens: tuple[int, int] | None = None
+
+
+def vllm_multiturn(sessions: int = 24, seed: int = 0, max_turns: int = 18) -> WorkloadSpec:
+    """vLLM's multi-turn benchmark shape: 12-18 turns, a 500-token shared prefix (the system prompt), a per-session
+    prefix lognormal around 1,000 tokens, user turns of 120-160 tokens and answers of 80-120 tokens.
+    `max_turns` below 18 scales it down for a small machine (turns drawn in [min(12, max_turns), max_turns])."""
+    return WorkloadSpec(
+        sessions=sessions, turns=max_turns, history_tokens=500, system_prompt_tokens=500, user_tokens=(120, 160),
+        seed=seed, turns_range=(min(12, max_turns), max_turns), session_prefix_tokens=1000, reply_tokens=(80, 120),
+    )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -57,6 +74,7 @@ class SessionScript:
     history: list[Message]  # system prompt first, then alternating user / assistant, ending with assistant
     user_turns: list[str]
     history_tokens: int = 0  # rendered length of `history`
+    max_new_tokens: list[int] | None = None  # per turn; None: the run's --max-new-tokens
 
 
 @dataclass(slots=True)
@@ -105,6 +123,12 @@ def synthetic_text(tokenizer: Any, rng: random.Random, target_tokens: int) -> st
     return " ".join(words[:low])
 
 
+def _lognormal_tokens(rng: random.Random, mean: int) -> int:
+    """Lognormal with this mean (sigma 0.5), capped at twice the mean so the longest sessions fit the context."""
+    sigma = 0.5
+    return min(2 * mean, max(1, round(rng.lognormvariate(math.log(mean) - sigma**2 / 2, sigma))))
+
+
 def _message_overhead(tokenizer: Any) -> int:
     """Template tokens around one message (role header, end marker)."""
     probe = [{"role": "system", "content": "x"}]
@@ -136,17 +160,26 @@ def _initial_history(
 def build_workload(tokenizer: Any, spec: WorkloadSpec) -> Workload:
     """The same `spec` (seed included) always gives the same messages."""
     rng = random.Random(spec.seed)
+    # With no initial history (vLLM's shape) the system prompt is all of `history_tokens`, else at most half.
+    share = spec.history_tokens if spec.turns_range else spec.history_tokens // 2
     system_prompt = "You are a helpful assistant. Answer briefly. " + synthetic_text(
-        tokenizer, rng, min(spec.system_prompt_tokens, spec.history_tokens // 2) - 10
+        tokenizer, rng, min(spec.system_prompt_tokens, share) - 10
     )
     system: Message = {"role": "system", "content": system_prompt}
     overhead = _message_overhead(tokenizer)
     workload = Workload(spec=spec, system_prompt=system_prompt)
     for index in range(spec.sessions):
         session_rng = random.Random(f"{spec.seed}:{index}")  # a session's script does not depend on the others
-        history, used = _initial_history(tokenizer, session_rng, spec, system, overhead)
-        users = [
-            synthetic_text(tokenizer, session_rng, session_rng.randint(*spec.user_tokens)) for _ in range(spec.turns)
-        ]
-        workload.sessions.append(SessionScript(f"session-{index:04d}", history, users, used))
+        if spec.turns_range is None:
+            history, used = _initial_history(tokenizer, session_rng, spec, system, overhead)
+            turns = spec.turns
+        else:  # vLLM's shape: no initial history past the shared system prompt
+            history, used = [system], chat_token_count(tokenizer, [system])
+            turns = session_rng.randint(*spec.turns_range)
+        users = [synthetic_text(tokenizer, session_rng, session_rng.randint(*spec.user_tokens)) for _ in range(turns)]
+        if spec.session_prefix_tokens:
+            prefix = synthetic_text(tokenizer, session_rng, _lognormal_tokens(session_rng, spec.session_prefix_tokens))
+            users[0] = f"{prefix}\n\n{users[0]}"
+        replies = [session_rng.randint(*spec.reply_tokens) for _ in range(turns)] if spec.reply_tokens else None
+        workload.sessions.append(SessionScript(f"session-{index:04d}", history, users, used, replies))
     return workload

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from serving.engine.token_ids import common_prefix_length
-from serving.engine.types import Engine, FinishReason, GenerationRequest, KVInfo, KVTier, SamplingParams
+from serving.engine.types import Engine, FinishReason, GenerationRequest, KVInfo, KVTier, SamplingParams, TurnTiming
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.manager import SessionManager
 from sessions.messages import Message
@@ -54,7 +54,8 @@ class TurnResult:
     completion_tokens: int
     cached_tokens: int
     ttft_ms: float
-    total_ms: float
+    total_ms: float  # generation: submitted -> last chunk
+    timing: TurnTiming  # the whole turn by phase (store, prompt, engine steps, commit)
 
 
 WarmSource = Literal["device", "host", "disk", "recomputed"]
@@ -169,9 +170,12 @@ class SessionService:
         """Generate after `new_messages`: text deltas, then one TurnResult. The messages and the reply are
         committed only if generation finished (stop or length)."""
         _require_user_last(new_messages)
+        started, timing = time.perf_counter(), TurnTiming()
         await asyncio.to_thread(self.manager.get, session_id, owner)  # 404 before waiting for the lock
         async with self.manager.turn(session_id):
             record, history = await asyncio.to_thread(self._load, session_id, owner)
+            built_at = time.perf_counter()
+            timing.store_read_s = built_at - started  # with the turn lock and lease (no wait between own turns)
             built = self.prompts.build(
                 record.system_prompt,
                 history,
@@ -179,9 +183,14 @@ class SessionService:
                 max_new_tokens=params.max_new_tokens,
                 max_context_tokens=self.limits.budget(params, self.max_context_tokens),
             )
-            async for event in self._generate(session_id, built.token_ids, params, cache_key=session_id):
-                if isinstance(event, TurnResult) and event.finish_reason != "cancelled":
-                    await self._commit(session_id, [*new_messages, Message(role="assistant", content=event.response)])
+            timing.prompt_s = time.perf_counter() - built_at
+            async for event in self._generate(session_id, built.token_ids, params, session_id, timing):
+                if isinstance(event, TurnResult):
+                    if event.finish_reason != "cancelled":
+                        committing, reply = time.perf_counter(), Message(role="assistant", content=event.response)
+                        await self._commit(session_id, [*new_messages, reply])
+                        timing.commit_s = time.perf_counter() - committing
+                    timing.total_s = time.perf_counter() - started
                 yield event
 
     async def warm(self, session_id: str, owner: str | None = None) -> WarmResult:
@@ -248,6 +257,7 @@ class SessionService:
     ) -> AsyncIterator[TextDelta | TurnResult]:
         """A whole conversation sent by the client (OpenAI style): nothing stored, no KV kept."""
         _require_user_last(messages)
+        started, timing = time.perf_counter(), TurnTiming()
         built = self.prompts.build(
             system_prompt,
             messages[:-1],
@@ -255,17 +265,20 @@ class SessionService:
             max_new_tokens=params.max_new_tokens,
             max_context_tokens=self.limits.budget(params, self.max_context_tokens),
         )
-        async for event in self._generate("", built.token_ids, params, cache_key=None):
+        timing.prompt_s = time.perf_counter() - started
+        async for event in self._generate("", built.token_ids, params, None, timing):
+            if isinstance(event, TurnResult):
+                timing.total_s = time.perf_counter() - started
             yield event
 
     def _load(self, session_id: str, owner: str | None) -> tuple[SessionRecord, list[Message]]:
         return self.manager.get(session_id, owner), self.manager.history(session_id, owner=owner)
 
     async def _generate(
-        self, session_id: str, prompt_ids: list[int], params: SamplingParams, cache_key: str | None
+        self, session_id: str, prompt_ids: list[int], params: SamplingParams, cache_key: str | None, timing: TurnTiming
     ) -> AsyncIterator[TextDelta | TurnResult]:
         request = GenerationRequest(
-            request_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, params=params, cache_key=cache_key
+            request_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, params=params, cache_key=cache_key, timing=timing
         )
         start = time.perf_counter()
         first_token_at: float | None = None
@@ -293,6 +306,7 @@ class SessionService:
             cached_tokens=cached_tokens,
             ttft_ms=((first_token_at or end) - start) * 1000,
             total_ms=(end - start) * 1000,
+            timing=timing,
         )
         if self.on_turn is not None:
             self.on_turn(result)

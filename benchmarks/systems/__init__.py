@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks.systems.base import BenchContext, StreamEvent, System
+from benchmarks.systems.base import BenchContext, StreamEvent, System, Turn
 
-SYSTEM_NAMES = ("sessionserve", "sessionserve-nokv", "hf-generate", "hf-cb")
+SYSTEM_NAMES = ("sessionserve", "sessionserve-nokv", "sessionserve-local", "sessionserve-http", "hf-generate", "hf-cb")
 
 
 def build_system(name: str, context: BenchContext) -> System:
@@ -12,6 +12,14 @@ def build_system(name: str, context: BenchContext) -> System:
         from benchmarks.systems.sessionserve import EngineSystem
 
         return EngineSystem(name, context, reuse_kv=name == "sessionserve")
+    if name == "sessionserve-local":
+        from benchmarks.systems.sessionserve_local import LocalSystem
+
+        return LocalSystem(name, context)
+    if name == "sessionserve-http":
+        from benchmarks.systems.sessionserve_http import HTTPSystem
+
+        return HTTPSystem(name, context)
     if name == "hf-generate":
         from benchmarks.systems.hf_generate import HFGenerate
 
@@ -23,4 +31,4 @@ def build_system(name: str, context: BenchContext) -> System:
     raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEM_NAMES)}")
 
 
-__all__ = ["SYSTEM_NAMES", "BenchContext", "StreamEvent", "System", "build_system"]
+__all__ = ["SYSTEM_NAMES", "BenchContext", "StreamEvent", "System", "Turn", "build_system"]

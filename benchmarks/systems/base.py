@@ -12,11 +12,29 @@ if TYPE_CHECKING:  # keep `--help` and the workload free of torch imports
 
 
 @dataclass(slots=True)
-class StreamEvent:
-    """Tokens new since the previous event; `cached_tokens` when the system says how much prompt KV it reused."""
+class Turn:
+    """One request. Engine-level systems run `prompt_ids`; full-path systems (which keep the session's history
+    themselves, see `System.begin_session`) send only `user`, and their server builds the same prompt."""
 
-    token_ids: list[int]
+    prompt_ids: list[int]  # the session's history plus `user`, rendered by the shared PromptRenderer
+    user: str
+    max_new_tokens: int
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """Output new since the previous event: token ids, or text from systems that answer in text.
+
+    `cached_tokens` when the system says how much prompt KV it reused; a full-path system's last event also says
+    its own prompt / completion token counts and where the turn's time went (`phases_ms`, when it reports it).
+    """
+
+    token_ids: list[int] = field(default_factory=list)
     cached_tokens: int | None = None
+    text: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    phases_ms: dict[str, float] | None = None
 
 
 @dataclass(slots=True)
@@ -29,6 +47,7 @@ class BenchContext:
     tokens_bound: int | None = None  # upper bound on the KV tokens the whole run can ever occupy at once
     ignore_eos: bool = False  # generate past EOS: every reply is exactly max_new_tokens long
     notes: dict[str, Any] = field(default_factory=dict)
+    serve_port: int | None = None  # sessionserve-http: a Ray Serve proxy already started here (tests); None: its own
 
 
 class System(Protocol):
@@ -38,7 +57,11 @@ class System(Protocol):
 
     async def start(self) -> None: ...
 
-    def stream(self, session_id: str, prompt_ids: list[int], max_new_tokens: int) -> AsyncIterator[StreamEvent]: ...
+    async def begin_session(self, session_id: str, history: list[dict[str, str]]) -> None:
+        """Before the session's first turn (not timed): full-path systems store the initial history here."""
+        ...
+
+    def stream(self, session_id: str, turn: Turn) -> AsyncIterator[StreamEvent]: ...
 
     async def end_session(self, session_id: str) -> None:
         """The session's conversation is over: free what it holds (what a client's destroy would do)."""

@@ -25,7 +25,7 @@ from typing import Any
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from benchmarks.systems.base import BenchContext, StreamEvent, kv_bytes_per_token
+from benchmarks.systems.base import BenchContext, StreamEvent, Turn, kv_bytes_per_token
 
 
 class HFContinuousBatching:
@@ -91,7 +91,11 @@ class HFContinuousBatching:
         cache.search_prefix_match, cache.evict_cached_blocks = counted_search, counted_evict
         self._instrumented = cache
 
-    async def stream(self, session_id: str, prompt_ids: list[int], max_new_tokens: int) -> AsyncIterator[StreamEvent]:
+    async def begin_session(self, session_id: str, history: list[dict[str, str]]) -> None:
+        """Nothing to store: every turn's prompt is rendered by the driver."""
+
+    async def stream(self, session_id: str, turn: Turn) -> AsyncIterator[StreamEvent]:
+        prompt_ids, max_new_tokens = turn.prompt_ids, turn.max_new_tokens
         self._instrument()
         request_id = f"{session_id}#{next(self._ids)}"
         queue: asyncio.Queue[Any] = asyncio.Queue()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from benchmarks.systems.base import BenchContext, StreamEvent
+from benchmarks.systems.base import BenchContext, StreamEvent, Turn
 
 
 class _QueueStreamer(BaseStreamer):
@@ -59,7 +59,11 @@ class HFGenerate:
         finally:
             streamer.end()  # also on error, so the consumer never waits forever
 
-    async def stream(self, session_id: str, prompt_ids: list[int], max_new_tokens: int) -> AsyncIterator[StreamEvent]:
+    async def begin_session(self, session_id: str, history: list[dict[str, str]]) -> None:
+        """Nothing to store: every turn's prompt is rendered by the driver."""
+
+    async def stream(self, session_id: str, turn: Turn) -> AsyncIterator[StreamEvent]:
+        prompt_ids, max_new_tokens = turn.prompt_ids, turn.max_new_tokens
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
         async with self.lock:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from benchmarks.systems.base import BenchContext, StreamEvent
+from benchmarks.systems.base import BenchContext, StreamEvent, Turn
 from serving.engine.paged_engine import PagedEngine
 from serving.engine.types import GenerationRequest, SamplingParams
 
@@ -26,7 +26,11 @@ class EngineSystem:
     async def start(self) -> None:
         self.engine = PagedEngine(self.context.loaded, self.context.engine_config)
 
-    async def stream(self, session_id: str, prompt_ids: list[int], max_new_tokens: int) -> AsyncIterator[StreamEvent]:
+    async def begin_session(self, session_id: str, history: list[dict[str, str]]) -> None:
+        """Nothing to store: every turn's prompt is rendered by the driver."""
+
+    async def stream(self, session_id: str, turn: Turn) -> AsyncIterator[StreamEvent]:
+        prompt_ids, max_new_tokens = turn.prompt_ids, turn.max_new_tokens
         assert self.engine is not None, "start() first"
         request = GenerationRequest(
             request_id=uuid.uuid4().hex,

@@ -73,7 +73,8 @@ class LLMEngine:
         """Queue a request; raises ValueError for one that can never run."""
         validate_request(spec, self.max_context_tokens, self.vocab_size)
         ids, params = list(spec.prompt_token_ids), spec.params
-        request = Request(spec.request_id, ids, params, cache_key=spec.cache_key)
+        request = Request(spec.request_id, ids, params, cache_key=spec.cache_key, timing=spec.timing)
+        request.added_at = time.perf_counter()
         request.max_tokens = min(len(ids) + params.max_new_tokens, self.max_context_tokens)
         request.generator = make_generator(params, self.runner.device)
         request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, prompt_ids=ids)
@@ -103,7 +104,9 @@ class LLMEngine:
             outputs = self._apply_aborts()
             out = self.scheduler.schedule()
         if not out.is_empty:
+            scheduled = time.perf_counter()
             tokens = self.runner.execute(out)
+            self._time_step(out, started, scheduled - started)
             with self.lock:
                 outputs += self._update(out, tokens)
         self._count(out, started)
@@ -187,6 +190,7 @@ class LLMEngine:
             finish: FinishReason | None = None
             detok = request.detokenizer
             assert detok is not None, "set by add_request"
+            detok_started = time.perf_counter()
             if token in self.eos and not request.params.ignore_eos:
                 text, finish = detok.flush(), "stop"
             else:
@@ -195,6 +199,8 @@ class LLMEngine:
                     finish = "stop"
                 elif request.num_tokens >= request.max_tokens:
                     text, finish = text + detok.flush(), "length"
+            if request.timing is not None:
+                request.timing.detok_s += time.perf_counter() - detok_started
             outputs.append(self._output(request, [token], text, finish))
             if finish is not None:
                 self._finish(request, finish)
@@ -221,6 +227,21 @@ class LLMEngine:
         self.counters["prompt_tokens"] += request.num_prompt_tokens
         self.counters["cached_tokens"] += request.num_cached_tokens
         self.counters["generated_tokens"] += request.num_output_tokens
+
+    def _time_step(self, out: SchedulerOutput, started: float, schedule_s: float) -> None:
+        """Charge this step's phases to every timed request in it (a batched step costs each of them in full)."""
+        prepare_s, forward_s, sample_s = self.runner.last_step
+        for request in out.requests:
+            timing = request.timing
+            if timing is None:
+                continue
+            if not request.started:
+                request.started = True
+                timing.queue_s = started - request.added_at
+            timing.schedule_s += schedule_s
+            timing.prepare_s += prepare_s
+            timing.forward_s += forward_s
+            timing.sample_s += sample_s
 
     def _count(self, out: SchedulerOutput, started: float) -> None:
         if out.is_empty:

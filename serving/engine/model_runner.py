@@ -80,6 +80,7 @@ class ModelRunner:
         self._use_paged_attention()
         self._skip_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # 4D: transformers keeps it
         self.timings = {"prepare_s": 0.0, "forward_s": 0.0, "sample_s": 0.0, "copy_s": 0.0}
+        self.last_step = (0.0, 0.0, 0.0)  # prepare, forward, sample seconds of the latest execute()
 
     @staticmethod
     def block_bytes(loaded: LoadedModel, config: EngineConfig) -> int:
@@ -191,6 +192,7 @@ class ModelRunner:
             sampled = sample(logits.float(), params, generators).tolist()
             tokens = {r.request_id: token for r, token in zip(step.sampled_requests, sampled, strict=True)}
         done = time.perf_counter()
+        self.last_step = (prepared - started, forwarded - prepared, done - forwarded)
         self.timings["prepare_s"] += prepared - started
         self.timings["forward_s"] += forwarded - prepared
         self.timings["sample_s"] += done - forwarded

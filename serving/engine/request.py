@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from serving.engine.types import FinishReason, KVTier, SamplingParams
+from serving.engine.types import FinishReason, KVTier, SamplingParams, TurnTiming
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +38,9 @@ class Request:
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None  # per-request RNG for seeded sampling
     detokenizer: IncrementalDetokenizer | None = None
+    timing: TurnTiming | None = None  # the caller's record of where the time went (engine phases added here)
+    added_at: float = 0.0  # perf_counter when submitted: the start of its queueing time
+    started: bool = False  # a step has run it (queueing time is counted once, not again after a preemption)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

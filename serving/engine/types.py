@@ -27,6 +27,44 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS up to max_new_tokens (benchmarks: fixed reply lengths)
 
 
+@dataclass(slots=True)
+class TurnTiming:
+    """Where one turn's time went, in seconds: one record per request, filled in place as the turn runs.
+
+    The service fills the store, prompt and commit phases and the total; the engine fills the phases of its
+    steps (from its own thread; the caller reads them only after the last chunk). A batched step counts in full
+    for every request in it. `other_s` is what no phase covers: thread hand-offs, the event loop, bookkeeping.
+    """
+
+    store_read_s: float = 0.0  # session record and history from the store (with the turn lock and lease)
+    prompt_s: float = 0.0  # prompt building: chat template, tokenization, context trimming
+    queue_s: float = 0.0  # submitted -> start of the first engine step that runs it
+    schedule_s: float = 0.0  # the scheduler's share of its steps (admission, blocks, KV moves)
+    prepare_s: float = 0.0  # building the steps' input tensors and block tables
+    forward_s: float = 0.0  # the model's forward passes
+    sample_s: float = 0.0  # picking tokens from the logits
+    detok_s: float = 0.0  # incremental detokenization and stop strings
+    commit_s: float = 0.0  # storing the finished turn
+    total_s: float = 0.0  # the whole turn, as its service call saw it
+
+    @property
+    def other_s(self) -> float:
+        covered: float = sum(getattr(self, name) for name in _PHASES)
+        return max(0.0, self.total_s - covered)
+
+    def phases_ms(self) -> dict[str, float]:
+        """Milliseconds by phase (`other` included, `total` last): what clients and benchmarks report."""
+        values = {name.removesuffix("_s"): getattr(self, name) for name in _PHASES}
+        values |= {"other": self.other_s, "total": self.total_s}
+        return {name: round(seconds * 1000, 3) for name, seconds in values.items()}
+
+
+_PHASES = (
+    *("store_read_s", "prompt_s", "queue_s", "schedule_s", "prepare_s"),
+    *("forward_s", "sample_s", "detok_s", "commit_s"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One generation: the full prompt's token ids and, for a session, the key whose KV it may reuse.
@@ -39,6 +77,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     cache_key: str | None = None
+    timing: TurnTiming | None = None  # the engine adds its phases here when given one
 
 
 class EngineFailed(RuntimeError):

@@ -48,6 +48,7 @@ def sampling_params(request: protocol.QueryRequest) -> SamplingParams:
         top_k=request.top_k,
         seed=request.seed,
         stop=tuple(request.stop),
+        ignore_eos=request.ignore_eos,
     )
 
 
@@ -84,7 +85,9 @@ def query_response(result: TurnResult) -> protocol.QueryResponse:
             completion_tokens=result.completion_tokens,
             cached_tokens=result.cached_tokens,
         ),
-        timing=protocol.Timing(ttft_ms=round(result.ttft_ms, 3), total_ms=round(result.total_ms, 3)),
+        timing=protocol.Timing(
+            ttft_ms=round(result.ttft_ms, 3), total_ms=round(result.total_ms, 3), phases_ms=result.timing.phases_ms()
+        ),
     )
 
 

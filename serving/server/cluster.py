@@ -61,6 +61,9 @@ def connect(address: str | None) -> bool:
     if address:
         ray.init(address=address, ignore_reinit_error=True)
         return False
+    # Ray starts its workers at niceness 15, so on a shared machine the model replicas would yield the CPU to
+    # everything else; the server is this machine's main work.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", ignore_reinit_error=True, include_dashboard=False)
     return True
 

@@ -37,6 +37,7 @@ def _params(request: ChatCompletionRequest) -> SamplingParams:
         top_k=request.top_k,
         seed=request.seed,
         stop=request.stop_list(),
+        ignore_eos=request.ignore_eos,
     )
 
 

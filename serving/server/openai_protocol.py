@@ -31,6 +31,7 @@ class ChatCompletionRequest(BaseModel):
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate past EOS up to max_tokens (benchmarks)")
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
 

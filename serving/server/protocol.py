@@ -91,6 +91,7 @@ class QueryRequest(_Strict):
     top_k: int = Field(0, ge=0, description="0 = off")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16, description="stop strings")
+    ignore_eos: bool = Field(False, description="generate past EOS up to max_new_tokens (benchmarks, as in vLLM)")
     stream: bool = False
 
 
@@ -103,6 +104,11 @@ class Usage(BaseModel):
 class Timing(BaseModel):
     ttft_ms: float
     total_ms: float
+    phases_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="the whole turn by phase: store_read, prompt, queue, schedule, prepare, forward, sample, detok,"
+        " commit, other (hand-offs between threads and processes), total",
+    )
 
 
 class QueryResponse(BaseModel):

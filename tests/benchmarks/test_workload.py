@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import random
+import statistics
 
 import pytest
 
 from benchmarks.report import percentile, summarize
 from benchmarks.runner import RunResult, TurnRecord
-from benchmarks.workload import WorkloadSpec, build_workload, chat_token_count, synthetic_text, token_count
+from benchmarks.workload import (
+    WorkloadSpec,
+    build_workload,
+    chat_token_count,
+    synthetic_text,
+    token_count,
+    vllm_multiturn,
+)
 
 
 def test_same_seed_same_messages(tokenizer):
@@ -71,9 +79,43 @@ def test_summary_has_the_contract_fields():
 
     records = [record("a", 0, 100.0, 0), record("a", 1, 10.0, 90), record("b", 0, 200.0, 0), record("b", 1, 20.0, 95)]
     summary = summarize(RunResult(records, wall_s=2.0, replies={}), turns=2)
-    assert summary["ttft_ms"] == {"p50": 60.0, "p90": 170.0}
+    assert summary["ttft_ms"] == {"p50": 60.0, "p90": 170.0, "p99": 197.0}
     assert summary["ttft_ms_by_turn"] == [150.0, 15.0]
     assert summary["tpot_ms"]["p50"] == 10.0
     assert summary["throughput_tok_s"] == 8.0
     assert summary["wall_s"] == 2.0
     assert summary["cached_tokens"] == 185 and summary["cached_tokens_by_turn"] == [0, 185]
+
+
+def test_vllm_multiturn_shape(tokenizer):
+    spec = vllm_multiturn(sessions=6, seed=3)
+    workload = build_workload(tokenizer, spec)
+    assert workload == build_workload(tokenizer, spec)  # seeded
+    assert abs(chat_token_count(tokenizer, [workload.sessions[0].history[0]]) - 500) <= 12  # the shared prefix
+    assert len({s.history[0]["content"] for s in workload.sessions}) == 1 and workload.sessions[0].history[1:] == []
+    turns = [len(s.user_turns) for s in workload.sessions]
+    assert all(12 <= n <= 18 for n in turns) and len(set(turns)) > 1
+    prefixes = []
+    for session in workload.sessions:
+        assert session.max_new_tokens is not None and len(session.max_new_tokens) == len(session.user_turns)
+        assert all(80 <= n <= 120 for n in session.max_new_tokens)
+        assert all(112 <= token_count(tokenizer, user) <= 160 for user in session.user_turns[1:])
+        prefix, _, first = session.user_turns[0].rpartition("\n\n")
+        assert 112 <= token_count(tokenizer, first) <= 160
+        prefixes.append(token_count(tokenizer, prefix))
+    assert all(1 <= n <= 2000 for n in prefixes) and len(set(prefixes)) == len(prefixes)  # drawn per session
+    assert 500 <= statistics.fmean(prefixes) <= 1500  # lognormal around 1,000
+    assert vllm_multiturn(max_turns=3).turns_range == (3, 3)  # a reduced run
+
+
+def test_summary_reports_phases_and_the_share_outside_the_forward_pass():
+    def record(turn: int, forward: float, e2e: float) -> TurnRecord:
+        phases = {"forward": forward, "commit": 1.0, "total": e2e - 1}
+        return TurnRecord("s", turn, 10, 1, 5, e2e, None, e2e, phases)
+
+    summary = summarize(RunResult([record(0, 90, 100), record(1, 80, 100), record(2, 45, 50)], 1.0, {}), 3)
+    assert summary["ttft_ms"]["p99"] == pytest.approx(100)
+    assert summary["phases_ms_p50"] == {"forward": 80, "commit": 1.0, "total": 99}
+    assert summary["outside_forward_fraction_p50"]["of_client_e2e"] == pytest.approx(0.1)
+    assert len(summary["phases_ms_by_request"]) == 3
+    assert "phases_ms_p50" not in summarize(RunResult([TurnRecord("s", 0, 1, 1, 0, 1, None, 1)], 1.0, {}), 1)

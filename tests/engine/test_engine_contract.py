@@ -4,13 +4,14 @@ held against PagedEngine and plain transformers `generate`."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from serving.config import EngineConfig
 from serving.engine.paged_engine import PagedEngine
 from serving.engine.token_ids import common_prefix_length
-from serving.engine.types import GenerationChunk, GenerationRequest, KVInfo, SamplingParams
+from serving.engine.types import GenerationChunk, GenerationRequest, KVInfo, SamplingParams, TurnTiming
 from tests.support import generate_reference
 
 N = 20  # new tokens per request: enough to see the behaviour, small enough to be quick
@@ -215,3 +216,18 @@ async def test_context_limit(tiny_model, tiny_prompt):
         assert len(tokens(chunks)) == 3 and chunks[-1].finish_reason == "length"
     finally:
         await engine.shutdown()
+
+
+async def test_engine_fills_the_timing_record_it_is_given(tiny, tiny_prompt):
+    """The engine's phases of a request land in the caller's TurnTiming: every step it ran counts."""
+    timing = TurnTiming()
+    request = GenerationRequest("timed", list(tiny_prompt), SamplingParams(max_new_tokens=4, ignore_eos=True))
+    request = dataclasses.replace(request, timing=timing)
+    chunks = [chunk async for chunk in tiny.generate(request)]
+    assert len(tokens(chunks)) == 4
+    assert timing.queue_s >= 0 and timing.schedule_s > 0 and timing.prepare_s > 0
+    assert timing.forward_s > 0 and timing.sample_s > 0 and timing.detok_s > 0
+    assert timing.forward_s >= tiny.stats()["forward_s"] * 0.99  # the only request: every forward pass was its own
+    assert timing.store_read_s == timing.prompt_s == timing.commit_s == timing.total_s == 0  # the service's part
+    untimed = [chunk async for chunk in tiny.generate(GenerationRequest("untimed", list(tiny_prompt)))]
+    assert untimed[-1].finish_reason is not None  # no record given: nothing to fill, nothing fails

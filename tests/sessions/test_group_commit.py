@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -18,6 +19,7 @@ from sessions.store.sqlite import SQLiteStore
 def _open(path: Path, max_writes: int = 64) -> tuple[sqlite3.Connection, GroupCommit, list[str]]:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")  # as the store runs it: durability comes from GroupCommit's fsync
     conn.execute("CREATE TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY)")
     conn.execute(
         "CREATE TABLE IF NOT EXISTS rows (name TEXT PRIMARY KEY,"
@@ -26,7 +28,8 @@ def _open(path: Path, max_writes: int = 64) -> tuple[sqlite3.Connection, GroupCo
     conn.execute("PRAGMA foreign_keys = ON")
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
-    group = GroupCommit(conn, threading.Lock(), lambda error: StoreUnavailable(str(error)), max_writes)
+    unavailable = lambda error: StoreUnavailable(str(error))  # noqa: E731
+    group = GroupCommit(conn, threading.Lock(), unavailable, Path(f"{path}-wal"), max_writes)
     return conn, group, statements
 
 
@@ -35,7 +38,9 @@ def _names(path: Path) -> set[str]:
         return {name for (name,) in other.execute("SELECT name FROM rows")}
 
 
-def _overlapping(group: GroupCommit, bodies: list[Callable[[sqlite3.Connection], None]]) -> list[BaseException | None]:
+def _overlapping(
+    group: GroupCommit, bodies: list[Callable[[sqlite3.Connection], None]], durable: list[bool] | None = None
+) -> list[BaseException | None]:
     """Run the bodies as writers that are all waiting for the lock while the first one's body runs."""
     outcomes: list[BaseException | None] = [None] * len(bodies)
     first_inside = threading.Event()
@@ -43,7 +48,7 @@ def _overlapping(group: GroupCommit, bodies: list[Callable[[sqlite3.Connection],
 
     def writer(index: int) -> None:
         try:
-            with group.write() as conn:
+            with group.write(True if durable is None else durable[index]) as conn:
                 bodies[index](conn)
                 if index == 0:
                     first_inside.set()
@@ -148,3 +153,47 @@ def test_a_batch_is_committed_after_max_writes_even_with_writers_waiting(tmp_pat
     assert outcomes == [None] * 4
     assert statements.count("COMMIT") == -(-4 // max_writes)
     assert len(_names(tmp_path / "db")) == 4
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """The paths GroupCommit fsyncs (it syncs the WAL itself; SQLite runs with synchronous=NORMAL and never does)."""
+    import sessions.store.group_commit as group_commit
+
+    synced: list[int] = []
+    real = os.fsync
+
+    def counting(descriptor: int) -> None:
+        synced.append(descriptor)
+        real(descriptor)
+
+    monkeypatch.setattr(group_commit.os, "fsync", counting)
+    return synced
+
+
+def test_a_batch_fsyncs_once_if_any_write_is_durable_and_never_otherwise(tmp_path, fsyncs):
+    _conn, group, _ = _open(tmp_path / "db")
+    assert _overlapping(group, [_insert("a"), _insert("b")], durable=[False, False]) == [None, None]
+    assert fsyncs == []
+    assert _overlapping(group, [_insert("c"), _insert("d"), _insert("e")], durable=[False, True, False]) == [None] * 3
+    assert len(fsyncs) == 1
+    assert _names(tmp_path / "db") == {"a", "b", "c", "d", "e"}
+
+
+def test_sqlite_store_fsyncs_turn_commits_but_not_leases(tmp_path, fsyncs):
+    from sessions.messages import Message
+    from sessions.store.base import SessionRecord
+
+    store = SQLiteStore(tmp_path / "s.db")
+    store.create(SessionRecord("s1", None, {}, 0.0, 0.0))
+    fsyncs.clear()
+    store.acquire_lease("s1", "turn-a", 30.0)
+    assert fsyncs == []  # a lease lost in a power cut lapses by itself
+    store.append("s1", [Message("user", "hi"), Message("assistant", "hello")], 2.0, holder="turn-a")
+    assert len(fsyncs) == 1  # the turn's commit is on disk when append returns
+    store.release_lease("s1", "turn-a")
+    assert len(fsyncs) == 1
+    store.close()
+    reopened = SQLiteStore(tmp_path / "s.db")
+    assert [m.content for m in reopened.messages("s1")] == ["hi", "hello"]
+    reopened.acquire_lease("s1", "turn-b", 30.0)  # turn-a gave the lease back

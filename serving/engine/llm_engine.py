@@ -30,9 +30,15 @@ class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, backend: AttentionBackend | None = None) -> None:
         self.runner = ModelRunner(loaded, config, backend)
         self.kv_manager = KVCacheManager(
-            self.runner.num_device_blocks, self.runner.num_host_blocks, config.block_size, self.runner
+            self.runner.num_device_blocks,
+            self.runner.num_host_blocks,
+            config.block_size,
+            self.runner,
+            grace_s=config.kv_grace_s,
         )
-        self.scheduler = Scheduler(self.kv_manager, config.max_batch_size, config.max_batch_tokens)
+        self.scheduler = Scheduler(
+            self.kv_manager, config.max_batch_size, config.max_batch_tokens, max_wait_s=config.max_wait_s
+        )
         self.tokenizer = loaded.tokenizer
         self.eos = eos_token_ids(loaded.tokenizer, loaded.model)
         embeddings = loaded.model.get_input_embeddings()
@@ -53,7 +59,8 @@ class LLMEngine:
         """Queue a request; raises ValueError for one that can never run."""
         validate_request(spec, self.max_context_tokens, self.vocab_size)
         ids, params = list(spec.prompt_token_ids), spec.params
-        request = Request(spec.request_id, ids, params, cache_key=spec.cache_key)
+        request = Request(spec.request_id, ids, params, cache_key=spec.cache_key, kv_policy=spec.kv_policy)
+        request.arrival_s = time.monotonic()
         request.max_tokens = min(len(ids) + params.max_new_tokens, self.max_context_tokens)
         request.generator = make_generator(params, self.runner.device)
         request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, prompt_ids=ids)

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from serving.engine.types import FinishReason, SamplingParams
+from serving.engine.types import FinishReason, KVPolicy, SamplingParams
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +26,8 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_key: str | None = None  # session whose KV this request reuses and then extends
+    kv_policy: KVPolicy = "pinned"  # what the session keeps of this request's KV when it ends
+    arrival_s: float = 0.0  # when it was queued (time.monotonic): the scheduler's aging bound counts from here
     max_tokens: int = 0  # most tokens (prompt + reply) this request may reach; set by the engine
     all_token_ids: list[int] = field(default_factory=list)  # prompt followed by the reply so far
     num_computed_tokens: int = 0  # leading tokens of all_token_ids whose KV is in this request's blocks

@@ -12,6 +12,10 @@ from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "cancelled"]
 KVTier = Literal["device", "host", "none"]
+# What a session's KV is worth keeping: "pinned" (kept, moved to host when idle and the device is short),
+# "evictable" (kept only while nothing needs the room: dropped first, never moved), "none" (freed at turn end).
+KVPolicy = Literal["pinned", "evictable", "none"]
+KV_POLICIES: tuple[KVPolicy, ...] = ("pinned", "evictable", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,14 +35,15 @@ class SamplingParams:
 class GenerationRequest:
     """One generation: the full prompt's token ids and, for a session, the key whose KV it may reuse.
 
-    `cache_key` names the KV the engine keeps after the request finishes (a session id); requests
-    without one are stateless and their KV is freed at the end.
+    `cache_key` names the KV the engine keeps after the request finishes (a session id), as `kv_policy` says;
+    requests without one are stateless and their KV is freed at the end.
     """
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     cache_key: str | None = None
+    kv_policy: KVPolicy = "pinned"
 
 
 class EngineFailed(RuntimeError):

@@ -14,15 +14,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Protocol, cast
 
-from serving.engine.types import Engine, FinishReason, GenerationRequest, KVInfo, SamplingParams
+from serving.engine.types import Engine, FinishReason, GenerationRequest, KVInfo, KVPolicy, SamplingParams
+from sessions.accounting import RecomputeReason, account_turn
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.manager import SessionManager
 from sessions.messages import Message
 from sessions.prompt import PromptBuilder
-from sessions.store.base import KVReport, SessionRecord
+from sessions.store.base import KVReport, SessionRecord, TokenUsage
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,8 @@ class TurnResult:
     cached_tokens: int
     ttft_ms: float
     total_ms: float
+    recomputed_tokens: int = 0  # prompt tokens an earlier turn had computed, computed again (sessions only)
+    recompute_reason: RecomputeReason | None = None  # why (sessions.accounting), None when nothing was
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,7 @@ class SessionService:
             messages=history,
             metadata=dict(parent.metadata),
             owner=owner,
+            kv_policy=parent.kv_policy,
         )
         self.engine.fork(session_id, child.session_id)
         return child
@@ -164,16 +168,24 @@ class SessionService:
                 max_new_tokens=params.max_new_tokens,
                 max_context_tokens=self.limits.budget(params, self.max_context_tokens),
             )
-            async for event in self._generate(session_id, built.token_ids, params, cache_key=session_id):
-                if isinstance(event, TurnResult) and event.finish_reason != "cancelled":
-                    await self._commit(session_id, [*new_messages, Message(role="assistant", content=event.response)])
+            policy = cast(KVPolicy, record.kv_policy)
+            async for event in self._generate(session_id, built.token_ids, params, session_id, policy):
+                if isinstance(event, TurnResult):
+                    account = account_turn(
+                        record.kv, self.replica, event.prompt_tokens, event.cached_tokens, event.completion_tokens
+                    )
+                    event = replace(event, recomputed_tokens=account.recomputed_tokens, recompute_reason=account.reason)
+                    self._finished(event)
+                    if event.finish_reason != "cancelled":
+                        turn = [*new_messages, Message(role="assistant", content=event.response)]
+                        await self._commit(session_id, turn, account.usage)
                 yield event
 
-    async def _commit(self, session_id: str, turn: list[Message]) -> None:
+    async def _commit(self, session_id: str, turn: list[Message], usage: TokenUsage) -> None:
         """Store a finished turn (one atomic append). While the store is unreachable, retry until
         commit_timeout_s, then fail cleanly: the client gets store_unavailable and the turn is not stored."""
         kv = self.engine.kv_info(session_id)
-        report = KVReport(tier=kv.tier, tokens=kv.tokens, replica=self.replica)
+        report = KVReport(tier=kv.tier, tokens=kv.tokens, replica=self.replica, usage=usage)
         loop = asyncio.get_running_loop()
         deadline, delay = loop.time() + self.commit_timeout_s, 0.05
         while True:
@@ -201,18 +213,27 @@ class SessionService:
             max_new_tokens=params.max_new_tokens,
             max_context_tokens=self.limits.budget(params, self.max_context_tokens),
         )
-        async for event in self._generate("", built.token_ids, params, cache_key=None):
+        async for event in self._generate("", built.token_ids, params, None):
+            if isinstance(event, TurnResult):
+                self._finished(event)
             yield event
 
     def _load(self, session_id: str, owner: str | None) -> tuple[SessionRecord, list[Message]]:
         return self.manager.get(session_id, owner), self.manager.history(session_id, owner=owner)
 
+    def _finished(self, result: TurnResult) -> None:
+        if self.on_turn is not None:
+            self.on_turn(result)
+
     async def _generate(
-        self, session_id: str, prompt_ids: list[int], params: SamplingParams, cache_key: str | None
+        self,
+        session_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cache_key: str | None,
+        kv_policy: KVPolicy = "pinned",
     ) -> AsyncIterator[TextDelta | TurnResult]:
-        request = GenerationRequest(
-            request_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, params=params, cache_key=cache_key
-        )
+        request = GenerationRequest(uuid.uuid4().hex, prompt_ids, params, cache_key, kv_policy)
         start = time.perf_counter()
         first_token_at: float | None = None
         pieces: list[str] = []
@@ -230,7 +251,7 @@ class SessionService:
                 if chunk.finish_reason is not None:
                     finish_reason = chunk.finish_reason
         end = time.perf_counter()
-        result = TurnResult(
+        yield TurnResult(
             session_id=session_id,
             response="".join(pieces),
             finish_reason=finish_reason,
@@ -240,9 +261,6 @@ class SessionService:
             ttft_ms=((first_token_at or end) - start) * 1000,
             total_ms=(end - start) * 1000,
         )
-        if self.on_turn is not None:
-            self.on_turn(result)
-        yield result
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()

@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--kv-cache-memory", help="device KV budget of every pooled system, e.g. 512MiB (default: engine's)"
     )
+    parser.add_argument("--kv-grace-s", type=float, help="sessionserve's engine.kv_grace_s (default: engine's)")
+    parser.add_argument("--max-wait-s", type=float, help="sessionserve's engine.max_wait_s (default: engine's)")
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
     started = time.perf_counter()
     loaded = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype))
-    engine_config = EngineConfig(**({"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}))
+    knobs = {"kv_cache_memory": args.kv_cache_memory, "kv_grace_s": args.kv_grace_s, "max_wait_s": args.max_wait_s}
+    engine_config = EngineConfig(**{name: value for name, value in knobs.items() if value is not None})
     if args.workload == "vllm-multiturn":
         spec = vllm_multiturn(args.sessions, args.seed, args.turns)
     else:

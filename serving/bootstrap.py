@@ -43,6 +43,7 @@ def open_sessions(config: Config, engine: EngineClient | None, *, engine_is_loca
         max_sessions=sessions.max_sessions,
         idle_ttl_s=sessions.idle_ttl_s,
         release_unreported=engine_is_local,
+        default_kv=sessions.default_kv,
     )
 
 

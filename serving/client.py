@@ -46,7 +46,11 @@ def _query_request(prompt: Prompt, stream: bool, params: dict[str, Any]) -> prot
 
 
 def _create_request(
-    session_id: str | None, system_prompt: str | None, messages: Sequence[dict], metadata: dict | None
+    session_id: str | None,
+    system_prompt: str | None,
+    messages: Sequence[dict],
+    metadata: dict | None,
+    kv: protocol.KVPolicyName | None,
 ) -> protocol.CreateSessionRequest:
     return _validated(
         protocol.CreateSessionRequest,
@@ -54,6 +58,7 @@ def _create_request(
         system_prompt=system_prompt,
         messages=list(messages),
         metadata=metadata or {},
+        kv=kv,
     )
 
 
@@ -74,8 +79,10 @@ class _SessionMethods:
         system_prompt: str | None = None,
         messages: Sequence[dict] = (),
         metadata: dict | None = None,
+        kv: protocol.KVPolicyName | None = None,
     ) -> str:
-        return self._create(_create_request(session_id, system_prompt, messages, metadata)).session_id
+        """`kv`: pinned, evictable or none (see protocol.CreateSessionRequest); None: the server's default."""
+        return self._create(_create_request(session_id, system_prompt, messages, metadata, kv)).session_id
 
     def list_sessions(self, *, limit: int = 50, offset: int = 0) -> protocol.SessionList:
         """The caller's sessions, most recently active first; `next_offset` of the result pages on."""

@@ -60,6 +60,18 @@ class EngineConfig(_Section):
         16 * 2**30, description="disk bytes for idle sessions' KV past the host tier (in sessions.kv_dir); 0 = off"
     )
     max_model_len: int = Field(0, ge=0, description="context limit in tokens (prompt + reply); 0 = the model's")
+    kv_grace_s: float = Field(
+        2.0,
+        ge=0,
+        description="a pinned session's device KV is kept from other waiting turns this long after its turn ends "
+        "(its next turn is likely on its way); 0 = no grace",
+    )
+    max_wait_s: float = Field(
+        5.0,
+        ge=0,
+        description="turns of sessions whose KV is on the device are admitted first, until a waiting turn has "
+        "waited this long: then it goes first (arrival order); 0 = plain arrival order",
+    )
 
     @field_validator("kv_cache_memory", "host_cache_memory", "disk_cache_memory", mode="before")
     @classmethod
@@ -77,6 +89,11 @@ class SessionsConfig(_Section):
     max_sessions: int = Field(10000, ge=1, description="live sessions at most")
     commit_timeout_s: float = Field(
         10, ge=0, description="how long a finished turn waits for an unreachable store before it fails uncommitted"
+    )
+    default_kv: Literal["pinned", "evictable", "none"] = Field(
+        "pinned",
+        description="KV policy of sessions created without one: pinned (kept), evictable (kept while the room is "
+        "free) or none (history only, prefilled every turn)",
     )
 
     kv_dir: str = Field(

@@ -14,16 +14,26 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol, cast
 
 from serving.engine.token_ids import common_prefix_length
-from serving.engine.types import Engine, FinishReason, GenerationRequest, KVInfo, KVTier, SamplingParams, TurnTiming
+from serving.engine.types import (
+    Engine,
+    FinishReason,
+    GenerationRequest,
+    KVInfo,
+    KVPolicy,
+    KVTier,
+    SamplingParams,
+    TurnTiming,
+)
+from sessions.accounting import RecomputeReason, account_turn
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.manager import SessionManager
 from sessions.messages import Message
 from sessions.prompt import PromptBuilder
-from sessions.store.base import KVReport, SessionRecord
+from sessions.store.base import KVReport, SessionRecord, TokenUsage
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +66,9 @@ class TurnResult:
     ttft_ms: float
     total_ms: float  # generation: submitted -> last chunk
     timing: TurnTiming  # the whole turn by phase (store, prompt, engine steps, commit)
+    kv_stale: bool = False  # the engine found stored KV for the session that did not match the prompt
+    recomputed_tokens: int = 0  # prompt tokens an earlier turn had computed, computed again (sessions only)
+    recompute_reason: RecomputeReason | None = None  # why (sessions.accounting), None when nothing was
 
 
 WarmSource = Literal["device", "host", "disk", "recomputed"]
@@ -159,6 +172,7 @@ class SessionService:
             messages=history,
             metadata=dict(parent.metadata),
             owner=owner,
+            kv_policy=parent.kv_policy,
         )
         self.engine.fork(session_id, child.session_id)
         return child
@@ -184,13 +198,24 @@ class SessionService:
                 max_context_tokens=self.limits.budget(params, self.max_context_tokens),
             )
             timing.prompt_s = time.perf_counter() - built_at
-            async for event in self._generate(session_id, built.token_ids, params, session_id, timing):
+            policy = cast(KVPolicy, record.kv_policy)
+            async for event in self._generate(session_id, built.token_ids, params, session_id, timing, policy):
                 if isinstance(event, TurnResult):
+                    account = account_turn(
+                        record.kv,
+                        self.replica,
+                        event.prompt_tokens,
+                        event.cached_tokens,
+                        event.completion_tokens,
+                        stale=event.kv_stale,
+                    )
+                    event = replace(event, recomputed_tokens=account.recomputed_tokens, recompute_reason=account.reason)
                     if event.finish_reason != "cancelled":
                         committing, reply = time.perf_counter(), Message(role="assistant", content=event.response)
-                        await self._commit(session_id, [*new_messages, reply])
+                        await self._commit(session_id, [*new_messages, reply], account.usage)
                         timing.commit_s = time.perf_counter() - committing
                     timing.total_s = time.perf_counter() - started
+                    self._finished(event)
                 yield event
 
     async def warm(self, session_id: str, owner: str | None = None) -> WarmResult:
@@ -219,7 +244,11 @@ class SessionService:
             source_tier: KVTier = "none"
             if prefix:
                 request = GenerationRequest(
-                    uuid.uuid4().hex, prefix, SamplingParams(max_new_tokens=1), cache_key=session_id
+                    uuid.uuid4().hex,
+                    prefix,
+                    SamplingParams(max_new_tokens=1),
+                    cache_key=session_id,
+                    kv_policy=cast(KVPolicy, record.kv_policy),  # "none": nothing is kept, as for a turn
                 )
                 async with aclosing(self.engine.generate(request)) as chunks:
                     async for chunk in chunks:
@@ -232,11 +261,11 @@ class SessionService:
             ms=(time.perf_counter() - start) * 1000,
         )
 
-    async def _commit(self, session_id: str, turn: list[Message]) -> None:
+    async def _commit(self, session_id: str, turn: list[Message], usage: TokenUsage) -> None:
         """Store a finished turn (one atomic append). While the store is unreachable, retry until
         commit_timeout_s, then fail cleanly: the client gets store_unavailable and the turn is not stored."""
         kv = self.engine.kv_info(session_id)
-        report = KVReport(tier=kv.tier, tokens=kv.tokens, replica=self.replica)
+        report = KVReport(tier=kv.tier, tokens=kv.tokens, replica=self.replica, usage=usage)
         loop = asyncio.get_running_loop()
         deadline, delay = loop.time() + self.commit_timeout_s, 0.05
         while True:
@@ -269,35 +298,45 @@ class SessionService:
         async for event in self._generate("", built.token_ids, params, None, timing):
             if isinstance(event, TurnResult):
                 timing.total_s = time.perf_counter() - started
+                self._finished(event)
             yield event
 
     def _load(self, session_id: str, owner: str | None) -> tuple[SessionRecord, list[Message]]:
         return self.manager.get(session_id, owner), self.manager.history(session_id, owner=owner)
 
+    def _finished(self, result: TurnResult) -> None:
+        if self.on_turn is not None:
+            self.on_turn(result)
+
     async def _generate(
-        self, session_id: str, prompt_ids: list[int], params: SamplingParams, cache_key: str | None, timing: TurnTiming
+        self,
+        session_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cache_key: str | None,
+        timing: TurnTiming,
+        kv_policy: KVPolicy = "pinned",
     ) -> AsyncIterator[TextDelta | TurnResult]:
-        request = GenerationRequest(
-            request_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, params=params, cache_key=cache_key, timing=timing
-        )
+        request = GenerationRequest(uuid.uuid4().hex, prompt_ids, params, cache_key, timing=timing, kv_policy=kv_policy)
         start = time.perf_counter()
         first_token_at: float | None = None
         pieces: list[str] = []
         completion_tokens = cached_tokens = 0
+        stale = False
         finish_reason: FinishReason = "cancelled"
         async with aclosing(self.engine.generate(request)) as chunks:
             async for chunk in chunks:
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 completion_tokens += len(chunk.token_ids)
-                cached_tokens = chunk.cached_tokens
+                cached_tokens, stale = chunk.cached_tokens, chunk.kv_stale
                 if chunk.text:
                     pieces.append(chunk.text)
                     yield TextDelta(chunk.text)
                 if chunk.finish_reason is not None:
                     finish_reason = chunk.finish_reason
         end = time.perf_counter()
-        result = TurnResult(
+        yield TurnResult(
             session_id=session_id,
             response="".join(pieces),
             finish_reason=finish_reason,
@@ -307,10 +346,8 @@ class SessionService:
             ttft_ms=((first_token_at or end) - start) * 1000,
             total_ms=(end - start) * 1000,
             timing=timing,
+            kv_stale=stale,
         )
-        if self.on_turn is not None:
-            self.on_turn(result)
-        yield result
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()

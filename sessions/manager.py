@@ -28,7 +28,7 @@ from sessions.lease import TurnLease
 from sessions.messages import Message, parse_messages
 from sessions.store import base
 from sessions.store.base import HistoryStore, SessionRecord
-from sessions.store.values import UNCHANGED, Holder, KVUpdate, Metadata, Prompt, Unchanged
+from sessions.store.values import KV_POLICIES, UNCHANGED, Holder, KVUpdate, Metadata, Prompt, Unchanged
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,13 @@ def _check_metadata(metadata: object) -> dict[str, Any]:
     return metadata
 
 
+def _check_kv_policy(kv_policy: object) -> str:
+    if kv_policy not in KV_POLICIES:
+        raise InvalidRequest(f"kv must be one of {', '.join(KV_POLICIES)}, got {kv_policy!r}")
+    assert isinstance(kv_policy, str)
+    return kv_policy
+
+
 def _check_system_prompt(system_prompt: object) -> str | None:
     if system_prompt is not None and not isinstance(system_prompt, str):
         raise InvalidRequest(f"system_prompt must be a string, got {type(system_prompt).__name__}")
@@ -101,6 +108,7 @@ class SessionManager:
         idle_ttl_s: float = 86400,
         lease_ttl_s: float = 300.0,
         release_unreported: bool = True,
+        default_kv: str = "pinned",
         clock: Callable[[], float] = time.time,
     ) -> None:
         if max_sessions < 1:
@@ -113,6 +121,7 @@ class SessionManager:
         # False where the engine is another process (the ingress): releasing costs a call, so it is made only for
         # sessions whose record reports KV; a replica's orphan sweep frees any KV the store never heard of.
         self.release_unreported = release_unreported
+        self.default_kv = _check_kv_policy(default_kv)
         self.store = store
         self.engine = engine
         self.max_sessions = max_sessions
@@ -130,14 +139,18 @@ class SessionManager:
         messages: Sequence[Any] = (),
         metadata: dict[str, Any] | None = None,
         owner: str | None = None,
+        kv_policy: str | None = None,
     ) -> SessionRecord:
-        """Create a session (uuid4 hex id if none) with optional history; all validated before anything is stored."""
+        """Create a session (uuid4 hex id if none) with optional history; all validated before anything is stored.
+
+        `kv_policy` (pinned, evictable, none; None: the manager's `default_kv`) says what its KV is worth keeping."""
         session_id = uuid.uuid4().hex if session_id is None else _check_session_id(session_id)
+        kv_policy = self.default_kv if kv_policy is None else _check_kv_policy(kv_policy)
         system_prompt = _check_system_prompt(system_prompt)
         history = _check_conversation(messages)
         metadata = _check_metadata(metadata)
         now = self._clock()
-        record = SessionRecord(session_id, system_prompt, metadata, now, now, owner)
+        record = SessionRecord(session_id, system_prompt, metadata, now, now, owner, kv_policy=kv_policy)
         with self._create_lock:
             if self.store.count() >= self.max_sessions:
                 self.expire_idle()

@@ -1,11 +1,14 @@
 """Who holds which KV blocks, per request and per session, and in which tier (plain Python, no torch).
 
 - A request's block table covers its computed tokens; blocks are added as the scheduler gives it tokens.
-- A session (cache_key) keeps the blocks of its last turn, pinned: other traffic never discards them. When the
-  device pool runs out, the least recently used *idle* sessions move to the host tier; past the host budget the
-  least recently used host sessions go to the disk tier (`DiskTier`, when configured; dropped otherwise, and their
-  next turn recomputes from the prompt). A turn whose session holds nothing in memory asks the disk tier, which
-  answers only with KV whose hash chain matches the turn's prompt (after a restart, or from another replica).
+- A session (cache_key) keeps the blocks of its last turn as its KV policy says (the turn's request carries it):
+  `pinned` KV is never discarded by other traffic, only moved to the host tier when the device runs short and,
+  past the host budget, to the disk tier (`DiskTier`, when configured; dropped otherwise, and the next turn
+  recomputes from the prompt); `evictable` KV is dropped as soon as anyone needs the room; `none` is freed when the
+  turn ends. Which idle KV goes first is `eviction.py`'s one order; a pinned session whose turn just ended keeps its
+  device blocks for a grace period unless a caller may take them. A turn whose session holds nothing in memory asks
+  the disk tier, which answers only with KV whose hash chain matches the turn's prompt (after a restart, or from
+  another replica).
 - A turn borrows its session's KV: the longest common prefix of the prompt with the session's tokens is reused
   (whole blocks, plus the partial last block, copied first if a fork shares it); the rest is freed. When the turn
   ends, its blocks become the session's KV.
@@ -20,15 +23,17 @@ Tensor copies (device<->host, copy-on-write) are asked of the model runner throu
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from serving.engine import eviction
 from serving.engine.block_pool import DROPPED, BlockPool
 from serving.engine.request import Request
 from serving.engine.token_ids import common_prefix_length
-from serving.engine.types import KVTier
+from serving.engine.types import KVPolicy, KVTier
 
 BlockPairs = list[tuple[int, int]]
 
@@ -71,10 +76,12 @@ class DiskTier(Protocol):
 @dataclass(eq=False, slots=True)
 class SessionKV:
     key: str
+    policy: KVPolicy = "pinned"  # that of its last turn
     tier: KVTier = "none"
     token_ids: list[int] = field(default_factory=list)  # tokens whose KV the blocks hold
     block_ids: list[int] = field(default_factory=list)  # ids in the pool of `tier`
     request: Request | None = None  # the turn currently extending this session (it holds the blocks meanwhile)
+    idle_since: float = 0.0  # when its last turn ended (clock of the manager): the grace period counts from here
 
 
 class KVCacheManager:
@@ -86,9 +93,13 @@ class KVCacheManager:
         copier: BlockCopier,
         disk: DiskTier | None = None,
         window: int | None = None,
+        grace_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.block_size = block_size
         self.window = window  # every layer sliding: the most tokens back any layer reads (None: keep everything)
+        self.grace_s = grace_s
+        self.clock = clock
         self.pools = {"device": BlockPool(num_device_blocks), "host": BlockPool(num_host_blocks)}
         self.device = self.pools["device"]
         self.host = self.pools["host"]
@@ -98,6 +109,7 @@ class KVCacheManager:
         self._idle: dict[str, OrderedDict[str, None]] = {"device": OrderedDict(), "host": OrderedDict()}  # LRU first
         self.counters = {"offloaded_sessions": 0, "restored_sessions": 0, "dropped_sessions": 0, "cow_copies": 0}
         self.counters |= {"spilled_sessions": 0, "disk_restored_sessions": 0}
+        self.counters["evicted_sessions"] = 0  # evictable sessions' KV dropped for room
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -112,6 +124,11 @@ class KVCacheManager:
             computed = session.request.num_computed_tokens
             return ("device", computed) if computed else ("none", 0)
         return session.tier, len(session.token_ids)
+
+    def is_resident(self, request: Request) -> bool:
+        """Whether the request's session KV waits idle on the device (its turn needs no swap-in nor recompute)."""
+        session = self.sessions.get(request.cache_key) if request.cache_key is not None else None
+        return session is not None and session.request is None and session.tier == "device"
 
     def release(self, key: str) -> None:
         """Forget a session, on disk too. A turn in flight keeps its blocks until it ends, then frees them."""
@@ -138,12 +155,15 @@ class KVCacheManager:
             return
         self.pools[source.tier].share(source.block_ids)
         target.tier, target.token_ids, target.block_ids = source.tier, list(source.token_ids), list(source.block_ids)
+        target.policy, target.idle_since = source.policy, source.idle_since
         self._idle[target.tier][target_key] = None
 
     # ------------------------------------------------------------------------------------------ requests
 
-    def attach(self, request: Request) -> bool:
-        """Before a request first runs: take over its session's KV for the reused prefix. False if no room."""
+    def attach(self, request: Request, take_grace: bool = True) -> bool:
+        """Before a request first runs: take over its session's KV for the reused prefix. False if no room.
+
+        `take_grace`: whether room may come from pinned sessions still in their grace period (eviction.py)."""
         if request.attached:
             return True
         session = self._claim_session(request)
@@ -153,7 +173,7 @@ class KVCacheManager:
             hit = self.disk.load(session.key, request.all_token_ids, request.num_tokens - 1) if self.disk else None
             request.kv_stale = hit is not None and not hit.tokens
             if hit is not None and hit.tokens:
-                if not self._make_room(self.blocks_for(hit.tokens)):
+                if not self._make_room(self.blocks_for(hit.tokens), take_grace):
                     session.request = None
                     return False
                 blocks = self.device.allocate(self.blocks_for(hit.tokens))
@@ -172,7 +192,9 @@ class KVCacheManager:
             cow = (
                 session.tier == "device" and reuse % self.block_size and pool.ref_count(session.block_ids[keep - 1]) > 1
             )
-            if not self._make_room(_held(session.block_ids[:keep]) if session.tier == "host" else int(bool(cow))):
+            if not self._make_room(
+                _held(session.block_ids[:keep]) if session.tier == "host" else int(bool(cow)), take_grace
+            ):
                 session.request = None
                 self._idle[session.tier][session.key] = None
                 return False
@@ -196,14 +218,14 @@ class KVCacheManager:
         request.attached = True
         return True
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Make the block table cover `num_new_tokens` more tokens, offloading idle sessions if needed (and, in an
-        all-sliding model, first free the blocks no layer will read again)."""
+    def allocate_slots(self, request: Request, num_new_tokens: int, take_grace: bool = True) -> bool:
+        """Make the block table cover `num_new_tokens` more tokens, reclaiming idle sessions' KV if needed (and, in
+        an all-sliding model, first free the blocks no layer will read again)."""
         self._drop_outside_window(request)
         need = self.blocks_for(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
         if need <= 0:
             return True
-        if not self._make_room(need):
+        if not self._make_room(need, take_grace):
             return False
         request.block_ids.extend(self.device.allocate(need))
         return True
@@ -224,9 +246,10 @@ class KVCacheManager:
         session = self.sessions.get(request.cache_key) if request.cache_key is not None else None
         if session is not None and session.request is request:
             session.request = None
-            if computed:
+            if computed and request.kv_policy != "none":
                 session.tier, session.block_ids = "device", request.block_ids[:keep]
                 session.token_ids = request.all_token_ids[:computed]
+                session.idle_since = self.clock()
                 self._idle["device"][session.key] = None
             else:
                 self.device.free(request.block_ids[:keep])
@@ -245,6 +268,7 @@ class KVCacheManager:
         if session.request is not None:
             return None  # a concurrent turn of the same session: run without reuse, keep nothing
         session.request = request
+        session.policy = request.kv_policy
         if session.tier in self._idle:
             del self._idle[session.tier][session.key]
         return session
@@ -273,18 +297,28 @@ class KVCacheManager:
         table = [DROPPED if block == DROPPED else next(fresh) for block in blocks]
         return table, [(old, new) for old, new in zip(blocks, table, strict=True) if old != DROPPED]
 
-    def _make_room(self, num_blocks: int) -> bool:
-        """Free device blocks by moving least recently used idle sessions to the host tier."""
+    def _make_room(self, num_blocks: int, take_grace: bool) -> bool:
+        """Free device blocks by reclaiming idle sessions' KV in the one eviction order (eviction.py)."""
+        now = self.clock()
         while self.device.num_free < num_blocks:
-            if not self._idle["device"]:
+            idle = (self.sessions[key] for key in self._idle["device"])
+            victim = eviction.device_victim(idle, now, self.grace_s, take_grace)
+            if victim is None:
                 return False
-            self._offload(self.sessions[next(iter(self._idle["device"]))])
+            if victim.action == "drop":
+                self._forget_kv(victim.session)
+                self.counters["evicted_sessions"] += 1
+            else:
+                self._offload(victim.session)
         return True
 
     def _offload(self, session: SessionKV) -> None:
         n = _held(session.block_ids)
-        while self.host.num_free < n and self._idle["host"]:
-            self._evict(self.sessions[next(iter(self._idle["host"]))])
+        while self.host.num_free < n:
+            victim = eviction.host_victim(self.sessions[key] for key in self._idle["host"])
+            if victim is None:
+                break
+            self._evict(victim)  # to the disk tier when there is one
         if self.host.num_free < n:  # bigger than the whole host tier
             self._evict(session)
             return

@@ -51,8 +51,11 @@ class LLMEngine:
             self.disk,
             # KV behind the window is freed only where no layer reads it: every layer sliding
             window=max(windows) if len(windows) == len(self.runner.layers) else None,
+            grace_s=config.kv_grace_s,
         )
-        self.scheduler = Scheduler(self.kv_manager, config.max_batch_size, config.max_batch_tokens)
+        self.scheduler = Scheduler(
+            self.kv_manager, config.max_batch_size, config.max_batch_tokens, max_wait_s=config.max_wait_s
+        )
         self.tokenizer = loaded.tokenizer
         self.eos = eos_token_ids(loaded.tokenizer, loaded.model)
         embeddings = loaded.model.get_input_embeddings()
@@ -73,8 +76,10 @@ class LLMEngine:
         """Queue a request; raises ValueError for one that can never run."""
         validate_request(spec, self.max_context_tokens, self.vocab_size)
         ids, params = list(spec.prompt_token_ids), spec.params
-        request = Request(spec.request_id, ids, params, cache_key=spec.cache_key, timing=spec.timing)
-        request.added_at = time.perf_counter()
+        request = Request(
+            spec.request_id, ids, params, cache_key=spec.cache_key, kv_policy=spec.kv_policy, timing=spec.timing
+        )
+        request.arrival_s = time.monotonic()
         request.max_tokens = min(len(ids) + params.max_new_tokens, self.max_context_tokens)
         request.generator = make_generator(params, self.runner.device)
         request.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, prompt_ids=ids)
@@ -237,7 +242,7 @@ class LLMEngine:
                 continue
             if not request.started:
                 request.started = True
-                timing.queue_s = started - request.added_at
+                timing.queue_s = time.monotonic() - request.arrival_s
             timing.schedule_s += schedule_s
             timing.prepare_s += prepare_s
             timing.forward_s += forward_s

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from serving.engine.types import FinishReason, KVTier, SamplingParams, TurnTiming
+from serving.engine.types import FinishReason, KVPolicy, KVTier, SamplingParams, TurnTiming
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +26,8 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_key: str | None = None  # session whose KV this request reuses and then extends
+    kv_policy: KVPolicy = "pinned"  # what the session keeps of this request's KV when it ends
+    arrival_s: float = 0.0  # when it was queued (time.monotonic): its queueing time and the aging bound count from here
     max_tokens: int = 0  # most tokens (prompt + reply) this request may reach; set by the engine
     all_token_ids: list[int] = field(default_factory=list)  # prompt followed by the reply so far
     num_computed_tokens: int = 0  # leading tokens of all_token_ids whose KV is in this request's blocks
@@ -39,7 +41,6 @@ class Request:
     generator: torch.Generator | None = None  # per-request RNG for seeded sampling
     detokenizer: IncrementalDetokenizer | None = None
     timing: TurnTiming | None = None  # the caller's record of where the time went (engine phases added here)
-    added_at: float = 0.0  # perf_counter when submitted: the start of its queueing time
     started: bool = False  # a step has run it (queueing time is counted once, not again after a preemption)
 
     def __post_init__(self) -> None:

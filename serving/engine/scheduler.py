@@ -2,15 +2,23 @@
 
 One token budget (`max_batch_tokens`) per step covers decode and prefill alike: a request's tokens to compute
 are `num_tokens - num_computed_tokens`, one for a decoding request, the rest of the prompt (cut into chunks)
-for a prefilling one. Decoding requests are served first, then unfinished prefills, then waiting requests in
-arrival order, up to `max_batch_size` running requests. When blocks run out even after idle sessions moved to
-the host tier, the most recently admitted running request is preempted: its blocks are freed and it goes back to
-the front of the queue to recompute (vLLM's recompute preemption).
+for a prefilling one. Decoding requests are served first, then unfinished prefills, then waiting requests, up to
+`max_batch_size` running requests. When blocks run out even after idle sessions' KV was reclaimed (eviction.py),
+the most recently admitted running request is preempted: its blocks are freed and it goes back to the front of
+the queue to recompute (vLLM's recompute preemption).
+
+Admission order under memory pressure: a turn whose session's KV waits on the device goes before older turns that
+would first have to move someone's KV (it costs only its new tokens, and its KV stays put), but only until the
+oldest waiting request has waited `max_wait_s`: from then on requests past that bound go first, in arrival order,
+and may take the device blocks of sessions still in their grace period. So resident sessions keep their KV warm
+while nobody's wait exceeds about `max_wait_s` plus the turns already running.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serving.engine.kv_cache_manager import KVCacheManager
@@ -36,10 +44,19 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv_manager: KVCacheManager, max_batch_size: int, max_batch_tokens: int) -> None:
+    def __init__(
+        self,
+        kv_manager: KVCacheManager,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_wait_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.kv_manager = kv_manager
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s  # aging bound: past it a waiting request is admitted in arrival order
+        self.clock = clock
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
 
@@ -75,19 +92,20 @@ class Scheduler:
                 scheduled[request] = n
             else:
                 self._preempt(request, out)
-        # 2. waiting requests in arrival order (preempted ones first), unless memory ran short above
+        # 2. waiting requests (see the module's admission order), unless memory ran short above
+        now = self.clock()
         while self.waiting and budget() > 0 and len(self.running) < self.max_batch_size and not out.preempted_ids:
-            request = self.waiting[0]
+            request, aged = self._next_waiting(now)
             idle = not self.running  # nothing will free blocks: waiting requests holding some must yield them
-            while not self.kv_manager.attach(request):
+            while not self.kv_manager.attach(request, take_grace=aged or idle):
                 if not (idle and self._preempt_waiting_holder(request, out)):
                     break
             if not request.attached:
                 break
             n = min(request.num_uncomputed_tokens, budget())
-            if not self._allocate(request, n, scheduled, out, preempt_running=False, idle=idle):
-                break  # stays first in line, holding its session's KV
-            self.waiting.popleft()
+            if not self._allocate(request, n, scheduled, out, preempt_running=False, idle=idle, take_grace=aged):
+                break  # stays in line, holding its session's KV
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled[request] = n
@@ -95,6 +113,19 @@ class Scheduler:
             out.requests.append(request)
             out.num_tokens.append(n)
         return out
+
+    def _next_waiting(self, now: float) -> tuple[Request, bool]:
+        """The request to admit next, and whether it waited past the aging bound: the first such request in
+        queue order (arrival order, preempted ones first); else one already holding blocks; else the first whose
+        session's KV is idle on the device; else the first in line."""
+        for request in self.waiting:
+            if now - request.arrival_s >= self.max_wait_s:
+                return request, True
+        for request in self.waiting:
+            if request.block_ids:
+                return request, False
+        resident = next((r for r in self.waiting if self.kv_manager.is_resident(r)), None)
+        return resident or self.waiting[0], False
 
     def _allocate(
         self,
@@ -105,10 +136,11 @@ class Scheduler:
         *,
         preempt_running: bool,
         idle: bool = True,
+        take_grace: bool = True,
     ) -> bool:
         """Blocks for `n` more tokens; if short, preempt waiting requests holding blocks, then (if allowed) the
-        most recently admitted running request."""
-        while not self.kv_manager.allocate_slots(request, n):
+        most recently admitted running request. `take_grace`: room may come from sessions in their grace period."""
+        while not self.kv_manager.allocate_slots(request, n, take_grace or idle):
             if idle and self._preempt_waiting_holder(request, out):
                 continue
             victim = next((r for r in reversed(self.running) if r is not request), None)

@@ -12,6 +12,10 @@ from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "cancelled"]
 KVTier = Literal["device", "host", "disk", "none"]
+# What a session's KV is worth keeping: "pinned" (kept, moved to host then disk when idle and memory is short),
+# "evictable" (kept only while nothing needs the room: dropped first, never moved), "none" (freed at turn end).
+KVPolicy = Literal["pinned", "evictable", "none"]
+KV_POLICIES: tuple[KVPolicy, ...] = ("pinned", "evictable", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +73,8 @@ _PHASES = (
 class GenerationRequest:
     """One generation: the full prompt's token ids and, for a session, the key whose KV it may reuse.
 
-    `cache_key` names the KV the engine keeps after the request finishes (a session id); requests
-    without one are stateless and their KV is freed at the end.
+    `cache_key` names the KV the engine keeps after the request finishes (a session id), as `kv_policy` says;
+    requests without one are stateless and their KV is freed at the end.
     """
 
     request_id: str
@@ -78,6 +82,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     cache_key: str | None = None
     timing: TurnTiming | None = None  # the engine adds its phases here when given one
+    kv_policy: KVPolicy = "pinned"
 
 
 class EngineFailed(RuntimeError):

@@ -58,14 +58,22 @@ def user_turn(prompt: str) -> list[Message]:
     return [Message(role="user", content=prompt)]
 
 
-def _public(record: SessionRecord) -> dict[str, Any]:
-    """The record's fields a client sees (not its owner, lease or KV report)."""
+def _public(record: SessionRecord, tier: str, tokens: int) -> dict[str, Any]:
+    """The record's fields a client sees (not its owner or lease), with the KV's `tier` and `tokens` as known."""
+    usage = record.kv.usage
     return {
         "session_id": record.session_id,
         "system_prompt": record.system_prompt,
         "metadata": record.metadata,
         "created_at": record.created_at,
         "last_active_at": record.last_active_at,
+        "kv": protocol.KVState(tier=tier, tokens=tokens, policy=record.kv_policy),
+        "usage": protocol.TokenUsage(
+            prompt_tokens=usage.prompt,
+            cached_tokens=usage.cached,
+            recomputed_tokens=usage.recomputed,
+            completion_tokens=usage.completion,
+        ),
     }
 
 
@@ -115,6 +123,7 @@ class HistoryAPI:
                 messages=messages,
                 metadata=request.metadata,
                 owner=owner,
+                kv_policy=request.kv,
             )
             return self._session_info(self.catalog.describe(record, messages))
 
@@ -127,12 +136,7 @@ class HistoryAPI:
     @_as_api_errors
     async def list_sessions(self, limit: int = 50, offset: int = 0, owner: str | None = None) -> protocol.SessionList:
         records = await asyncio.to_thread(self.manager.list_sessions, owner, limit, offset)
-        page = [
-            protocol.SessionSummary(
-                **_public(record), kv=protocol.KVState(tier=record.kv.tier, tokens=record.kv.tokens)
-            )
-            for record in records
-        ]
+        page = [protocol.SessionSummary(**_public(record, record.kv.tier, record.kv.tokens)) for record in records]
         next_offset = offset + len(page) if len(page) == limit else None
         return protocol.SessionList(sessions=page, next_offset=next_offset)
 
@@ -195,11 +199,10 @@ class HistoryAPI:
     @staticmethod
     def _session_info(details: SessionDetails) -> protocol.SessionInfo:
         return protocol.SessionInfo(
-            **_public(details.record),
+            **_public(details.record, details.kv.tier, details.kv.tokens),
             turns=details.turns,
             messages=details.messages,
             context_tokens=details.context_tokens,
-            kv=protocol.KVState(tier=details.kv.tier, tokens=details.kv.tokens),
         )
 
 

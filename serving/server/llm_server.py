@@ -159,7 +159,15 @@ class LLMServer:
         decode_tokens = result.completion_tokens - 1
         tpot = (result.total_ms - result.ttft_ms) / decode_tokens if decode_tokens > 0 else None
         self._turns.append(
-            TurnSample(result.ttft_ms, tpot, result.prompt_tokens, result.cached_tokens, result.completion_tokens)
+            TurnSample(
+                result.ttft_ms,
+                tpot,
+                result.prompt_tokens,
+                result.cached_tokens,
+                result.completion_tokens,
+                result.recomputed_tokens,
+                result.recompute_reason,
+            )
         )
         turn_log.info(
             "turn",

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from sessions.accounting import RECOMPUTE_REASONS
+
 _LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 
 
@@ -21,6 +23,8 @@ class TurnSample:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    recomputed_tokens: int = 0
+    recompute_reason: str | None = None  # sessions.accounting.RecomputeReason; None when nothing was recomputed
 
 
 @dataclass(slots=True)
@@ -47,6 +51,15 @@ class Metrics:
             "sessionserve_cached_prompt_tokens", "prompt tokens whose KV was reused instead of computed", registry=r
         )
         self.completion_tokens = Counter("sessionserve_completion_tokens", "generated tokens", registry=r)
+        self.recomputed_tokens = Counter(
+            "sessionserve_recomputed_tokens",
+            "prompt tokens computed again although an earlier turn of the session had computed them (or a first "
+            "turn's), by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in RECOMPUTE_REASONS:  # every reason shows, at 0 until it happens
+            self.recomputed_tokens.labels(reason)
         self.engine = Gauge("sessionserve_engine", "engine gauges per replica", ["replica", "name"], registry=r)
         self.live_sessions = Gauge("sessionserve_live_sessions", "sessions in the history store", registry=r)
 
@@ -68,6 +81,8 @@ class Metrics:
             self.prompt_tokens.inc(turn.prompt_tokens)
             self.cached_tokens.inc(turn.cached_tokens)
             self.completion_tokens.inc(turn.completion_tokens)
+            if turn.recompute_reason is not None:
+                self.recomputed_tokens.labels(turn.recompute_reason).inc(turn.recomputed_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -97,20 +97,25 @@ class OpenAIChat:
         system_prompt, turn = _split_system(messages)
         if session_id is None:
             return self.service.stateless(system_prompt, turn, _params(request))
-        await asyncio.to_thread(self._ensure_session, session_id, system_prompt, owner)
+        await asyncio.to_thread(self._ensure_session, session_id, system_prompt, request.kv, owner)
         return self.service.turn(session_id, turn, _params(request), owner)
 
-    def _ensure_session(self, session_id: str, system_prompt: str | None, owner: str | None) -> None:
-        """Create on first use; afterwards a system message must match the session's (or be left out)."""
+    def _ensure_session(self, session_id: str, system_prompt: str | None, kv: str | None, owner: str | None) -> None:
+        """Create on first use (with `kv` as its KV policy); afterwards a system message and `kv` must match the
+        session's (or be left out)."""
         try:
             record = self.service.manager.get(session_id, owner)
         except SessionNotFound:
             with contextlib.suppress(SessionExists):  # a concurrent first request created it
-                self.service.manager.create(session_id, system_prompt=system_prompt, owner=owner)
+                self.service.manager.create(session_id, system_prompt=system_prompt, owner=owner, kv_policy=kv)
             return
         if system_prompt is not None and system_prompt != record.system_prompt:
             raise InvalidRequest(
                 f"session {session_id!r} already has a different system prompt; send only the new turn's messages"
+            )
+        if kv is not None and kv != record.kv_policy:
+            raise InvalidRequest(
+                f"session {session_id!r} has KV policy {record.kv_policy!r}, chosen when it was created; leave kv out"
             )
 
 

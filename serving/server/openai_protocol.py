@@ -34,6 +34,11 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool = Field(False, description="vLLM's extension: generate past EOS up to max_tokens (benchmarks)")
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    kv: Literal["pinned", "evictable", "none"] | None = Field(
+        None,
+        description="with x-session-id: the KV policy of a session this request creates (its first use); later "
+        "requests may repeat it or leave it out. The openai client sends it with extra_body={'kv': ...}",
+    )
 
     def new_tokens(self, default: int = 256) -> int:
         return self.max_completion_tokens or self.max_tokens or default

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_PROMPT_CHARS = 1_000_000
 MAX_NEW_TOKENS_CAP = 8192
+KVPolicyName = Literal["pinned", "evictable", "none"]  # a session's KV policy (serving.engine.types.KVPolicy)
 
 
 class _Strict(BaseModel):
@@ -41,6 +42,11 @@ class CreateSessionRequest(_Strict):
     system_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     messages: list[MessageIn] = Field(default_factory=list, description="initial history (user/assistant)")
     metadata: dict[str, Any] = Field(default_factory=dict)
+    kv: KVPolicyName | None = Field(
+        None,
+        description="what the session's KV is worth keeping: pinned (kept between turns), evictable (kept while "
+        "nothing else needs the room) or none (history only, prefilled every turn); omitted: the server's default",
+    )
 
 
 class ForkSessionRequest(_Strict):
@@ -50,6 +56,18 @@ class ForkSessionRequest(_Strict):
 class KVState(BaseModel):
     tier: Literal["device", "host", "disk", "none"]
     tokens: int
+    policy: KVPolicyName = "pinned"
+
+
+class TokenUsage(BaseModel):
+    """Cumulative over the session's committed turns since its history began (creation, clear, new system prompt)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = Field(0, description="prompt tokens whose KV was reused")
+    recomputed_tokens: int = Field(
+        0, description="prompt tokens computed again although an earlier turn had computed them (all of a first turn's)"
+    )
+    completion_tokens: int = 0
 
 
 class SessionSummary(BaseModel):
@@ -61,6 +79,7 @@ class SessionSummary(BaseModel):
     created_at: float
     last_active_at: float
     kv: KVState
+    usage: TokenUsage = Field(default_factory=TokenUsage)
 
 
 class SessionInfo(SessionSummary):

@@ -15,9 +15,29 @@ from typing import Any, Protocol
 
 from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionNotFound
 from sessions.messages import Message
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, Unchanged
+from sessions.store.values import (
+    KV_POLICIES,
+    UNCHANGED,
+    Holder,
+    KVReport,
+    KVUpdate,
+    Metadata,
+    Prompt,
+    TokenUsage,
+    Unchanged,
+)
 
-__all__ = ["UNCHANGED", "Holder", "KVReport", "KVUpdate", "Metadata", "Prompt", "Unchanged"]  # re-exported
+__all__ = [  # re-exported
+    "KV_POLICIES",
+    "UNCHANGED",
+    "Holder",
+    "KVReport",
+    "KVUpdate",
+    "Metadata",
+    "Prompt",
+    "TokenUsage",
+    "Unchanged",
+]
 
 MAX_PAGE = 1000  # most records one list() call returns
 MAX_OFFSET = 2**52  # list() offsets past this are past any store's end; backends clamp to it (exact as a Lua number)
@@ -28,6 +48,7 @@ class SessionRecord:
     """A session's fixed facts. The system prompt lives here, not among the messages, so trimming can never drop it.
 
     `kv` is the KV report of the last turn committed with one; history edits that invalidate the KV reset it.
+    `kv_policy` ("pinned", "evictable" or "none", see KV_POLICIES) is chosen at creation and never changes.
     """
 
     session_id: str
@@ -37,6 +58,11 @@ class SessionRecord:
     last_active_at: float
     owner: str | None = None
     kv: KVReport = field(default_factory=KVReport)
+    kv_policy: str = "pinned"
+
+    def __post_init__(self) -> None:
+        if self.kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy must be one of {', '.join(KV_POLICIES)}, got {self.kv_policy!r}")
 
 
 class HistoryStore(Protocol):
@@ -127,7 +153,7 @@ def record_row(record: SessionRecord, metadata: object) -> tuple[object, ...]:
     """The record as the SQL backends store it (their column order), with its metadata encoded by the caller."""
     kv = record.kv
     row = (record.session_id, record.system_prompt, metadata, record.created_at, record.last_active_at, record.owner)
-    return (*row, kv.tier, kv.tokens, kv.replica)
+    return (*row, kv.tier, kv.tokens, kv.replica, kv.usage.to_json(), record.kv_policy)
 
 
 def check_messages(messages: Sequence[Message]) -> list[Message]:

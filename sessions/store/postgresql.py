@@ -32,11 +32,14 @@ from sessions.messages import Message
 from sessions.store import base
 from sessions.store.base import MAX_OFFSET, SessionRecord
 from sessions.store.postgresql_schema import migrate
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, Unchanged
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, TokenUsage, Unchanged
 
-_COLUMNS = "session_id, system_prompt, metadata, created_at, last_active_at, owner, kv_tier, kv_tokens, kv_replica"
+_COLUMNS = (
+    "session_id, system_prompt, metadata, created_at, last_active_at, owner, kv_tier, kv_tokens, kv_replica,"
+    " kv_usage, kv_policy"
+)
 _FREE = "(lease_holder IS NULL OR lease_holder = %(holder)s OR lease_until <= %(now)s)"  # mutation allowed
-_NO_KV = {"kv_tier": "'none'", "kv_tokens": "0", "kv_replica": "''"}  # column -> its value in KVReport()
+_NO_KV = {"kv_tier": "'none'", "kv_tokens": "0", "kv_replica": "''", "kv_usage": "'{}'"}  # column -> KVReport()
 # SET clauses: the KV report reset (clear), reset when update() changes the system prompt, set by append() if given.
 _RESET_KV = ", ".join(f"{column} = {value}" for column, value in _NO_KV.items())
 _RESET_KV_IF_NEW_PROMPT = ", ".join(
@@ -48,13 +51,14 @@ _OPTIONS = ("timeout", "pool_size")  # our own URL query parameters, not libpq's
 
 
 def _record(row: tuple[Any, ...]) -> SessionRecord:
-    session_id, system_prompt, metadata, created_at, last_active_at, owner, *kv = row
-    return SessionRecord(session_id, system_prompt, metadata, created_at, last_active_at, owner, KVReport(*kv))
+    session_id, system_prompt, metadata, created_at, last_active_at, owner, tier, tokens, replica, usage, policy = row
+    kv = KVReport(tier, tokens, replica, TokenUsage.from_json(usage))
+    return SessionRecord(session_id, system_prompt, metadata, created_at, last_active_at, owner, kv, policy)
 
 
 def _kv_params(kv: KVReport | None) -> dict[str, Any]:
     """The parameters of _SET_KV_IF_GIVEN: None (keep the column) for each field when no report is given."""
-    values = (None, None, None) if kv is None else (kv.tier, kv.tokens, kv.replica)
+    values = (None,) * len(_NO_KV) if kv is None else (kv.tier, kv.tokens, kv.replica, kv.usage.to_json())
     return dict(zip(_NO_KV, values, strict=True))
 
 
@@ -186,7 +190,7 @@ class PostgreSQLStore:
         values = base.record_row(record, Jsonb(record.metadata))
         try:
             inserted = self._all(
-                f"INSERT INTO sessionserve_sessions ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                f"INSERT INTO sessionserve_sessions ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (session_id) DO NOTHING RETURNING 1",
                 values,
             )

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _LOCK_KEY = 0x5E55_10_5E  # pg_advisory_xact_lock key for schema changes ("sessionse")
 # version -> statements that take a database from version-1 to version. Append, never edit, once released.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -45,6 +45,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " ADD COLUMN kv_tier text NOT NULL DEFAULT 'none',"  # device | host | none
         " ADD COLUMN kv_tokens bigint NOT NULL DEFAULT 0,"
         " ADD COLUMN kv_replica text NOT NULL DEFAULT ''",  # the replica holding it, '' if unknown
+    ),
+    # The KV report's token usage (sessions.store.TokenUsage as JSON text) and the session's KV policy.
+    3: (
+        "ALTER TABLE sessionserve_sessions"
+        " ADD COLUMN kv_usage text NOT NULL DEFAULT '{}',"
+        " ADD COLUMN kv_policy text NOT NULL DEFAULT 'pinned'",  # pinned | evictable | none
     ),
 }
 

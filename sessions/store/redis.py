@@ -4,7 +4,8 @@ Key layout (all under a prefix, default `sessionserve:`, set with `?prefix=` on 
 
     {prefix}s:{id}          hash   the record: created_at, last_active_at, metadata (JSON), system_prompt and owner
                                    (absent = None), lease_holder and lease_until while a turn holds the lease,
-                                   kv_tier, kv_tokens and kv_replica once a KV report is stored (absent = KVReport())
+                                   kv_tier, kv_tokens, kv_replica and kv_usage (JSON) once a KV report is stored
+                                   (absent = KVReport()), kv_policy unless pinned (absent = pinned)
     {prefix}m:{id}          list   the messages, oldest first, each a JSON array [role, content]
     {prefix}active          zset   every session id, scored by last_active_at (count, idle expiry)
     {prefix}owner:{owner}   zset   the owner's session ids, scored by last_active_at (list); owner-none for no owner
@@ -34,7 +35,7 @@ from sessions.messages import Message
 from sessions.store import base
 from sessions.store import redis_scripts as lua
 from sessions.store.base import MAX_OFFSET, SessionRecord
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, Unchanged
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, TokenUsage, Unchanged
 
 DEFAULT_PREFIX = "sessionserve:"
 _CLOCK_SKEW_S = 5.0  # how far the hosts' clocks may disagree when deciding which index entries might have expired
@@ -57,7 +58,13 @@ def _record(session_id: str, fields: dict[str, str]) -> SessionRecord:
         float(fields["created_at"]),
         float(fields["last_active_at"]),
         fields.get("owner"),
-        KVReport(fields.get("kv_tier", "none"), int(fields.get("kv_tokens", "0")), fields.get("kv_replica", "")),
+        KVReport(
+            fields.get("kv_tier", "none"),
+            int(fields.get("kv_tokens", "0")),
+            fields.get("kv_replica", ""),
+            TokenUsage.from_json(fields.get("kv_usage")),
+        ),
+        fields.get("kv_policy", "pinned"),
     )
 
 
@@ -131,7 +138,11 @@ class RedisStore:
         if record.system_prompt is not None:
             fields += ["system_prompt", record.system_prompt]
         if record.kv != KVReport():  # absent fields: nothing reported
-            fields += ["kv_tier", record.kv.tier, "kv_tokens", str(record.kv.tokens), "kv_replica", record.kv.replica]
+            kv = record.kv
+            fields += ["kv_tier", kv.tier, "kv_tokens", str(kv.tokens), "kv_replica", kv.replica]
+            fields += ["kv_usage", kv.usage.to_json()]
+        if record.kv_policy != "pinned":
+            fields += ["kv_policy", record.kv_policy]
         owner = ("1", record.owner) if record.owner is not None else ("0", "")
         outcome = self._run(
             "CREATE",
@@ -208,7 +219,7 @@ class RedisStore:
         self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None
     ) -> None:
         batch = [json.dumps([m.role, m.content]) for m in base.check_messages(messages)]
-        report = ("0", "", 0, "") if kv is None else ("1", kv.tier, kv.tokens, kv.replica)
+        report = ("0", "", 0, "", "") if kv is None else ("1", kv.tier, kv.tokens, kv.replica, kv.usage.to_json())
         outcome = self._run("APPEND", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *report, *batch)
         if outcome != "ok":
             self._refused(session_id, outcome)

@@ -50,8 +50,8 @@ local function set_active(id, active)
   redis.call('ZADD', prefix .. 'active', active, id)
   redis.call('ZADD', owner_key(redis.call('HGET', rec, 'owner')), active, id)
 end
--- A KV report is the fields kv_tier, kv_tokens and kv_replica of the record; absent = nothing reported.
-local function forget_kv(rec) redis.call('HDEL', rec, 'kv_tier', 'kv_tokens', 'kv_replica') end
+-- A KV report is the fields kv_tier, kv_tokens, kv_replica and kv_usage of the record; absent = nothing reported.
+local function forget_kv(rec) redis.call('HDEL', rec, 'kv_tier', 'kv_tokens', 'kv_replica', 'kv_usage') end
 local function remove(id)
   local rec = rec_key(id)
   local owner = redis.call('HGET', rec, 'owner')
@@ -97,11 +97,13 @@ if not rec then return refused end
     return _LIB + guard + body + "refresh(id, now, ttl)\nreturn 'ok'\n"
 
 
-# ARGV: ..., last_active_at, report ('1' = set the KV report to the next three, '0' = keep it), kv_tier, kv_tokens,
-# kv_replica, message...
+# ARGV: ..., last_active_at, report ('1' = set the KV report to the next four, '0' = keep it), kv_tier, kv_tokens,
+# kv_replica, kv_usage, message...
 APPEND = _edit("""
-for i = 11, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
-if ARGV[7] == '1' then redis.call('HSET', rec, 'kv_tier', ARGV[8], 'kv_tokens', ARGV[9], 'kv_replica', ARGV[10]) end
+for i = 12, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
+if ARGV[7] == '1' then
+  redis.call('HSET', rec, 'kv_tier', ARGV[8], 'kv_tokens', ARGV[9], 'kv_replica', ARGV[10], 'kv_usage', ARGV[11])
+end
 set_active(id, ARGV[6])
 """)
 

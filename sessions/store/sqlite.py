@@ -23,9 +23,9 @@ from sessions.messages import Message
 from sessions.store import base
 from sessions.store.base import MAX_OFFSET, SessionRecord
 from sessions.store.group_commit import GroupCommit
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, Unchanged
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, TokenUsage, Unchanged
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sessions (
         session_id     TEXT PRIMARY KEY,
@@ -45,28 +45,31 @@ _SCHEMA = (
     ) WITHOUT ROWID""",
 )
 # Columns added to `sessions` after version 1, by ALTER TABLE at open when a file lacks them. 1 -> 2: the turn lease
-# (holder, expiry as caller wall time); 2 -> 3: the KV report of the last turn committed with one.
+# (holder, expiry as caller wall time); 2 -> 3: the KV report of the last turn committed with one; 3 -> 4: the KV
+# report's token usage (JSON) and the session's KV policy.
 _ADDED_COLUMNS = {
     "lease_holder": "TEXT",
     "lease_until": "REAL",
     "kv_tier": "TEXT NOT NULL DEFAULT 'none'",
     "kv_tokens": "INTEGER NOT NULL DEFAULT 0",
     "kv_replica": "TEXT NOT NULL DEFAULT ''",
+    "kv_usage": "TEXT NOT NULL DEFAULT '{}'",
+    "kv_policy": "TEXT NOT NULL DEFAULT 'pinned'",
 }
 _OWNER_INDEX = "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, last_active_at, session_id)"  # v2
 _IDS_PER_QUERY = 500  # bound parameters per IN (...) query, far below SQLite's limit
 _RECORD_COLUMNS = (
-    "session_id, system_prompt, metadata, created_at, last_active_at, owner, kv_tier, kv_tokens, kv_replica"
+    "session_id, system_prompt, metadata, created_at, last_active_at, owner, kv_tier, kv_tokens, kv_replica,"
+    " kv_usage, kv_policy"
 )
-_NO_KV = "kv_tier = 'none', kv_tokens = 0, kv_replica = ''"  # SET clause: KVReport(), nothing reported
+_NO_KV = "kv_tier = 'none', kv_tokens = 0, kv_replica = '', kv_usage = '{}'"  # SET clause: KVReport()
 _Row = tuple[Any, ...]
 
 
 def _record(row: _Row) -> SessionRecord:
-    session_id, system_prompt, metadata, created_at, last_active_at, owner, *kv = row
-    return SessionRecord(
-        session_id, system_prompt, json.loads(metadata), created_at, last_active_at, owner, KVReport(*kv)
-    )
+    session_id, system_prompt, metadata, created_at, last_active_at, owner, tier, tokens, replica, usage, policy = row
+    kv = KVReport(tier, tokens, replica, TokenUsage.from_json(usage))
+    return SessionRecord(session_id, system_prompt, json.loads(metadata), created_at, last_active_at, owner, kv, policy)
 
 
 class SQLiteStore:
@@ -177,7 +180,8 @@ class SQLiteStore:
         values = base.record_row(record, metadata)
         try:
             with self._write() as conn:
-                conn.execute(f"INSERT INTO sessions ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+                places = ", ".join("?" * len(values))
+                conn.execute(f"INSERT INTO sessions ({_RECORD_COLUMNS}) VALUES ({places})", values)
         except sqlite3.IntegrityError:
             raise base.exists(record.session_id) from None
 
@@ -209,8 +213,8 @@ class SQLiteStore:
             conn.execute("UPDATE sessions SET last_active_at = ? WHERE session_id = ?", (now, session_id))
             if kv is not None:
                 conn.execute(
-                    "UPDATE sessions SET kv_tier = ?, kv_tokens = ?, kv_replica = ? WHERE session_id = ?",
-                    (kv.tier, kv.tokens, kv.replica, session_id),
+                    "UPDATE sessions SET kv_tier = ?, kv_tokens = ?, kv_replica = ?, kv_usage = ? WHERE session_id = ?",
+                    (kv.tier, kv.tokens, kv.replica, kv.usage.to_json(), session_id),
                 )
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:

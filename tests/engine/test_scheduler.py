@@ -113,3 +113,45 @@ def test_a_waiting_turn_holding_its_session_blocks_yields_them_rather_than_deadl
     scheduler.remove(r)
     assert step(scheduler) == [("s2", 16)]  # recomputed in full, and it fits now
     assert turn.block_ids == [1, 2, 3, 0] and turn.num_cached_tokens == 0
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_resident_sessions_turn_goes_first_until_an_older_one_waited_past_the_aging_bound():
+    clock = Clock()
+    kv = KVCacheManager(6, 0, block_size=4, copier=NoCopies(), grace_s=10.0, clock=clock)
+    scheduler = Scheduler(kv, max_batch_size=4, max_batch_tokens=16, max_wait_s=5.0, clock=clock)
+    first = Request("s1", list(range(8)), SamplingParams(), cache_key="s")
+    scheduler.add(first)
+    assert step(scheduler, max_new_tokens=1) == [("s1", 8)]  # s keeps blocks 0, 1, in its grace period
+    add(scheduler, "busy", 2)  # keeps the engine busy (an idle engine may take blocks in their grace period)
+    assert step(scheduler) == [("busy", 2)]
+    hog = add(scheduler, "hog", 15)  # needs 4 blocks: 3 are free and s's are in their grace period
+    clock.now = 1.0
+    assert step(scheduler) == [("busy", 1)]
+    turn = Request("s2", [*first.all_token_ids, 5, 6, 7], SamplingParams(), cache_key="s", arrival_s=1.0)
+    scheduler.add(turn)
+    assert step(scheduler) == [("busy", 1), ("s2", 4)]  # resident: admitted ahead of the older hog
+    assert turn.num_cached_tokens == 8 and hog.block_ids == []
+    scheduler.remove(turn)  # s's KV: 3 blocks (12 tokens), in its grace period again
+    clock.now = 5.0  # hog has waited 5 s: it goes first now, and may take s's blocks though s is in its grace
+    assert step(scheduler) == [("busy", 1), ("hog", 15)]
+    assert kv.session_info("s") == ("none", 0)  # no host tier: moving it meant dropping it
+
+
+def test_without_an_aging_bound_admission_is_plain_arrival_order():
+    clock = Clock()
+    kv = KVCacheManager(8, 0, block_size=4, copier=NoCopies(), grace_s=10.0, clock=clock)
+    scheduler = Scheduler(kv, max_batch_size=1, max_batch_tokens=16, max_wait_s=0.0, clock=clock)
+    first = Request("s1", list(range(8)), SamplingParams(), cache_key="s")
+    scheduler.add(first)
+    step(scheduler, max_new_tokens=1)
+    add(scheduler, "other", 4)
+    scheduler.add(Request("s2", [*first.all_token_ids, 5], SamplingParams(), cache_key="s"))
+    assert step(scheduler, max_new_tokens=1) == [("other", 4)]

@@ -212,3 +212,50 @@ def test_list_and_update_sessions(client):
     assert bad.value.status == 422 and client.session_info(first).metadata == {"title": "b"}
     client.destroy_session(first)
     client.destroy_session(second)
+
+
+def test_kv_policy_pinned_keeps_kv_and_accounts_the_first_turn_as_recomputed(client):
+    sid = client.create_session(new_id(), system_prompt="You are terse.")
+    assert client.session_info(sid).kv.policy == "pinned"  # the configured default
+    first = client.query("Name a colour.", session_id=sid, max_new_tokens=8)
+    second = client.query("Name another one.", session_id=sid, max_new_tokens=8)
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens
+    info = client.session_info(sid)
+    assert info.usage.prompt_tokens == first.usage.prompt_tokens + second.usage.prompt_tokens
+    assert info.usage.cached_tokens == second.usage.cached_tokens
+    assert info.usage.completion_tokens == first.usage.completion_tokens + second.usage.completion_tokens
+    assert info.usage.recomputed_tokens == first.usage.prompt_tokens  # the first turn's; the second found its KV
+    assert info.kv.tier == "device"
+    client.destroy_session(sid)
+
+
+def test_kv_policy_none_keeps_history_only_and_recomputes_every_turn(client):
+    sid = client.create_session(new_id(), system_prompt="You are terse.", kv="none")
+    first = client.query("Name a colour.", session_id=sid, max_new_tokens=8)
+    second = client.query("Name another one.", session_id=sid, max_new_tokens=8)
+    assert first.usage.cached_tokens == second.usage.cached_tokens == 0
+    info = client.session_info(sid)
+    assert (info.kv.policy, info.kv.tier, info.kv.tokens) == ("none", "none", 0)
+    assert [m.content for m in client.history(sid)][1::2] == [first.response, second.response]
+    # the second turn recomputed all the first turn left in context but the reply's last token
+    context = first.usage.prompt_tokens + first.usage.completion_tokens
+    assert info.usage.recomputed_tokens == first.usage.prompt_tokens + context - 1
+    client.destroy_session(sid)
+
+
+def test_kv_policy_evictable_reuses_its_kv_while_nothing_needs_the_room(client):
+    sid = client.create_session(new_id(), kv="evictable")
+    first = client.query("Name a colour.", session_id=sid, max_new_tokens=8)
+    second = client.query("Name another one.", session_id=sid, max_new_tokens=8)
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens
+    assert client.session_info(sid).kv.policy == "evictable"
+    fork = client.fork(sid, new_id())
+    assert client.session_info(fork).kv.policy == "evictable"  # a fork keeps its parent's policy
+    client.destroy_session(fork)
+    client.destroy_session(sid)
+
+
+def test_unknown_kv_policy_is_422(client):
+    with pytest.raises(APIError) as caught:
+        client.create_session(new_id(), kv="sticky")
+    assert caught.value.status == 422 and "kv" in caught.value.message

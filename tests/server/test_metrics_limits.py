@@ -98,6 +98,13 @@ def test_metrics_exposes_requests_latency_tokens_and_engine_gauges(limited_url):
     assert "sessionserve_ttft_ms_count" in text and "sessionserve_tpot_ms_count" in text
     cached = next(line for line in text.splitlines() if line.startswith("sessionserve_cached_prompt_tokens_total"))
     assert float(cached.split()[-1]) > 0
+    recomputed = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("sessionserve_recomputed_tokens_total{")
+    }
+    assert set(recomputed) == {"first_turn", "dropped", "failover", "stale"}
+    assert recomputed["first_turn"] > 0  # the session's first turn computed its whole prompt
     for gauge in ("running", "waiting"):
         assert f'name="{gauge}"' in text
     live = next(line for line in text.splitlines() if line.startswith("sessionserve_live_sessions "))

@@ -106,6 +106,29 @@ def test_session_chat_grows_the_history_and_reuses_kv(oai, http_url):
     assert httpx.delete(f"{http_url}/v1/sessions/{sid}", timeout=30).status_code == 204
 
 
+def test_a_session_created_on_first_use_takes_its_kv_policy_from_extra_body(oai, http_url):
+    sid = new_id()
+
+    def turn(content: str, kv: str | None):
+        return oai.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": content}],
+            temperature=0,
+            max_tokens=4,
+            extra_headers={"x-session-id": sid},
+            extra_body={} if kv is None else {"kv": kv},
+        )
+
+    turn("Hi", "none")
+    second = turn("Hi again", None)  # later requests may leave kv out
+    assert second.usage.prompt_tokens_details.cached_tokens == 0  # history only: prefilled every turn
+    info = httpx.get(f"{http_url}/v1/sessions/{sid}", timeout=30).json()
+    assert info["kv"]["policy"] == "none" and info["usage"]["recomputed_tokens"] > 0
+    with pytest.raises(openai.UnprocessableEntityError, match="KV policy"):
+        turn("Once more", "pinned")  # the policy was chosen when the session was created
+    assert httpx.delete(f"{http_url}/v1/sessions/{sid}", timeout=30).status_code == 204
+
+
 def test_streaming_chunks_form_the_reply(oai, http_url):
     sid = new_id()
     stream = oai.chat.completions.create(

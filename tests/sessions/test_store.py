@@ -203,6 +203,16 @@ OLD_SQLITE_SCHEMAS = {
         "ALTER TABLE sessions ADD COLUMN lease_until REAL",
         "CREATE INDEX sessions_by_owner ON sessions (owner, last_active_at, session_id)",
     ),
+    3: (
+        _V1_SESSIONS,
+        *_V1_REST,
+        "ALTER TABLE sessions ADD COLUMN lease_holder TEXT",
+        "ALTER TABLE sessions ADD COLUMN lease_until REAL",
+        "CREATE INDEX sessions_by_owner ON sessions (owner, last_active_at, session_id)",
+        "ALTER TABLE sessions ADD COLUMN kv_tier TEXT NOT NULL DEFAULT 'none'",
+        "ALTER TABLE sessions ADD COLUMN kv_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE sessions ADD COLUMN kv_replica TEXT NOT NULL DEFAULT ''",
+    ),
 }
 OLD_INSERT = (  # how those versions wrote a record; still valid on an upgraded file
     "INSERT INTO sessions (session_id, system_prompt, metadata, created_at, last_active_at, owner)"
@@ -229,7 +239,7 @@ def test_sqlite_upgrades_the_file_of_an_earlier_version(tmp_path, version):
     store.release_lease("s1", "turn-a")
     store.close()
     with closing(sqlite3.connect(path)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (3,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (4,)
         raw.execute(OLD_INSERT, ("s2",))  # a process still running the old version shares the file
         raw.commit()
     reopened = SQLiteStore(path)  # opening an upgraded file again changes nothing

@@ -12,7 +12,7 @@ import pytest
 from sessions.errors import InvalidRequest, SessionBusy, SessionNotFound
 from sessions.messages import Message
 from sessions.store import UNCHANGED, KVReport
-from sessions.store.base import SessionRecord
+from sessions.store.base import SessionRecord, TokenUsage
 from tests.sessions.conftest import FakeClock
 
 U1, A1 = Message("user", "u1"), Message("assistant", "a1")
@@ -201,6 +201,35 @@ def test_the_kv_report_round_trips_through_append_get_and_list(store):
     store.append("s1", [A1], now=180.0, kv=KVReport())
     assert store.get("s1").kv == KVReport()
     assert store.messages("s1") == [U1, A1, U1, A1]
+
+
+def test_the_kv_reports_token_usage_persists_with_each_turn_and_resets_with_the_history(store):
+    store.create(record())
+    first = KVReport("device", 40, "replica-7", TokenUsage(prompt=30, recomputed=30, completion=11, context=41))
+    store.append("s1", [U1, A1], now=150.0, kv=first)
+    assert store.get("s1").kv == first
+    second = KVReport("host", 90, "replica-7", TokenUsage(70, 40, 1, 22, 81))
+    store.append("s1", [U1, A1], now=160.0, kv=second)
+    assert store.get("s1").kv.usage == TokenUsage(70, 40, 1, 22, 81)
+    assert store.list("alice")[0].kv == second
+    store.clear("s1")
+    assert store.get("s1").kv == KVReport()  # a new history starts its accounting afresh
+
+
+@pytest.mark.parametrize("policy", ["pinned", "evictable", "none"])
+def test_the_kv_policy_is_stored_with_the_record_and_survives_history_edits(store, policy):
+    store.create(record(kv_policy=policy))
+    assert store.get("s1").kv_policy == policy
+    store.append("s1", [U1, A1], now=150.0, kv=ON_DEVICE)
+    store.clear("s1")
+    store.update("s1", system_prompt="Be verbose.")
+    assert store.get("s1").kv_policy == policy
+    assert store.list("alice")[0].kv_policy == policy
+
+
+def test_a_record_refuses_an_unknown_kv_policy():
+    with pytest.raises(ValueError, match="kv_policy must be one of pinned, evictable, none"):
+        record(kv_policy="sticky")
 
 
 def test_create_stores_the_records_kv_report(store):

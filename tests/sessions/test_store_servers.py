@@ -136,7 +136,7 @@ def _columns(conn: psycopg.Connection) -> set[str]:
     return {name for (name,) in rows}
 
 
-def test_postgresql_migrates_a_v1_database_to_v2(postgres_url, monkeypatch):
+def test_postgresql_migrates_a_v1_database_to_the_current_version(postgres_url, monkeypatch):
     reset_postgres(postgres_url)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         with monkeypatch.context() as patch:  # what a v1 sessionserve created: the v1 DDL, version row 1
@@ -151,20 +151,20 @@ def test_postgresql_migrates_a_v1_database_to_v2(postgres_url, monkeypatch):
         )
         conn.execute(v1_insert, ("s1", 1))
         conn.execute("INSERT INTO sessionserve_messages VALUES ('s1', 0, 'user', 'u1')")
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     store = PostgreSQLStore(postgres_url)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(2,)]
-        assert {"kv_tier", "kv_tokens", "kv_replica"} <= _columns(conn)
-        conn.execute(v1_insert, ("s2", 0))  # a v1 replica still running keeps working on the v2 schema
+        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(3,)]
+        assert {"kv_tier", "kv_tokens", "kv_replica", "kv_usage", "kv_policy"} <= _columns(conn)
+        conn.execute(v1_insert, ("s2", 0))  # a v1 replica still running keeps working on the v3 schema
     assert store.get("s1") == record() and store.get("s2") == record("s2")  # nothing reported yet
     store.append("s1", [A1], now=150.0, kv=KVReport("device", 5, "r1"))
     assert store.messages("s1") == [U1, A1]
     assert store.list("alice") == [record(last_active_at=150.0, kv=KVReport("device", 5, "r1")), record("s2")]
     store.close()
-    PostgreSQLStore(postgres_url).close()  # already at v2: opening again migrates nothing
+    PostgreSQLStore(postgres_url).close()  # already at v3: opening again migrates nothing
     with psycopg.connect(postgres_url) as conn:
-        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(3,)]
 
 
 def test_postgresql_refuses_nul_characters_clearly(postgres_url):

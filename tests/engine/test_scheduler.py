@@ -123,10 +123,16 @@ class Clock:
         return self.now
 
 
-def test_a_resident_sessions_turn_goes_first_until_an_older_one_waited_past_the_aging_bound():
+def clocked(num_blocks: int, max_batch_size: int, max_wait_s: float):
+    """A scheduler and its KV manager on one test clock, with a 10 s grace period for finished turns' KV."""
     clock = Clock()
-    kv = KVCacheManager(6, 0, block_size=4, copier=NoCopies(), grace_s=10.0, clock=clock)
-    scheduler = Scheduler(kv, max_batch_size=4, max_batch_tokens=16, max_wait_s=5.0, clock=clock)
+    kv = KVCacheManager(num_blocks, 0, block_size=4, copier=NoCopies(), grace_s=10.0, clock=clock)
+    scheduler = Scheduler(kv, max_batch_size=max_batch_size, max_batch_tokens=16, max_wait_s=max_wait_s, clock=clock)
+    return clock, kv, scheduler
+
+
+def test_a_resident_sessions_turn_goes_first_until_an_older_one_waited_past_the_aging_bound():
+    clock, kv, scheduler = clocked(6, max_batch_size=4, max_wait_s=5.0)
     first = Request("s1", list(range(8)), SamplingParams(), cache_key="s")
     scheduler.add(first)
     assert step(scheduler, max_new_tokens=1) == [("s1", 8)]  # s keeps blocks 0, 1, in its grace period
@@ -146,9 +152,7 @@ def test_a_resident_sessions_turn_goes_first_until_an_older_one_waited_past_the_
 
 
 def test_without_an_aging_bound_admission_is_plain_arrival_order():
-    clock = Clock()
-    kv = KVCacheManager(8, 0, block_size=4, copier=NoCopies(), grace_s=10.0, clock=clock)
-    scheduler = Scheduler(kv, max_batch_size=1, max_batch_tokens=16, max_wait_s=0.0, clock=clock)
+    _clock, _kv, scheduler = clocked(8, max_batch_size=1, max_wait_s=0.0)
     first = Request("s1", list(range(8)), SamplingParams(), cache_key="s")
     scheduler.add(first)
     step(scheduler, max_new_tokens=1)

@@ -104,12 +104,12 @@ class LLMEngine:
         return self.scheduler.has_work() or bool(self._aborts)
 
     def step(self) -> list[GenerationChunk]:
-        started = time.perf_counter()
+        started = time.monotonic()  # the clock of Request.arrival_s, so a request's queueing ends here
         with self.lock:
             outputs = self._apply_aborts()
             out = self.scheduler.schedule()
         if not out.is_empty:
-            scheduled = time.perf_counter()
+            scheduled = time.monotonic()
             tokens = self.runner.execute(out)
             self._time_step(out, started, scheduled - started)
             with self.lock:
@@ -242,7 +242,7 @@ class LLMEngine:
                 continue
             if not request.started:
                 request.started = True
-                timing.queue_s = time.monotonic() - request.arrival_s
+                timing.queue_s = started - request.arrival_s
             timing.schedule_s += schedule_s
             timing.prepare_s += prepare_s
             timing.forward_s += forward_s
@@ -252,6 +252,6 @@ class LLMEngine:
         if out.is_empty:
             return
         self.counters["steps"] += 1
-        self.counters["step_s"] += time.perf_counter() - started
+        self.counters["step_s"] += time.monotonic() - started
         self.counters["tokens"] += out.total_tokens
         self.counters["preemptions"] += len(out.preempted_ids)

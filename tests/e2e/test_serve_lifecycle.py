@@ -77,6 +77,16 @@ def stream_turn(url: str, sid: str, events: list[tuple[str, dict]], first: threa
         first.set()
 
 
+def start_long_turn(url: str, sid: str) -> tuple[threading.Thread, list[tuple[str, dict]]]:
+    """Start `stream_turn` in a thread and return once its first delta arrived: the turn is running."""
+    events: list[tuple[str, dict]] = []
+    first = threading.Event()
+    streaming = threading.Thread(target=stream_turn, args=(url, sid, events, first))
+    streaming.start()
+    assert first.wait(60), events
+    return streaming, events
+
+
 def create(url: str, sid: str) -> None:
     response = httpx.post(f"{url}/v1/sessions", json={"session_id": sid}, timeout=60)
     assert response.status_code == 201, response.text
@@ -117,11 +127,7 @@ def test_sigterm_during_a_long_turn_lets_it_finish_within_the_grace_and_commits_
     server.wait_for_line("ready on")
     create(server.url, "long")
     create(server.url, "late")
-    events: list[tuple[str, dict]] = []
-    first = threading.Event()
-    streaming = threading.Thread(target=stream_turn, args=(server.url, "long", events, first))
-    streaming.start()
-    assert first.wait(60)
+    streaming, events = start_long_turn(server.url, "long")
     server.signal(signal.SIGTERM)
     time.sleep(1.5)  # the CLI notices the signal within a second, then asks the ingress to drain
     refused = httpx.post(f"{server.url}/v1/sessions/late/query", json={"prompt": "hi", "max_new_tokens": 2})
@@ -147,11 +153,7 @@ def test_a_turn_still_running_after_a_short_grace_is_cancelled_and_not_committed
     create(server.url, "cut")
     short = httpx.post(f"{server.url}/v1/sessions/cut/query", json={"prompt": "first", "max_new_tokens": 3}, timeout=60)
     assert short.status_code == 200, short.text
-    events: list[tuple[str, dict]] = []
-    first = threading.Event()
-    streaming = threading.Thread(target=stream_turn, args=(server.url, "cut", events, first))
-    streaming.start()
-    assert first.wait(60)
+    streaming, events = start_long_turn(server.url, "cut")
     server.signal(signal.SIGTERM)
     streaming.join(60)
     assert_clean_exit(server, within_s=60)

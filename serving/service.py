@@ -302,7 +302,8 @@ class SessionService:
             yield event
 
     def _load(self, session_id: str, owner: str | None) -> tuple[SessionRecord, list[Message]]:
-        return self.manager.get(session_id, owner), self.manager.history(session_id, owner=owner)
+        record = self.manager.get(session_id, owner)  # checks the owner, so the history is read straight from the store
+        return record, self.manager.store.messages(session_id)
 
     def _finished(self, result: TurnResult) -> None:
         if self.on_turn is not None:

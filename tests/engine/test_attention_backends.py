@@ -30,13 +30,29 @@ def dense_reference(query, keys, values, seq: StepSequence, layer: LayerAttentio
     return attend(q, keys[None], values[None], mask, scaling, layer.softcap)[0].transpose(0, 1)
 
 
+MIXED = [(1, 5), (1, 300), (1, 17), (1, 600), (40, 300), (3, 20), (35, 35), (1, 1)]
+
+
+@pytest.fixture
+def two_threads():
+    """The kernel picks its work items by the thread count: pin it so that both kinds are exercised anywhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backend_name", ["portable", "cpu", "flex"])
 @pytest.mark.parametrize("block", [BLOCK, 5])  # the kernel's vector path (16-token blocks) and its plain loop
 @pytest.mark.parametrize(
     "layer", [LayerAttention(), LayerAttention(window=40), LayerAttention(softcap=2.0), LayerAttention(7, 1.5)]
 )
 @pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
-def test_backend_equals_dense_attention(backend_name, block, layer, heads, kv_heads):
+# (new rows, context): decodes of different lengths, chunks over a prefix (one past 256 keys), fresh chunks; with
+# 2 threads the first set is enough query tiles for the kernel's whole-block work items (every kv head), the
+# second (one decode) takes its one-kv-head items
+@pytest.mark.parametrize("shapes", [MIXED, [(1, 300)]])
+def test_backend_equals_dense_attention(backend_name, block, layer, heads, kv_heads, shapes, two_threads):
     torch.manual_seed(0)
     rng = random.Random(0)
     dim, num_blocks = 32, 400
@@ -51,8 +67,6 @@ def test_backend_equals_dense_attention(backend_name, block, layer, heads, kv_he
     key_pool, value_pool = backend.pool_views(raw[0], raw[1])
     free = list(range(num_blocks))
     rng.shuffle(free)
-    # (new rows, context): decodes of different lengths, chunks over a prefix (one past 256 keys), fresh chunks
-    shapes = [(1, 5), (1, 300), (1, 17), (1, 600), (40, 300), (3, 20), (35, 35), (1, 1)]
     sequences, dense, row = [], [], 0
     for rows, context in shapes:
         blocks = [free.pop() for _ in range(-(-context // block))]
@@ -190,4 +204,4 @@ def test_flex_block_lists_cover_every_attended_block_and_full_ones_are_whole():
 def test_compiled_flex_on_the_cpu_equals_dense_attention(layer):
     """The fused kernel reads only the listed blocks, so this checks the block lists end to end (torch's CPU
     template: static shapes; CUDA compiles the same call for dynamic shapes, not run here)."""
-    test_backend_equals_dense_attention("flex-compiled", BLOCK, layer, 9, 3)
+    test_backend_equals_dense_attention("flex-compiled", BLOCK, layer, 9, 3, MIXED, None)

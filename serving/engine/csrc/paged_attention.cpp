@@ -7,10 +7,11 @@
 // K blocks are [kv_heads, head_dim, block_size] (transposed: the scores of a block's keys are head_dim vector
 // FMAs, one vector = the block's keys, with no horizontal sums), V blocks [kv_heads, block_size, head_dim].
 //
-// Work items: (sequence, kv head, tile of up to kTileRows query rows); each keeps the tile's query vectors of
-// every query head sharing the kv head (GQA without repeat_kv), so each K/V block is read from memory once for
+// Work items: (sequence, kv heads, tile of up to kTileRows query rows); each keeps the tile's query vectors of
+// every query head sharing its kv heads (GQA without repeat_kv), so each K/V block is read from memory once for
 // all of them. An item walks its blocks once, with an online softmax per block; items run on torch's intra-op
-// thread pool. Decode is bound by reading the KV, so the per-block work stays in registers: with 16-token
+// thread pool. An item takes all kv heads (a block's K and V parts are then two contiguous runs) unless there
+// are too few items for the threads (one kv head each then). Decode is bound by reading the KV, so the per-block work stays in registers: with 16-token
 // blocks and head_dim 32, 64, 128 or 256, a template keeps a few query vectors' scores (one 16-float vector each)
 // and their output accumulators in vector registers (`block_fast`); other shapes take a plain loop
 // (`block_generic`), same arithmetic.
@@ -213,7 +214,7 @@ void block_generic(Rows r, int64_t m_count, int64_t dim, const float* kt, const 
 }
 
 struct Item {
-  int64_t seq, kv_head, row_begin, row_end;  // rows relative to the sequence's first query row
+  int64_t seq, kv_head_begin, kv_head_end, row_begin, row_end;  // rows relative to the sequence's first query row
 };
 
 void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& k_pool, const at::Tensor& v_pool,
@@ -247,11 +248,19 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
   const int64_t block_numel = kv_heads * dim * block_size, head_numel = dim * block_size;
   const bool fast = block_size == kLanes && (dim == 32 || dim == 64 || dim == 128 || dim == 256);
 
+  // An item takes every kv head of its rows when there are enough items to keep the threads busy: it then
+  // streams each block's K and V parts as two contiguous runs (all heads), which the hardware prefetcher follows,
+  // instead of one head's slice of every block. With few sequences (batch 1), one item per kv head spreads the
+  // work over the threads.
+  int64_t tiles = 0;
+  for (int64_t s = 0; s < seqs; ++s) tiles += (info[s * 3 + 1] + kTileRows - 1) / kTileRows;
+  const int64_t heads_per_item = tiles >= 4 * at::get_num_threads() ? kv_heads : 1;
   std::vector<Item> items;
   for (int64_t s = 0; s < seqs; ++s) {
     const int64_t rows = info[s * 3 + 1];
-    for (int64_t h = 0; h < kv_heads; ++h)
-      for (int64_t r = 0; r < rows; r += kTileRows) items.push_back({s, h, r, std::min(rows, r + kTileRows)});
+    for (int64_t h = 0; h < kv_heads; h += heads_per_item)
+      for (int64_t r = 0; r < rows; r += kTileRows)
+        items.push_back({s, h, h + heads_per_item, r, std::min(rows, r + kTileRows)});
   }
 
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
@@ -261,61 +270,61 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
       const Item item = items[it];
       const int64_t first_row = info[item.seq * 3], rows = info[item.seq * 3 + 1], context = info[item.seq * 3 + 2];
       const int32_t* table = tables + item.seq * table_width;
-      const int64_t tile = item.row_end - item.row_begin, m_count = tile * group;
+      // query vector m = (head in the item * tile + row) * group + head in the group
+      const int64_t tile = item.row_end - item.row_begin, per_head = tile * group;
+      const int64_t item_heads = item.kv_head_end - item.kv_head_begin, m_count = item_heads * per_head;
       q.resize(m_count * dim);
       acc.assign(m_count * dim, 0.f);
       row_max.assign(m_count, kNegInf);
       row_sum.assign(m_count, 0.f);
       lo.resize(m_count);
       hi.resize(m_count);
-      for (int64_t r = 0; r < tile; ++r) {
+      for (int64_t m = 0; m < m_count; ++m) {
+        const int64_t r = m / group % tile, head = item.kv_head_begin * group + m / per_head * group + m % group;
         const int64_t position = context - rows + item.row_begin + r;
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t m = r * group + g, head = item.kv_head * group + g;
-          const float* src = q_base + (first_row + item.row_begin + r) * q_row_stride + head * q_head_stride;
-          for (int64_t d = 0; d < dim; ++d) q[m * dim + d] = src[d] * fscale;
-          hi[m] = static_cast<int32_t>(position);
-          lo[m] = static_cast<int32_t>(window > 0 ? std::max<int64_t>(0, position - window + 1) : 0);
-        }
+        const float* src = q_base + (first_row + item.row_begin + r) * q_row_stride + head * q_head_stride;
+        for (int64_t d = 0; d < dim; ++d) q[m * dim + d] = src[d] * fscale;
+        hi[m] = static_cast<int32_t>(position);
+        lo[m] = static_cast<int32_t>(window > 0 ? std::max<int64_t>(0, position - window + 1) : 0);
       }
       const Rows state{q.data(), lo.data(), hi.data(), row_max.data(), row_sum.data(), acc.data()};
       // the first row attends the earliest keys, the last row the latest: blocks before the first row's
       // window are never read (an all-sliding model may have dropped them)
-      const int64_t first_block = lo[0] / block_size, last_key = hi[m_count - 1];
+      const int64_t first_block = lo[0] / block_size, last_key = hi[per_head - 1];
       const int64_t last_block = last_key / block_size;
+      const int64_t run = item_heads * head_numel, head0 = item.kv_head_begin * head_numel;
       for (int64_t b = first_block; b <= last_block; ++b) {
         if (b + kPrefetchAhead <= last_block) {
-          const int64_t ahead = static_cast<int64_t>(table[b + kPrefetchAhead]) * block_numel;
-          const float* k_next = k_base + ahead + item.kv_head * head_numel;
-          const float* v_next = v_base + ahead + item.kv_head * head_numel;
-          for (int64_t line = 0; line < head_numel; line += 16) {
-            __builtin_prefetch(k_next + line);
-            __builtin_prefetch(v_next + line);
+          const int64_t ahead = static_cast<int64_t>(table[b + kPrefetchAhead]) * block_numel + head0;
+          for (int64_t line = 0; line < run; line += 16) {
+            __builtin_prefetch(k_base + ahead + line);
+            __builtin_prefetch(v_base + ahead + line);
           }
         }
-        const int64_t offset = static_cast<int64_t>(table[b]) * block_numel + item.kv_head * head_numel;
-        const float* kt = k_base + offset;
-        const float* v = v_base + offset;
         const int32_t key0 = static_cast<int32_t>(b * block_size);
-        if (!fast) {
-          block_generic(state, m_count, dim, kt, v, block_size, key0, cap, scores.data());
-          continue;
-        }
         const int keys = static_cast<int>(std::min<int64_t>(block_size, last_key - key0 + 1));
-        switch (dim) {
-          case 32: blocks_fast<2>(state, m_count, kt, v, key0, keys, cap); break;
-          case 64: blocks_fast<4>(state, m_count, kt, v, key0, keys, cap); break;
-          case 128: blocks_fast<8>(state, m_count, kt, v, key0, keys, cap); break;
-          default: blocks_fast<16>(state, m_count, kt, v, key0, keys, cap); break;
+        for (int64_t h = 0; h < item_heads; ++h) {
+          const int64_t offset = static_cast<int64_t>(table[b]) * block_numel + head0 + h * head_numel;
+          const float* kt = k_base + offset;
+          const float* v = v_base + offset;
+          const Rows head_state = state.at(h * per_head, dim);
+          if (!fast) {
+            block_generic(head_state, per_head, dim, kt, v, block_size, key0, cap, scores.data());
+            continue;
+          }
+          switch (dim) {
+            case 32: blocks_fast<2>(head_state, per_head, kt, v, key0, keys, cap); break;
+            case 64: blocks_fast<4>(head_state, per_head, kt, v, key0, keys, cap); break;
+            case 128: blocks_fast<8>(head_state, per_head, kt, v, key0, keys, cap); break;
+            default: blocks_fast<16>(head_state, per_head, kt, v, key0, keys, cap); break;
+          }
         }
       }
-      for (int64_t r = 0; r < tile; ++r) {
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t m = r * group + g, head = item.kv_head * group + g;
-          float* dst = o_base + (first_row + item.row_begin + r) * o_row_stride + head * o_head_stride;
-          const float inv = 1.f / row_sum[m];
-          for (int64_t d = 0; d < dim; ++d) dst[d] = acc[m * dim + d] * inv;
-        }
+      for (int64_t m = 0; m < m_count; ++m) {
+        const int64_t r = m / group % tile, head = item.kv_head_begin * group + m / per_head * group + m % group;
+        float* dst = o_base + (first_row + item.row_begin + r) * o_row_stride + head * o_head_stride;
+        const float inv = 1.f / row_sum[m];
+        for (int64_t d = 0; d < dim; ++d) dst[d] = acc[m * dim + d] * inv;
       }
     }
   });

@@ -3,8 +3,9 @@
 csrc/paged_attention.cpp is built once per machine and source version with torch.utils.cpp_extension (seconds;
 cached under torch's extensions directory, in a folder named after the source's hash so that checkouts with
 different sources never load each other's build) and registered as `torch.ops.sessionserve.paged_attention`. It
-serves decode rows and prefill chunks over a cached prefix with no gathered copy: each (sequence, kv head, tile
-of query rows) walks its block table once for all query heads sharing the kv head, with an online softmax per
+serves decode rows and prefill chunks over a cached prefix with no gathered copy: each (sequence, kv heads, tile
+of query rows) walks its block table once for all query heads sharing those kv heads (every kv head, so that a
+block is read as contiguous runs, unless that leaves too few items for the threads), with an online softmax per
 block in vector registers, causal, sliding window and soft-capping included, prefetching blocks ahead. Blocks
 are kept head-major, keys transposed (`pool_views`), so a block's scores need no horizontal sums. A chunk
 with no cached prefix attends only its own fresh K/V, which torch SDPA does best (unless the layer is soft-capped).

@@ -184,6 +184,7 @@ class LLMServer:
                 "replica": self.replica,
                 "prompt_tokens": result.prompt_tokens,
                 "cached_tokens": result.cached_tokens,
+                "kv_source": result.kv_source,
                 "completion_tokens": result.completion_tokens,
                 "ttft_ms": round(result.ttft_ms, 1),
                 "total_ms": round(result.total_ms, 1),

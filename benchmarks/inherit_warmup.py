@@ -7,7 +7,7 @@ and each lost session's new owner (by the router's ring) has logged its warm-up,
 *cold* twin (the same history, `kv: none`) takes the next message, then the *inherited* session takes it. TTFT is
 the service's (`timing.ttft_ms`: engine submit -> first token) for both; their replies must be identical (greedy).
 
-    python -m benchmarks.inherit_warmup --sessions 4 --history-tokens 1024 --out benchmarks/results/inherit-warmup.json
+    python -m benchmarks.inherit_warmup --sessions 8 --history-tokens 1024 --out benchmarks/results/inherit-warmup.json
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import socket
 import statistics
 import tempfile
 import time
@@ -34,7 +35,7 @@ WARMED = " inherited session warmed "
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--history-tokens", type=int, default=1024)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
@@ -86,11 +87,12 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         load_tokenizer(args.model), WorkloadSpec(sessions=args.sessions, turns=2, history_tokens=args.history_tokens)
     )
     cluster.connect(None)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8431})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config_for(args, data_dir)), name=APP, route_prefix=f"/{APP}")
     deployment = DeploymentID(name="LLMServer", app_name=APP)
     params = {"max_new_tokens": args.max_new_tokens}
-    with httpx.Client(base_url=f"http://127.0.0.1:8431/{APP}", timeout=args.timeout_s) as http:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}/{APP}", timeout=args.timeout_s) as http:
         replica_of = {}
         for script in workload.sessions:
             body = {"session_id": script.session_id, "system_prompt": workload.system_prompt}
@@ -141,6 +143,12 @@ def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         "cached_tokens": cached,
         "replies_match": f"{matches}/{len(lost)}",
     }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _median(values: list[float]) -> float:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from ray.serve._private.common import DeploymentID
 
+from benchmarks.inherit_warmup import wait_for_warmups
 from serving.server.ring import SessionRing, running_replicas
 from tests.support import REPLICA_HEADER, TINY, app_config, kill_replica, logs_dir, serve_app
 
@@ -18,7 +19,6 @@ pytestmark = pytest.mark.ray
 
 APP, PREFIX = "sessionserve-inherit", "/inherit"
 DEPLOYMENT = DeploymentID(name="LLMServer", app_name=APP)
-WARMED = " inherited session warmed "
 SESSIONS = 8  # at most: engine.inherit_warm_sessions below covers all of them
 
 
@@ -47,26 +47,6 @@ def wait_for_replacement(lost: str, timeout: float = 180) -> frozenset[str]:
     raise TimeoutError(f"no replacement for replica {lost} within {timeout}s: {running_replicas(DEPLOYMENT)}")
 
 
-def warmed_by(owners: dict[str, str], timeout: float = 180) -> dict[str, dict[str, str]]:
-    """The warm-up log line of each session by the replica that owns it, read from the replicas' real logs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found: dict[str, dict[str, str]] = {}
-        for path in logs_dir().rglob("*"):
-            if path.suffix not in (".err", ".out", ".log") or not path.is_file():
-                continue
-            for line in path.read_text(errors="replace").splitlines():
-                if WARMED in line:
-                    fields = dict(pair.split("=", 1) for pair in line.split(WARMED, 1)[1].split())
-                    if owners.get(fields["session_id"]) == fields["replica"]:
-                        found[fields["session_id"]] = fields
-        if len(found) == len(owners):
-            return found
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"warmed after {timeout}s: {sorted(found)} of {sorted(owners)}")
-        time.sleep(1)
-
-
 def test_inherited_sessions_are_warm_on_their_new_replica_and_answer_as_a_cold_prefill_would(http):
     replica_of: dict[str, str] = {}  # session -> replica of its first turn
     for _ in range(SESSIONS):
@@ -80,7 +60,8 @@ def test_inherited_sessions_are_warm_on_their_new_replica_and_answer_as_a_cold_p
     kill_replica(APP, victim)
     ring = SessionRing(wait_for_replacement(victim), DEPLOYMENT)
     owners = {sid: ring.owner(sid) for sid in lost}
-    warmed = warmed_by(owners)
+    warmed = wait_for_warmups(owners, logs_dir(), timeout_s=180)
+    assert set(warmed) == set(lost), f"warmed by their owners: {sorted(warmed)} of {sorted(lost)}"
     assert {fields["source"] for fields in warmed.values()} == {"recomputed"}  # a killed replica leaves no KV files
     assert all(int(fields["tokens"]) > 0 for fields in warmed.values()), warmed
 

@@ -114,7 +114,10 @@ class InheritedWarmup:
     async def _warm(self, record: SessionRecord) -> bool:
         """Warm one session; False when it yielded to another session's turn (it is tried again later)."""
         session_id = record.session_id
-        if self.service.engine.kv_info(session_id).tier == "device" or not self._room_for(record.kv.tokens):
+        now = await asyncio.to_thread(self.service.manager.store.get, session_id)
+        if now is None or now.kv.replica in self._seen:  # deleted, or a turn ran on a live replica since
+            return True
+        if not self._room_for(record.kv.tokens):
             log.info("inherited session not warmed", extra={"session_id": session_id, "kv_tokens": record.kv.tokens})
             return True
         warming = asyncio.ensure_future(self.service.warm(session_id))

@@ -85,3 +85,64 @@ async def test_waits_while_the_engine_runs_a_turn_then_warms(service):
     await loop.poll()
     assert [w.session_id for w in warmed] == ["inherited"]
     assert service.engine.kv_info("inherited").tier == "device"
+
+
+@pytest.fixture
+async def slow_service(tokenizer_dir, tmp_path):
+    """16-token prefill chunks: warming a long history takes many steps, so a turn can arrive in the middle."""
+    config = app_config(f"sqlite:///{tmp_path / 'sessions.db'}", model=TINY, torch_threads=1, max_batch_tokens=16)
+    service = build_service(config, 1, ME)
+    yield service
+    await service.shutdown()
+
+
+def long_lost_session(service: SessionService, sid: str) -> None:
+    service.manager.create(sid)
+    turn = [Message("user", "boats " * 600), Message("assistant", "an answer about boats")]
+    service.manager.store.append(sid, turn, now=1e9, kv=KVReport("device", 620, "lost"))
+
+
+async def until_warming(service: SessionService, poll: asyncio.Task[None]) -> None:
+    while service.engine.stats()["running"] == 0:
+        assert not poll.done(), "the warm-up ended before it was seen running"
+        await asyncio.sleep(0.001)
+
+
+async def one_turn(service: SessionService, sid: str) -> TurnResult:
+    async for event in service.turn(sid, [Message("user", "and then?")], SamplingParams(max_new_tokens=4)):
+        if isinstance(event, TurnResult):
+            return event
+    raise AssertionError("the turn ended without a result")
+
+
+async def test_a_turn_of_the_session_being_warmed_takes_over(slow_service):
+    long_lost_session(slow_service, "inherited")
+    warmed: list[WarmResult] = []
+    loop = warmup(slow_service, 8, warmed)
+    polling = asyncio.create_task(loop.poll())
+    await until_warming(slow_service, polling)
+
+    result = await one_turn(slow_service, "inherited")
+    await polling
+
+    assert result.finish_reason == "length" and warmed == []  # the warm-up was cancelled, the turn ran
+    await loop.poll()
+    assert warmed == []  # and it is not warmed again: the turn did that
+
+
+async def test_a_turn_of_another_session_interrupts_a_warm_up_which_resumes_when_the_engine_is_idle(slow_service):
+    long_lost_session(slow_service, "inherited")
+    slow_service.manager.create("other")
+    warmed: list[WarmResult] = []
+    loop = warmup(slow_service, 8, warmed)
+    polling = asyncio.create_task(loop.poll())
+    await until_warming(slow_service, polling)
+
+    turn = asyncio.create_task(one_turn(slow_service, "other"))
+    await polling  # returns once the warm-up yielded: the engine is busy with the turn
+    assert warmed == []
+
+    assert (await turn).finish_reason == "length"
+    await loop.poll()
+    assert [w.session_id for w in warmed] == ["inherited"]  # what the interrupted warm-up computed is reused
+    assert slow_service.engine.kv_info("inherited").tokens >= warmed[0].tokens > 600

@@ -114,8 +114,8 @@ class InheritedWarmup:
     async def _warm(self, record: SessionRecord) -> bool:
         """Warm one session; False when it yielded to another session's turn (it is tried again later)."""
         session_id = record.session_id
-        now = await asyncio.to_thread(self.service.manager.store.get, session_id)
-        if now is None or now.kv.replica in self._seen:  # deleted, or a turn ran on a live replica since
+        current = await asyncio.to_thread(self.service.manager.store.get, session_id)
+        if current is None or current.kv.replica in self._seen:  # deleted, or a turn ran on a live replica since
             return True
         if not self._room_for(record.kv.tokens):
             log.info("inherited session not warmed", extra={"session_id": session_id, "kv_tokens": record.kv.tokens})
@@ -135,6 +135,9 @@ class InheritedWarmup:
             return self.service.manager.turns_in(session_id) > 0  # that session's own turn took over: done
         except SessionNotFound:
             return True  # deleted since the look at the store
+        except Exception:  # best effort: a session that cannot be warmed is left to its next turn, not retried
+            log.exception("inherited session warm-up failed", extra={"session_id": session_id})
+            return True
         log.info(
             "inherited session warmed",
             extra={

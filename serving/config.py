@@ -72,6 +72,12 @@ class EngineConfig(_Section):
         description="turns of sessions whose KV is on the device are admitted first, until a waiting turn has "
         "waited this long: then it goes first (arrival order); 0 = plain arrival order",
     )
+    inherit_warm_sessions: int = Field(
+        8,
+        ge=0,
+        description="after a replica loss, each replica warms up to this many of the sessions it inherited (most "
+        "recently active first), in the background while it has no turns to run; 0 = off",
+    )
 
     @field_validator("kv_cache_memory", "host_cache_memory", "disk_cache_memory", mode="before")
     @classmethod

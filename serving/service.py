@@ -67,6 +67,7 @@ class TurnResult:
     total_ms: float  # generation: submitted -> last chunk
     timing: TurnTiming  # the whole turn by phase (store, prompt, engine steps, commit)
     kv_stale: bool = False  # the engine found stored KV for the session that did not match the prompt
+    kv_source: KVTier = "none"  # the tier the reused KV came from ("none": nothing reused)
     recomputed_tokens: int = 0  # prompt tokens an earlier turn had computed, computed again (sessions only)
     recompute_reason: RecomputeReason | None = None  # why (sessions.accounting), None when nothing was
 
@@ -324,13 +325,14 @@ class SessionService:
         pieces: list[str] = []
         completion_tokens = cached_tokens = 0
         stale = False
+        source: KVTier = "none"
         finish_reason: FinishReason = "cancelled"
         async with aclosing(self.engine.generate(request)) as chunks:
             async for chunk in chunks:
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 completion_tokens += len(chunk.token_ids)
-                cached_tokens, stale = chunk.cached_tokens, chunk.kv_stale
+                cached_tokens, stale, source = chunk.cached_tokens, chunk.kv_stale, chunk.kv_source
                 if chunk.text:
                     pieces.append(chunk.text)
                     yield TextDelta(chunk.text)
@@ -348,6 +350,7 @@ class SessionService:
             total_ms=(end - start) * 1000,
             timing=timing,
             kv_stale=stale,
+            kv_source=source,
         )
 
     async def shutdown(self) -> None:

@@ -322,6 +322,11 @@ class SessionManager:
             if entry.users == 0 and self._turn_locks.get(session_id) is entry:
                 del self._turn_locks[session_id]
 
+    def turns_in(self, session_id: str) -> int:
+        """How many turns of this process hold or await the session (a background warm-up yields to a second)."""
+        entry = self._turn_locks.get(session_id)
+        return 0 if entry is None else entry.users
+
     def _holder(self, session_id: str) -> str | None:
         """The lease of this process's running turn on the session: its own edits act as that turn."""
         entry = self._turn_locks.get(session_id)

@@ -140,6 +140,13 @@ def kill_replica(app_name: str, replica_id: str, timeout: float = 30) -> None:
     raise TimeoutError(f"replica actor {name} still registered {timeout}s after ray.kill")
 
 
+def logs_dir() -> Path:
+    """Where this test session's Ray cluster (not another) writes its processes' logs."""
+    import ray._private.worker
+
+    return Path(ray._private.worker._global_node.get_logs_dir_path())
+
+
 def assert_error_envelope(response: httpx.Response, status: int) -> dict:
     """The response has `status` and the `{"error": {"code", "message"}}` body with a non-empty message."""
     assert response.status_code == status, (response.status_code, response.text[:500])

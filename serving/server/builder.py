@@ -11,28 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
-from ray.serve.config import RequestRouterConfig
 
 from serving.config import Config, load_config
 from serving.server import cluster
 from serving.server.ingress import Ingress
 from serving.server.llm_server import LLMServer
+from serving.server.ring import SESSION_AFFINITY
 
 
 def api_keys(config: Config) -> tuple[str, ...]:
     """Configured keys plus SESSIONSERVE_API_KEYS (comma separated), so secrets can stay out of YAML."""
     from_env = tuple(k.strip() for k in os.environ.get("SESSIONSERVE_API_KEYS", "").split(",") if k.strip())
     return tuple(config.serving.api_keys) + from_env
-
-
-# Consistent hashing over the session id: every turn of a session reaches the replica holding its KV, and
-# when a replica dies the ring moves only that replica's sessions (they rebuild KV from the shared history).
-# 400 virtual nodes per replica: with the router's default 100, the busiest of 100 replicas holds up to 1.41x the
-# mean number of sessions; with 400, at most 1.19x (`python -m benchmarks.ring_sim`, 10 rings of 100k sessions).
-SESSION_AFFINITY = RequestRouterConfig(
-    request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
-    request_router_kwargs={"num_virtual_nodes": 400, "num_fallback_replicas": 0},
-)
 
 
 KV_PERSIST_TIMEOUT_S = 30.0

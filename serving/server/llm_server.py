@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from serving.config import Config
 from serving.logs import configure_logging
 from serving.server import protocol
 from serving.server.api import SessionAPI
+from serving.server.inherit import InheritedWarmup
 from serving.server.metrics import ReplicaReport, TurnSample
 from serving.server.openai_protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
-from serving.service import TurnResult
+from serving.service import SessionService, TurnResult, WarmResult, WarmSource
 
 log = logging.getLogger(__name__)
 turn_log = logging.getLogger("serving.turns")  # one line per turn, for operators
@@ -71,9 +73,13 @@ class LLMServer:
         service.on_turn = self._record_turn
         self.api = SessionAPI(service, parsed.model.name)
         self._turns: list[TurnSample] = []
+        self._inherited_warmups: list[WarmSource] = []
         self._idle_ttl_s = parsed.sessions.idle_ttl_s
         self._janitor: asyncio.Task[None] | None = None
         self._stopped = False
+        self._warmup: asyncio.Task[None] | None = None
+        if parsed.engine.inherit_warm_sessions > 0:
+            self._start_inherited_warmup(service, parsed.engine.inherit_warm_sessions)
 
     # ---- what needs the KV (history-only operations are the ingress', straight from the store) -------
     async def fork_session(
@@ -131,8 +137,9 @@ class LLMServer:
         return self._stop()
 
     async def _stop(self) -> None:
-        if self._janitor is not None:
-            self._janitor.cancel()
+        for task in (self._janitor, self._warmup):
+            if task is not None:
+                task.cancel()
         await self.api.service.shutdown()
 
     # ---- plumbing ------------------------------------------------------------------------------------
@@ -177,6 +184,7 @@ class LLMServer:
                 "replica": self.replica,
                 "prompt_tokens": result.prompt_tokens,
                 "cached_tokens": result.cached_tokens,
+                "kv_source": result.kv_source,
                 "completion_tokens": result.completion_tokens,
                 "ttft_ms": round(result.ttft_ms, 1),
                 "total_ms": round(result.total_ms, 1),
@@ -186,7 +194,32 @@ class LLMServer:
 
     def _report(self) -> ReplicaReport:
         turns, self._turns = self._turns, []
-        return ReplicaReport(self.replica, dict(self.api.service.engine.stats()), turns)
+        warmups, self._inherited_warmups = self._inherited_warmups, []
+        return ReplicaReport(self.replica, dict(self.api.service.engine.stats()), turns, warmups)
+
+    # ---- sessions inherited from a lost replica ------------------------------------------------------
+    def _start_inherited_warmup(self, service: SessionService, limit: int) -> None:
+        """Started here, not lazily like the janitor: a replacement replica inherits sessions before any request
+        reaches it. Serve runs the constructor on the replica's event loop; outside a replica there is no ring."""
+        from serving.server.ring import SessionRing, running_replicas
+
+        try:
+            deployment = serve.get_replica_context().replica_id.deployment_id
+            loop = asyncio.get_running_loop()
+        except (RayServeException, RuntimeError):  # not in a Serve replica (direct instantiation in tests)
+            return
+        warmup = InheritedWarmup(
+            service,
+            self.replica,
+            running_replicas=lambda: running_replicas(deployment),
+            ring=lambda replicas: SessionRing(replicas, deployment).owner,
+            limit=limit,
+            on_warm=self._record_warmup,
+        )
+        self._warmup = loop.create_task(warmup.run())
+
+    def _record_warmup(self, result: WarmResult) -> None:
+        self._inherited_warmups.append(result.source)
 
     # ---- idle expiry ---------------------------------------------------------------------------------
     def _start_janitor(self) -> None:

@@ -8,9 +8,11 @@ operator scrapes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from serving.service import WarmSource
 from sessions.accounting import RECOMPUTE_REASONS
 
 _LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
@@ -34,6 +36,7 @@ class ReplicaReport:
     replica: str
     gauges: dict[str, float] = field(default_factory=dict)
     turns: list[TurnSample] = field(default_factory=list)
+    inherited_warmups: list[WarmSource] = field(default_factory=list)  # since the last report, by where KV came from
 
 
 class Metrics:
@@ -60,6 +63,15 @@ class Metrics:
         )
         for reason in RECOMPUTE_REASONS:  # every reason shows, at 0 until it happens
             self.recomputed_tokens.labels(reason)
+        self.inherited_warmups = Counter(
+            "sessionserve_inherited_warmups",
+            "sessions a replica warmed in the background after inheriting them from a lost replica, by where their "
+            "KV came from (disk: the node's KV files; recomputed: from the history)",
+            ["source"],
+            registry=r,
+        )
+        for source in get_args(WarmSource):
+            self.inherited_warmups.labels(source)
         self.engine = Gauge("sessionserve_engine", "engine gauges per replica", ["replica", "name"], registry=r)
         self.live_sessions = Gauge("sessionserve_live_sessions", "sessions in the history store", registry=r)
 
@@ -83,6 +95,8 @@ class Metrics:
             self.completion_tokens.inc(turn.completion_tokens)
             if turn.recompute_reason is not None:
                 self.recomputed_tokens.labels(turn.recompute_reason).inc(turn.recomputed_tokens)
+        for source in report.inherited_warmups:
+            self.inherited_warmups.labels(source).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -124,6 +124,11 @@ class HistoryStore(Protocol):
         """The owner's sessions (None: those created without an owner), most recently active first, one page."""
         ...
 
+    def recent(self, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
+        """Every owner's sessions, most recently active first, one page (a replica looking for sessions it
+        inherited from a lost one reads these)."""
+        ...
+
     def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:
         """Take or renew (same holder) the session's lease for ttl_s; SessionBusy if another holder's is unexpired."""
         ...

@@ -117,9 +117,15 @@ class MemoryStore:
             return len(self._sessions)
 
     def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
+        return self._page(lambda record: record.owner == owner, limit, offset)
+
+    def recent(self, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
+        return self._page(lambda record: True, limit, offset)
+
+    def _page(self, keep: Callable[[SessionRecord], bool], limit: int, offset: int) -> builtins.list[SessionRecord]:
         base.check_page(limit, offset)
         with self._lock:
-            records = [s.record for s in self._sessions.values() if s.record.owner == owner]
+            records = [s.record for s in self._sessions.values() if keep(s.record)]
             records.sort(key=lambda r: (r.last_active_at, r.session_id), reverse=True)
             return [_copy(r) for r in records[offset : offset + limit]]
 

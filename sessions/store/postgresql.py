@@ -249,8 +249,13 @@ class PostgreSQLStore:
         return int(count)
 
     def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
+        return self._page("owner IS NULL" if owner is None else "owner = %(owner)s", owner, limit, offset)
+
+    def recent(self, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
+        return self._page("TRUE", None, limit, offset)
+
+    def _page(self, where: str, owner: str | None, limit: int, offset: int) -> builtins.list[SessionRecord]:
         base.check_page(limit, offset)
-        where = "owner IS NULL" if owner is None else "owner = %(owner)s"
         rows = self._all(
             f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE {where}"
             " ORDER BY last_active_at DESC, session_id DESC LIMIT %(limit)s OFFSET %(offset)s",

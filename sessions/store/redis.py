@@ -189,8 +189,14 @@ class RedisStore:
         return int(self._run("COUNT", repr(self._cutoff())))
 
     def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
+        return self._page(("1", owner) if owner is not None else ("0", ""), limit, offset)
+
+    def recent(self, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
+        return self._page(("all", ""), limit, offset)
+
+    def _page(self, owned: tuple[str, str], limit: int, offset: int) -> builtins.list[SessionRecord]:
+        """`owned`: the LIST script's owner flag and owner (an owner's index, the ownerless one, or all)."""
         base.check_page(limit, offset)
-        owned = ("1", owner) if owner is not None else ("0", "")
         flat = self._run("LIST", repr(self._cutoff()), *owned, min(offset, MAX_OFFSET), limit)
         records, index = [], 0
         while index < len(flat):

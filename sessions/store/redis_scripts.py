@@ -196,12 +196,14 @@ return redis.call('ZCARD', prefix .. 'active')
 """
 )
 
-# ARGV: prefix, cutoff, owner_flag, owner, offset, limit. Returns id, field count, fields..., per record.
+# ARGV: prefix, cutoff, owner_flag ('1': ARGV[4]'s, '0': ownerless, 'all': every owner's), owner, offset, limit.
+# Returns id, field count, fields..., per record.
 LIST = (
     _LIB
     + """
 local index = prefix .. 'owner-none'
 if ARGV[3] == '1' then index = owner_key(ARGV[4]) end
+if ARGV[3] == 'all' then index = prefix .. 'active' end
 trim(index, ARGV[2])
 local offset, limit = tonumber(ARGV[5]), tonumber(ARGV[6])
 local out = {}

@@ -263,13 +263,20 @@ class SQLiteStore:
         return 0 if row is None else int(row[0])
 
     def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
+        if owner is None:
+            return self._page("owner IS NULL", (), limit, offset)
+        return self._page("owner = ?", (owner,), limit, offset)
+
+    def recent(self, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
+        return self._page("1 = 1", (), limit, offset)
+
+    def _page(self, where: str, params: tuple[str, ...], limit: int, offset: int) -> builtins.list[SessionRecord]:
         base.check_page(limit, offset)
-        where = "owner IS NULL" if owner is None else "owner = ?"
         with self._read() as conn:
             rows = conn.execute(
                 f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE {where}"
                 " ORDER BY last_active_at DESC, session_id DESC LIMIT ? OFFSET ?",
-                (limit, min(offset, MAX_OFFSET)) if owner is None else (owner, limit, min(offset, MAX_OFFSET)),
+                (*params, limit, min(offset, MAX_OFFSET)),
             ).fetchall()
         return [_record(row) for row in rows]
 

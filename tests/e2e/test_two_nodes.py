@@ -80,6 +80,7 @@ def test_sessions_survive_the_loss_of_a_node(cluster, network_store, tmp_path):
         replicas=2,
         torch_threads=1,
         serving={"replica_resources": {"sessionserve_model": 1}, "cpus_per_replica": 0.5},
+        inherit_warm_sessions=0,  # the lost node's sessions rebuild from history here; the warm-up is test_inherit.py's
     )
     path = tmp_path / "config.json"
     path.write_text(config.model_dump_json())

@@ -12,17 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import REPLICA_HEADER, TINY, app_config, serve_app
+from tests.support import REPLICA_HEADER, TINY, app_config, logs_dir, serve_app
 
 pytestmark = pytest.mark.ray
 
 TEXT_MARK = " serving.turns: turn "
-
-
-def logs_dir() -> Path:
-    import ray._private.worker
-
-    return Path(ray._private.worker._global_node.get_logs_dir_path())  # this test session's cluster, not another
 
 
 def turn_lines(request_id: str, timeout: float = 30) -> dict[Path, list[str]]:

@@ -19,7 +19,8 @@ APP, PREFIX = "sessionserve-replicas", "/replicas"
 def replicas_url(smollm2_dir, serve_port, tmp_path_factory):
     """2 replicas sharing one SQLite history (the KV is per replica); 1 torch thread each on the 2-core box."""
     store = f"sqlite:///{tmp_path_factory.mktemp('replicas') / 'sessions.db'}"
-    config = app_config(store, model=TINY, replicas=2, torch_threads=1)
+    # Without the background warm-up of inherited sessions (test_inherit.py's): the failover here rebuilds from history.
+    config = app_config(store, model=TINY, replicas=2, torch_threads=1, inherit_warm_sessions=0)
     with serve_app(config, serve_port, APP, PREFIX) as url:
         yield url
 

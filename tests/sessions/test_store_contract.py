@@ -142,10 +142,27 @@ def test_list_newest_activity_first_paged_per_owner(store):
     assert [r.session_id for r in store.list("alice", limit=2)] == ["a0", "a5"]
 
 
+def test_recent_lists_every_owners_sessions_newest_activity_first(store):
+    store.create(record("a0", now=100.0, owner="alice"))
+    store.create(record("b0", now=300.0, owner="bob"))
+    store.create(record("n0", now=200.0, owner=None))
+    store.create(record("a1", now=200.0, owner="alice"))  # a tie with n0: the larger id first
+    assert [r.session_id for r in store.recent()] == ["b0", "n0", "a1", "a0"]
+    assert [r.session_id for r in store.recent(limit=2, offset=1)] == ["n0", "a1"]
+    assert store.recent(offset=4) == []
+    store.append("a0", [U1], now=900.0, kv=ON_DEVICE)
+    store.delete("b0")
+    first = store.recent(limit=1)[0]
+    assert (first.session_id, first.kv) == ("a0", ON_DEVICE)
+    assert [r.session_id for r in store.recent()] == ["a0", "n0", "a1"]
+
+
 @pytest.mark.parametrize(("limit", "offset"), [(0, 0), (1001, 0), (-1, 0), (10, -1), (True, 0), (10, 1.5), ("5", 0)])
 def test_list_checks_paging(store, limit, offset):
     with pytest.raises(InvalidRequest, match=r"limit|offset"):
         store.list("alice", limit=limit, offset=offset)
+    with pytest.raises(InvalidRequest, match=r"limit|offset"):
+        store.recent(limit=limit, offset=offset)
 
 
 def test_list_accepts_the_bounds(store):

@@ -80,9 +80,11 @@ def serve(
     watch = cluster.NodeWatch(store, warn=lambda message: typer.echo(f"warning: {message}", err=True)).start()
     if settings.model.name == SMOLLM2:
         prepare_smollm2()  # convert once here, not inside every replica
-    # With direct ingress Ray still runs its proxy on the head node (a fallback nobody here calls): any free port.
-    proxy_port = 0 if http.ingress == "direct" else http.port
-    ray_serve.start(http_options={"host": http.host, "port": proxy_port, "request_timeout_s": http.request_timeout_s})
+    ray_serve.start(
+        http_options=direct_ingress.http_options(
+            http.ingress, http.host, http.port, request_timeout_s=http.request_timeout_s
+        )
+    )
     deploy = lifecycle.BackgroundDeploy(
         lambda: ray_serve.run(build_app(settings), name=APP_NAME, route_prefix="/"), stop.event
     ).start()

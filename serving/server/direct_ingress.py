@@ -40,6 +40,12 @@ def local_env(port: int) -> dict[str, str]:
     }
 
 
+def http_options(ingress: IngressMode, host: str, port: int, **options: Any) -> dict[str, Any]:
+    """`serve.start`'s http_options. With direct ingress Ray still runs its proxy on the head node (a fallback
+    nobody here calls), so it gets any free port and leaves `port` to the ingress replica."""
+    return {"host": host, "port": 0 if ingress == "direct" else port, **options}
+
+
 def mode_of(env: Mapping[str, str]) -> IngressMode:
     """What Ray makes of an environment (HAProxy implies direct ingress, as in Ray's constants)."""
     return "direct" if env.get(ENABLE) == "1" or env.get(HA_PROXY) == "1" else "proxy"

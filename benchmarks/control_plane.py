@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import statistics
 import tempfile
 import threading
@@ -81,8 +80,9 @@ def _deploy(store: str, ingress: IngressMode, stack: ExitStack) -> str:
     from tests.servers import free_port
 
     port = free_port()
-    if ingress == "direct":  # before Ray starts: its processes read the variables when they start
-        os.environ.update(direct_ingress.local_env(port))
+    problem = direct_ingress.prepare_local_ray(ingress, "127.0.0.1", port)  # before Ray starts, as `serve` does
+    if problem:
+        raise RuntimeError(problem)
 
     import ray
     from ray import serve

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +18,7 @@ APP_NAME = "sessionserve"
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/default.yaml)")]
 
 
-class IngressMode(str, Enum):
+class IngressOption(str, Enum):
     proxy = "proxy"
     direct = "direct"
 
@@ -33,7 +32,7 @@ def serve(
         str | None, typer.Option(envvar="RAY_ADDRESS", help="join this Ray cluster (host:port) instead of a local one")
     ] = None,
     ingress: Annotated[
-        IngressMode | None,
+        IngressOption | None,
         typer.Option(help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP itself"),
     ] = None,
 ) -> None:
@@ -44,15 +43,10 @@ def serve(
     overrides = {"host": host, "port": port, "ingress": ingress.value if ingress else None}
     settings = load_config(config, {"serving": {k: v for k, v in overrides.items() if v}})
     http = settings.serving
-    if not address:  # our own Ray: its processes inherit our environment, so it must say what the config says
-        if http.ingress == "proxy" and direct_ingress.mode_of(os.environ) == "direct":
-            typer.echo(f"refusing to start: {direct_ingress.ENV_SAYS_DIRECT}", err=True)
-            raise typer.Exit(code=2)
-        if http.ingress == "direct":
-            if lifecycle.port_open(http.host, http.port):
-                typer.echo(f"refusing to start: port {http.port} on {http.host} is already in use", err=True)
-                raise typer.Exit(code=2)
-            os.environ.update(direct_ingress.local_env(http.port))  # before Ray (and its Serve constants) start
+    problem = None if address else direct_ingress.prepare_local_ray(http.ingress, http.host, http.port)
+    if problem:
+        typer.echo(f"refusing to start: {problem}", err=True)
+        raise typer.Exit(code=2)
 
     import ray
     from ray import serve as ray_serve
@@ -65,12 +59,10 @@ def serve(
     configure_logging(http.log_format)
     started_ray = cluster.connect(address)
     stop = lifecycle.StopSignal().install()
-    if address:
-        problem = direct_ingress.mismatch(http.ingress, direct_ingress.cluster_mode(), address)
-        if problem:
-            ray.shutdown()
-            typer.echo(f"refusing to start: {problem}", err=True)
-            raise typer.Exit(code=2)
+    if address and (problem := direct_ingress.mismatch(http.ingress, direct_ingress.cluster_mode(), address)):
+        ray.shutdown()
+        typer.echo(f"refusing to start: {problem}", err=True)
+        raise typer.Exit(code=2)
     store = settings.sessions.store_url()
     check = cluster.check_store(cluster.current_nodes(), store, starting=True)
     if check.level == "error":

@@ -49,10 +49,10 @@ class HTTPSystem:
         port = self.context.serve_port
         if port is None:  # our own cluster, started as `sessionserve serve` starts it
             port = _free_port()
-            if self.context.ingress == "direct":
-                if ray.is_initialized():
-                    raise RuntimeError("direct ingress needs a Ray started here with its variables set")
-                os.environ.update(direct_ingress.local_env(port))
+            if self.context.ingress == "direct" and ray.is_initialized():
+                raise RuntimeError("direct ingress needs a Ray started here, after its variables are set")
+            if problem := direct_ingress.prepare_local_ray(self.context.ingress, "127.0.0.1", port):
+                raise RuntimeError(problem)
             self._owns_ray = not ray.is_initialized() and cluster.connect(None)
             serve.start(http_options=direct_ingress.http_options(self.context.ingress, "127.0.0.1", port))
         route = f"/{self.app_name}"

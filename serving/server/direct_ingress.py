@@ -51,6 +51,19 @@ def mode_of(env: Mapping[str, str]) -> IngressMode:
     return "direct" if env.get(ENABLE) == "1" or env.get(HA_PROXY) == "1" else "proxy"
 
 
+def prepare_local_ray(ingress: IngressMode, host: str, port: int) -> str | None:
+    """Before `serve` starts its own Ray, whose processes inherit this environment: set direct ingress's variables,
+    or say why we cannot serve `ingress` on host:port."""
+    from serving.server.lifecycle import port_open
+
+    if ingress == "proxy":
+        return ENV_SAYS_DIRECT if mode_of(os.environ) == "direct" else None
+    if port_open(host, port):
+        return f"port {port} on {host} is already in use"
+    os.environ.update(local_env(port))
+    return None
+
+
 def cluster_mode() -> IngressMode:
     """The mode of the cluster we joined: a zero-CPU task on the head node (where Serve's controller runs) reads
     the variables its Ray processes were started with."""

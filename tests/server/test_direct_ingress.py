@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 from pydantic import ValidationError
 
@@ -58,3 +61,20 @@ def test_the_config_key_defaults_to_proxy_and_refuses_anything_else():
     assert load_config(None, {"serving": {"ingress": "direct"}}).serving.ingress == "direct"
     with pytest.raises(ValidationError, match="'proxy' or 'direct'"):
         load_config(None, {"serving": {"ingress": "haproxy"}})
+
+
+def test_prepare_local_ray_sets_the_variables_or_says_why_not(monkeypatch):
+    env: dict[str, str] = {}
+    monkeypatch.setattr(os, "environ", env)  # what the local Ray would inherit
+    assert direct_ingress.prepare_local_ray("proxy", "127.0.0.1", 8000) is None and env == {}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        in_use = direct_ingress.prepare_local_ray("direct", "127.0.0.1", port)
+        assert in_use == f"port {port} on 127.0.0.1 is already in use"
+        assert env == {}
+    assert direct_ingress.prepare_local_ray("direct", "127.0.0.1", port) is None
+    assert env == direct_ingress.local_env(port)
+    refused = direct_ingress.prepare_local_ray("proxy", "127.0.0.1", port)  # the variable is now in the environment
+    assert refused and "--ingress direct" in refused

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from sessions.store import open_store
-from tests.cluster import ROOT, free_port, two_node_cluster
+from tests.cluster import ROOT, free_port, port_open, two_node_cluster
 from tests.e2e.test_serve_lifecycle import assert_clean_exit, create, start_long_turn
 from tests.serve_process import ServeProcess, tiny_config
 from tests.support import TINY
@@ -106,6 +106,33 @@ def test_direct_ingress_on_a_cluster_started_without_it_is_refused(smollm2_dir, 
     assert "refusing to start" in result.stderr and "RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in result.stderr
     assert "--ingress proxy" in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "sessions.db").exists()  # refused before anything was deployed
+
+
+@pytest.mark.ray
+@pytest.mark.model
+def test_joining_a_direct_ingress_cluster_serves_on_the_port_the_cluster_gives_and_says_so(smollm2_dir, tmp_path):
+    given = free_port()  # the cluster's own range for ingress replicas: one port, not serving.port
+    node_env = {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(given),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(given + 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    }
+    config = tiny_config(f"sqlite:///{tmp_path / 'sessions.db'}", 5, replica_resources={"sessionserve_model": 1})
+    with two_node_cluster(join_worker=False, node_env=node_env) as head:
+        args = ["--address", head.address, "--ingress", "direct"]
+        server = ServeProcess.start(config, tmp_path, args=args, env={"RAY_AUTH_MODE": "disabled"})
+        try:
+            server.wait_for_line("ready on")
+            assert f"the cluster gave the ingress port {given}" in server.output()
+            assert f"ready on http://127.0.0.1:{given} (direct ingress" in server.output()
+            assert httpx.get(f"http://127.0.0.1:{given}/health", timeout=10).json() == {"status": "ok"}
+            assert not server.port_open()  # serving.port stays unused
+            server.signal(signal.SIGTERM)
+            assert server.wait(90) == 0, server.output()[-5000:]
+            assert not port_open(given)
+        finally:
+            server.close()
 
 
 def test_proxy_ingress_with_the_direct_variable_in_the_environment_is_refused_before_ray_starts(tmp_path):

@@ -6,6 +6,7 @@ operation for `--seconds`: create, info, history read, append, delete, and `/hea
 ingress). Reports ops/s and p50/p90 ms per operation and each operation's throughput relative to `/health`.
 
     .venv/bin/python -m benchmarks.control_plane --store sqlite --out results-control-plane.json
+    .venv/bin/python -m benchmarks.control_plane --store sqlite --ingress direct   # no proxy hop (serving.ingress)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import itertools
 import json
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,6 +28,9 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.table import Table
+
+from serving.server import direct_ingress, lifecycle
+from serving.server.direct_ingress import IngressMode
 
 console = Console(stderr=True)
 TARGET_RATIO = 0.8  # session operations run at >= 0.8x the throughput of /health
@@ -41,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per operation")
     parser.add_argument(
         "--operations", default=",".join(OPERATIONS), help=f"comma-separated subset of {','.join(OPERATIONS)}"
+    )
+    parser.add_argument(
+        "--ingress",
+        choices=("proxy", "direct"),
+        default="proxy",
+        help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP (serving.ingress)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -65,18 +76,23 @@ def _store_url(kind: str, stack: ExitStack) -> str:
     return server.url
 
 
-def _deploy(store: str, stack: ExitStack) -> str:
+def _deploy(store: str, ingress: IngressMode, stack: ExitStack) -> str:
+    from tests.servers import free_port
+
+    port = free_port()
+    problem = direct_ingress.prepare_local_ray(ingress, "127.0.0.1", port)  # before Ray starts, as `serve` does
+    if problem:
+        raise RuntimeError(problem)
+
     import ray
     from ray import serve
 
     from serving.config import load_config
     from serving.server.builder import build_app
-    from tests.servers import free_port
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     stack.callback(ray.shutdown)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options=direct_ingress.http_options(ingress, "127.0.0.1", port))
     stack.callback(serve.shutdown)
     config = load_config(
         None,
@@ -89,11 +105,8 @@ def _deploy(store: str, stack: ExitStack) -> str:
     )
     serve.run(build_app(config), name="control-plane", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while httpx.get(f"{url}/ready", timeout=5).status_code != 200:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the app did not become ready")
-        time.sleep(0.5)
+    if not lifecycle.wait_ready(url, threading.Event(), timeout_s=180):
+        raise TimeoutError("the app did not become ready")
     return url
 
 
@@ -174,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with ExitStack() as stack:
         store = _store_url(args.store, stack)
-        url = _deploy(store, stack)
+        url = _deploy(store, args.ingress, stack)
         results = asyncio.run(_run(url, args))
     table = Table(title=f"session operations vs /health ({args.clients} clients, {args.sessions} sessions)")
     for column in ("operation", "ops/s", "p50 ms", "p90 ms", "vs /health"):
@@ -185,7 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     worst = min(result["vs_health"] for name, result in results.items() if name != "health")
     document = {
-        "config": {"store": args.store, "sessions": args.sessions, "clients": args.clients, "seconds": args.seconds},
+        "config": {
+            "store": args.store,
+            "ingress": args.ingress,
+            "sessions": args.sessions,
+            "clients": args.clients,
+            "seconds": args.seconds,
+        },
         "operations": results,
         "target": {"vs_health_at_least": TARGET_RATIO, "worst": worst, "met": worst >= TARGET_RATIO},
     }

@@ -101,6 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Poisson arrivals: each session sends its next request an exponential delay of mean 1/RATE s after "
         "its previous reply (vLLM's per-client rate); 0 = at once",
     )
+    parser.add_argument(
+        "--ingress",
+        choices=("proxy", "direct"),
+        default="proxy",
+        help="sessionserve-http: through Ray Serve's HTTP proxy, or direct: the ingress replica serves HTTP itself",
+    )
     parser.add_argument("--quick", action="store_true", help=f"small preset for a smoke run: {QUICK}")
     parser.add_argument("--out", type=Path, default=Path("results.json"), help="JSON path; the PNG goes next to it")
     parser.add_argument("--verbose", action="store_true", help="show transformers' and the engine's log messages")
@@ -238,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     with progress:
         for name in args.systems:
             task = progress.add_task(name, total=sum(len(s.user_turns) for s in workload.sessions))
-            context = BenchContext(loaded, engine_config, args.max_new_tokens, tokens_bound, args.ignore_eos)
+            context = BenchContext(
+                loaded, engine_config, args.max_new_tokens, tokens_bound, args.ignore_eos, ingress=args.ingress
+            )
             attn = loaded.model.config._attn_implementation
             try:
                 result, info = asyncio.run(

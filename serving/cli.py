@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,11 @@ APP_NAME = "sessionserve"
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (configs/default.yaml)")]
 
 
+class IngressOption(str, Enum):
+    proxy = "proxy"
+    direct = "direct"
+
+
 @app.command()
 def serve(
     config: ConfigOption = None,
@@ -25,21 +31,38 @@ def serve(
     address: Annotated[
         str | None, typer.Option(envvar="RAY_ADDRESS", help="join this Ray cluster (host:port) instead of a local one")
     ] = None,
+    ingress: Annotated[
+        IngressOption | None,
+        typer.Option(help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP itself"),
+    ] = None,
 ) -> None:
     """Start Ray Serve with the ingress and model deployments, and serve until interrupted."""
+    from serving.config import load_config
+    from serving.server import direct_ingress, lifecycle
+
+    overrides = {"host": host, "port": port, "ingress": ingress.value if ingress else None}
+    settings = load_config(config, {"serving": {k: v for k, v in overrides.items() if v}})
+    http = settings.serving
+    problem = None if address else direct_ingress.prepare_local_ray(http.ingress, http.host, http.port)
+    if problem:
+        typer.echo(f"refusing to start: {problem}", err=True)
+        raise typer.Exit(code=2)
+
     import ray
     from ray import serve as ray_serve
 
-    from serving.config import load_config
     from serving.logs import configure_logging
     from serving.models import SMOLLM2, prepare_smollm2
-    from serving.server import cluster, lifecycle
+    from serving.server import cluster
     from serving.server.builder import build_app
 
-    settings = load_config(config, {"serving": {k: v for k, v in {"host": host, "port": port}.items() if v}})
-    configure_logging(settings.serving.log_format)
+    configure_logging(http.log_format)
     started_ray = cluster.connect(address)
     stop = lifecycle.StopSignal().install()
+    if address and (problem := direct_ingress.mismatch(http.ingress, direct_ingress.cluster_mode(), address)):
+        ray.shutdown()
+        typer.echo(f"refusing to start: {problem}", err=True)
+        raise typer.Exit(code=2)
     store = settings.sessions.store_url()
     check = cluster.check_store(cluster.current_nodes(), store, starting=True)
     if check.level == "error":
@@ -49,21 +72,36 @@ def serve(
     watch = cluster.NodeWatch(store, warn=lambda message: typer.echo(f"warning: {message}", err=True)).start()
     if settings.model.name == SMOLLM2:
         prepare_smollm2()  # convert once here, not inside every replica
-    http = settings.serving
-    ray_serve.start(http_options={"host": http.host, "port": http.port, "request_timeout_s": http.request_timeout_s})
+    ray_serve.start(
+        http_options=direct_ingress.http_options(
+            http.ingress, http.host, http.port, request_timeout_s=http.request_timeout_s
+        )
+    )
     deploy = lifecycle.BackgroundDeploy(
         lambda: ray_serve.run(build_app(settings), name=APP_NAME, route_prefix="/"), stop.event
     ).start()
-    url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{http.port}"
-    ready = lifecycle.wait_ready(url, stop.event)
+    served_port: int | None = http.port
+    if http.ingress == "direct":
+        served_port = direct_ingress.wait_ingress_port(APP_NAME, stop.event)
+        if served_port is not None and served_port != http.port:
+            console.print(
+                f"direct ingress: the cluster gave the ingress port {served_port} (its "
+                f"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT range), not serving.port {http.port}",
+                soft_wrap=True,
+            )
+    url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{served_port}"
+    ready = served_port is not None and lifecycle.wait_ready(url, stop.event)
     if ready:
-        console.print(f"[green]sessionserve ready[/] on {url}  (Ctrl-C or SIGTERM drains and stops)", soft_wrap=True)
+        via = "direct ingress" if http.ingress == "direct" else "Ray Serve's proxy"
+        console.print(
+            f"[green]sessionserve ready[/] on {url} ({via}; Ctrl-C or SIGTERM drains and stops)", soft_wrap=True
+        )
         while not stop.event.wait(1.0):  # timed: a signal is noticed within a second whatever the lock semantics
             pass
     watch.stop()
     grace = http.shutdown_grace_s if ready else None
     console.print(f"stopping: draining running turns for up to {http.shutdown_grace_s:g} s" if ready else "stopping")
-    lifecycle.shutdown(APP_NAME, grace, started_ray=started_ray, host=http.host, port=http.port)
+    lifecycle.shutdown(APP_NAME, grace, started_ray=started_ray, host=http.host, port=served_port or http.port)
     if deploy.error is not None:
         typer.echo(f"sessionserve could not start: {deploy.error}", err=True)
         raise typer.Exit(code=1)

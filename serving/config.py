@@ -139,6 +139,11 @@ class ServingConfig(_Section):
     shutdown_grace_s: float = Field(
         30, ge=0, description="on SIGTERM/SIGINT, how long running turns may finish before they are cancelled"
     )
+    ingress: Literal["proxy", "direct"] = Field(
+        "proxy",
+        description="proxy: Ray Serve's HTTP proxy forwards to the ingress replica; direct: the ingress replica "
+        "serves HTTP on `port` itself (RAY_SERVE_ENABLE_DIRECT_INGRESS), one process hop less per request",
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="our log lines (one per turn, with its request id) as text with key=value fields or JSON"
     )

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,14 +173,18 @@ def cluster_env(address: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def two_node_cluster(
-    cpus_per_node: int = 1, object_store_bytes: int = 200 * 2**20, join_worker: bool = True
+    cpus_per_node: int = 1,
+    object_store_bytes: int = 200 * 2**20,
+    join_worker: bool = True,
+    node_env: Mapping[str, str] | None = None,
 ) -> Iterator[TwoNodeCluster]:
     """Head + worker on 127.0.0.1, each with `sessionserve_model: 1`; both killed (by process group) on exit.
-    With join_worker=False only the head starts; `cluster.join_worker()` adds the worker later."""
+    With join_worker=False only the head starts; `cluster.join_worker()` adds the worker later. `node_env` is added
+    to the environment the nodes start with (Ray reads some settings only there)."""
     root = Path(tempfile.mkdtemp(prefix="ss2n-", dir="/tmp"))  # short: Ray's socket paths live under it
     gcs_port = free_port()
     address = f"127.0.0.1:{gcs_port}"
-    env = cluster_env(address)
+    env = cluster_env(address) | dict(node_env or {})
     # Below Linux's ephemeral range (32768+, where free_port() draws) and above ray.init's default (10002-19999).
     worker_base = random.Random().randrange(20000, 32000, 400)
     common = [

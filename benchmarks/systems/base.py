@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:  # keep `--help` and the workload free of torch imports
     from serving.config import EngineConfig
@@ -48,6 +48,7 @@ class BenchContext:
     ignore_eos: bool = False  # generate past EOS: every reply is exactly max_new_tokens long
     notes: dict[str, Any] = field(default_factory=dict)
     serve_port: int | None = None  # sessionserve-http: a Ray Serve proxy already started here (tests); None: its own
+    ingress: Literal["proxy", "direct"] = "proxy"  # sessionserve-http on its own Ray: serving.ingress
 
 
 class System(Protocol):

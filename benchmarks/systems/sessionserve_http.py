@@ -8,6 +8,7 @@ through `POST /v1/sessions`, untimed. Same model, engine budget, threads and sto
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 from collections.abc import AsyncIterator
@@ -41,15 +42,19 @@ class HTTPSystem:
         from openai import AsyncOpenAI
         from ray import serve
 
-        from serving.server import cluster
+        from serving.server import cluster, direct_ingress
         from serving.server.builder import build_app
 
         config = served_config(self.context, self.store_dir)
         port = self.context.serve_port
-        if port is None:  # our own cluster (started as `sessionserve serve` starts it) and proxy
-            self._owns_ray = not ray.is_initialized() and cluster.connect(None)
+        if port is None:  # our own cluster, started as `sessionserve serve` starts it
             port = _free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            if self.context.ingress == "direct" and ray.is_initialized():
+                raise RuntimeError("direct ingress needs a Ray started here, after its variables are set")
+            if problem := direct_ingress.prepare_local_ray(self.context.ingress, "127.0.0.1", port):
+                raise RuntimeError(problem)
+            self._owns_ray = not ray.is_initialized() and cluster.connect(None)
+            serve.start(http_options=direct_ingress.http_options(self.context.ingress, "127.0.0.1", port))
         route = f"/{self.app_name}"
         await asyncio.to_thread(serve.run, build_app(config), name=self.app_name, route_prefix=route)
         self.url = f"http://127.0.0.1:{port}{route}"
@@ -107,14 +112,23 @@ class HTTPSystem:
         if self._owns_ray:
             import ray
 
+            from serving.server import direct_ingress
+
             serve.shutdown()
             ray.shutdown()
+            if self.context.ingress == "direct":  # a later Ray in this process starts without them again
+                for name in direct_ingress.local_env(0):
+                    os.environ.pop(name, None)
         shutil.rmtree(self.store_dir, ignore_errors=True)
 
     def info(self) -> dict[str, Any]:
+        hop = "Ingress replica (FastAPI, direct ingress)"
+        if self.context.ingress == "proxy":
+            hop = "Ray Serve proxy -> Ingress (FastAPI)"
         return {
-            "path": "openai.AsyncOpenAI stream -> Ray Serve proxy -> Ingress (FastAPI) -> LLMServer replica "
+            "path": f"openai.AsyncOpenAI stream -> {hop} -> LLMServer replica "
             "-> SessionService (SQLite store) -> PagedEngine",
+            "ingress": self.context.ingress,
             "session_header": "x-session-id",
             "store": "sqlite (temporary directory)",
             "ttft_measured": "submit -> first streamed chunk with content",

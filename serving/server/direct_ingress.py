@@ -1,0 +1,128 @@
+"""Ray Serve's direct ingress (`serving.ingress: direct`): the ingress replica serves HTTP itself, no proxy hop.
+
+Ray reads these variables once, when `ray.serve._private.constants` is imported in each process (controller,
+replicas), so they must be in the environment of every Ray process: `sessionserve serve` sets them before it starts
+its local Ray (whose processes inherit them); a cluster it joins must have been started with them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any, Literal
+
+IngressMode = Literal["proxy", "direct"]
+
+ENABLE = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
+ENV_SAYS_DIRECT = (
+    f"serving.ingress is proxy but {ENABLE}=1 (or {HA_PROXY}=1) is set in this environment, and the local Ray "
+    f"would inherit it: use --ingress direct, or unset the variable"
+)
+REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"  # a replica's actor name (ray.serve._private.common)
+
+
+def local_env(port: int) -> dict[str, str]:
+    """The environment of a local Ray whose ingress replica listens on `port`.
+
+    Ray hands each ingress replica the lowest free port of [MIN, MAX): a range of one port is the configured one.
+    Released ports are normally quarantined for HAProxy's sake (~150 s); with no HAProxy in front, a replacement
+    replica must get the port back at once. Ray also keeps a stopping ingress replica open for at least 30 s so that
+    a load balancer can deregister it; our drain already answers 503 + Retry-After, so stopping need not wait.
+    """
+    return {
+        ENABLE: "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    }
+
+
+def http_options(ingress: IngressMode, host: str, port: int, **options: Any) -> dict[str, Any]:
+    """`serve.start`'s http_options. With direct ingress Ray still runs its proxy on the head node (a fallback
+    nobody here calls), so it gets any free port and leaves `port` to the ingress replica."""
+    return {"host": host, "port": 0 if ingress == "direct" else port, **options}
+
+
+def mode_of(env: Mapping[str, str]) -> IngressMode:
+    """What Ray makes of an environment (HAProxy implies direct ingress, as in Ray's constants)."""
+    return "direct" if env.get(ENABLE) == "1" or env.get(HA_PROXY) == "1" else "proxy"
+
+
+def prepare_local_ray(ingress: IngressMode, host: str, port: int) -> str | None:
+    """Before `serve` starts its own Ray, whose processes inherit this environment: set direct ingress's variables,
+    or say why we cannot serve `ingress` on host:port."""
+    from serving.server.lifecycle import port_open
+
+    if ingress == "proxy":
+        return ENV_SAYS_DIRECT if mode_of(os.environ) == "direct" else None
+    if port_open(host, port):
+        return f"port {port} on {host} is already in use"
+    os.environ.update(local_env(port))
+    return None
+
+
+def cluster_mode() -> IngressMode:
+    """The mode of the cluster we joined: a zero-CPU task on the head node (where Serve's controller runs) reads
+    the variables its Ray processes were started with."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next(
+        node["NodeID"]
+        for node in ray.nodes()
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {})
+    )
+
+    @ray.remote(num_cpus=0)
+    def read_env() -> dict[str, str]:
+        return {name: os.environ.get(name, "") for name in (ENABLE, HA_PROXY)}
+
+    env = ray.get(read_env.options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote())
+    return mode_of(env)
+
+
+def mismatch(wanted: IngressMode, cluster: IngressMode, address: str) -> str | None:
+    """Why we cannot serve `wanted` on a cluster started for `cluster`, or None when they agree."""
+    if wanted == cluster:
+        return None
+    if wanted == "direct":
+        return (
+            f"serving.ingress is direct but the Ray cluster at {address} was started without {ENABLE}=1, and Ray "
+            f"reads it only when its processes start: start the cluster with {ENABLE}=1 (e.g. "
+            f"`{ENABLE}=1 ray start --head`, or an env var on the KubeRay containers), or use --ingress proxy"
+        )
+    return (
+        f"serving.ingress is proxy but the Ray cluster at {address} was started with {ENABLE}=1 (or {HA_PROXY}=1): "
+        f"use --ingress direct, or restart the cluster without the variable"
+    )
+
+
+def ingress_ports(details: Mapping[str, Any], app_name: str) -> list[int]:
+    """The HTTP ports of the app's ingress replicas, from Serve's instance details (`target_groups`). Until a
+    replica runs, the app's group lists Ray's proxy instead, whose actor name is not a replica's."""
+    return sorted(
+        int(target["port"])
+        for group in details.get("target_groups", [])
+        if group.get("app_name") == app_name and group.get("protocol") == "HTTP"
+        for target in group.get("targets", [])
+        if str(target.get("name", "")).startswith(REPLICA_ACTOR_PREFIX)
+    )
+
+
+def wait_ingress_port(app_name: str, stop: threading.Event, interval_s: float = 0.5) -> int | None:
+    """The port the app's ingress replica listens on, once Ray has started it; None if asked to stop first.
+
+    Ray's public API does not say which port it gave a replica; its instance details (the dashboard's
+    /api/serve/applications/ schema) list them under `target_groups`.
+    """
+    from ray.serve.context import _get_global_client
+
+    while not stop.is_set():
+        ports = ingress_ports(_get_global_client().get_serve_details(), app_name)
+        if ports:
+            return ports[0]
+        stop.wait(interval_s)
+    return None

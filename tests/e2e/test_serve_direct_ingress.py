@@ -1,0 +1,154 @@
+"""`sessionserve serve --ingress direct`: the ingress replica itself answers HTTP on serving.port (no Ray Serve proxy).
+
+One started server (startup is the slow part) carries the whole API walk, a streamed OpenAI turn and the SIGTERM
+drain; a joined cluster started without RAY_SERVE_ENABLE_DIRECT_INGRESS is refused before anything is deployed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+
+from sessions.store import open_store
+from tests.cluster import ROOT, free_port, port_open, two_node_cluster
+from tests.e2e.test_serve_lifecycle import assert_clean_exit, create, start_long_turn
+from tests.serve_process import ServeProcess, tiny_config
+from tests.support import TINY
+
+
+def listener_of(port: int) -> str:
+    """The command line of the process listening on 127.0.0.1:port (Ray names its actor processes by role)."""
+    pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == psutil.CONN_LISTEN}
+    assert len(pids) == 1, pids
+    return " ".join(psutil.Process(pids.pop()).cmdline())
+
+
+def sse_events(response: httpx.Response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+
+@pytest.mark.ray
+@pytest.mark.model
+def test_direct_ingress_serves_the_api_on_the_configured_port_and_drains_on_sigterm(smollm2_dir, tmp_path):
+    store = f"sqlite:///{tmp_path / 'sessions.db'}"
+    server = ServeProcess.start(tiny_config(store, 60), tmp_path, args=["--ingress", "direct"])
+    try:
+        server.wait_for_line("ready on")
+        assert f"ready on {server.url} (direct ingress" in server.output()
+        assert "ServeReplica:sessionserve:Ingress" in listener_of(server.port)  # the replica, not ProxyActor
+
+        http = httpx.Client(base_url=server.url, timeout=120)
+        assert http.get("/health").json() == {"status": "ok"}
+        assert http.get("/ready").status_code == 200
+        created = http.post("/v1/sessions", json={"session_id": "d", "system_prompt": "Be brief."})
+        assert created.status_code == 201, created.text
+        assert created.headers["x-request-id"]  # Ray's request-id middleware runs in the replica's server too
+        echoed = http.get("/v1/sessions/d", headers={"x-request-id": "mine-1"})
+        assert echoed.status_code == 200 and echoed.headers["x-request-id"] == "mine-1"
+        appended = http.post("/v1/sessions/d/messages", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert appended.status_code == 200, appended.text
+        assert [m["content"] for m in http.get("/v1/sessions/d/messages").json()["messages"]] == ["hi"]
+
+        body = {"model": "any", "messages": [{"role": "user", "content": "Tell me a tale."}], "max_tokens": 8}
+        body["stream"] = True
+        with http.stream("POST", "/v1/chat/completions", json=body, headers={"x-session-id": "d"}) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            chunks = sse_events(response)
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        assert text and any(c["choices"] and c["choices"][0].get("finish_reason") for c in chunks), chunks[-2:]
+        stored = [(m["role"], m["content"]) for m in http.get("/v1/sessions/d/messages").json()["messages"]]
+        assert stored == [("user", "hi"), ("user", "Tell me a tale."), ("assistant", text)]
+
+        assert http.delete("/v1/sessions/d").status_code == 204
+        assert http.get("/v1/sessions/d").status_code == 404
+
+        create(server.url, "long")
+        create(server.url, "late")
+        streaming, events = start_long_turn(server.url, "long")
+        server.signal(signal.SIGTERM)
+        time.sleep(1.5)  # the CLI notices the signal within a second, then asks the ingress to drain
+        refused = httpx.post(f"{server.url}/v1/sessions/late/query", json={"prompt": "hi", "max_new_tokens": 2})
+        assert refused.status_code == 503 and "retry-after" in refused.headers, (refused.status_code, refused.text)
+        assert refused.json()["error"]["code"] == "draining"
+        streaming.join(120)
+        assert events and events[-1][0] == "done", events[-3:]
+        assert_clean_exit(server, within_s=60)
+        assert [m.role for m in open_store(store).messages("long")] == ["user", "assistant"]
+    finally:
+        server.close()
+
+
+def serve_refused(args: list[str], env: dict[str, str], tmp_path) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"sessions: {{store: 'sqlite:///{tmp_path / 'sessions.db'}'}}\nmodel: {{name: '{TINY}'}}\n")
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", "serve", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.ray
+@pytest.mark.model
+def test_direct_ingress_on_a_cluster_started_without_it_is_refused(smollm2_dir, tmp_path):
+    with two_node_cluster(join_worker=False) as head:
+        env = {**head.env, "SESSIONSERVE_DATA_DIR": str(tmp_path)}
+        result = serve_refused(["--address", head.address, "--ingress", "direct"], env, tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "refusing to start" in result.stderr and "RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in result.stderr
+    assert "--ingress proxy" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "sessions.db").exists()  # refused before anything was deployed
+
+
+@pytest.mark.ray
+@pytest.mark.model
+def test_joining_a_direct_ingress_cluster_serves_on_the_port_the_cluster_gives_and_says_so(smollm2_dir, tmp_path):
+    given = free_port()  # the cluster's own range for ingress replicas: one port, not serving.port
+    node_env = {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(given),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(given + 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    }
+    config = tiny_config(f"sqlite:///{tmp_path / 'sessions.db'}", 5, replica_resources={"sessionserve_model": 1})
+    with two_node_cluster(join_worker=False, node_env=node_env) as head:
+        args = ["--address", head.address, "--ingress", "direct"]
+        server = ServeProcess.start(config, tmp_path, args=args, env={"RAY_AUTH_MODE": "disabled"})
+        try:
+            server.wait_for_line("ready on")
+            assert f"the cluster gave the ingress port {given}" in server.output()
+            assert f"ready on http://127.0.0.1:{given} (direct ingress" in server.output()
+            assert httpx.get(f"http://127.0.0.1:{given}/health", timeout=10).json() == {"status": "ok"}
+            assert not server.port_open()  # serving.port stays unused
+            server.signal(signal.SIGTERM)
+            assert server.wait(90) == 0, server.output()[-5000:]
+            assert not port_open(given)
+        finally:
+            server.close()
+
+
+def test_proxy_ingress_with_the_direct_variable_in_the_environment_is_refused_before_ray_starts(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
+    result = serve_refused(["--port", str(free_port())], env, tmp_path)
+    assert result.returncode == 2 and "--ingress direct" in result.stderr, result.stdout + result.stderr
+    assert time.monotonic() - started < 30  # no Ray was started
+
+
+def test_direct_ingress_on_a_port_in_use_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"PYTHONPATH": str(ROOT)}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve_refused(["--ingress", "direct", "--port", str(port)], env, tmp_path)
+    assert result.returncode == 2 and f"port {port}" in result.stderr and "in use" in result.stderr, result.stderr

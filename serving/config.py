@@ -67,7 +67,7 @@ class EngineConfig(_Section):
         "(its next turn is likely on its way); 0 = no grace",
     )
     max_wait_s: float = Field(
-        5.0,
+        15.0,
         ge=0,
         description="turns of sessions whose KV is on the device are admitted first, until a waiting turn has "
         "waited this long: then it goes first (arrival order); 0 = plain arrival order",

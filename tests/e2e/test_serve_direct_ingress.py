@@ -20,7 +20,7 @@ import pytest
 
 from sessions.store import open_store
 from tests.cluster import ROOT, free_port, port_open, two_node_cluster
-from tests.e2e.test_serve_lifecycle import assert_clean_exit, create, start_long_turn
+from tests.e2e.test_serve_lifecycle import sigterm_during_a_long_turn
 from tests.serve_process import ServeProcess, tiny_config
 from tests.support import TINY
 
@@ -71,17 +71,7 @@ def test_direct_ingress_serves_the_api_on_the_configured_port_and_drains_on_sigt
         assert http.delete("/v1/sessions/d").status_code == 204
         assert http.get("/v1/sessions/d").status_code == 404
 
-        create(server.url, "long")
-        create(server.url, "late")
-        streaming, events = start_long_turn(server.url, "long")
-        server.signal(signal.SIGTERM)
-        time.sleep(1.5)  # the CLI notices the signal within a second, then asks the ingress to drain
-        refused = httpx.post(f"{server.url}/v1/sessions/late/query", json={"prompt": "hi", "max_new_tokens": 2})
-        assert refused.status_code == 503 and "retry-after" in refused.headers, (refused.status_code, refused.text)
-        assert refused.json()["error"]["code"] == "draining"
-        streaming.join(120)
-        assert events and events[-1][0] == "done", events[-3:]
-        assert_clean_exit(server, within_s=60)
+        sigterm_during_a_long_turn(server)
         assert [m.role for m in open_store(store).messages("long")] == ["user", "assistant"]
     finally:
         server.close()

@@ -93,6 +93,23 @@ def create(url: str, sid: str) -> None:
     assert response.status_code == 201, response.text
 
 
+def sigterm_during_a_long_turn(server: ServeProcess) -> dict[str, Any]:
+    """SIGTERM while session "long" streams a long turn: a new turn (session "late") is refused with 503 draining +
+    Retry-After, the running one finishes, the process exits 0. Returns the finished turn's `done` event."""
+    create(server.url, "long")
+    create(server.url, "late")
+    streaming, events = start_long_turn(server.url, "long")
+    server.signal(signal.SIGTERM)
+    time.sleep(1.5)  # the CLI notices the signal within a second, then asks the ingress to drain
+    refused = httpx.post(f"{server.url}/v1/sessions/late/query", json={"prompt": "hi", "max_new_tokens": 2})
+    assert refused.status_code == 503 and "retry-after" in refused.headers, (refused.status_code, refused.text)
+    assert refused.json()["error"]["code"] == "draining"
+    streaming.join(120)
+    assert events and events[-1][0] == "done", events[-3:]
+    assert_clean_exit(server, within_s=60)
+    return events[-1][1]
+
+
 def test_ready_stays_503_while_the_model_is_not_loaded_and_sigterm_then_exits_0(start_serve, tmp_path):
     # The model replica needs a resource no node has: it never loads, so the server must never say ready.
     config = tiny_config(f"sqlite:///{tmp_path / 'sessions.db'}", 5, replica_resources={"absent_resource": 1})
@@ -126,18 +143,7 @@ def test_sigterm_during_a_long_turn_lets_it_finish_within_the_grace_and_commits_
     store = f"sqlite:///{tmp_path / 'sessions.db'}"
     server = start_serve(tiny_config(store, 120))
     server.wait_for_line("ready on")
-    create(server.url, "long")
-    create(server.url, "late")
-    streaming, events = start_long_turn(server.url, "long")
-    server.signal(signal.SIGTERM)
-    time.sleep(1.5)  # the CLI notices the signal within a second, then asks the ingress to drain
-    refused = httpx.post(f"{server.url}/v1/sessions/late/query", json={"prompt": "hi", "max_new_tokens": 2})
-    assert refused.status_code == 503 and "retry-after" in refused.headers, (refused.status_code, refused.text)
-    assert refused.json()["error"]["code"] == "draining"
-    streaming.join(120)
-    assert events and events[-1][0] == "done", events[-3:]
-    assert_clean_exit(server, within_s=60)
-    done = events[-1][1]
+    done = sigterm_during_a_long_turn(server)
     assert done["usage"]["completion_tokens"] > 100
     history = open_store(store).messages("long")
     assert [(m.role, m.content) for m in history] == [

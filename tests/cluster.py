@@ -49,21 +49,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: all bound at once, so the kernel cannot hand the same one out twice (one
+    `free_port()` after another can, and Ray refuses to start a node whose components share a port)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
 
 
-def node_ports(worker_base: int) -> list[str]:
-    """Every port a node listens on, explicit: two nodes (or two clusters) on one machine never share one."""
-    return [
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
+NODE_PORT_FLAGS = (
+    "--node-manager-port",
+    "--object-manager-port",
+    "--metrics-export-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+)
+
+
+def node_ports(worker_base: int, ports: list[int]) -> list[str]:
+    """Every port a node listens on, explicit (`ports`: distinct free ones, one per NODE_PORT_FLAGS entry): two
+    nodes (or two clusters) on one machine never share one."""
+    return [f"{flag}={port}" for flag, port in zip(NODE_PORT_FLAGS, ports, strict=True)] + [
         f"--min-worker-port={worker_base}",
         f"--max-worker-port={worker_base + 199}",
     ]
@@ -182,7 +197,8 @@ def two_node_cluster(
     With join_worker=False only the head starts; `cluster.join_worker()` adds the worker later. `node_env` is added
     to the environment the nodes start with (Ray reads some settings only there)."""
     root = Path(tempfile.mkdtemp(prefix="ss2n-", dir="/tmp"))  # short: Ray's socket paths live under it
-    gcs_port = free_port()
+    nodes = len(NODE_PORT_FLAGS)
+    gcs_port, client_port, *ports = free_ports(2 + 2 * nodes)  # every port of both nodes distinct
     address = f"127.0.0.1:{gcs_port}"
     env = cluster_env(address) | dict(node_env or {})
     # Below Linux's ephemeral range (32768+, where free_port() draws) and above ray.init's default (10002-19999).
@@ -198,10 +214,10 @@ def two_node_cluster(
             "--head",
             f"--port={gcs_port}",
             "--include-dashboard=false",
-            f"--ray-client-server-port={free_port()}",
+            f"--ray-client-server-port={client_port}",
             f"--resources={json.dumps(HEAD_RESOURCES)}",
             *common,
-            *node_ports(worker_base),
+            *node_ports(worker_base, ports[:nodes]),
         ],
         root / "h",
         env,
@@ -214,7 +230,7 @@ def two_node_cluster(
             f"--address={address}",
             f"--resources={json.dumps(WORKER_RESOURCES)}",
             *common,
-            *node_ports(worker_base + 200),
+            *node_ports(worker_base + 200, ports[nodes:]),
         ],
         root / "w",
     )

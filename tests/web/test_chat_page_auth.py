@@ -33,7 +33,9 @@ def test_page_asks_for_the_key_once_per_tab(chromium_page: Page, keyed_url: str)
     enter_key(page, "wrong-key", "missing API key")
     enter_key(page, KEY, "invalid API key")
     expect(page.locator("#key-dialog")).to_be_hidden()
-    assert page.evaluate("sessionStorage.getItem('sessionserve.apiKey')") == KEY
+    # waits (Playwright's default timeout) rather than reads once: on a loaded machine the check once ran before
+    # the page had stored the key
+    page.wait_for_function(f"sessionStorage.getItem('sessionserve.apiKey') === {KEY!r}")
     assert page.evaluate("localStorage.length") == 0
 
     page.get_by_role("button", name="New chat").click()

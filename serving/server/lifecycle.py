@@ -2,11 +2,14 @@
 
 Stopping drains first (the ingress refuses new turns with 503 + Retry-After, lets running turns finish within the
 grace period and cancels the rest uncommitted), then stops Serve, then Ray if we started it, and returns once the
-HTTP port is closed, so a supervisor that restarts us never finds the port still taken.
+HTTP port is closed, so a supervisor that restarts us never finds the port still taken. Ray's processes that
+outlive `ray.shutdown()` (its agents wait on a GCS that is gone before they exit) are stopped by us, so a stopped
+server leaves nothing running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
@@ -17,6 +20,7 @@ from types import FrameType
 from typing import TypeVar
 
 import httpx
+import psutil
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -134,6 +138,26 @@ def shutdown(app_name: str, grace_s: float | None, *, started_ray: bool, host: s
         log.warning("cancelled %d running turn(s) after %.1f s; none was committed", report["cancelled"], grace_s)
     bounded("serve shutdown", serve.shutdown, 60)
     if started_ray:
+        ours = psutil.Process().children(recursive=True)  # the local cluster: GCS, raylet, agents, workers
         bounded("ray shutdown", ray.shutdown, 60)
+        reap(ours)
     if not wait_port_closed(host, port):
         log.warning("port %s:%d still open after shutdown", host, port)
+
+
+def reap(processes: list[psutil.Process], grace_s: float = 10, kill_after_s: float = 5) -> int:
+    """Wait up to grace_s for `processes` to exit, then SIGTERM and finally SIGKILL the rest; returns how many had
+    to be stopped. Ray's dashboard and runtime-env agents notice their raylet is gone only after a few polls and then
+    retry a dead GCS; on a loaded node that outlasts any supervisor's patience."""
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, stubborn = psutil.wait_procs(alive, timeout=kill_after_s)
+    for process in stubborn:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(stubborn, timeout=kill_after_s)
+    if alive:
+        log.info("stopped %d Ray process(es) still running after ray.shutdown()", len(alive))
+    return len(alive)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
-from serving.server.lifecycle import BackgroundDeploy, StopSignal, bounded, wait_port_closed, wait_ready
+import psutil
+
+from serving.server.lifecycle import BackgroundDeploy, StopSignal, bounded, reap, wait_port_closed, wait_ready
 
 
 def test_sigterm_and_sigint_set_the_stop_event_instead_of_exiting():
@@ -63,3 +67,16 @@ def test_a_deploy_error_stops_the_server_but_one_caused_by_stopping_does_not_cou
 
 def test_wait_port_closed_is_true_for_a_closed_port():
     assert wait_port_closed("127.0.0.1", 9, timeout_s=1)
+
+
+def test_reap_waits_for_processes_that_exit_and_stops_those_that_ignore_sigterm():
+    exits = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"]
+    )
+    time.sleep(0.5)  # the second one has installed its handler
+    started = time.monotonic()
+    processes = [psutil.Process(exits.pid), psutil.Process(stubborn.pid)]
+    assert reap(processes, grace_s=1, kill_after_s=1) == 1
+    assert [process.returncode for process in processes] == [0, -signal.SIGKILL]  # psutil reaped them, not Popen
+    assert time.monotonic() - started < 10

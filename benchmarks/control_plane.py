@@ -175,6 +175,7 @@ async def _run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         if name not in args.operations:
             continue
         most = results["create"]["ops"] if name == "delete" else None  # delete removes what create made
+        console.print(f"timing {name} for {args.seconds:g} s")
         results[name] = await _measure(args.clients, args.seconds, operation, url, most)
         console.print(f"{name}: {results[name]}")
     health = results["health"]["ops_per_s"]

@@ -31,6 +31,7 @@ from serving.server.errors import error_body, error_headers
 from serving.server.llm_server import Reply
 from serving.server.metrics import ReplicaReport
 from serving.server.openai_protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
+from serving.server.request_guard import RequestGuard
 
 REPLICA_HEADER = "x-sessionserve-replica"
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -39,38 +40,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 MODEL_DEPLOYMENT = "LLMServer"
 T = TypeVar("T")
 
-MAX_BODY_BYTES = 8 * 2**20
-
 app = FastAPI(title="sessionserve", version="0.1.0", description="Chat sessions with server-side history and KV.")
+app.add_middleware(RequestGuard)  # 413 for oversized bodies, requests counted by route and status
 # The web chat page: plain files shipped as package data (serving/server/static/), open without a key (the page asks
 # for one when the API answers 401). The API stays under /v1.
 WEB_DIR = Path(__file__).parent / "static"
 app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
-
-
-@app.middleware("http")
-async def _limit_and_count(request: Request, call_next: Callable) -> Response:
-    """Refuse oversized bodies before reading them, and count every request by route template and status."""
-    length = request.headers.get("content-length")
-    too_big = length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES)
-    if length is None and request.method in ("POST", "PUT", "PATCH"):  # chunked: count while reading
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                too_big = True
-                break
-        request._body = bytes(body)  # Starlette hands the buffered body to the route
-    if too_big:
-        error = protocol.APIError(
-            413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes: send a smaller request"
-        )
-        response: Response = JSONResponse(error_body(error), status_code=413)
-    else:
-        response = await call_next(request)
-    route = request.scope.get("route")
-    metrics.METRICS.observe_request(getattr(route, "path", "unmatched"), response.status_code)
-    return response
 
 
 @app.exception_handler(protocol.APIError)

@@ -39,7 +39,7 @@ class HTTPSystem:
 
     async def start(self) -> None:
         import ray
-        from openai import AsyncOpenAI
+        from openai import AsyncOpenAI, Timeout
         from ray import serve
 
         from serving.server import cluster, direct_ingress
@@ -49,7 +49,7 @@ class HTTPSystem:
         port = self.context.serve_port
         if port is None:  # our own cluster, started as `sessionserve serve` starts it
             port = _free_port()
-            if self.context.ingress == "direct" and ray.is_initialized():
+            if direct_ingress.serves_directly(self.context.ingress) and ray.is_initialized():
                 raise RuntimeError("direct ingress needs a Ray started here, after its variables are set")
             if problem := direct_ingress.prepare_local_ray(self.context.ingress, "127.0.0.1", port):
                 raise RuntimeError(problem)
@@ -61,7 +61,9 @@ class HTTPSystem:
         timeout = httpx.Timeout(600.0, connect=10.0)
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
         await self._wait_ready()
-        self._openai = AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", timeout=timeout, max_retries=0)
+        self._openai = AsyncOpenAI(  # its own HTTP library (httpx2) takes only its own Timeout
+            base_url=f"{self.url}/v1", api_key="unused", timeout=Timeout(600.0, connect=10.0), max_retries=0
+        )
 
     async def _wait_ready(self, timeout_s: float = 300) -> None:
         assert self._http is not None
@@ -116,17 +118,21 @@ class HTTPSystem:
 
             serve.shutdown()
             ray.shutdown()
-            if self.context.ingress == "direct":  # a later Ray in this process starts without them again
+            if direct_ingress.serves_directly(
+                self.context.ingress
+            ):  # a later Ray in this process starts without them again
                 for name in direct_ingress.local_env(0):
                     os.environ.pop(name, None)
         shutil.rmtree(self.store_dir, ignore_errors=True)
 
     def info(self) -> dict[str, Any]:
-        hop = "Ingress replica (FastAPI, direct ingress)"
-        if self.context.ingress == "proxy":
-            hop = "Ray Serve proxy -> Ingress (FastAPI)"
+        hops = {
+            "proxy": "Ray Serve proxy -> Ingress (FastAPI) -> LLMServer replica",
+            "direct": "Ingress replica (FastAPI, direct ingress) -> LLMServer replica",
+            "replica": "Ingress replica holding the LLMServer (FastAPI, direct ingress; no hop)",
+        }
         return {
-            "path": f"openai.AsyncOpenAI stream -> {hop} -> LLMServer replica "
+            "path": f"openai.AsyncOpenAI stream -> {hops[self.context.ingress]} "
             "-> SessionService (SQLite store) -> PagedEngine",
             "ingress": self.context.ingress,
             "session_header": "x-session-id",

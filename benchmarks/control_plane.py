@@ -49,9 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--ingress",
-        choices=("proxy", "direct"),
+        choices=("proxy", "direct", "replica"),
         default="proxy",
-        help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP (serving.ingress)",
+        help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP; replica: the model "
+        "replica serves HTTP (serving.ingress)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -100,7 +101,7 @@ def _deploy(store: str, ingress: IngressMode, stack: ExitStack) -> str:
             "model": {"name": "builtin:tiny-random-llama", "device": "cpu", "dtype": "float32", "torch_threads": 1},
             "engine": {"kv_cache_memory": "64MiB", "host_cache_memory": "0"},
             "sessions": {"store": store, "max_sessions": 10**6},
-            "serving": {"cpus_per_replica": 0.5},
+            "serving": {"cpus_per_replica": 0.5, "ingress": ingress},
         },
     )
     serve.run(build_app(config), name="control-plane", route_prefix="/")

@@ -21,6 +21,7 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML 
 class IngressOption(str, Enum):
     proxy = "proxy"
     direct = "direct"
+    replica = "replica"
 
 
 @app.command()
@@ -33,7 +34,10 @@ def serve(
     ] = None,
     ingress: Annotated[
         IngressOption | None,
-        typer.Option(help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP itself"),
+        typer.Option(
+            help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP itself; replica: "
+            "the one model replica serves HTTP itself"
+        ),
     ] = None,
 ) -> None:
     """Start Ray Serve with the ingress and model deployments, and serve until interrupted."""
@@ -81,7 +85,7 @@ def serve(
         lambda: ray_serve.run(build_app(settings), name=APP_NAME, route_prefix="/"), stop.event
     ).start()
     served_port: int | None = http.port
-    if http.ingress == "direct":
+    if direct_ingress.serves_directly(http.ingress):
         served_port = direct_ingress.wait_ingress_port(APP_NAME, stop.event)
         if served_port is not None and served_port != http.port:
             console.print(
@@ -92,7 +96,9 @@ def serve(
     url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{served_port}"
     ready = served_port is not None and lifecycle.wait_ready(url, stop.event)
     if ready:
-        via = "direct ingress" if http.ingress == "direct" else "Ray Serve's proxy"
+        via = {"proxy": "Ray Serve's proxy", "direct": "direct ingress", "replica": "the model replica itself"}[
+            http.ingress
+        ]
         console.print(
             f"[green]sessionserve ready[/] on {url} ({via}; Ctrl-C or SIGTERM drains and stops)", soft_wrap=True
         )

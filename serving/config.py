@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import yaml
 from platformdirs import user_cache_dir, user_data_dir
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -139,14 +139,25 @@ class ServingConfig(_Section):
     shutdown_grace_s: float = Field(
         30, ge=0, description="on SIGTERM/SIGINT, how long running turns may finish before they are cancelled"
     )
-    ingress: Literal["proxy", "direct"] = Field(
+    ingress: Literal["proxy", "direct", "replica"] = Field(
         "proxy",
         description="proxy: Ray Serve's HTTP proxy forwards to the ingress replica; direct: the ingress replica "
-        "serves HTTP on `port` itself (RAY_SERVE_ENABLE_DIRECT_INGRESS), one process hop less per request",
+        "serves HTTP on `port` itself (RAY_SERVE_ENABLE_DIRECT_INGRESS), one process hop less per request; "
+        "replica: the one model replica serves HTTP itself, no hop at all (replicas: 1)",
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="our log lines (one per turn, with its request id) as text with key=value fields or JSON"
     )
+
+    @model_validator(mode="after")
+    def _one_replica_serves_http(self) -> ServingConfig:
+        if self.ingress == "replica" and self.replicas != 1:
+            raise ValueError(
+                f"serving.ingress: replica makes the model replica serve HTTP itself, so there is one of it, not "
+                f"{self.replicas}: set serving.replicas to 1, or use ingress direct or proxy to route sessions over "
+                f"several replicas"
+            )
+        return self
 
 
 class Config(_Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -180,13 +181,21 @@ class SessionService:
 
     # ---- turns -----------------------------------------------------------------------------------
     async def turn(
-        self, session_id: str, new_messages: Sequence[Message], params: SamplingParams, owner: str | None = None
+        self,
+        session_id: str,
+        new_messages: Sequence[Message],
+        params: SamplingParams,
+        owner: str | None = None,
+        check: Callable[[], object] | None = None,
     ) -> AsyncIterator[TextDelta | TurnResult]:
         """Generate after `new_messages`: text deltas, then one TurnResult. The messages and the reply are
-        committed only if generation finished (stop or length)."""
+        committed only if generation finished (stop or length).
+
+        `check` replaces the session's existence and owner check (404 before waiting for its lock) with one that
+        does it too (OpenAI's get-or-create), in the same worker-thread hop: each hop costs a turn's first token."""
         _require_user_last(new_messages)
         started, timing = time.perf_counter(), TurnTiming()
-        await asyncio.to_thread(self.manager.get, session_id, owner)  # 404 before waiting for the lock
+        await asyncio.to_thread(check or functools.partial(self.manager.get, session_id, owner))
         async with self.manager.turn(session_id):
             record, history = await asyncio.to_thread(self._load, session_id, owner)
             built_at = time.perf_counter()

@@ -34,7 +34,11 @@ def served_config(context: BenchContext, store_dir: Path) -> Config:
             "engine": context.engine_config.model_dump(),
             "sessions": {"store": f"sqlite:///{store_dir / 'sessions.db'}"},
             # half a Ray CPU: scheduling only (torch_threads sets the threads), and room for a test cluster's apps
-            "serving": {"max_new_tokens": max(4096, context.max_new_tokens), "cpus_per_replica": 0.5},
+            "serving": {
+                "max_new_tokens": max(4096, context.max_new_tokens),
+                "cpus_per_replica": 0.5,
+                "ingress": context.ingress,
+            },
         },
     )
 

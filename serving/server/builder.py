@@ -26,6 +26,7 @@ def api_keys(config: Config) -> tuple[str, ...]:
 
 
 KV_PERSIST_TIMEOUT_S = 30.0
+SEPARATE_USER_THREAD = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
 
 
 def replicas_per_node(replicas: int) -> int:
@@ -57,18 +58,28 @@ def check_store(config: Config) -> None:
 def build_app(config: Config) -> serve.Application:
     check_store(config)
     serving = config.serving
-    model = LLMServer.options(
-        num_replicas=serving.replicas,
-        request_router_config=SESSION_AFFINITY,
+    settings = config.model_dump(mode="json")
+    model_replica: dict[str, Any] = {
         # A stopping replica writes its sessions' KV to disk (LLMServer.__del__; the engine gives it 30 s).
-        graceful_shutdown_timeout_s=KV_PERSIST_TIMEOUT_S + 15,
-        ray_actor_options={
+        "graceful_shutdown_timeout_s": KV_PERSIST_TIMEOUT_S + 15,
+        "ray_actor_options": {
             "num_cpus": serving.cpus_per_replica,
             "num_gpus": serving.gpus_per_replica,
             "resources": dict(serving.replica_resources),
         },
-    ).bind(config.model_dump(mode="json"), replicas_per_node(serving.replicas))
-    return Ingress.bind(model, config.model_dump(mode="json"), api_keys(config))
+    }
+    if serving.ingress == "replica":  # one deployment: the ingress holds the model, a turn makes no hop
+        # Ray runs a replica's code on a loop of its own thread by default, so each request and each streamed chunk
+        # crosses threads twice; ours never blocks its loop (store calls and the engine run in threads), so it shares
+        # Ray's: ~2-4 ms less per turn's first token here.
+        model_replica["ray_actor_options"]["runtime_env"] = {"env_vars": {SEPARATE_USER_THREAD: "0"}}
+        return Ingress.options(num_replicas=1, health_check_period_s=10, **model_replica).bind(
+            None, settings, api_keys(config)
+        )
+    model = LLMServer.options(
+        num_replicas=serving.replicas, request_router_config=SESSION_AFFINITY, **model_replica
+    ).bind(settings, replicas_per_node(serving.replicas))
+    return Ingress.bind(model, settings, api_keys(config))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -1,4 +1,5 @@
-"""Ray Serve's direct ingress (`serving.ingress: direct`): the ingress replica serves HTTP itself, no proxy hop.
+"""Ray Serve's direct ingress (`serving.ingress: direct` or `replica`): the ingress replica serves HTTP itself, no
+proxy hop (with `replica`, that replica also holds the model: no hop at all).
 
 Ray reads these variables once, when `ray.serve._private.constants` is imported in each process (controller,
 replicas), so they must be in the environment of every Ray process: `sessionserve serve` sets them before it starts
@@ -12,7 +13,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Literal
 
-IngressMode = Literal["proxy", "direct"]
+IngressMode = Literal["proxy", "direct", "replica"]
 
 ENABLE = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
@@ -40,13 +41,18 @@ def local_env(port: int) -> dict[str, str]:
     }
 
 
+def serves_directly(ingress: IngressMode) -> bool:
+    """The app's ingress replica (the model replica itself, with `replica`) listens for HTTP, not Ray's proxy."""
+    return ingress != "proxy"
+
+
 def http_options(ingress: IngressMode, host: str, port: int, **options: Any) -> dict[str, Any]:
     """`serve.start`'s http_options. With direct ingress Ray still runs its proxy on the head node (a fallback
     nobody here calls), so it gets any free port and leaves `port` to the ingress replica."""
-    return {"host": host, "port": 0 if ingress == "direct" else port, **options}
+    return {"host": host, "port": 0 if serves_directly(ingress) else port, **options}
 
 
-def mode_of(env: Mapping[str, str]) -> IngressMode:
+def mode_of(env: Mapping[str, str]) -> Literal["proxy", "direct"]:
     """What Ray makes of an environment (HAProxy implies direct ingress, as in Ray's constants)."""
     return "direct" if env.get(ENABLE) == "1" or env.get(HA_PROXY) == "1" else "proxy"
 
@@ -64,7 +70,7 @@ def prepare_local_ray(ingress: IngressMode, host: str, port: int) -> str | None:
     return None
 
 
-def cluster_mode() -> IngressMode:
+def cluster_mode() -> Literal["proxy", "direct"]:
     """The mode of the cluster we joined: a zero-CPU task on the head node (where Serve's controller runs) reads
     the variables its Ray processes were started with."""
     import ray
@@ -84,13 +90,13 @@ def cluster_mode() -> IngressMode:
     return mode_of(env)
 
 
-def mismatch(wanted: IngressMode, cluster: IngressMode, address: str) -> str | None:
+def mismatch(wanted: IngressMode, cluster: Literal["proxy", "direct"], address: str) -> str | None:
     """Why we cannot serve `wanted` on a cluster started for `cluster`, or None when they agree."""
-    if wanted == cluster:
+    if serves_directly(wanted) == (cluster == "direct"):
         return None
-    if wanted == "direct":
+    if serves_directly(wanted):
         return (
-            f"serving.ingress is direct but the Ray cluster at {address} was started without {ENABLE}=1, and Ray "
+            f"serving.ingress is {wanted} but the Ray cluster at {address} was started without {ENABLE}=1, and Ray "
             f"reads it only when its processes start: start the cluster with {ENABLE}=1 (e.g. "
             f"`{ENABLE}=1 ray start --head`, or an env var on the KubeRay containers), or use --ingress proxy"
         )

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
@@ -26,9 +26,10 @@ from serving.logs import configure_logging
 from serving.server import auth, metrics, protocol
 from serving.server.api import HistoryAPI
 from serving.server.auth import Owner
-from serving.server.control_plane import ingress_history
+from serving.server.control_plane import ReplicaKV, ingress_history
 from serving.server.errors import error_body, error_headers
-from serving.server.llm_server import Reply
+from serving.server.in_process_model import InProcessModel
+from serving.server.llm_server import LLMServer, Reply
 from serving.server.metrics import ReplicaReport
 from serving.server.openai_protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
 from serving.server.request_guard import RequestGuard
@@ -111,16 +112,24 @@ class Ingress:
     (No `from __future__ import annotations` in this module: Ray rewrites the route signatures at runtime.)
     """
 
-    def __init__(self, model: DeploymentHandle, config: dict, api_keys: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: DeploymentHandle | None, config: dict, api_keys: tuple[str, ...] = ()) -> None:
+        """`model` None: `serving.ingress: replica`, this replica loads the model and calls it in-process."""
         parsed = Config.model_validate(config)
         configure_logging(parsed.serving.log_format)
-        self.model = model
         self.model_name = parsed.model.name
         auth.configure(api_keys)
         self.draining = False
-        self._in_flight: set[DeploymentResponse | DeploymentResponseGenerator] = set()
-        # History-only operations are served here, straight from the shared store (serving/server/control_plane.py).
-        self.history, self._replica_kv = ingress_history(parsed, model)
+        self._in_flight: set[Any] = set()  # DeploymentResponse(Generator)s, or their in-process equivalents
+        self._local: LLMServer | None = None
+        self._replica_kv: ReplicaKV | None = None
+        if model is None:
+            self._local = LLMServer.func_or_class(config)
+            self.model: Any = InProcessModel(self._local)
+            self.history: HistoryAPI = self._local.api  # its own store and KV: a destroy frees the KV right here
+        else:
+            self.model = model
+            # History-only operations are served here, straight from the shared store (serving/server/control_plane.py).
+            self.history, self._replica_kv = ingress_history(parsed, model)
 
     def _model(self, session_id: str | None, stream: bool = False) -> DeploymentHandle:
         """Route by session (consistent hashing); session-less calls spread over replicas."""
@@ -136,7 +145,7 @@ class Ingress:
 
     def _sessions(self) -> HistoryAPI:
         """The ingress' HistoryAPI, once its KV releases know the event loop to send them from."""
-        if self._replica_kv.loop is None:
+        if self._replica_kv is not None and self._replica_kv.loop is None:
             self._replica_kv.loop = asyncio.get_running_loop()
         return self.history
 
@@ -197,6 +206,17 @@ class Ingress:
             call.cancel()
         return {"cancelled": len(cancelled)}
 
+    async def check_health(self) -> None:
+        """Ray asks periodically; with the model in this replica, a failed engine makes it unhealthy (replaced)."""
+        if self._local is not None:
+            await self._local.check_health()
+
+    async def __del__(self) -> None:
+        """A graceful stop: with the model in this replica, its sessions' KV is written to disk (LLMServer's)."""
+        stopping = self._local.__del__() if getattr(self, "_local", None) is not None else None
+        if stopping is not None:
+            await stopping
+
     @app.get("/", include_in_schema=False)
     async def chat_page(self, request: Request) -> Response:
         """The web chat page. Under a route prefix, `/prefix` redirects to `/prefix/` so its relative URLs resolve
@@ -216,7 +236,7 @@ class Ingress:
         """200 only when every model replica has loaded its model and can reach the store; 503 says why not."""
         if self.draining:
             raise protocol.APIError(503, "draining", "the server is shutting down")
-        problem = await asyncio.to_thread(_model_deployment_problem)
+        problem = None if self._local is not None else await asyncio.to_thread(_model_deployment_problem)
         if problem is None:
             problem = await self.history.store_problem()
         if problem is None:

@@ -6,8 +6,8 @@ they are the new turn(s) of that session (created on first use), and the reply i
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -97,8 +97,8 @@ class OpenAIChat:
         system_prompt, turn = _split_system(messages)
         if session_id is None:
             return self.service.stateless(system_prompt, turn, _params(request))
-        await asyncio.to_thread(self._ensure_session, session_id, system_prompt, request.kv, owner)
-        return self.service.turn(session_id, turn, _params(request), owner)
+        ensure = functools.partial(self._ensure_session, session_id, system_prompt, request.kv, owner)
+        return self.service.turn(session_id, turn, _params(request), owner, check=ensure)
 
     def _ensure_session(self, session_id: str, system_prompt: str | None, kv: str | None, owner: str | None) -> None:
         """Create on first use (with `kv` as its KV policy); afterwards a system message and `kv` must match the

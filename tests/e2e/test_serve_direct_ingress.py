@@ -1,4 +1,5 @@
-"""`sessionserve serve --ingress direct`: the ingress replica itself answers HTTP on serving.port (no Ray Serve proxy).
+"""`sessionserve serve --ingress direct|replica`: a replica itself answers HTTP on serving.port (no Ray Serve proxy);
+with `replica` it is the model replica (no hop at all).
 
 One started server (startup is the slow part) carries the whole API walk, a streamed OpenAI turn and the SIGTERM
 drain; a joined cluster started without RAY_SERVE_ENABLE_DIRECT_INGRESS is refused before anything is deployed.
@@ -36,15 +37,23 @@ def sse_events(response: httpx.Response) -> list[dict]:
     return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
 
 
+def model_deployment_processes() -> list[str]:
+    named = (" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+    return [line for line in named if "ServeReplica:sessionserve:LLMServer" in line]
+
+
 @pytest.mark.ray
 @pytest.mark.model
-def test_direct_ingress_serves_the_api_on_the_configured_port_and_drains_on_sigterm(smollm2_dir, tmp_path):
+@pytest.mark.parametrize("ingress, says", [("direct", "direct ingress"), ("replica", "the model replica itself")])
+def test_a_replica_serves_the_api_on_the_configured_port_and_drains_on_sigterm(smollm2_dir, tmp_path, ingress, says):
+    """direct: the ingress replica answers HTTP and calls the model replica; replica: one replica does both."""
     store = f"sqlite:///{tmp_path / 'sessions.db'}"
-    server = ServeProcess.start(tiny_config(store, 60), tmp_path, args=["--ingress", "direct"])
+    server = ServeProcess.start(tiny_config(store, 60), tmp_path, args=["--ingress", ingress])
     try:
         server.wait_for_line("ready on")
-        assert f"ready on {server.url} (direct ingress" in server.output()
+        assert f"ready on {server.url} ({says}" in server.output()
         assert "ServeReplica:sessionserve:Ingress" in listener_of(server.port)  # the replica, not ProxyActor
+        assert bool(model_deployment_processes()) == (ingress == "direct")  # replica: no model replica to hop to
 
         http = httpx.Client(base_url=server.url, timeout=120)
         assert http.get("/health").json() == {"status": "ok"}
@@ -73,6 +82,7 @@ def test_direct_ingress_serves_the_api_on_the_configured_port_and_drains_on_sigt
 
         sigterm_during_a_long_turn(server)
         assert [m.role for m in open_store(store).messages("long")] == ["user", "assistant"]
+        assert list((tmp_path / "kv").glob("*.safetensors")), "the stopping model replica wrote no KV file"
     finally:
         server.close()
 

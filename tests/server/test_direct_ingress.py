@@ -43,6 +43,9 @@ def test_a_mismatch_names_the_variable_and_both_ways_out():
     assert "--ingress proxy" in wanted_direct
     wanted_proxy = direct_ingress.mismatch("proxy", "direct", "h:6379")
     assert wanted_proxy and "--ingress direct" in wanted_proxy
+    assert direct_ingress.mismatch("replica", "direct", "h:6379") is None  # the model replica serves directly
+    wanted_replica = direct_ingress.mismatch("replica", "proxy", "h:6379")
+    assert wanted_replica and "serving.ingress is replica" in wanted_replica
 
 
 def test_ingress_ports_skip_the_proxy_listed_until_a_replica_runs():
@@ -59,8 +62,14 @@ def test_ingress_ports_skip_the_proxy_listed_until_a_replica_runs():
 def test_the_config_key_defaults_to_proxy_and_refuses_anything_else():
     assert load_config().serving.ingress == "proxy"
     assert load_config(None, {"serving": {"ingress": "direct"}}).serving.ingress == "direct"
-    with pytest.raises(ValidationError, match="'proxy' or 'direct'"):
+    with pytest.raises(ValidationError, match="'proxy', 'direct' or 'replica'"):
         load_config(None, {"serving": {"ingress": "haproxy"}})
+
+
+def test_the_model_replica_serves_http_only_when_there_is_one_of_it():
+    assert load_config(None, {"serving": {"ingress": "replica"}}).serving.replicas == 1
+    with pytest.raises(ValidationError, match=r"set serving\.replicas to 1, or use ingress direct or proxy"):
+        load_config(None, {"serving": {"ingress": "replica", "replicas": 2}})
 
 
 def test_prepare_local_ray_sets_the_variables_or_says_why_not(monkeypatch):

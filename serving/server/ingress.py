@@ -1,5 +1,6 @@
 """Thin FastAPI routes on a CPU-only ingress deployment; each call goes to the model deployment
-with `session_id` set, so Ray routes every turn of a session to the replica holding its KV.
+with `session_id` set, so Ray routes every turn of a session to the replica holding its KV. With
+`serving.ingress: replica` the same routes run in the one model replica and call its LLMServer in-process.
 
 The ingress also owns the service's lifecycle as seen from outside: `/ready` (every model replica loaded,
 the store answering) and `drain` (called on SIGTERM: refuse new turns, let running ones finish, cancel the rest).
@@ -107,7 +108,8 @@ def _model_deployment_problem() -> str | None:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress:
-    """No model here: authenticate, validate, route by session, translate errors, drain.
+    """Authenticate, validate, route by session, translate errors, drain; the model is elsewhere (or, with
+    `serving.ingress: replica`, in this replica: `model` None).
 
     (No `from __future__ import annotations` in this module: Ray rewrites the route signatures at runtime.)
     """

@@ -128,8 +128,12 @@ def bounded(step: str, call: Callable[[], T], timeout_s: float) -> T | None:
 
 
 def shutdown(app_name: str, grace_s: float | None, *, started_ray: bool, host: str, port: int) -> None:
-    """Drain (unless grace_s is None: never ready, so no turn ran), stop Serve, stop Ray when it is ours, and wait
-    for the port to close. Never raises."""
+    """Drain (unless grace_s is None: never ready, so no turn ran), stop Serve, leave Ray (stopping it when it is
+    ours), and wait for the port to close. Never raises.
+
+    A joined cluster is left with `ray.shutdown()` too (it only disconnects this driver): left to Ray's exit hook,
+    the disconnect races the threads Serve started here (the drain's handle polls the controller), and a poll that
+    meets the finished worker ends the process with status 1."""
     import ray
     from ray import serve
 
@@ -137,10 +141,9 @@ def shutdown(app_name: str, grace_s: float | None, *, started_ray: bool, host: s
     if report and report.get("cancelled"):
         log.warning("cancelled %d running turn(s) after %.1f s; none was committed", report["cancelled"], grace_s)
     bounded("serve shutdown", serve.shutdown, 60)
-    if started_ray:
-        ours = psutil.Process().children(recursive=True)  # the local cluster: GCS, raylet, agents, workers
-        bounded("ray shutdown", ray.shutdown, 60)
-        reap(ours)
+    ours = psutil.Process().children(recursive=True) if started_ray else []  # the local cluster's processes
+    bounded("ray shutdown", ray.shutdown, 60)
+    reap(ours)
     if not wait_port_closed(host, port):
         log.warning("port %s:%d still open after shutdown", host, port)
 

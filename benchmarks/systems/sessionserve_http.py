@@ -118,9 +118,8 @@ class HTTPSystem:
 
             serve.shutdown()
             ray.shutdown()
-            if direct_ingress.serves_directly(
-                self.context.ingress
-            ):  # a later Ray in this process starts without them again
+            # a later Ray in this process starts without direct ingress's variables again
+            if direct_ingress.serves_directly(self.context.ingress):
                 for name in direct_ingress.local_env(0):
                     os.environ.pop(name, None)
         shutil.rmtree(self.store_dir, ignore_errors=True)

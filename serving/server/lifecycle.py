@@ -1,10 +1,10 @@
 """`sessionserve serve`'s lifecycle: "ready" only when /ready says so, and a graceful stop on SIGTERM or SIGINT.
 
 Stopping drains first (the ingress refuses new turns with 503 + Retry-After, lets running turns finish within the
-grace period and cancels the rest uncommitted), then stops Serve, then Ray if we started it, and returns once the
-HTTP port is closed, so a supervisor that restarts us never finds the port still taken. Ray's processes that
-outlive `ray.shutdown()` (its agents wait on a GCS that is gone before they exit) are stopped by us, so a stopped
-server leaves nothing running.
+grace period and cancels the rest uncommitted), then stops Serve, then leaves Ray (stopping it if we started it),
+and returns once the HTTP port is closed, so a supervisor that restarts us never finds the port still taken. Ray's
+processes that outlive `ray.shutdown()` (its agents wait on a GCS that is gone before they exit) are stopped by us,
+so a stopped server leaves nothing running.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import re
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -127,7 +126,6 @@ class SessionManager:
         self.max_sessions = max_sessions
         self.idle_ttl_s = idle_ttl_s
         self._clock = clock
-        self._create_lock = threading.Lock()  # count-then-create must not interleave within this process
         self._turn_locks: dict[str, _TurnLock] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -151,15 +149,17 @@ class SessionManager:
         metadata = _check_metadata(metadata)
         now = self._clock()
         record = SessionRecord(session_id, system_prompt, metadata, now, now, owner, kv_policy=kv_policy)
-        with self._create_lock:
-            if self.store.count() >= self.max_sessions:
-                self.expire_idle()
-                if self.store.count() >= self.max_sessions:
-                    raise TooManySessions(
-                        f"the server already holds its maximum of {self.max_sessions} sessions: destroy sessions "
-                        "you no longer need, or raise sessions.max_sessions"
-                    )
-            self.store.create(record)  # SessionExists if the id is taken (atomically, whoever took it)
+        try:  # the store counts and inserts atomically, so max_sessions holds across every process using it
+            self.store.create(record, limit=self.max_sessions)  # SessionExists if the id is taken
+        except TooManySessions:
+            self.expire_idle()
+            try:
+                self.store.create(record, limit=self.max_sessions)
+            except TooManySessions:
+                raise TooManySessions(
+                    f"the server already holds its maximum of {self.max_sessions} sessions: destroy sessions "
+                    "you no longer need, or raise sessions.max_sessions"
+                ) from None
         if history:
             try:
                 self.store.append(session_id, history, now)

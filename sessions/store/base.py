@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionNotFound
+from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionNotFound, TooManySessions
 from sessions.messages import Message
 from sessions.store.values import (
     KV_POLICIES,
@@ -72,8 +72,9 @@ class HistoryStore(Protocol):
     another holder's lease is unexpired. Network backends raise StoreUnavailable when the server cannot be reached.
     """
 
-    def create(self, record: SessionRecord) -> None:
-        """Store a new record; SessionExists if the id is taken."""
+    def create(self, record: SessionRecord, *, limit: int | None = None) -> None:
+        """Store a new record; SessionExists if the id is taken. With `limit`, TooManySessions if the store already
+        holds that many sessions: counted atomically with the insert, so the limit holds across every process."""
         ...
 
     def get(self, session_id: str) -> SessionRecord | None:
@@ -203,6 +204,10 @@ def busy(session_id: str) -> SessionBusy:
     return SessionBusy(
         f"session {session_id!r} is running a turn (it holds a lease): wait for the turn to finish and retry"
     )
+
+
+def full(limit: int) -> TooManySessions:
+    return TooManySessions(f"the store already holds its limit of {limit} sessions")
 
 
 def exists(session_id: str) -> SessionExists:

@@ -53,11 +53,13 @@ class MemoryStore:
             raise base.busy(session_id)
         return session
 
-    def create(self, record: SessionRecord) -> None:
+    def create(self, record: SessionRecord, *, limit: int | None = None) -> None:
         stored = _copy(record)
         with self._lock:
             if record.session_id in self._sessions:
                 raise base.exists(record.session_id)
+            if limit is not None and len(self._sessions) >= limit:
+                raise base.full(limit)
             self._sessions[record.session_id] = _Session(stored)
 
     def get(self, session_id: str) -> SessionRecord | None:

@@ -133,7 +133,7 @@ class RedisStore:
         raise base.not_found(session_id)
 
     # ---- records -----------------------------------------------------------------------------------
-    def create(self, record: SessionRecord) -> None:
+    def create(self, record: SessionRecord, *, limit: int | None = None) -> None:
         fields: list[str] = ["metadata", json.dumps(record.metadata)]
         if record.system_prompt is not None:
             fields += ["system_prompt", record.system_prompt]
@@ -152,10 +152,14 @@ class RedisStore:
             *owner,
             repr(record.created_at),
             repr(record.last_active_at),
+            "" if limit is None else limit,
+            repr(self._cutoff()),
             *fields,
         )
         if outcome == "exists":
             raise base.exists(record.session_id)
+        if outcome == "full":
+            raise base.full(limit or 0)
 
     def get(self, session_id: str) -> SessionRecord | None:
         fields: dict[str, str] = self._call(lambda: self._redis.hgetall(f"{self.prefix}s:{session_id}"))  # type: ignore[arg-type,return-value]

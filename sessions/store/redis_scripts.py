@@ -67,17 +67,22 @@ local function trim(index, cutoff)
 end
 """
 
-# ARGV: prefix, id, now, ttl_ms, owner_flag ('1' set / '0' none), owner, created_at, last_active_at, field, value...
+# ARGV: prefix, id, now, ttl_ms, owner_flag ('1' set / '0' none), owner, created_at, last_active_at,
+# limit ('' none: else 'full' when the store already holds that many sessions), cutoff (as COUNT's), field, value...
 CREATE = (
     _LIB
     + """
 local id, now, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local rec = rec_key(id)
 if redis.call('EXISTS', rec) == 1 then return 'exists' end
+if ARGV[9] ~= '' then
+  trim(prefix .. 'active', ARGV[10])
+  if redis.call('ZCARD', prefix .. 'active') >= tonumber(ARGV[9]) then return 'full' end
+end
 redis.call('DEL', msg_key(id))
 local fields = {'created_at', ARGV[7], 'last_active_at', ARGV[8]}
 if ARGV[5] == '1' then table.insert(fields, 'owner'); table.insert(fields, ARGV[6]) end
-for i = 9, #ARGV do table.insert(fields, ARGV[i]) end
+for i = 11, #ARGV do table.insert(fields, ARGV[i]) end
 redis.call('HSET', rec, unpack(fields))
 set_active(id, ARGV[8])
 refresh(id, now, ttl)

@@ -175,13 +175,15 @@ class SQLiteStore:
         if base.lease_is_foreign(row[0], row[1], holder, self._clock()):
             raise base.busy(session_id)
 
-    def create(self, record: SessionRecord) -> None:
+    def create(self, record: SessionRecord, *, limit: int | None = None) -> None:
         metadata = json.dumps(record.metadata)
         values = base.record_row(record, metadata)
         try:
-            with self._write() as conn:
+            with self._write() as conn:  # holds the file's write lock: no other process inserts before the count
                 places = ", ".join("?" * len(values))
                 conn.execute(f"INSERT INTO sessions ({_RECORD_COLUMNS}) VALUES ({places})", values)
+                if limit is not None and conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] > limit:
+                    raise base.full(limit)  # undoes this writer's insert
         except sqlite3.IntegrityError:
             raise base.exists(record.session_id) from None
 

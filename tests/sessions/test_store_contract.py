@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from sessions.errors import InvalidRequest, SessionBusy, SessionNotFound
+from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionNotFound, TooManySessions
 from sessions.messages import Message
 from sessions.store import UNCHANGED, KVReport
 from sessions.store.base import SessionRecord, TokenUsage
@@ -353,6 +353,45 @@ def test_concurrent_appends_from_two_store_objects_keep_every_message_once_in_or
     for n in range(6):  # each writer's turns in the order it wrote them, none lost or doubled
         assert [u.content for u, _ in pairs if u.content.startswith(f"w{n}:")] == [f"w{n}:{i}" for i in range(15)]
     assert stores[0].messages("s1", window=8) == history[-8:]
+
+
+# ---- the session limit -----------------------------------------------------------------------------------
+def test_create_with_a_limit_refuses_once_the_store_holds_that_many(store):
+    store.create(record("s1"), limit=2)
+    store.create(record("s2"), limit=2)
+    with pytest.raises(SessionExists):  # a taken id is SessionExists even when the store is full
+        store.create(record("s1"), limit=2)
+    with pytest.raises(TooManySessions, match="2 sessions"):
+        store.create(record("s3"), limit=2)
+    assert store.get("s3") is None and store.count() == 2
+    store.create(record("s3"))  # no limit: always room
+    assert store.delete("s1") and store.delete("s2")
+    store.create(record("s4"), limit=2)
+    assert store.count() == 2
+
+
+def test_racing_creates_from_two_store_objects_never_exceed_the_limit(open_backend):
+    """The count and the insert are one atomic step across processes (two store objects: two pools/connections)."""
+    stores = [open_backend(), open_backend()]
+    start = threading.Barrier(6)
+    created: list[str] = []
+
+    def creator(store, name: str) -> None:
+        start.wait()
+        for i in range(8):
+            try:
+                store.create(record(f"{name}-{i}"), limit=10)
+                created.append(f"{name}-{i}")
+            except TooManySessions:
+                pass
+
+    threads = [threading.Thread(target=creator, args=(stores[n % 2], f"c{n}")) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(created) == 10 and stores[1].count() == 10
+    assert all(stores[0].get(session_id) is not None for session_id in created)
 
 
 def test_only_one_of_many_racing_holders_gets_the_lease(open_backend):

@@ -38,8 +38,8 @@ system-deps:  # redis-server, PostgreSQL (store tests) and chromium (web page te
 test: system-deps model lint
 	$(VENV)/bin/pytest -q -ra --durations=15
 
-test-fast: system-deps install
-	$(VENV)/bin/pytest -q -ra -m "not model and not ray"
+test-fast: system-deps install  # two workers: each starts its own PostgreSQL and Redis (free ports, temp dirs)
+	$(VENV)/bin/pytest -q -ra -n 2 -m "not model and not ray"
 
 bench: model
 	$(PY) -m benchmarks.multiturn --quick --out benchmarks/out/quick.json

@@ -1,7 +1,8 @@
 """Shared, expensive fixtures: built once per test session.
 
 Tests that use the real model, a Ray cluster or a browser are marked `model` / `ray` / `browser` here from the fixtures
-they use, so `make test-fast` (`-m "not model and not ray"`) can never pick up a slow test by a forgotten marker.
+they use, so `make test-fast` (`-m "not model and not ray"`) can never pick up a slow test by a forgotten marker. A
+fixture reached through `request.getfixturevalue` is invisible to that: the fixture that calls it marks its params.
 """
 
 from __future__ import annotations

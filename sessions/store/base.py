@@ -74,7 +74,8 @@ class HistoryStore(Protocol):
 
     def create(self, record: SessionRecord, *, limit: int | None = None) -> None:
         """Store a new record; SessionExists if the id is taken. With `limit`, TooManySessions if the store already
-        holds that many sessions: counted atomically with the insert, so the limit holds across every process."""
+        holds that many: no create that succeeds passes the limit, whatever other processes create at the same time
+        (creates racing at the limit may all be refused)."""
         ...
 
     def get(self, session_id: str) -> SessionRecord | None:

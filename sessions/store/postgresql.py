@@ -48,7 +48,6 @@ _RESET_KV_IF_NEW_PROMPT = ", ".join(
 )
 _SET_KV_IF_GIVEN = ", ".join(f"{column} = COALESCE(%({column})s, {column})" for column in _NO_KV)
 _OPTIONS = ("timeout", "pool_size")  # our own URL query parameters, not libpq's
-_CREATE_LOCK_KEY = 0x5E55_10_C4  # pg_advisory_xact_lock key that serialises creates checking max_sessions
 _INSERT = f"INSERT INTO sessionserve_sessions ({_COLUMNS}) VALUES ({', '.join(['%s'] * 11)})"
 
 
@@ -188,21 +187,21 @@ class PostgreSQLStore:
 
     # ---- records -----------------------------------------------------------------------------------
     def create(self, record: SessionRecord, *, limit: int | None = None) -> None:
+        """Admission under `limit` is optimistic, so creates never wait for each other: insert and commit, then count
+        what is committed (this session included) and take the session back if that passes the limit. Of any
+        sessions that together pass it, the last to commit counts all of them, so a create that succeeds never
+        passes the limit; creates racing at the boundary may all step back (429, and a retry finds room)."""
         _refuse_nul(record.session_id, record.system_prompt, record.owner, record.kv.replica)
         values = base.record_row(record, Jsonb(record.metadata))
         try:
-            with self._conn() as conn, conn.transaction():
-                if limit is not None:  # creates that count take turns, so two cannot both see room for one more
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CREATE_LOCK_KEY,))
-                inserted = conn.execute(f"{_INSERT} ON CONFLICT (session_id) DO NOTHING RETURNING 1", values).fetchall()
-                if not inserted:
-                    raise base.exists(record.session_id)
-                if limit is not None:
-                    (count,) = conn.execute("SELECT count(*) FROM sessionserve_sessions").fetchone() or (0,)
-                    if count > limit:
-                        raise base.full(limit)  # rolls the insert back
+            inserted = self._all(f"{_INSERT} ON CONFLICT (session_id) DO NOTHING RETURNING 1", values)
         except psycopg.errors.UntranslatableCharacter as error:  # "\u0000" inside jsonb
             raise _unstorable(error) from None
+        if not inserted:
+            raise base.exists(record.session_id)
+        if limit is not None and self.count() > limit:
+            self._exec("DELETE FROM sessionserve_sessions WHERE session_id = %s", (record.session_id,))
+            raise base.full(limit)
 
     def get(self, session_id: str) -> SessionRecord | None:
         row = self._one(f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE session_id = %s", (session_id,))

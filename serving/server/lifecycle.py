@@ -105,9 +105,12 @@ def wait_port_closed(host: str, port: int, timeout_s: float = 30) -> bool:
     return True
 
 
-def bounded(step: str, call: Callable[[], T], timeout_s: float) -> T | None:
+def bounded(
+    step: str, call: Callable[[], T], timeout_s: float, meanwhile: Callable[[], object] | None = None
+) -> T | None:
     """Run `call` in a daemon thread for at most timeout_s; log a failure or overrun and go on. A cluster that lost
-    its raylet (a SIGTERM sent to our whole process group reaches Ray's own processes) must not keep us alive."""
+    its raylet (a SIGTERM sent to our whole process group reaches Ray's own processes) must not keep us alive.
+    `meanwhile` runs again and again (its errors ignored) until `call` ends."""
     result: list[T] = []
     errors: list[BaseException] = []
 
@@ -119,7 +122,12 @@ def bounded(step: str, call: Callable[[], T], timeout_s: float) -> T | None:
 
     thread = threading.Thread(target=run, name=f"sessionserve-{step}", daemon=True)
     thread.start()
-    thread.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while meanwhile is not None and thread.is_alive() and time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            meanwhile()
+        thread.join(min(0.5, max(0.0, deadline - time.monotonic())))
+    thread.join(max(0.0, deadline - time.monotonic()))
     if thread.is_alive():
         log.warning("%s did not finish within %.0f s; going on", step, timeout_s)
     elif errors:
@@ -140,12 +148,41 @@ def shutdown(app_name: str, grace_s: float | None, *, started_ray: bool, host: s
     report = None if grace_s is None else bounded("drain", lambda: drain(app_name, grace_s), grace_s + 40)
     if report and report.get("cancelled"):
         log.warning("cancelled %d running turn(s) after %.1f s; none was committed", report["cancelled"], grace_s)
-    bounded("serve shutdown", serve.shutdown, 60)
+    if grace_s is None:  # never ready: replicas that never started are killed while Serve stops the app
+        bounded("serve shutdown", serve.shutdown, 60, meanwhile=lambda: stop_unstarted_replicas(app_name))
+    else:
+        bounded("serve shutdown", serve.shutdown, 60)
     ours = psutil.Process().children(recursive=True) if started_ray else []  # the local cluster's processes
     bounded("ray shutdown", ray.shutdown, 60)
     reap(ours)
     if not wait_port_closed(host, port):
         log.warning("port %s:%d still open after shutdown", host, port)
+
+
+def stop_unstarted_replicas(app_name: str, wait_s: float = 1.0) -> int:
+    """Kill this app's replica actors that do not answer within wait_s (not placed, or still loading): stopping the
+    app, Serve would wait out each one's graceful-stop time (45 s for a model replica, for its KV write) for a stop
+    call that cannot run before the actor starts, and a supervisor's grace (Kubernetes: 30 s) ends sooner. Called
+    only while stopping a server that was never ready (such a replica has served nothing), and again until Serve is
+    down: one killed before the controller began stopping the app is replaced. Returns how many were killed."""
+    import ray
+
+    from serving.server.direct_ingress import REPLICA_ACTOR_PREFIX
+
+    prefix = f"{REPLICA_ACTOR_PREFIX}{app_name}#"
+    actors = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"].startswith(prefix):
+            with contextlib.suppress(ValueError):  # gone meanwhile
+                actors.append(ray.get_actor(entry["name"], namespace=entry["namespace"]))
+    pings = {actor.__ray_ready__.remote(): actor for actor in actors}
+    ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=wait_s) if pings else ([], [])
+    unstarted = [actor for ref, actor in pings.items() if ref not in ready]
+    for actor in unstarted:
+        ray.kill(actor, no_restart=True)
+    if unstarted:
+        log.info("stopped %d replica(s) that never started", len(unstarted))
+    return len(unstarted)
 
 
 def reap(processes: list[psutil.Process], grace_s: float = 10, kill_after_s: float = 5) -> int:

@@ -127,7 +127,8 @@ def test_ready_stays_503_while_the_model_is_not_loaded_and_sigterm_then_exits_0(
     time.sleep(2)  # the CLI polls /ready every 0.5 s: it has seen the 503s too
     assert not any("ready on" in line for line in server.lines), server.output()
     server.signal(signal.SIGTERM)
-    assert_clean_exit(server, within_s=60)
+    # Within a supervisor's grace (Kubernetes: 30 s): Serve alone waits 45 s on the replica that never started.
+    assert_clean_exit(server, within_s=25)
 
 
 def test_sigterm_while_idle_exits_0_and_closes_the_port(start_serve, tmp_path):

@@ -41,6 +41,19 @@ def test_bounded_gives_up_on_a_hung_step_and_reports_a_failed_one(caplog):
     assert "hung did not finish" in caplog.text and "broken failed: boom" in caplog.text
 
 
+def test_bounded_runs_meanwhile_until_the_step_ends_and_ignores_its_errors():
+    finished, calls = threading.Event(), []
+
+    def meanwhile() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 3:
+            finished.set()  # the step ends once meanwhile has run three times
+        raise RuntimeError("ignored")
+
+    assert bounded("step", lambda: finished.wait(10) and 7, timeout_s=10, meanwhile=meanwhile) == 7
+    assert len(calls) == 3
+
+
 def test_wait_ready_returns_false_once_asked_to_stop():
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()

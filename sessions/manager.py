@@ -149,7 +149,7 @@ class SessionManager:
         metadata = _check_metadata(metadata)
         now = self._clock()
         record = SessionRecord(session_id, system_prompt, metadata, now, now, owner, kv_policy=kv_policy)
-        try:  # the store counts and inserts atomically, so max_sessions holds across every process using it
+        try:  # the store checks the limit as part of the insert, so max_sessions holds across every process using it
             self.store.create(record, limit=self.max_sessions)  # SessionExists if the id is taken
         except TooManySessions:
             self.expire_idle()

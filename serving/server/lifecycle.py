@@ -1,10 +1,10 @@
 """`sessionserve serve`'s lifecycle: "ready" only when /ready says so, and a graceful stop on SIGTERM or SIGINT.
 
 Stopping drains first (the ingress refuses new turns with 503 + Retry-After, lets running turns finish within the
-grace period and cancels the rest uncommitted), then stops Serve, then leaves Ray (stopping it if we started it),
-and returns once the HTTP port is closed, so a supervisor that restarts us never finds the port still taken. Ray's
-processes that outlive `ray.shutdown()` (its agents wait on a GCS that is gone before they exit) are stopped by us,
-so a stopped server leaves nothing running.
+grace period and cancels the rest uncommitted; a server never ready kills its replicas that never started instead),
+then stops Serve, then leaves Ray (stopping it if we started it), and returns once the HTTP port is closed, so a
+supervisor that restarts us never finds the port still taken. Ray's processes that outlive `ray.shutdown()` (its
+agents wait on a GCS that is gone before they exit) are stopped by us, so a stopped server leaves nothing running.
 """
 
 from __future__ import annotations
@@ -148,10 +148,9 @@ def shutdown(app_name: str, grace_s: float | None, *, started_ray: bool, host: s
     report = None if grace_s is None else bounded("drain", lambda: drain(app_name, grace_s), grace_s + 40)
     if report and report.get("cancelled"):
         log.warning("cancelled %d running turn(s) after %.1f s; none was committed", report["cancelled"], grace_s)
-    if grace_s is None:  # never ready: replicas that never started are killed while Serve stops the app
-        bounded("serve shutdown", serve.shutdown, 60, meanwhile=lambda: stop_unstarted_replicas(app_name))
-    else:
-        bounded("serve shutdown", serve.shutdown, 60)
+    # Never ready: replicas that never started are killed while Serve stops the app (it would wait on each).
+    unstarted = (lambda: stop_unstarted_replicas(app_name)) if grace_s is None else None
+    bounded("serve shutdown", serve.shutdown, 60, meanwhile=unstarted)
     ours = psutil.Process().children(recursive=True) if started_ray else []  # the local cluster's processes
     bounded("ray shutdown", ray.shutdown, 60)
     reap(ours)

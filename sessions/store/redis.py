@@ -159,7 +159,8 @@ class RedisStore:
         if outcome == "exists":
             raise base.exists(record.session_id)
         if outcome == "full":
-            raise base.full(limit or 0)
+            assert limit is not None  # the script answers 'full' only when given a limit
+            raise base.full(limit)
 
     def get(self, session_id: str) -> SessionRecord | None:
         fields: dict[str, str] = self._call(lambda: self._redis.hgetall(f"{self.prefix}s:{session_id}"))  # type: ignore[arg-type,return-value]

@@ -170,7 +170,11 @@ class TwoNodeCluster:
             env=self.env,
         )
         if result.returncode != 0:
-            raise RuntimeError(f"driver {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr[-4000:]}")
+            died = [node for node in (self.head, self.worker) if node is not None and node.process.poll() is not None]
+            logs = "".join(f"\n{node.name} node exited; its log:\n{node.log.read_text()[-3000:]}" for node in died)
+            raise RuntimeError(
+                f"driver {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr[-4000:]}{logs}"
+            )
         return "".join(line.removeprefix(RESULT) for line in result.stdout.splitlines(True) if line.startswith(RESULT))
 
     def logs(self) -> str:

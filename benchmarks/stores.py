@@ -1,10 +1,11 @@
 """History store latency on loopback: what each backend adds to a turn.
 
 For memory, sqlite, postgresql and redis: append calls per second (a turn's two messages each), window reads per
-second (window=8 on a 40-message session), and the store operations one turn does (get record, read history,
+second (window=8 on a 40-message session), and the store operations one turn does (load the record and history,
 acquire lease, commit the turn's append, release lease) as p50/p90 ms, with memory's time subtracted as the
-"store share". PostgreSQL and Redis are started for the run (tests/servers.py; PostgreSQL with its default durable
-settings) unless URLs are given. One thread, one store object per backend, as a replica uses it.
+"store share", and the append route's store call (owner check, append, whole history back) as p50 ms. PostgreSQL
+and Redis are started for the run (tests/servers.py; PostgreSQL with its default durable settings) unless URLs are
+given. One thread, one store object per backend, as a replica uses it.
 
     .venv/bin/python -m benchmarks.stores --out results-stores.json
 """
@@ -93,13 +94,14 @@ def measure(store: HistoryStore, turns: int) -> dict[str, float]:
 
     def one_turn(i: int) -> None:
         session_id, holder = ids[i % 20], uuid.uuid4().hex
-        store.get(session_id)
-        store.messages(session_id)
+        store.load(session_id, owner="bench")
         store.acquire_lease(session_id, holder, 300.0)
         store.append(session_id, TURN, now=time.time(), holder=holder)
         store.release_lease(session_id, holder)
 
     turn_times = _timed(turns, one_turn)
+    # what the append route does (owner check, append, whole history back), on sessions of ~40-60 messages
+    append_route = _timed(turns, lambda i: store.append_and_read(ids[i % 20], TURN[:1], time.time(), owner="bench"))
     for session_id in ids:
         store.delete(session_id)
     return {
@@ -107,6 +109,7 @@ def measure(store: HistoryStore, turns: int) -> dict[str, float]:
         "window_read_per_s": len(reads) / sum(reads),
         "turn_ms_p50": 1000 * statistics.median(turn_times),
         "turn_ms_p90": 1000 * statistics.quantiles(turn_times, n=10)[-1],
+        "append_route_ms_p50": 1000 * statistics.median(append_route),
     }
 
 
@@ -141,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "backends": {b: results[b] for b in results if b in backends or b == "memory"},
     }
     table = Table(title="history stores on loopback (one thread)")
-    for column in ("backend", "appends/s", "window reads/s", "turn p50 ms", "turn p90 ms", "store share p50 ms"):
+    columns = ("backend", "appends/s", "window reads/s", "turn p50 ms", "turn p90 ms", "store share p50 ms")
+    for column in (*columns, "append route p50 ms"):
         table.add_column(column, justify="right")
     for backend, n in report["backends"].items():
         target = f" (≤ {n['target_ms_p50']:g})" if "target_ms_p50" in n else ""
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{n['turn_ms_p50']:.3f}",
             f"{n['turn_ms_p90']:.3f}",
             f"{n['store_share_ms_p50']:.3f}{target}",
+            f"{n['append_route_ms_p50']:.3f}",
         )
     console.print(table)
     if args.out:

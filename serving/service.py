@@ -124,8 +124,7 @@ class SessionCatalog:
         self.max_context_tokens = max_context_tokens
 
     def details(self, session_id: str, owner: str | None = None) -> SessionDetails:
-        record = self.manager.get(session_id, owner)  # checks the owner, so the history is read straight from the store
-        return self.describe(record, self.manager.store.messages(session_id))
+        return self.describe(*self.manager.load(session_id, owner))
 
     def describe(self, record: SessionRecord, history: list[Message]) -> SessionDetails:
         session_id = record.session_id
@@ -197,7 +196,7 @@ class SessionService:
         started, timing = time.perf_counter(), TurnTiming()
         await asyncio.to_thread(check or functools.partial(self.manager.get, session_id, owner))
         async with self.manager.turn(session_id):
-            record, history = await asyncio.to_thread(self._load, session_id, owner)
+            record, history = await asyncio.to_thread(self.manager.load, session_id, owner)
             built_at = time.perf_counter()
             timing.store_read_s = built_at - started  # with the turn lock and lease (no wait between own turns)
             built = self.prompts.build(
@@ -238,7 +237,7 @@ class SessionService:
         await asyncio.to_thread(self.manager.get, session_id, owner)  # 404 before waiting for the lock
         start = time.perf_counter()
         async with self.manager.turn(session_id):
-            record, history = await asyncio.to_thread(self._load, session_id, owner)
+            record, history = await asyncio.to_thread(self.manager.load, session_id, owner)
             a, b = (
                 self.prompts.build(
                     record.system_prompt,
@@ -310,10 +309,6 @@ class SessionService:
                 timing.total_s = time.perf_counter() - started
                 self._finished(event)
             yield event
-
-    def _load(self, session_id: str, owner: str | None) -> tuple[SessionRecord, list[Message]]:
-        record = self.manager.get(session_id, owner)  # checks the owner, so the history is read straight from the store
-        return record, self.manager.store.messages(session_id)
 
     def _finished(self, result: TurnResult) -> None:
         if self.on_turn is not None:

@@ -171,7 +171,7 @@ class SessionManager:
     def get(self, session_id: str, owner: str | None = None) -> SessionRecord:
         """The record; SessionNotFound also when `owner` differs, so callers cannot probe others' ids."""
         record = self.store.get(session_id)
-        if record is None or (owner is not None and record.owner != owner):
+        if record is None or not base.owned_by(record, owner):
             raise base.not_found(session_id)
         return record
 
@@ -252,19 +252,25 @@ class SessionManager:
         return orphans
 
     # ---- history -----------------------------------------------------------------------------------
+    def load(
+        self, session_id: str, owner: str | None = None, window: int | None = None
+    ) -> tuple[SessionRecord, list[Message]]:
+        """The record and its last `window` messages (all if None), oldest first, in one store call."""
+        return self.store.load(session_id, window, owner=owner)
+
     def history(self, session_id: str, window: int | None = None, owner: str | None = None) -> list[Message]:
         """The last `window` messages (all if None), oldest first; the system prompt is on the record."""
-        base.check_window(window)
-        self.get(session_id, owner)
-        return self.store.messages(session_id, window)
+        return self.load(session_id, owner, window)[1]
 
-    def append(self, session_id: str, messages: Sequence[Any], owner: str | None = None) -> None:
-        """Add messages without generating. The session's KV stays valid: history only grows."""
+    def append(self, session_id: str, messages: Sequence[Any], owner: str | None = None) -> list[Message]:
+        """Add messages without generating; the whole history after them. The session's KV stays valid: history
+        only grows."""
         parsed = _check_conversation(messages)
         if not parsed:
             raise InvalidRequest("messages is empty: send at least one {role, content} message to append")
-        self.get(session_id, owner)
-        self.store.append(session_id, parsed, self._clock(), holder=self._holder(session_id))
+        return self.store.append_and_read(
+            session_id, parsed, self._clock(), holder=self._holder(session_id), owner=owner
+        )
 
     def clear(self, session_id: str, owner: str | None = None) -> None:
         """Delete the messages but keep the session and its system prompt; its KV no longer matches, so free it."""

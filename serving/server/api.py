@@ -172,11 +172,8 @@ class HistoryAPI:
     ) -> protocol.MessagesResponse:
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
 
-        def append() -> protocol.MessagesResponse:
-            self.manager.append(session_id, messages, owner)  # checked the owner: read the history straight back
-            return _messages_response(session_id, self.manager.store.messages(session_id))
-
-        return await asyncio.to_thread(append)
+        history = await asyncio.to_thread(self.manager.append, session_id, messages, owner)
+        return _messages_response(session_id, history)
 
     @_as_api_errors
     async def clear(self, session_id: str, owner: str | None = None) -> None:

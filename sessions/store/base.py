@@ -82,6 +82,14 @@ class HistoryStore(Protocol):
         """A copy of the record, or None; mutating it does not change the store."""
         ...
 
+    def load(
+        self, session_id: str, window: int | None = None, *, owner: str | None = None
+    ) -> tuple[SessionRecord, builtins.list[Message]]:
+        """The record and its last `window` messages (all if None) for a caller who must own the session (`owner`;
+        None: any caller): what a turn, the session's info and its history start from, in one round trip on a network
+        store. SessionNotFound if missing or another owner's (see `owned_by`)."""
+        ...
+
     def delete(self, session_id: str, *, holder: Holder = None) -> bool:
         """Delete the record and its messages; False if there was nothing to delete."""
         ...
@@ -93,6 +101,21 @@ class HistoryStore(Protocol):
 
         `kv` (None: keep the record's) sets the record's KV report in the same atomic write as the messages.
         """
+        ...
+
+    def append_and_read(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: Holder = None,
+        owner: str | None = None,
+    ) -> builtins.list[Message]:
+        """Append as `append` does, for a caller who must own the session (`owner`; None: any caller), and return
+        the whole history after it. The append route answers with that history; on a network store this is one
+        round trip, not three (owner check, append, read back). SessionNotFound also when another owner's (see
+        `owned_by`)."""
         ...
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
@@ -161,6 +184,12 @@ def record_row(record: SessionRecord, metadata: object) -> tuple[object, ...]:
     kv = record.kv
     row = (record.session_id, record.system_prompt, metadata, record.created_at, record.last_active_at, record.owner)
     return (*row, kv.tier, kv.tokens, kv.replica, kv.usage.to_json(), record.kv_policy)
+
+
+def owned_by(record: SessionRecord, owner: str | None) -> bool:
+    """Whether a caller may see the session: None (no caller identity: auth is off) sees every session. A caller who
+    may not is told the session does not exist, so ids of others' sessions cannot be probed."""
+    return owner is None or record.owner == owner
 
 
 def check_messages(messages: Sequence[Message]) -> list[Message]:

@@ -28,6 +28,13 @@ def _copy(record: SessionRecord) -> SessionRecord:
     return replace(record, metadata=json.loads(json.dumps(record.metadata)))
 
 
+def _extend(session: _Session, batch: list[Message], now: float, kv: KVUpdate) -> None:
+    session.messages.extend(batch)
+    session.record.last_active_at = now
+    if kv is not None:
+        session.record.kv = kv
+
+
 class MemoryStore:
     """A dict behind one lock; records are copied in and out so callers cannot mutate stored state.
 
@@ -80,17 +87,41 @@ class MemoryStore:
     ) -> None:
         batch = base.check_messages(messages)
         with self._lock:
+            _extend(self._writable(session_id, holder), batch, now, kv)
+
+    def append_and_read(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: Holder = None,
+        owner: str | None = None,
+    ) -> builtins.list[Message]:
+        batch = base.check_messages(messages)
+        with self._lock:
+            if not base.owned_by(self._session(session_id).record, owner):
+                raise base.not_found(session_id)
             session = self._writable(session_id, holder)
-            session.messages.extend(batch)
-            session.record.last_active_at = now
-            if kv is not None:
-                session.record.kv = kv
+            _extend(session, batch, now, None)
+            return list(session.messages)
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)
         with self._lock:
             stored = self._session(session_id).messages
             return list(stored if window is None else stored[-window:])
+
+    def load(
+        self, session_id: str, window: int | None = None, *, owner: str | None = None
+    ) -> tuple[SessionRecord, builtins.list[Message]]:
+        base.check_window(window)
+        with self._lock:
+            session = self._session(session_id)
+            if not base.owned_by(session.record, owner):
+                raise base.not_found(session_id)
+            stored = session.messages
+            return _copy(session.record), list(stored if window is None else stored[-window:])
 
     def clear(self, session_id: str, *, holder: Holder = None) -> None:
         with self._lock:

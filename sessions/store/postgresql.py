@@ -48,6 +48,25 @@ _RESET_KV_IF_NEW_PROMPT = ", ".join(
 )
 _SET_KV_IF_GIVEN = ", ".join(f"{column} = COALESCE(%({column})s, {column})" for column in _NO_KV)
 _OPTIONS = ("timeout", "pool_size")  # our own URL query parameters, not libpq's
+# Append a batch: the session row's UPDATE takes its row lock, checks the lease (and the owner, if given) and
+# reserves the batch's ordinals; the INSERT writes the batch at them. No row back: refused (see _refused).
+_APPEND = (
+    "WITH bumped AS ("
+    "  UPDATE sessionserve_sessions SET next_seq = next_seq + %(n)s, last_active_at = %(active)s,"
+    f"  {_SET_KV_IF_GIVEN}"
+    f"  WHERE session_id = %(id)s AND {_FREE} AND (%(owner)s::text IS NULL OR owner = %(owner)s)"
+    "  RETURNING next_seq - %(n)s AS first),"
+    " inserted AS ("
+    "  INSERT INTO sessionserve_messages (session_id, seq, role, content)"
+    "  SELECT %(id)s, bumped.first + t.ord - 1, t.role, t.content FROM bumped,"
+    "  unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS t(role, content, ord))"
+    " SELECT first FROM bumped"
+)
+_HISTORY = (  # the last %(window)s messages (NULL: all), oldest first
+    "SELECT role, content FROM (SELECT seq, role, content FROM sessionserve_messages"
+    " WHERE session_id = %(id)s ORDER BY seq DESC LIMIT %(window)s) AS last ORDER BY seq"
+)
+_SELECT_RECORD = f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE session_id = %s"
 _INSERT = f"INSERT INTO sessionserve_sessions ({_COLUMNS}) VALUES ({', '.join(['%s'] * 11)})"
 
 
@@ -55,6 +74,11 @@ def _record(row: tuple[Any, ...]) -> SessionRecord:
     session_id, system_prompt, metadata, created_at, last_active_at, owner, tier, tokens, replica, usage, policy = row
     kv = KVReport(tier, tokens, replica, TokenUsage.from_json(usage))
     return SessionRecord(session_id, system_prompt, metadata, created_at, last_active_at, owner, kv, policy)
+
+
+def _limit(window: int | None) -> int | None:
+    """A history window as _HISTORY's LIMIT (NULL: all); past bigint it means all anyway."""
+    return None if window is None else min(window, 2**63 - 1)
 
 
 def _kv_params(kv: KVReport | None) -> dict[str, Any]:
@@ -179,9 +203,11 @@ class PostgreSQLStore:
         rows = self._all(sql, params)
         return rows[0] if rows else None
 
-    def _refused(self, session_id: str) -> Exception:
-        """Why a conditional mutation touched no row: the session is missing, or another holder leases it."""
-        if self._one("SELECT 1 FROM sessionserve_sessions WHERE session_id = %s", (session_id,)) is None:
+    def _refused(self, session_id: str, owner: str | None = None) -> Exception:
+        """Why a conditional mutation touched no row: the session is missing (or, for `owner`, another owner's), or
+        another holder leases it."""
+        row = self._one("SELECT owner FROM sessionserve_sessions WHERE session_id = %s", (session_id,))
+        if row is None or (owner is not None and row[0] != owner):
             return base.not_found(session_id)
         return base.busy(session_id)
 
@@ -204,7 +230,7 @@ class PostgreSQLStore:
             raise base.full(limit)
 
     def get(self, session_id: str) -> SessionRecord | None:
-        row = self._one(f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE session_id = %s", (session_id,))
+        row = self._one(_SELECT_RECORD, (session_id,))
         return None if row is None else _record(row)
 
     def delete(self, session_id: str, *, holder: Holder = None) -> bool:
@@ -249,7 +275,7 @@ class PostgreSQLStore:
             raise base.not_found(session_id)
 
     def count(self) -> int:
-        (count,) = self._one("SELECT count(*) FROM sessionserve_sessions") or (0,)
+        (count,) = self._one("SELECT sum(sessions) FROM sessionserve_count") or (0,)  # kept by triggers (schema v4)
         return int(count)
 
     def list(self, owner: str | None, limit: int = 50, offset: int = 0) -> builtins.list[SessionRecord]:
@@ -280,39 +306,70 @@ class PostgreSQLStore:
     def append(
         self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None
     ) -> None:
+        if self._one(_APPEND, self._append_params(session_id, messages, now, holder, kv, None)) is None:
+            raise self._refused(session_id)
+
+    def append_and_read(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: Holder = None,
+        owner: str | None = None,
+    ) -> builtins.list[Message]:
+        """One round trip: the append and the read are pipelined in one implicit transaction, so the read (a new
+        snapshot, READ COMMITTED) sees this append and every one committed before it."""
+        params = self._append_params(session_id, messages, now, holder, None, owner)
+        with self._conn() as conn:
+            with conn.pipeline():
+                appended = conn.execute(_APPEND, params)
+                history = conn.execute(_HISTORY, {"id": session_id, "window": None})
+            first, rows = appended.fetchone(), history.fetchall()
+        if first is None:
+            raise self._refused(session_id, owner)
+        return [Message(role, content) for role, content in rows]
+
+    def _append_params(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        holder: Holder,
+        kv: KVUpdate,
+        owner: str | None,
+    ) -> dict[str, Any]:
         batch = base.check_messages(messages)
         _refuse_nul(*(m.content for m in batch), None if kv is None else kv.replica)
-        row = self._one(
-            "WITH bumped AS ("
-            "  UPDATE sessionserve_sessions SET next_seq = next_seq + %(n)s, last_active_at = %(active)s,"
-            f"  {_SET_KV_IF_GIVEN}"
-            f"  WHERE session_id = %(id)s AND {_FREE} RETURNING next_seq - %(n)s AS first),"
-            " inserted AS ("
-            "  INSERT INTO sessionserve_messages (session_id, seq, role, content)"
-            "  SELECT %(id)s, bumped.first + t.ord - 1, t.role, t.content FROM bumped,"
-            "  unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS t(role, content, ord))"
-            " SELECT first FROM bumped",
-            {
-                "n": len(batch),
-                "active": now,
-                "id": session_id,
-                "holder": holder,
-                "now": self._clock(),
-                "roles": [m.role for m in batch],
-                "contents": [m.content for m in batch],
-                **_kv_params(kv),
-            },
-        )
-        if row is None:
-            raise self._refused(session_id)
+        return {
+            "n": len(batch),
+            "active": now,
+            "id": session_id,
+            "holder": holder,
+            "owner": owner,
+            "now": self._clock(),
+            "roles": [m.role for m in batch],
+            "contents": [m.content for m in batch],
+            **_kv_params(kv),
+        }
+
+    def load(
+        self, session_id: str, window: int | None = None, *, owner: str | None = None
+    ) -> tuple[SessionRecord, builtins.list[Message]]:
+        """One round trip: both reads pipelined."""
+        base.check_window(window)
+        with self._conn() as conn:
+            with conn.pipeline():
+                found = conn.execute(_SELECT_RECORD, (session_id,))
+                history = conn.execute(_HISTORY, {"id": session_id, "window": _limit(window)})
+            row, rows = found.fetchone(), history.fetchall()
+        if row is None or not base.owned_by(record := _record(row), owner):
+            raise base.not_found(session_id)
+        return record, [Message(role, content) for role, content in rows]
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)
-        rows = self._all(
-            "SELECT role, content FROM (SELECT seq, role, content FROM sessionserve_messages"
-            " WHERE session_id = %(id)s ORDER BY seq DESC LIMIT %(window)s) AS last ORDER BY seq",
-            {"id": session_id, "window": None if window is None else min(window, 2**63 - 1)},
-        )
+        rows = self._all(_HISTORY, {"id": session_id, "window": _limit(window)})
         if not rows and self.get(session_id) is None:
             raise base.not_found(session_id)
         return [Message(role, content) for role, content in rows]

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _LOCK_KEY = 0x5E55_10_5E  # pg_advisory_xact_lock key for schema changes ("sessionse")
 # version -> statements that take a database from version-1 to version. Append, never edit, once released.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -51,6 +51,36 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE sessionserve_sessions"
         " ADD COLUMN kv_usage text NOT NULL DEFAULT '{}',"
         " ADD COLUMN kv_policy text NOT NULL DEFAULT 'pinned'",  # pinned | evictable | none
+    ),
+    # The session count, kept by triggers, so count() and max_sessions' check after each create read 16 rows instead
+    # of counting every session. Each statement that inserts or deletes sessions adds its net change to one stripe
+    # picked at random: concurrent creates rarely wait on the same row lock, a statement never holds two stripes (no
+    # lock-order deadlock between two idle-expiry sweeps), and the sum over the stripes is the exact count. The
+    # triggers come before the backfill: CREATE TRIGGER's table lock waits out and then holds off other writers
+    # until this transaction commits, so the backfill counts every session and no write escapes both.
+    4: (
+        "CREATE TABLE sessionserve_count (stripe smallint PRIMARY KEY, sessions bigint NOT NULL DEFAULT 0)",
+        "INSERT INTO sessionserve_count (stripe) SELECT generate_series(0, 15)",
+        """CREATE FUNCTION sessionserve_count_sessions() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+            change bigint;
+            chosen smallint := floor(random() * 16);  -- once: random() in the WHERE would be drawn per row
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                SELECT count(*) INTO change FROM added;
+            ELSE
+                SELECT -count(*) INTO change FROM gone;
+            END IF;
+            IF change <> 0 THEN
+                UPDATE sessionserve_count SET sessions = sessions + change WHERE stripe = chosen;
+            END IF;
+            RETURN NULL;
+        END $$""",
+        "CREATE TRIGGER sessionserve_count_inserts AFTER INSERT ON sessionserve_sessions"
+        " REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION sessionserve_count_sessions()",
+        "CREATE TRIGGER sessionserve_count_deletes AFTER DELETE ON sessionserve_sessions"
+        " REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION sessionserve_count_sessions()",
+        "UPDATE sessionserve_count SET sessions = (SELECT count(*) FROM sessionserve_sessions) WHERE stripe = 0",
     ),
 }
 

@@ -68,6 +68,16 @@ def _record(session_id: str, fields: dict[str, str]) -> SessionRecord:
     )
 
 
+def _first(window: int | None) -> int:
+    """LRANGE's start for the last `window` messages (0: all)."""
+    return 0 if window is None else -min(window, 2**62)
+
+
+def _decode(rows: builtins.list[str]) -> builtins.list[Message]:
+    decoded = json.loads("[" + ",".join(rows) + "]")  # one parse for the whole history, not one per message
+    return [Message(role, content) for role, content in decoded]
+
+
 class RedisStore:
     """redis-py client with a connection pool; every call is bounded by `timeout_s` (URL `?timeout=`).
 
@@ -235,13 +245,47 @@ class RedisStore:
         if outcome != "ok":
             self._refused(session_id, outcome)
 
+    def append_and_read(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: Holder = None,
+        owner: str | None = None,
+    ) -> builtins.list[Message]:
+        batch = [json.dumps([m.role, m.content]) for m in base.check_messages(messages)]
+        only = ("0", "") if owner is None else ("1", owner)
+        outcome = self._run(
+            "APPEND_READ", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *only, *batch
+        )
+        if isinstance(outcome, str):
+            self._refused(session_id, outcome)
+        return _decode(outcome)
+
+    def load(
+        self, session_id: str, window: int | None = None, *, owner: str | None = None
+    ) -> tuple[SessionRecord, builtins.list[Message]]:
+        """One round trip: both reads in one MULTI/EXEC."""
+        base.check_window(window)
+
+        def read() -> builtins.list[Any]:
+            with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(f"{self.prefix}s:{session_id}")
+                pipe.lrange(f"{self.prefix}m:{session_id}", _first(window), -1)
+                return pipe.execute()
+
+        fields, rows = self._call(read)
+        if not fields or not base.owned_by(record := _record(session_id, fields), owner):
+            raise base.not_found(session_id)
+        return record, _decode(rows)
+
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)
-        rows = self._run("MESSAGES", session_id, 0 if window is None else -min(window, 2**62))
+        rows = self._run("MESSAGES", session_id, _first(window))
         if rows == 0:
             raise base.not_found(session_id)
-        decoded = json.loads("[" + ",".join(rows) + "]")  # one parse for the whole history, not one per message
-        return [Message(role, content) for role, content in decoded]
+        return _decode(rows)
 
     def clear(self, session_id: str, *, holder: Holder = None) -> None:
         outcome = self._run("CLEAR", session_id, holder or "", self._clock(), self._ttl_ms)

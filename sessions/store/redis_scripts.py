@@ -7,7 +7,7 @@ from __future__ import annotations
 
 NAMES = (
     *("CREATE", "APPEND", "TOUCH", "CLEAR", "DELETE", "UPDATE", "ACQUIRE", "RELEASE", "EXPIRE_IDLE", "COUNT", "LIST"),
-    "MESSAGES",
+    *("APPEND_READ", "MESSAGES"),
 )
 
 # Shared helpers, prepended to every script. `now` is the caller's wall clock; a lease is live while until > now.
@@ -28,10 +28,12 @@ local function foreign(rec, holder, now)
   local live, by = leased(rec, now)
   return live and by ~= holder
 end
--- The session's record key if `holder` may change it now; else nil and why not ('missing' or 'busy').
-local function writable(id, holder, now)
+-- The session's record key if `holder` may change it now; else nil and why not ('missing' or 'busy'). With
+-- `owner`, a session of another owner is 'missing' (checked before the lease: others cannot probe it).
+local function writable(id, holder, now, owner)
   local rec = rec_key(id)
   if redis.call('EXISTS', rec) == 0 then return nil, 'missing' end
+  if owner and redis.call('HGET', rec, 'owner') ~= owner then return nil, 'missing' end
   if foreign(rec, holder, now) then return nil, 'busy' end
   return rec
 end
@@ -91,15 +93,16 @@ return 'ok'
 )
 
 
-def _edit(body: str) -> str:
-    """A script that changes a session if `holder` may: ARGV = prefix, id, holder ('' = none), now, ttl_ms, ...
-    `body` runs with id, rec, now and ttl set; the keys' TTL is refreshed after it. Answers 'ok', 'missing', 'busy'."""
-    guard = """
+def _edit(body: str, *, owner: str = "nil", answer: str = "'ok'") -> str:
+    """A script that changes a session if `holder` (and `owner`, a Lua expression: nil = any) may: ARGV = prefix,
+    id, holder ('' = none), now, ttl_ms, ... `body` runs with id, rec, now and ttl set; the keys' TTL is refreshed
+    after it. Answers `answer`, or 'missing' or 'busy'."""
+    guard = f"""
 local id, holder, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local rec, refused = writable(id, holder, now)
+local rec, refused = writable(id, holder, now, {owner})
 if not rec then return refused end
 """
-    return _LIB + guard + body + "refresh(id, now, ttl)\nreturn 'ok'\n"
+    return _LIB + guard + body + f"refresh(id, now, ttl)\nreturn {answer}\n"
 
 
 # ARGV: ..., last_active_at, report ('1' = set the KV report to the next four, '0' = keep it), kv_tier, kv_tokens,
@@ -111,6 +114,17 @@ if ARGV[7] == '1' then
 end
 set_active(id, ARGV[6])
 """)
+
+# ARGV: ..., last_active_at, owner_flag ('1' = only for the next, '0' = any), owner, message... Answers the whole
+# history after the append.
+APPEND_READ = _edit(
+    """
+for i = 9, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
+set_active(id, ARGV[6])
+""",
+    owner="(ARGV[7] == '1' and ARGV[8] or nil)",
+    answer="redis.call('LRANGE', msg_key(id), 0, -1)",
+)
 
 # ARGV: prefix, id, now, ttl_ms, last_active_at
 TOUCH = (

@@ -219,6 +219,32 @@ class SQLiteStore:
                     (kv.tier, kv.tokens, kv.replica, kv.usage.to_json(), session_id),
                 )
 
+    def load(
+        self, session_id: str, window: int | None = None, *, owner: str | None = None
+    ) -> tuple[SessionRecord, builtins.list[Message]]:
+        base.check_window(window)
+        record = self.get(session_id)
+        if record is None or not base.owned_by(record, owner):
+            raise base.not_found(session_id)
+        return record, self.messages(session_id, window)
+
+    def append_and_read(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: Holder = None,
+        owner: str | None = None,
+    ) -> builtins.list[Message]:
+        """Three steps, not one transaction: in-process calls cost no round trip, and what a concurrent writer does
+        between them is what a reader after the append would see anyway."""
+        record = self.get(session_id)
+        if record is None or not base.owned_by(record, owner):
+            raise base.not_found(session_id)
+        self.append(session_id, messages, now, holder=holder)
+        return self.messages(session_id)
+
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)
         with self._read() as conn:

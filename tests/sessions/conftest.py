@@ -19,7 +19,11 @@ def reset_postgres(url: str) -> None:
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS sessionserve_messages, sessionserve_sessions, sessionserve_schema CASCADE")
+        conn.execute(
+            "DROP TABLE IF EXISTS sessionserve_messages, sessionserve_sessions, sessionserve_schema, sessionserve_count"
+            " CASCADE"
+        )
+        conn.execute("DROP FUNCTION IF EXISTS sessionserve_count_sessions")
 
 
 @pytest.fixture(params=BACKENDS)

@@ -281,6 +281,70 @@ def test_a_refused_append_sets_no_kv_report(store):
         store.append("nope", [U1], now=1.0, kv=ON_HOST)
 
 
+# ---- load: a session's record and history in one call ----------------------------------------------------
+def test_load_returns_the_record_and_the_last_window_of_messages(store):
+    store.create(record())
+    store.append("s1", [U1, A1, U1], now=150.0, kv=ON_DEVICE)
+    expected = record(last_active_at=150.0, kv=ON_DEVICE)
+    assert store.load("s1") == (expected, [U1, A1, U1])
+    assert store.load("s1", 2, owner="alice") == (expected, [A1, U1])
+    assert store.load("s1", 10**30) == (expected, [U1, A1, U1])
+    store.create(record("empty", owner=None))
+    assert store.load("empty") == (record("empty", owner=None), [])
+
+
+@pytest.mark.parametrize("owner", ["bob", ""])
+def test_load_for_another_owner_is_not_found(store, owner):
+    store.create(record())
+    store.create(record("nobodys", owner=None))
+    for session_id in ("s1", "nobodys", "missing"):
+        with pytest.raises(SessionNotFound, match=session_id):
+            store.load(session_id, owner=owner)
+
+
+@pytest.mark.parametrize("window", [0, -1, 1.5, True])
+def test_load_checks_the_window(store, window):
+    store.create(record())
+    with pytest.raises(InvalidRequest, match="window"):
+        store.load("s1", window)
+
+
+# ---- append_and_read: the append route's one call ---------------------------------------------------------
+def test_append_and_read_returns_the_whole_history_and_keeps_the_kv_report(store):
+    store.create(record())
+    store.append("s1", [U1, A1], now=150.0, kv=ON_DEVICE)
+    u2 = Message("user", "u2 \u00e9\U0001f600")
+    assert store.append_and_read("s1", [u2], now=160.0, owner="alice") == [U1, A1, u2]
+    assert store.append_and_read("s1", [A1], now=170.0) == [U1, A1, u2, A1]  # no owner given: any caller
+    assert store.messages("s1") == [U1, A1, u2, A1]
+    assert store.get("s1") == record(last_active_at=170.0, kv=ON_DEVICE)  # history only grew: the KV still matches
+
+
+@pytest.mark.parametrize("owner", ["bob", ""])
+def test_append_and_read_for_another_owner_is_not_found_and_writes_nothing(store, owner):
+    store.create(record())
+    store.create(record("nobodys", owner=None))
+    store.append("s1", [U1], now=150.0)
+    store.acquire_lease("s1", "turn-a", ttl_s=60)  # busy too, but another owner must not learn even that
+    for session_id in ("s1", "nobodys", "missing"):
+        with pytest.raises(SessionNotFound, match=session_id):
+            store.append_and_read(session_id, [A1], now=160.0, owner=owner)
+    assert store.messages("s1") == [U1] and store.messages("nobodys") == []
+    assert store.get("s1").last_active_at == 150.0
+
+
+def test_append_and_read_honours_the_lease(store):
+    store.create(record())
+    store.acquire_lease("s1", "turn-a", ttl_s=60)
+    with pytest.raises(SessionBusy, match="s1"):
+        store.append_and_read("s1", [U1], now=160.0, owner="alice")
+    assert store.messages("s1") == []
+    assert store.append_and_read("s1", [U1], now=170.0, holder="turn-a", owner="alice") == [U1]
+    with pytest.raises(TypeError):
+        store.append_and_read("s1", [A1, "not parsed"], now=180.0, holder="turn-a")  # type: ignore[list-item]
+    assert store.messages("s1") == [U1]
+
+
 def test_clear_resets_the_kv_report(store):
     store.create(record())
     store.append("s1", [U1, A1], now=150.0, kv=ON_DEVICE)
@@ -331,15 +395,21 @@ def test_ping(store):
 
 
 def test_concurrent_appends_from_two_store_objects_keep_every_message_once_in_order(backend, open_backend):
-    """Two store objects (two pools/connections for the network stores), three threads each, appending at once."""
+    """Two store objects (two pools/connections for the network stores), three threads each, appending at once;
+    half of them through append_and_read, whose answers must each be a moment of the final history with its batch."""
     stores = [open_backend(), open_backend()]
     stores[0].create(record())
     start = threading.Barrier(6)
+    answers: list[tuple[list[Message], list[Message]]] = []
 
     def writer(store, name: str) -> None:
         start.wait()
         for i in range(15):
-            store.append("s1", [Message("user", f"{name}:{i}"), Message("assistant", f"{name}:{i}")], now=float(i))
+            batch = [Message("user", f"{name}:{i}"), Message("assistant", f"{name}:{i}")]
+            if int(name[1:]) % 2:
+                answers.append((batch, store.append_and_read("s1", batch, now=float(i))))
+            else:
+                store.append("s1", batch, now=float(i))
 
     threads = [threading.Thread(target=writer, args=(stores[n % 2], f"w{n}")) for n in range(6)]
     for thread in threads:
@@ -353,6 +423,9 @@ def test_concurrent_appends_from_two_store_objects_keep_every_message_once_in_or
     for n in range(6):  # each writer's turns in the order it wrote them, none lost or doubled
         assert [u.content for u, _ in pairs if u.content.startswith(f"w{n}:")] == [f"w{n}:{i}" for i in range(15)]
     assert stores[0].messages("s1", window=8) == history[-8:]
+    assert len(answers) == 45
+    for batch, answer in answers:
+        assert answer == history[: len(answer)] and batch[0] in answer
 
 
 # ---- the session limit -----------------------------------------------------------------------------------
@@ -397,6 +470,30 @@ def test_racing_creates_from_two_store_objects_never_exceed_the_limit(open_backe
     with pytest.raises(TooManySessions):
         stores[0].create(record("one-too-many"), limit=10)
     assert stores[1].count() == 10
+
+
+def test_count_stays_exact_while_two_store_objects_create_and_delete_at_once(open_backend):
+    """PostgreSQL keeps the count in trigger-maintained stripes rather than counting rows: no create, delete or
+    idle-expiry sweep racing with others may be lost from it."""
+    stores = [open_backend(), open_backend()]
+    start = threading.Barrier(4)
+
+    def churn(store, name: str) -> None:
+        start.wait()
+        for i in range(12):
+            store.create(record(f"{name}-{i}", now=float(i)))
+            if i % 3 == 0:
+                store.delete(f"{name}-{i}")
+        store.expire_idle(before=4.0)  # two sweeps at once, each deleting several sessions
+
+    threads = [threading.Thread(target=churn, args=(stores[n % 2], f"c{n}")) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    left = [f"c{n}-{i}" for n in range(4) for i in range(4, 12) if i % 3]
+    assert stores[0].missing(left) == [] and len(stores[1].recent(limit=100)) == len(left)
+    assert stores[0].count() == stores[1].count() == len(left)
 
 
 def test_only_one_of_many_racing_holders_gets_the_lease(open_backend):

@@ -151,20 +151,21 @@ def test_postgresql_migrates_a_v1_database_to_the_current_version(postgres_url, 
         )
         conn.execute(v1_insert, ("s1", 1))
         conn.execute("INSERT INTO sessionserve_messages VALUES ('s1', 0, 'user', 'u1')")
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     store = PostgreSQLStore(postgres_url)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(3,)]
+        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(4,)]
         assert {"kv_tier", "kv_tokens", "kv_replica", "kv_usage", "kv_policy"} <= _columns(conn)
-        conn.execute(v1_insert, ("s2", 0))  # a v1 replica still running keeps working on the v3 schema
+        conn.execute(v1_insert, ("s2", 0))  # a v1 replica still running keeps working on the v4 schema
     assert store.get("s1") == record() and store.get("s2") == record("s2")  # nothing reported yet
+    assert store.count() == 2  # v4's count: the session there before (backfilled) and the one written since
     store.append("s1", [A1], now=150.0, kv=KVReport("device", 5, "r1"))
     assert store.messages("s1") == [U1, A1]
     assert store.list("alice") == [record(last_active_at=150.0, kv=KVReport("device", 5, "r1")), record("s2")]
     store.close()
-    PostgreSQLStore(postgres_url).close()  # already at v3: opening again migrates nothing
+    PostgreSQLStore(postgres_url).close()  # already at v4: opening again migrates nothing
     with psycopg.connect(postgres_url) as conn:
-        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(3,)]
+        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(4,)]
 
 
 def test_postgresql_refuses_nul_characters_clearly(postgres_url):

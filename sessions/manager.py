@@ -177,9 +177,9 @@ class SessionManager:
 
     def destroy(self, session_id: str, owner: str | None = None) -> None:
         """Delete history and record, and free the session's KV."""
-        record = self.get(session_id, owner)
-        if not self.store.delete(session_id, holder=self._holder(session_id)):
-            raise base.not_found(session_id)  # deleted concurrently
+        record = self.store.delete(session_id, holder=self._holder(session_id), owner=owner)
+        if record is None:
+            raise base.not_found(session_id)
         self._turn_locks.pop(session_id, None)
         self._release(session_id, record.kv)
 

@@ -90,8 +90,9 @@ class HistoryStore(Protocol):
         store. SessionNotFound if missing or another owner's (see `owned_by`)."""
         ...
 
-    def delete(self, session_id: str, *, holder: Holder = None) -> bool:
-        """Delete the record and its messages; False if there was nothing to delete."""
+    def delete(self, session_id: str, *, holder: Holder = None, owner: str | None = None) -> SessionRecord | None:
+        """Delete the record and its messages; the record as it was (its KV report says what to free), or None if
+        there was nothing to delete: nothing of `owner`'s, when given (another owner's session is left alone)."""
         ...
 
     def append(

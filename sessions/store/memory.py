@@ -74,13 +74,14 @@ class MemoryStore:
             session = self._sessions.get(session_id)
             return None if session is None else _copy(session.record)
 
-    def delete(self, session_id: str, *, holder: Holder = None) -> bool:
+    def delete(self, session_id: str, *, holder: Holder = None, owner: str | None = None) -> SessionRecord | None:
         with self._lock:
-            if session_id not in self._sessions:
-                return False
+            session = self._sessions.get(session_id)
+            if session is None or not base.owned_by(session.record, owner):
+                return None
             self._writable(session_id, holder)
             del self._sessions[session_id]
-            return True
+            return _copy(session.record)
 
     def append(
         self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None

@@ -39,6 +39,7 @@ _COLUMNS = (
     " kv_usage, kv_policy"
 )
 _FREE = "(lease_holder IS NULL OR lease_holder = %(holder)s OR lease_until <= %(now)s)"  # mutation allowed
+_OWNED = "(%(owner)s::text IS NULL OR owner = %(owner)s)"  # the caller's session (NULL: any caller)
 _NO_KV = {"kv_tier": "'none'", "kv_tokens": "0", "kv_replica": "''", "kv_usage": "'{}'"}  # column -> KVReport()
 # SET clauses: the KV report reset (clear), reset when update() changes the system prompt, set by append() if given.
 _RESET_KV = ", ".join(f"{column} = {value}" for column, value in _NO_KV.items())
@@ -54,7 +55,7 @@ _APPEND = (
     "WITH bumped AS ("
     "  UPDATE sessionserve_sessions SET next_seq = next_seq + %(n)s, last_active_at = %(active)s,"
     f"  {_SET_KV_IF_GIVEN}"
-    f"  WHERE session_id = %(id)s AND {_FREE} AND (%(owner)s::text IS NULL OR owner = %(owner)s)"
+    f"  WHERE session_id = %(id)s AND {_FREE} AND {_OWNED}"
     "  RETURNING next_seq - %(n)s AS first),"
     " inserted AS ("
     "  INSERT INTO sessionserve_messages (session_id, seq, role, content)"
@@ -203,13 +204,15 @@ class PostgreSQLStore:
         rows = self._all(sql, params)
         return rows[0] if rows else None
 
+    def _visible(self, session_id: str, owner: str | None) -> bool:
+        """The session exists and, for `owner`, is theirs."""
+        row = self._one("SELECT owner FROM sessionserve_sessions WHERE session_id = %s", (session_id,))
+        return row is not None and (owner is None or row[0] == owner)
+
     def _refused(self, session_id: str, owner: str | None = None) -> Exception:
         """Why a conditional mutation touched no row: the session is missing (or, for `owner`, another owner's), or
         another holder leases it."""
-        row = self._one("SELECT owner FROM sessionserve_sessions WHERE session_id = %s", (session_id,))
-        if row is None or (owner is not None and row[0] != owner):
-            return base.not_found(session_id)
-        return base.busy(session_id)
+        return base.busy(session_id) if self._visible(session_id, owner) else base.not_found(session_id)
 
     # ---- records -----------------------------------------------------------------------------------
     def create(self, record: SessionRecord, *, limit: int | None = None) -> None:
@@ -233,12 +236,17 @@ class PostgreSQLStore:
         row = self._one(_SELECT_RECORD, (session_id,))
         return None if row is None else _record(row)
 
-    def delete(self, session_id: str, *, holder: Holder = None) -> bool:
-        params = {"id": session_id, "holder": holder, "now": self._clock()}
-        if self._one(f"DELETE FROM sessionserve_sessions WHERE session_id = %(id)s AND {_FREE} RETURNING 1", params):
-            return True
-        if self._one("SELECT 1 FROM sessionserve_sessions WHERE session_id = %s", (session_id,)) is None:
-            return False
+    def delete(self, session_id: str, *, holder: Holder = None, owner: str | None = None) -> SessionRecord | None:
+        params = {"id": session_id, "holder": holder, "now": self._clock(), "owner": owner}
+        row = self._one(
+            f"DELETE FROM sessionserve_sessions WHERE session_id = %(id)s AND {_FREE} AND {_OWNED}"
+            f" RETURNING {_COLUMNS}",
+            params,
+        )
+        if row is not None:
+            return _record(row)
+        if not self._visible(session_id, owner):
+            return None
         raise base.busy(session_id)
 
     def update(

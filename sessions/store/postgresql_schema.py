@@ -80,6 +80,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         " REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION sessionserve_count_sessions()",
         "CREATE TRIGGER sessionserve_count_deletes AFTER DELETE ON sessionserve_sessions"
         " REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION sessionserve_count_sessions()",
+        # an operator's TRUNCATE fires no DELETE trigger
+        "CREATE FUNCTION sessionserve_count_reset() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN UPDATE sessionserve_count SET sessions = 0; RETURN NULL; END $$",
+        "CREATE TRIGGER sessionserve_count_truncates AFTER TRUNCATE ON sessionserve_sessions"
+        " FOR EACH STATEMENT EXECUTE FUNCTION sessionserve_count_reset()",
         "UPDATE sessionserve_count SET sessions = (SELECT count(*) FROM sessionserve_sessions) WHERE stripe = 0",
     ),
 }

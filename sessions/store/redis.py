@@ -68,6 +68,11 @@ def _record(session_id: str, fields: dict[str, str]) -> SessionRecord:
     )
 
 
+def _only(owner: str | None) -> tuple[str, str]:
+    """A script's owner arguments: ('1', owner) for that owner's sessions only, ('0', '') for any."""
+    return ("0", "") if owner is None else ("1", owner)
+
+
 def _first(window: int | None) -> int:
     """LRANGE's start for the last `window` messages (0: all)."""
     return 0 if window is None else -min(window, 2**62)
@@ -176,11 +181,13 @@ class RedisStore:
         fields: dict[str, str] = self._call(lambda: self._redis.hgetall(f"{self.prefix}s:{session_id}"))  # type: ignore[arg-type,return-value]
         return _record(session_id, fields) if fields else None
 
-    def delete(self, session_id: str, *, holder: Holder = None) -> bool:
-        outcome = self._run("DELETE", session_id, holder or "", self._clock(), self._ttl_ms)
+    def delete(self, session_id: str, *, holder: Holder = None, owner: str | None = None) -> SessionRecord | None:
+        outcome = self._run("DELETE", session_id, holder or "", self._clock(), self._ttl_ms, *_only(owner))
         if outcome == "busy":
             raise base.busy(session_id)
-        return bool(outcome == "ok")
+        if outcome == "missing":
+            return None
+        return _record(session_id, dict(zip(outcome[::2], outcome[1::2], strict=True)))
 
     def update(
         self, session_id: str, *, system_prompt: Prompt = UNCHANGED, metadata: Metadata = None, holder: Holder = None
@@ -255,9 +262,8 @@ class RedisStore:
         owner: str | None = None,
     ) -> builtins.list[Message]:
         batch = [json.dumps([m.role, m.content]) for m in base.check_messages(messages)]
-        only = ("0", "") if owner is None else ("1", owner)
         outcome = self._run(
-            "APPEND_READ", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *only, *batch
+            "APPEND_READ", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *_only(owner), *batch
         )
         if isinstance(outcome, str):
             self._refused(session_id, outcome)

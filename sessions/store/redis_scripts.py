@@ -145,9 +145,16 @@ forget_kv(rec)
 """)
 
 # ARGV: the guard's only (refreshing keys that are gone does nothing)
-DELETE = _edit("""
+# ARGV: ..., ttl_ms, owner_flag ('1' = only the next one's, '0' = any), owner. Answers the record's fields as they
+# were.
+DELETE = _edit(
+    """
+local was = redis.call('HGETALL', rec)
 remove(id)
-""")
+""",
+    owner="(ARGV[6] == '1' and ARGV[7] or nil)",
+    answer="was",
+)
 
 # ARGV: prefix, id, holder, now, ttl_ms, prompt_mode ('keep' | 'clear' | 'set'), prompt, metadata ('' = keep)
 UPDATE = (

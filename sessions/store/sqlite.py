@@ -191,13 +191,14 @@ class SQLiteStore:
         row = self._one(f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,))
         return None if row is None else _record(row)
 
-    def delete(self, session_id: str, *, holder: Holder = None) -> bool:
+    def delete(self, session_id: str, *, holder: Holder = None, owner: str | None = None) -> SessionRecord | None:
         with self._write() as conn:
-            if conn.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
-                return False
+            row = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+            if row is None or not base.owned_by(record := _record(row), owner):
+                return None
             self._require_writable(conn, session_id, holder)
             conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
-            return True
+            return record
 
     def append(
         self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None

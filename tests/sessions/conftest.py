@@ -23,7 +23,7 @@ def reset_postgres(url: str) -> None:
             "DROP TABLE IF EXISTS sessionserve_messages, sessionserve_sessions, sessionserve_schema, sessionserve_count"
             " CASCADE"
         )
-        conn.execute("DROP FUNCTION IF EXISTS sessionserve_count_sessions")
+        conn.execute("DROP FUNCTION IF EXISTS sessionserve_count_sessions, sessionserve_count_reset")
 
 
 @pytest.fixture(params=BACKENDS)

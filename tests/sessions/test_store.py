@@ -124,8 +124,9 @@ def test_clear_keeps_record_and_system_prompt(store):
 def test_delete_removes_messages_too(store):
     store.create(record())
     store.append("s1", [U1, A1], now=101.0)
-    assert store.delete("s1") is True
-    assert store.delete("s1") is False
+    before = store.get("s1")
+    assert store.delete("s1") == before
+    assert store.delete("s1") is None
     assert store.get("s1") is None
     store.create(record())  # the id is free again and carries no old messages
     assert store.messages("s1") == []

@@ -65,7 +65,7 @@ def test_the_holder_mutates_and_renews(store):
     store.acquire_lease("s1", "turn-b", ttl_s=60)  # free again
     store.release_lease("s1", "turn-b")
     store.append("s1", [U1], now=160.0)
-    assert store.delete("s1") is True
+    assert store.delete("s1") == record(system_prompt=None, last_active_at=160.0)  # the record as it was
 
 
 def test_lease_of_a_missing_session(store):
@@ -279,6 +279,22 @@ def test_a_refused_append_sets_no_kv_report(store):
     assert store.get("s1").kv == ON_HOST
     with pytest.raises(SessionNotFound):
         store.append("nope", [U1], now=1.0, kv=ON_HOST)
+
+
+# ---- delete for an owner ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("owner", ["bob", ""])
+def test_delete_for_another_owner_leaves_the_session_alone(store, owner):
+    store.create(record(kv=ON_HOST))
+    store.create(record("nobodys", owner=None))
+    store.append("s1", [U1], now=150.0)
+    store.acquire_lease("s1", "turn-a", ttl_s=60)  # busy too, but another owner must not learn even that
+    assert store.delete("s1", owner=owner) is None
+    assert store.delete("nobodys", owner=owner) is None and store.delete("missing", owner=owner) is None
+    assert store.messages("s1") == [U1] and store.count() == 2
+    with pytest.raises(SessionBusy):
+        store.delete("s1", owner="alice")
+    assert store.delete("s1", owner="alice", holder="turn-a") == record(last_active_at=150.0, kv=ON_HOST)
+    assert store.get("s1") is None and store.count() == 1
 
 
 # ---- load: a session's record and history in one call ----------------------------------------------------

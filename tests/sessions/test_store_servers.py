@@ -168,6 +168,21 @@ def test_postgresql_migrates_a_v1_database_to_the_current_version(postgres_url, 
         assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(4,)]
 
 
+def test_postgresql_counts_sessions_through_an_operators_truncate(postgres_url):
+    reset_postgres(postgres_url)
+    store = PostgreSQLStore(postgres_url)
+    for session_id in ("s1", "s2", "s3"):
+        store.create(record(session_id))
+    store.delete("s2")
+    assert store.count() == 2
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("TRUNCATE sessionserve_sessions CASCADE")
+    assert store.count() == 0
+    store.create(record("s4"), limit=1)
+    assert store.count() == 1
+    store.close()
+
+
 def test_postgresql_refuses_nul_characters_clearly(postgres_url):
     reset_postgres(postgres_url)
     store = PostgreSQLStore(postgres_url)

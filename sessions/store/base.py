@@ -22,6 +22,7 @@ from sessions.store.values import (
     KVReport,
     KVUpdate,
     Metadata,
+    Owner,
     Prompt,
     TokenUsage,
     Unchanged,
@@ -34,6 +35,7 @@ __all__ = [  # re-exported
     "KVReport",
     "KVUpdate",
     "Metadata",
+    "Owner",
     "Prompt",
     "TokenUsage",
     "Unchanged",
@@ -83,14 +85,14 @@ class HistoryStore(Protocol):
         ...
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: str | None = None
+        self, session_id: str, window: int | None = None, *, owner: Owner = None
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         """The record and its last `window` messages (all if None) for a caller who must own the session (`owner`;
         None: any caller): what a turn, the session's info and its history start from, in one round trip on a network
         store. SessionNotFound if missing or another owner's (see `owned_by`)."""
         ...
 
-    def delete(self, session_id: str, *, holder: Holder = None, owner: str | None = None) -> SessionRecord | None:
+    def delete(self, session_id: str, *, holder: Holder = None, owner: Owner = None) -> SessionRecord | None:
         """Delete the record and its messages; the record as it was (its KV report says what to free), or None if
         there was nothing to delete: nothing of `owner`'s, when given (another owner's session is left alone)."""
         ...
@@ -105,13 +107,7 @@ class HistoryStore(Protocol):
         ...
 
     def append_and_read(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        now: float,
-        *,
-        holder: Holder = None,
-        owner: str | None = None,
+        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, owner: Owner = None
     ) -> builtins.list[Message]:
         """Append as `append` does, for a caller who must own the session (`owner`; None: any caller), and return
         the whole history after it. The append route answers with that history; on a network store this is one
@@ -187,7 +183,7 @@ def record_row(record: SessionRecord, metadata: object) -> tuple[object, ...]:
     return (*row, kv.tier, kv.tokens, kv.replica, kv.usage.to_json(), record.kv_policy)
 
 
-def owned_by(record: SessionRecord, owner: str | None) -> bool:
+def owned_by(record: SessionRecord, owner: Owner) -> bool:
     """Whether a caller may see the session: None (no caller identity: auth is off) sees every session. A caller who
     may not is told the session does not exist, so ids of others' sessions cannot be probed."""
     return owner is None or record.owner == owner

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from sessions.messages import Message
 from sessions.store import base
 from sessions.store.base import SessionRecord
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, Unchanged
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, Unchanged
 
 
 @dataclass(slots=True)
@@ -74,7 +74,7 @@ class MemoryStore:
             session = self._sessions.get(session_id)
             return None if session is None else _copy(session.record)
 
-    def delete(self, session_id: str, *, holder: Holder = None, owner: str | None = None) -> SessionRecord | None:
+    def delete(self, session_id: str, *, holder: Holder = None, owner: Owner = None) -> SessionRecord | None:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None or not base.owned_by(session.record, owner):
@@ -91,13 +91,7 @@ class MemoryStore:
             _extend(self._writable(session_id, holder), batch, now, kv)
 
     def append_and_read(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        now: float,
-        *,
-        holder: Holder = None,
-        owner: str | None = None,
+        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, owner: Owner = None
     ) -> builtins.list[Message]:
         batch = base.check_messages(messages)
         with self._lock:
@@ -114,7 +108,7 @@ class MemoryStore:
             return list(stored if window is None else stored[-window:])
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: str | None = None
+        self, session_id: str, window: int | None = None, *, owner: Owner = None
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         base.check_window(window)
         with self._lock:

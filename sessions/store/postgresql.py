@@ -32,7 +32,7 @@ from sessions.messages import Message
 from sessions.store import base
 from sessions.store.base import MAX_OFFSET, SessionRecord
 from sessions.store.postgresql_schema import migrate
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, TokenUsage, Unchanged
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
 
 _COLUMNS = (
     "session_id, system_prompt, metadata, created_at, last_active_at, owner, kv_tier, kv_tokens, kv_replica,"
@@ -209,7 +209,7 @@ class PostgreSQLStore:
         row = self._one("SELECT owner FROM sessionserve_sessions WHERE session_id = %s", (session_id,))
         return row is not None and (owner is None or row[0] == owner)
 
-    def _refused(self, session_id: str, owner: str | None = None) -> Exception:
+    def _refused(self, session_id: str, owner: Owner = None) -> Exception:
         """Why a conditional mutation touched no row: the session is missing (or, for `owner`, another owner's), or
         another holder leases it."""
         return base.busy(session_id) if self._visible(session_id, owner) else base.not_found(session_id)
@@ -236,7 +236,7 @@ class PostgreSQLStore:
         row = self._one(_SELECT_RECORD, (session_id,))
         return None if row is None else _record(row)
 
-    def delete(self, session_id: str, *, holder: Holder = None, owner: str | None = None) -> SessionRecord | None:
+    def delete(self, session_id: str, *, holder: Holder = None, owner: Owner = None) -> SessionRecord | None:
         params = {"id": session_id, "holder": holder, "now": self._clock(), "owner": owner}
         row = self._one(
             f"DELETE FROM sessionserve_sessions WHERE session_id = %(id)s AND {_FREE} AND {_OWNED}"
@@ -318,13 +318,7 @@ class PostgreSQLStore:
             raise self._refused(session_id)
 
     def append_and_read(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        now: float,
-        *,
-        holder: Holder = None,
-        owner: str | None = None,
+        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, owner: Owner = None
     ) -> builtins.list[Message]:
         """One round trip: the append and the read are pipelined in one implicit transaction, so the read (a new
         snapshot, READ COMMITTED) sees this append and every one committed before it."""
@@ -362,7 +356,7 @@ class PostgreSQLStore:
         }
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: str | None = None
+        self, session_id: str, window: int | None = None, *, owner: Owner = None
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         """One round trip: both reads pipelined."""
         base.check_window(window)

@@ -35,7 +35,7 @@ from sessions.messages import Message
 from sessions.store import base
 from sessions.store import redis_scripts as lua
 from sessions.store.base import MAX_OFFSET, SessionRecord
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, TokenUsage, Unchanged
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
 
 DEFAULT_PREFIX = "sessionserve:"
 _CLOCK_SKEW_S = 5.0  # how far the hosts' clocks may disagree when deciding which index entries might have expired
@@ -181,7 +181,7 @@ class RedisStore:
         fields: dict[str, str] = self._call(lambda: self._redis.hgetall(f"{self.prefix}s:{session_id}"))  # type: ignore[arg-type,return-value]
         return _record(session_id, fields) if fields else None
 
-    def delete(self, session_id: str, *, holder: Holder = None, owner: str | None = None) -> SessionRecord | None:
+    def delete(self, session_id: str, *, holder: Holder = None, owner: Owner = None) -> SessionRecord | None:
         outcome = self._run("DELETE", session_id, holder or "", self._clock(), self._ttl_ms, *_only(owner))
         if outcome == "busy":
             raise base.busy(session_id)
@@ -253,13 +253,7 @@ class RedisStore:
             self._refused(session_id, outcome)
 
     def append_and_read(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        now: float,
-        *,
-        holder: Holder = None,
-        owner: str | None = None,
+        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, owner: Owner = None
     ) -> builtins.list[Message]:
         batch = [json.dumps([m.role, m.content]) for m in base.check_messages(messages)]
         outcome = self._run(
@@ -270,7 +264,7 @@ class RedisStore:
         return _decode(outcome)
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: str | None = None
+        self, session_id: str, window: int | None = None, *, owner: Owner = None
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         """One round trip: both reads in one MULTI/EXEC."""
         base.check_window(window)

@@ -23,7 +23,7 @@ from sessions.messages import Message
 from sessions.store import base
 from sessions.store.base import MAX_OFFSET, SessionRecord
 from sessions.store.group_commit import GroupCommit
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Prompt, TokenUsage, Unchanged
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
 
 _SCHEMA_VERSION = 4
 _SCHEMA = (
@@ -191,7 +191,7 @@ class SQLiteStore:
         row = self._one(f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,))
         return None if row is None else _record(row)
 
-    def delete(self, session_id: str, *, holder: Holder = None, owner: str | None = None) -> SessionRecord | None:
+    def delete(self, session_id: str, *, holder: Holder = None, owner: Owner = None) -> SessionRecord | None:
         with self._write() as conn:
             row = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
             if row is None or not base.owned_by(record := _record(row), owner):
@@ -221,7 +221,7 @@ class SQLiteStore:
                 )
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: str | None = None
+        self, session_id: str, window: int | None = None, *, owner: Owner = None
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         base.check_window(window)
         record = self.get(session_id)
@@ -230,13 +230,7 @@ class SQLiteStore:
         return record, self.messages(session_id, window)
 
     def append_and_read(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        now: float,
-        *,
-        holder: Holder = None,
-        owner: str | None = None,
+        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, owner: Owner = None
     ) -> builtins.list[Message]:
         """Three steps, not one transaction: in-process calls cost no round trip, and what a concurrent writer does
         between them is what a reader after the append would see anyway."""

@@ -19,6 +19,7 @@ UNCHANGED = Unchanged.UNCHANGED
 
 # Parameter types every backend repeats in its signatures.
 Holder = str | None  # the turn lease an edit acts under; None: the caller holds no lease
+Owner = str | None  # the caller a session must belong to (base.owned_by); None: any caller
 Prompt = str | Unchanged | None  # update: a new system prompt, UNCHANGED, or None to clear it
 Metadata = dict[str, Any] | None  # update: new metadata (replaces it whole), or None to keep it
 KV_TIERS = ("device", "host", "disk", "none")

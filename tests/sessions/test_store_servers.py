@@ -41,6 +41,9 @@ def test_unreachable_server_raises_quickly_and_the_same_store_recovers(backend, 
             ("get", lambda: store.get("s1")),
             ("append", lambda: store.append("s1", [A1], now=160.0)),
             ("acquire_lease", lambda: store.acquire_lease("s1", "turn-a", 60)),
+            ("load", lambda: store.load("s1", owner="alice")),  # PostgreSQL: a pipeline
+            ("append_and_read", lambda: store.append_and_read("s1", [A1], now=160.0, owner="alice")),
+            ("delete", lambda: store.delete("s1", owner="alice")),
         ]:
             started = time.monotonic()
             with pytest.raises(StoreUnavailable) as caught:
@@ -63,7 +66,7 @@ def test_unreachable_server_raises_quickly_and_the_same_store_recovers(backend, 
     if backend == "postgresql":  # durable data survives; Redis runs without persistence here
         assert store.messages("s1") == [U1]
         store.append("s1", [A1], now=170.0)
-        assert store.messages("s1") == [U1, A1]
+        assert store.append_and_read("s1", [U1], now=180.0, owner="alice") == [U1, A1, U1]
     else:
         store.create(record("s2"))
         assert store.get("s2") == record("s2")

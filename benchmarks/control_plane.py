@@ -3,7 +3,10 @@
 Deploys the Ray Serve app (one model replica, the tiny random model: no operation measured here runs the model) on
 loopback with the chosen store, fills it with `--sessions` sessions, then `--clients` concurrent clients run each
 operation for `--seconds`: create, info, history read, append, delete, and `/health` (which never leaves the
-ingress). Reports ops/s and p50/p90 ms per operation and each operation's throughput relative to `/health`.
+ingress). Reports ops/s and p50/p90 ms per operation and each operation's throughput relative to `/health`, and
+the CPU milliseconds each operation cost each process serving it (this process is the client; then the ingress, the
+model replica, Ray's proxy, the store's server, and the rest of the machine): on one small machine they all share
+the same cores, so the ratio depends on who else is busy, while CPU per operation does not.
 
     .venv/bin/python -m benchmarks.control_plane --store sqlite --out results-control-plane.json
     .venv/bin/python -m benchmarks.control_plane --store sqlite --ingress direct   # no proxy hop (serving.ingress)
@@ -13,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -36,6 +42,13 @@ console = Console(stderr=True)
 TARGET_RATIO = 0.8  # session operations run at >= 0.8x the throughput of /health
 MESSAGE = {"role": "user", "content": "a note appended without generating"}
 OPERATIONS = ("health", "create", "info", "history", "append", "delete")  # delete removes what create made
+# Who spent the machine's CPU during each operation's run, by a process's title (Ray names its actors' processes).
+ROLES = {
+    "ingress": ("ray::ServeReplica:control-plane:Ingress",),
+    "model replica": ("ray::ServeReplica:control-plane:LLMServer",),
+    "proxy": ("ray::ProxyActor",),
+    "store": ("postgres", "redis-server"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -149,6 +162,40 @@ async def _measure(
     }
 
 
+def _role(process: psutil.Process) -> str | None:
+    if process.pid == os.getpid():
+        return "client"
+    try:  # Ray titles its actors' processes; a server's title may be its path (/usr/bin/redis-server), its name not
+        names = (" ".join(process.cmdline()), process.name())
+    except psutil.Error:
+        return None
+    return next((role for role, prefixes in ROLES.items() if any(n.startswith(prefixes) for n in names)), None)
+
+
+def _cpu_seconds() -> tuple[float, dict[int, tuple[str, float]]]:
+    """The machine's busy CPU seconds so far, and each role's processes' CPU seconds (this process is the client)."""
+    machine = psutil.cpu_times()
+    busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+    processes: dict[int, tuple[str, float]] = {}
+    for process in psutil.process_iter():
+        role = _role(process)
+        if role is not None:
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                processes[process.pid] = (role, times.user + times.system)
+    return busy, processes
+
+
+def _cpu_ms_per_op(before: tuple[float, dict[int, tuple[str, float]]], ops: int) -> dict[str, float]:
+    """CPU ms per operation since `before`, by role, and the rest of the machine (Ray's own processes, the kernel)."""
+    busy, processes = _cpu_seconds()
+    spent = dict.fromkeys(["client", *ROLES], 0.0)
+    for pid, (role, seconds) in processes.items():
+        spent[role] += seconds - before[1].get(pid, (role, 0.0))[1]  # a process started since counts from zero
+    spent["rest"] = busy - before[0] - sum(spent.values())
+    return {role: round(1000 * seconds / max(ops, 1), 3) for role, seconds in spent.items()}
+
+
 def _operations(ids: list[str], run: str) -> dict[str, Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]]:
     def pick(i: int) -> str:
         return ids[i % len(ids)]
@@ -177,7 +224,9 @@ async def _run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             continue
         most = results["create"]["ops"] if name == "delete" else None  # delete removes what create made
         console.print(f"timing {name} for {args.seconds:g} s")
+        cpu_before = _cpu_seconds()
         results[name] = await _measure(args.clients, args.seconds, operation, url, most)
+        results[name]["cpu_ms_per_op"] = _cpu_ms_per_op(cpu_before, results[name]["ops"])
         console.print(f"{name}: {results[name]}")
     health = results["health"]["ops_per_s"]
     for result in results.values():
@@ -192,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         url = _deploy(store, args.ingress, stack)
         results = asyncio.run(_run(url, args))
     table = Table(title=f"session operations vs /health ({args.clients} clients, {args.sessions} sessions)")
-    for column in ("operation", "ops/s", "p50 ms", "p90 ms", "vs /health"):
+    for column in ("operation", "ops/s", "p50 ms", "p90 ms", "vs /health", "CPU ms/op: client", "ingress", "store"):
         table.add_column(column)
     for name, result in results.items():
+        cpu = result["cpu_ms_per_op"]
         row = (result["ops_per_s"], result["p50_ms"], result["p90_ms"], result["vs_health"])
-        table.add_row(name, *map(str, row))
+        table.add_row(name, *map(str, row), *(f"{cpu[role]:.2f}" for role in ("client", "ingress", "store")))
     console.print(table)
     worst = min(result["vs_health"] for name, result in results.items() if name != "health")
     document = {

@@ -49,23 +49,47 @@ _RESET_KV_IF_NEW_PROMPT = ", ".join(
 )
 _SET_KV_IF_GIVEN = ", ".join(f"{column} = COALESCE(%({column})s, {column})" for column in _NO_KV)
 _OPTIONS = ("timeout", "pool_size")  # our own URL query parameters, not libpq's
+
+
 # Append a batch: the session row's UPDATE takes its row lock, checks the lease (and the owner, if given) and
 # reserves the batch's ordinals; the INSERT writes the batch at them. No row back: refused (see _refused).
-_APPEND = (
-    "WITH bumped AS ("
-    "  UPDATE sessionserve_sessions SET next_seq = next_seq + %(n)s, last_active_at = %(active)s,"
-    f"  {_SET_KV_IF_GIVEN}"
-    f"  WHERE session_id = %(id)s AND {_FREE} AND {_OWNED}"
-    "  RETURNING next_seq - %(n)s AS first),"
-    " inserted AS ("
-    "  INSERT INTO sessionserve_messages (session_id, seq, role, content)"
-    "  SELECT %(id)s, bumped.first + t.ord - 1, t.role, t.content FROM bumped,"
-    "  unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS t(role, content, ord))"
-    " SELECT first FROM bumped"
+def _bump_and_insert(*, unchanged_since_snapshot: bool) -> str:
+    """The CTEs of an append; optionally the session row must be the version the statement's snapshot saw."""
+    seen = " FROM seen" if unchanged_since_snapshot else ""
+    same = " AND sessionserve_sessions.xmin = seen.version" if unchanged_since_snapshot else ""
+    return (
+        "bumped AS ("
+        "  UPDATE sessionserve_sessions SET next_seq = next_seq + %(n)s, last_active_at = %(active)s,"
+        f"  {_SET_KV_IF_GIVEN}"
+        f" {seen} WHERE session_id = %(id)s AND {_FREE} AND {_OWNED}{same}"
+        "  RETURNING next_seq - %(n)s AS first),"
+        " inserted AS ("
+        "  INSERT INTO sessionserve_messages (session_id, seq, role, content)"
+        "  SELECT %(id)s, bumped.first + t.ord - 1, t.role, t.content FROM bumped,"
+        "  unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS t(role, content, ord))"
+    )
+
+
+_APPEND = f"WITH {_bump_and_insert(unchanged_since_snapshot=False)} SELECT first FROM bumped"
+# Append and answer the history before it as the statement's snapshot saw it, all as one [[role, content], ...] array
+# (the batch follows it). The CTEs cannot see each other's writes, so that history is only complete if nothing changed
+# the session between the snapshot and the row lock: every write to a session's messages also updates its row, so
+# the UPDATE requires the row version the snapshot saw (PostgreSQL re-checks it on the newest version after waiting
+# for a concurrent writer's lock); otherwise no row comes back and append_and_read takes the two-statement path.
+_APPEND_READ = (
+    "WITH seen AS (SELECT xmin AS version FROM sessionserve_sessions WHERE session_id = %(id)s),"
+    f" {_bump_and_insert(unchanged_since_snapshot=True)}"
+    " SELECT ARRAY(SELECT ARRAY[role, content] FROM sessionserve_messages WHERE session_id = %(id)s ORDER BY seq)"
+    " FROM bumped"
 )
 _HISTORY = (  # the last %(window)s messages (NULL: all), oldest first
     "SELECT role, content FROM (SELECT seq, role, content FROM sessionserve_messages"
     " WHERE session_id = %(id)s ORDER BY seq DESC LIMIT %(window)s) AS last ORDER BY seq"
+)
+_LOAD = (  # the record and, as one [[role, content], ...] array, its last %(window)s messages
+    f"SELECT {_COLUMNS}, ARRAY(SELECT ARRAY[role, content] FROM (SELECT seq, role, content FROM sessionserve_messages"
+    " WHERE session_id = %(id)s ORDER BY seq DESC LIMIT %(window)s) AS last ORDER BY seq)"
+    " FROM sessionserve_sessions WHERE session_id = %(id)s"
 )
 _SELECT_RECORD = f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE session_id = %s"
 _INSERT = f"INSERT INTO sessionserve_sessions ({_COLUMNS}) VALUES ({', '.join(['%s'] * 11)})"
@@ -320,9 +344,13 @@ class PostgreSQLStore:
     def append_and_read(
         self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, owner: Owner = None
     ) -> builtins.list[Message]:
-        """One round trip: the append and the read are pipelined in one implicit transaction, so the read (a new
-        snapshot, READ COMMITTED) sees this append and every one committed before it."""
+        """One statement (see _APPEND_READ); when the session changed under it or the append was refused, the append
+        and the read pipelined in one implicit transaction, so the read (a new snapshot, READ COMMITTED) sees this
+        append and every one committed before it."""
         params = self._append_params(session_id, messages, now, holder, None, owner)
+        row = self._one(_APPEND_READ, params)
+        if row is not None:
+            return [*(Message(role, content) for role, content in row[0]), *base.check_messages(messages)]
         with self._conn() as conn:
             with conn.pipeline():
                 appended = conn.execute(_APPEND, params)
@@ -358,16 +386,12 @@ class PostgreSQLStore:
     def load(
         self, session_id: str, window: int | None = None, *, owner: Owner = None
     ) -> tuple[SessionRecord, builtins.list[Message]]:
-        """One round trip: both reads pipelined."""
+        """One statement, so one snapshot for both (and half the driver's work of a pipeline of two)."""
         base.check_window(window)
-        with self._conn() as conn:
-            with conn.pipeline():
-                found = conn.execute(_SELECT_RECORD, (session_id,))
-                history = conn.execute(_HISTORY, {"id": session_id, "window": _limit(window)})
-            row, rows = found.fetchone(), history.fetchall()
-        if row is None or not base.owned_by(record := _record(row), owner):
+        row = self._one(_LOAD, {"id": session_id, "window": _limit(window)})
+        if row is None or not base.owned_by(record := _record(row[:-1]), owner):
             raise base.not_found(session_id)
-        return record, [Message(role, content) for role, content in rows]
+        return record, [Message(role, content) for role, content in row[-1]]
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)

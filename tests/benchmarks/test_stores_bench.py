@@ -14,5 +14,6 @@ def test_store_benchmark_measures_every_backend(tmp_path, postgres_url, redis_ur
     assert list(report["backends"]) == list(BACKENDS)
     for backend, numbers in report["backends"].items():
         assert numbers["append_per_s"] > 0 and numbers["window_read_per_s"] > 0 and numbers["turn_ms_p50"] > 0
+        assert numbers["append_route_ms_p50"] > 0
         assert ("meets_target" in numbers) == (backend != "memory")
     assert report["backends"]["memory"]["store_share_ms_p50"] == 0

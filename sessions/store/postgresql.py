@@ -92,7 +92,10 @@ _LOAD = (  # the record and, as one [[role, content], ...] array, its last %(win
     " FROM sessionserve_sessions WHERE session_id = %(id)s"
 )
 _SELECT_RECORD = f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE session_id = %s"
-_INSERT = f"INSERT INTO sessionserve_sessions ({_COLUMNS}) VALUES ({', '.join(['%s'] * 11)})"
+_CREATE = (  # the record's columns in _COLUMNS' order, then the limit (NULL: none)
+    "CALL sessionserve_create(%s::text, %s::text, %s::jsonb, %s::float8, %s::float8, %s::text, %s::text, %s::int8,"
+    " %s::text, %s::text, %s::text, %s::int8, NULL)"
+)
 
 
 def _record(row: tuple[Any, ...]) -> SessionRecord:
@@ -243,18 +246,20 @@ class PostgreSQLStore:
         """Admission under `limit` is optimistic, so creates never wait for each other: insert and commit, then count
         what is committed (this session included) and take the session back if that passes the limit. Of any
         sessions that together pass it, the last to commit counts all of them, so a create that succeeds never
-        passes the limit; creates racing at the boundary may all step back (429, and a retry finds room)."""
+        passes the limit; creates racing at the boundary may all step back (429, and a retry finds room). All of it
+        is one CALL (schema v4's sessionserve_create), one round trip."""
         _refuse_nul(record.session_id, record.system_prompt, record.owner, record.kv.replica)
-        values = base.record_row(record, Jsonb(record.metadata))
+        values = (*base.record_row(record, Jsonb(record.metadata)), limit)
         try:
-            inserted = self._all(f"{_INSERT} ON CONFLICT (session_id) DO NOTHING RETURNING 1", values)
+            outcome = (self._one(_CREATE, values) or (None,))[0]
         except psycopg.errors.UntranslatableCharacter as error:  # "\u0000" inside jsonb
             raise _unstorable(error) from None
-        if not inserted:
+        if outcome == "exists":
             raise base.exists(record.session_id)
-        if limit is not None and self.count() > limit:
-            self._exec("DELETE FROM sessionserve_sessions WHERE session_id = %s", (record.session_id,))
+        if outcome == "full" and limit is not None:
             raise base.full(limit)
+        if outcome != "ok":
+            raise RuntimeError(f"sessionserve_create answered {outcome!r}, not ok, exists or full")
 
     def get(self, session_id: str) -> SessionRecord | None:
         row = self._one(_SELECT_RECORD, (session_id,))

@@ -86,6 +86,34 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TRIGGER sessionserve_count_truncates AFTER TRUNCATE ON sessionserve_sessions"
         " FOR EACH STATEMENT EXECUTE FUNCTION sessionserve_count_reset()",
         "UPDATE sessionserve_count SET sessions = (SELECT count(*) FROM sessionserve_sessions) WHERE stripe = 0",
+        # create(record, limit=) in one round trip: insert, commit, then count what is committed and take the session
+        # back past the limit (optimistic admission, see PostgreSQLStore.create). A procedure may COMMIT when CALLed
+        # outside a transaction block, as the store's autocommit connections do.
+        """CREATE PROCEDURE sessionserve_create(
+            p_session_id text, p_system_prompt text, p_metadata jsonb, p_created_at double precision,
+            p_last_active_at double precision, p_owner text, p_kv_tier text, p_kv_tokens bigint, p_kv_replica text,
+            p_kv_usage text, p_kv_policy text, p_limit bigint, INOUT outcome text DEFAULT NULL)
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO sessionserve_sessions (session_id, system_prompt, metadata, created_at, last_active_at, owner,
+                kv_tier, kv_tokens, kv_replica, kv_usage, kv_policy)
+            VALUES (p_session_id, p_system_prompt, p_metadata, p_created_at, p_last_active_at, p_owner, p_kv_tier,
+                p_kv_tokens, p_kv_replica, p_kv_usage, p_kv_policy)
+            ON CONFLICT (session_id) DO NOTHING;
+            IF NOT FOUND THEN
+                outcome := 'exists';
+            ELSIF p_limit IS NULL THEN
+                outcome := 'ok';
+            ELSE
+                COMMIT;
+                IF (SELECT sum(sessions) FROM sessionserve_count) > p_limit THEN
+                    DELETE FROM sessionserve_sessions WHERE session_id = p_session_id;
+                    outcome := 'full';
+                ELSE
+                    outcome := 'ok';
+                END IF;
+            END IF;
+        END $$""",
     ),
 }
 

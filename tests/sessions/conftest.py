@@ -24,6 +24,7 @@ def reset_postgres(url: str) -> None:
             " CASCADE"
         )
         conn.execute("DROP FUNCTION IF EXISTS sessionserve_count_sessions, sessionserve_count_reset")
+        conn.execute("DROP PROCEDURE IF EXISTS sessionserve_create")
 
 
 @pytest.fixture(params=BACKENDS)

@@ -231,7 +231,7 @@ class PostgreSQLStore:
         rows = self._all(sql, params)
         return rows[0] if rows else None
 
-    def _visible(self, session_id: str, owner: str | None) -> bool:
+    def _visible(self, session_id: str, owner: Owner) -> bool:
         """The session exists and, for `owner`, is theirs."""
         row = self._one("SELECT owner FROM sessionserve_sessions WHERE session_id = %s", (session_id,))
         return row is not None and (owner is None or row[0] == owner)
@@ -372,7 +372,7 @@ class PostgreSQLStore:
         now: float,
         holder: Holder,
         kv: KVUpdate,
-        owner: str | None,
+        owner: Owner,
     ) -> dict[str, Any]:
         batch = base.check_messages(messages)
         _refuse_nul(*(m.content for m in batch), None if kv is None else kv.replica)

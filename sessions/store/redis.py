@@ -68,7 +68,7 @@ def _record(session_id: str, fields: dict[str, str]) -> SessionRecord:
     )
 
 
-def _only(owner: str | None) -> tuple[str, str]:
+def _only(owner: Owner) -> tuple[str, str]:
     """A script's owner arguments: ('1', owner) for that owner's sessions only, ('0', '') for any."""
     return ("0", "") if owner is None else ("1", owner)
 

@@ -165,8 +165,7 @@ class SessionService:
 
     def fork(self, session_id: str, new_session_id: str | None = None, owner: str | None = None) -> SessionRecord:
         """A new session with the parent's history, sharing its KV (copy-on-write where the engine can)."""
-        parent = self.manager.get(session_id, owner)
-        history = self.manager.history(session_id, owner=owner)
+        parent, history = self.manager.load(session_id, owner)
         child = self.manager.create(
             new_session_id or uuid.uuid4().hex,
             system_prompt=parent.system_prompt,

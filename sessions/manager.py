@@ -170,10 +170,7 @@ class SessionManager:
 
     def get(self, session_id: str, owner: str | None = None) -> SessionRecord:
         """The record; SessionNotFound also when `owner` differs, so callers cannot probe others' ids."""
-        record = self.store.get(session_id)
-        if record is None or not base.owned_by(record, owner):
-            raise base.not_found(session_id)
-        return record
+        return base.visible(self.store.get(session_id), session_id, owner)
 
     def destroy(self, session_id: str, owner: str | None = None) -> None:
         """Delete history and record, and free the session's KV."""

@@ -189,6 +189,13 @@ def owned_by(record: SessionRecord, owner: Owner) -> bool:
     return owner is None or record.owner == owner
 
 
+def visible(record: SessionRecord | None, session_id: str, owner: Owner) -> SessionRecord:
+    """The record, if there is one and the caller may see it (`owned_by`); else SessionNotFound."""
+    if record is None or not owned_by(record, owner):
+        raise not_found(session_id)
+    return record
+
+
 def check_messages(messages: Sequence[Message]) -> list[Message]:
     """Refuse a batch containing anything but Messages before a backend writes any of it."""
     batch = list(messages)

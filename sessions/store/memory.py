@@ -28,6 +28,10 @@ def _copy(record: SessionRecord) -> SessionRecord:
     return replace(record, metadata=json.loads(json.dumps(record.metadata)))
 
 
+def _last(messages: list[Message], window: int | None) -> list[Message]:
+    return list(messages if window is None else messages[-window:])
+
+
 def _extend(session: _Session, batch: list[Message], now: float, kv: KVUpdate) -> None:
     session.messages.extend(batch)
     session.record.last_active_at = now
@@ -95,8 +99,7 @@ class MemoryStore:
     ) -> builtins.list[Message]:
         batch = base.check_messages(messages)
         with self._lock:
-            if not base.owned_by(self._session(session_id).record, owner):
-                raise base.not_found(session_id)
+            base.visible(self._session(session_id).record, session_id, owner)
             session = self._writable(session_id, holder)
             _extend(session, batch, now, None)
             return list(session.messages)
@@ -104,8 +107,7 @@ class MemoryStore:
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)
         with self._lock:
-            stored = self._session(session_id).messages
-            return list(stored if window is None else stored[-window:])
+            return _last(self._session(session_id).messages, window)
 
     def load(
         self, session_id: str, window: int | None = None, *, owner: Owner = None
@@ -113,10 +115,7 @@ class MemoryStore:
         base.check_window(window)
         with self._lock:
             session = self._session(session_id)
-            if not base.owned_by(session.record, owner):
-                raise base.not_found(session_id)
-            stored = session.messages
-            return _copy(session.record), list(stored if window is None else stored[-window:])
+            return _copy(base.visible(session.record, session_id, owner)), _last(session.messages, window)
 
     def clear(self, session_id: str, *, holder: Holder = None) -> None:
         with self._lock:

@@ -82,13 +82,13 @@ _APPEND_READ = (
     " SELECT ARRAY(SELECT ARRAY[role, content] FROM sessionserve_messages WHERE session_id = %(id)s ORDER BY seq)"
     " FROM bumped"
 )
-_HISTORY = (  # the last %(window)s messages (NULL: all), oldest first
-    "SELECT role, content FROM (SELECT seq, role, content FROM sessionserve_messages"
-    " WHERE session_id = %(id)s ORDER BY seq DESC LIMIT %(window)s) AS last ORDER BY seq"
+_LAST = (  # the last %(window)s messages (NULL: all), newest first: order them by seq to read them
+    "(SELECT seq, role, content FROM sessionserve_messages WHERE session_id = %(id)s ORDER BY seq DESC"
+    " LIMIT %(window)s) AS last"
 )
+_HISTORY = f"SELECT role, content FROM {_LAST} ORDER BY seq"
 _LOAD = (  # the record and, as one [[role, content], ...] array, its last %(window)s messages
-    f"SELECT {_COLUMNS}, ARRAY(SELECT ARRAY[role, content] FROM (SELECT seq, role, content FROM sessionserve_messages"
-    " WHERE session_id = %(id)s ORDER BY seq DESC LIMIT %(window)s) AS last ORDER BY seq)"
+    f"SELECT {_COLUMNS}, ARRAY(SELECT ARRAY[role, content] FROM {_LAST} ORDER BY seq)"
     " FROM sessionserve_sessions WHERE session_id = %(id)s"
 )
 _SELECT_RECORD = f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE session_id = %s"
@@ -394,8 +394,7 @@ class PostgreSQLStore:
         """One statement, so one snapshot for both (and half the driver's work of a pipeline of two)."""
         base.check_window(window)
         row = self._one(_LOAD, {"id": session_id, "window": _limit(window)})
-        if row is None or not base.owned_by(record := _record(row[:-1]), owner):
-            raise base.not_found(session_id)
+        record = base.visible(None if row is None else _record(row[:-1]), session_id, owner)
         return record, [Message(role, content) for role, content in row[-1]]
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:

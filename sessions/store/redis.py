@@ -276,8 +276,7 @@ class RedisStore:
                 return pipe.execute()
 
         fields, rows = self._call(read)
-        if not fields or not base.owned_by(record := _record(session_id, fields), owner):
-            raise base.not_found(session_id)
+        record = base.visible(_record(session_id, fields) if fields else None, session_id, owner)
         return record, _decode(rows)
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:

@@ -144,9 +144,8 @@ redis.call('DEL', msg_key(id))
 forget_kv(rec)
 """)
 
-# ARGV: the guard's only (refreshing keys that are gone does nothing)
 # ARGV: ..., ttl_ms, owner_flag ('1' = only the next one's, '0' = any), owner. Answers the record's fields as they
-# were.
+# were (refreshing keys that are gone does nothing).
 DELETE = _edit(
     """
 local was = redis.call('HGETALL', rec)

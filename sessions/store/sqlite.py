@@ -224,9 +224,7 @@ class SQLiteStore:
         self, session_id: str, window: int | None = None, *, owner: Owner = None
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         base.check_window(window)
-        record = self.get(session_id)
-        if record is None or not base.owned_by(record, owner):
-            raise base.not_found(session_id)
+        record = base.visible(self.get(session_id), session_id, owner)
         return record, self.messages(session_id, window)
 
     def append_and_read(
@@ -234,9 +232,7 @@ class SQLiteStore:
     ) -> builtins.list[Message]:
         """Three steps, not one transaction: in-process calls cost no round trip, and what a concurrent writer does
         between them is what a reader after the append would see anyway."""
-        record = self.get(session_id)
-        if record is None or not base.owned_by(record, owner):
-            raise base.not_found(session_id)
+        base.visible(self.get(session_id), session_id, owner)
         self.append(session_id, messages, now, holder=holder)
         return self.messages(session_id)
 

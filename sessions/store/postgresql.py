@@ -394,8 +394,9 @@ class PostgreSQLStore:
         """One statement, so one snapshot for both (and half the driver's work of a pipeline of two)."""
         base.check_window(window)
         row = self._one(_LOAD, {"id": session_id, "window": _limit(window)})
-        record = base.visible(None if row is None else _record(row[:-1]), session_id, owner)
-        return record, [Message(role, content) for role, content in row[-1]]
+        if row is None:
+            raise base.not_found(session_id)
+        return base.visible(_record(row[:-1]), session_id, owner), [Message(role, content) for role, content in row[-1]]
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)

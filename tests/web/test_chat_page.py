@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import httpx
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 
 REPLY_MS = 180_000  # a turn of the real model on a shared 2-core machine
 QUESTION = "What is the capital of France?"
@@ -89,7 +89,20 @@ def test_chat_streams_forks_renames_and_deletes(chromium_page: Page, http_url: s
     expect(page.locator(".message.assistant .turn-stats")).to_contain_text("KV on device")  # kept across the reload
     screenshot(page, "chat-paris")
 
+    # Until the fork has loaded, the header still shows the parent: its actions wait (a Rename started here lost
+    # focus when the load finished and renamed the fork after its parent). The fork's history is held to see it.
+    held: list[Route] = []
+    page.route(f"**/v1/sessions/{fork}/messages", lambda route: held.append(route))
     sidebar_item(page, fork).click()
+    expect(page.get_by_role("button", name="Rename")).to_be_disabled()
+    for _ in range(100):  # Playwright hands the held request to its handler while the test waits on the page
+        if held:
+            break
+        page.wait_for_timeout(100)
+    assert held, "the page did not ask for the fork's history"
+    for route in held:
+        route.continue_()
+    page.unroute(f"**/v1/sessions/{fork}/messages")
     page.get_by_role("button", name="Rename").click()
     page.locator("#title-input").fill("Italy branch")
     page.locator("#title-input").press("Enter")

@@ -132,7 +132,8 @@ function renderSessions() {
       meta.textContent = `${kvText(s.kv)} · ${new Date(s.last_active_at * 1000).toLocaleString()}`;
       button.disabled = state.busy;
       button.append(title, meta);
-      button.addEventListener("click", () => run(() => select(s.session_id)));
+      // busy(): Rename, Fork, Delete and Send act on state.info, which is the previous session until this one loads.
+      button.addEventListener("click", () => busy(() => select(s.session_id)));
       item.append(button);
       return item;
     }),

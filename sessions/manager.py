@@ -219,13 +219,16 @@ class SessionManager:
             system_prompt = _check_system_prompt(system_prompt)
         if metadata is not None:
             metadata = _check_metadata(metadata)
-        before = self.get(session_id, owner)
-        record = self.store.update(
-            session_id, system_prompt=system_prompt, metadata=metadata, holder=self._holder(session_id)
+        record, freed = self.store.update(
+            session_id,
+            self._clock(),
+            system_prompt=system_prompt,
+            metadata=metadata,
+            holder=self._holder(session_id),
+            owner=owner,
         )
-        self.store.touch(session_id, self._clock())
-        if record.system_prompt != before.system_prompt:
-            self._release(session_id, before.kv)
+        if freed is not None:
+            self._release(session_id, freed)
         return record
 
     def release_orphans(self) -> list[str]:
@@ -271,10 +274,8 @@ class SessionManager:
 
     def clear(self, session_id: str, owner: str | None = None) -> None:
         """Delete the messages but keep the session and its system prompt; its KV no longer matches, so free it."""
-        record = self.get(session_id, owner)
-        self.store.clear(session_id, holder=self._holder(session_id))
-        self.store.touch(session_id, self._clock())
-        self._release(session_id, record.kv)
+        freed = self.store.clear(session_id, self._clock(), holder=self._holder(session_id), owner=owner)
+        self._release(session_id, freed)
 
     def commit_turn(
         self,

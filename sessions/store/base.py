@@ -119,16 +119,25 @@ class HistoryStore(Protocol):
         """The last `window` messages (all if None), oldest first, no system prompt; SessionNotFound if missing."""
         ...
 
-    def clear(self, session_id: str, *, holder: Holder = None) -> None:
-        """Delete the messages, keep the record (and so the system prompt); reset the KV report. SessionNotFound
-        if missing.
-        """
+    def clear(self, session_id: str, now: float, *, holder: Holder = None, owner: Owner = None) -> KVReport:
+        """Delete the messages, keep the record (and so the system prompt), reset the KV report and set
+        last_active_at, for a caller who must own the session (`owner`; None: any caller); the KV report it reset
+        (what to free). One round trip on a network store. SessionNotFound if missing or another owner's."""
         ...
 
     def update(
-        self, session_id: str, *, system_prompt: Prompt = UNCHANGED, metadata: Metadata = None, holder: Holder = None
-    ) -> SessionRecord:
-        """Set the system prompt (None clears it) and/or replace the metadata (None keeps it); the new record.
+        self,
+        session_id: str,
+        now: float,
+        *,
+        system_prompt: Prompt = UNCHANGED,
+        metadata: Metadata = None,
+        holder: Holder = None,
+        owner: Owner = None,
+    ) -> tuple[SessionRecord, KVReport | None]:
+        """Set the system prompt (None clears it) and/or replace the metadata (None keeps it), and last_active_at,
+        for a caller who must own the session (`owner`); the new record, and the KV report a new system prompt
+        reset (what to free; None when the prompt did not change). One round trip on a network store.
 
         A system prompt that differs from the stored one resets the KV report (the KV no longer matches), atomically.
         """

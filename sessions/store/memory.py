@@ -64,6 +64,11 @@ class MemoryStore:
             raise base.busy(session_id)
         return session
 
+    def _owned_writable(self, session_id: str, holder: str | None, owner: Owner) -> _Session:
+        """Not found before busy: another owner's session says nothing about its lease."""
+        base.visible(self._session(session_id).record, session_id, owner)
+        return self._writable(session_id, holder)
+
     def create(self, record: SessionRecord, *, limit: int | None = None) -> None:
         stored = _copy(record)
         with self._lock:
@@ -99,8 +104,7 @@ class MemoryStore:
     ) -> builtins.list[Message]:
         batch = base.check_messages(messages)
         with self._lock:
-            base.visible(self._session(session_id).record, session_id, owner)
-            session = self._writable(session_id, holder)
+            session = self._owned_writable(session_id, holder, owner)
             _extend(session, batch, now, None)
             return list(session.messages)
 
@@ -117,23 +121,34 @@ class MemoryStore:
             session = self._session(session_id)
             return _copy(base.visible(session.record, session_id, owner)), _last(session.messages, window)
 
-    def clear(self, session_id: str, *, holder: Holder = None) -> None:
+    def clear(self, session_id: str, now: float, *, holder: Holder = None, owner: Owner = None) -> KVReport:
         with self._lock:
-            session = self._writable(session_id, holder)
+            session = self._owned_writable(session_id, holder, owner)
             session.messages.clear()
-            session.record.kv = KVReport()
+            freed, session.record.kv = session.record.kv, KVReport()
+            session.record.last_active_at = now
+            return freed
 
     def update(
-        self, session_id: str, *, system_prompt: Prompt = UNCHANGED, metadata: Metadata = None, holder: Holder = None
-    ) -> SessionRecord:
+        self,
+        session_id: str,
+        now: float,
+        *,
+        system_prompt: Prompt = UNCHANGED,
+        metadata: Metadata = None,
+        holder: Holder = None,
+        owner: Owner = None,
+    ) -> tuple[SessionRecord, KVReport | None]:
         copied = None if metadata is None else json.loads(json.dumps(metadata))
         with self._lock:
-            record = self._writable(session_id, holder).record
+            record = self._owned_writable(session_id, holder, owner).record
+            freed = None
             if not isinstance(system_prompt, Unchanged) and system_prompt != record.system_prompt:
-                record.system_prompt, record.kv = system_prompt, KVReport()
+                freed, record.system_prompt, record.kv = record.kv, system_prompt, KVReport()
             if copied is not None:
                 record.metadata = copied
-            return _copy(record)
+            record.last_active_at = now
+            return _copy(record), freed
 
     def touch(self, session_id: str, now: float) -> None:
         with self._lock:

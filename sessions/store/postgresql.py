@@ -48,6 +48,14 @@ _RESET_KV_IF_NEW_PROMPT = ", ".join(
     for column, value in _NO_KV.items()
 )
 _SET_KV_IF_GIVEN = ", ".join(f"{column} = COALESCE(%({column})s, {column})" for column in _NO_KV)
+# The row as it was before an UPDATE changes it (PostgreSQL before 18 has no RETURNING OLD): a self-join on the row,
+# locked, so it is the version the UPDATE changes; renamed, so the UPDATE's own column names stay unambiguous.
+_PRIOR = (
+    "(SELECT session_id AS prior_id, system_prompt AS prior_prompt, kv_tier AS prior_tier, kv_tokens AS prior_tokens,"
+    " kv_replica AS prior_replica, kv_usage AS prior_usage FROM sessionserve_sessions WHERE session_id = %(id)s"
+    " FOR UPDATE) AS prior"
+)
+_PRIOR_KV = "prior_tier, prior_tokens, prior_replica, prior_usage"
 _OPTIONS = ("timeout", "pool_size")  # our own URL query parameters, not libpq's
 
 
@@ -82,6 +90,29 @@ _APPEND_READ = (
     " SELECT ARRAY(SELECT ARRAY[role, content] FROM sessionserve_messages WHERE session_id = %(id)s ORDER BY seq)"
     " FROM bumped"
 )
+# Clear in one statement: reset the row and delete the messages the statement's snapshot saw, which are all of them
+# only if nothing changed the session between the snapshot and the row lock (as in _APPEND_READ), so the UPDATE
+# requires that row version. The answer: the KV report it reset and whether it cleared; a visible session that was
+# not cleared (leased, or changed under the statement) takes clear()'s transaction path.
+_CLEAR = (
+    "WITH seen AS (SELECT xmin AS version, kv_tier, kv_tokens, kv_replica, kv_usage FROM sessionserve_sessions"
+    f"  WHERE session_id = %(id)s AND {_OWNED}),"
+    f" reset AS (UPDATE sessionserve_sessions SET {_RESET_KV}, last_active_at = %(active)s FROM seen"
+    f"  WHERE session_id = %(id)s AND {_FREE} AND sessionserve_sessions.xmin = seen.version RETURNING 1),"
+    " gone AS (DELETE FROM sessionserve_messages WHERE session_id = %(id)s AND EXISTS (SELECT 1 FROM reset))"
+    " SELECT kv_tier, kv_tokens, kv_replica, kv_usage, EXISTS (SELECT 1 FROM reset) FROM seen"
+)
+_CLEAR_LOCKED = (  # clear()'s transaction path: the row reset under its lock, then its messages deleted
+    f"UPDATE sessionserve_sessions SET {_RESET_KV}, last_active_at = %(active)s FROM {_PRIOR}"
+    f" WHERE session_id = prior_id AND {_FREE} AND {_OWNED} RETURNING {_PRIOR_KV}"
+)
+_UPDATE = (  # the new record, whether the system prompt changed, and the KV report that change reset
+    "UPDATE sessionserve_sessions SET"
+    " system_prompt = CASE WHEN %(keep)s THEN system_prompt ELSE %(prompt)s END,"
+    f" metadata = COALESCE(%(metadata)s, metadata), last_active_at = %(active)s, {_RESET_KV_IF_NEW_PROMPT}"
+    f" FROM {_PRIOR} WHERE session_id = prior_id AND {_FREE} AND {_OWNED}"
+    f" RETURNING {_COLUMNS}, NOT %(keep)s AND prior_prompt IS DISTINCT FROM %(prompt)s, {_PRIOR_KV}"
+)
 _LAST = (  # the last %(window)s messages (NULL: all), newest first: order them by seq to read them
     "(SELECT seq, role, content FROM sessionserve_messages WHERE session_id = %(id)s ORDER BY seq DESC"
     " LIMIT %(window)s) AS last"
@@ -100,8 +131,13 @@ _CREATE = (  # the record's columns in _COLUMNS' order, then the limit (NULL: no
 
 def _record(row: tuple[Any, ...]) -> SessionRecord:
     session_id, system_prompt, metadata, created_at, last_active_at, owner, tier, tokens, replica, usage, policy = row
-    kv = KVReport(tier, tokens, replica, TokenUsage.from_json(usage))
+    kv = _kv_report((tier, tokens, replica, usage))
     return SessionRecord(session_id, system_prompt, metadata, created_at, last_active_at, owner, kv, policy)
+
+
+def _kv_report(columns: tuple[Any, ...]) -> KVReport:
+    tier, tokens, replica, usage = columns
+    return KVReport(tier, tokens, replica, TokenUsage.from_json(usage))
 
 
 def _limit(window: int | None) -> int | None:
@@ -279,31 +315,35 @@ class PostgreSQLStore:
         raise base.busy(session_id)
 
     def update(
-        self, session_id: str, *, system_prompt: Prompt = UNCHANGED, metadata: Metadata = None, holder: Holder = None
-    ) -> SessionRecord:
-        keep_prompt = isinstance(system_prompt, Unchanged)
+        self,
+        session_id: str,
+        now: float,
+        *,
+        system_prompt: Prompt = UNCHANGED,
+        metadata: Metadata = None,
+        holder: Holder = None,
+        owner: Owner = None,
+    ) -> tuple[SessionRecord, KVReport | None]:
         prompt = None if isinstance(system_prompt, Unchanged) else system_prompt
         _refuse_nul(prompt)
+        params = {
+            "keep": isinstance(system_prompt, Unchanged),
+            "prompt": prompt,
+            "metadata": None if metadata is None else Jsonb(metadata),
+            "active": now,
+            "id": session_id,
+            "holder": holder,
+            "now": self._clock(),
+            "owner": owner,
+        }
         try:
-            row = self._one(
-                "UPDATE sessionserve_sessions SET"
-                " system_prompt = CASE WHEN %(keep)s THEN system_prompt ELSE %(prompt)s END,"
-                f" metadata = COALESCE(%(metadata)s, metadata), {_RESET_KV_IF_NEW_PROMPT}"
-                f" WHERE session_id = %(id)s AND {_FREE} RETURNING {_COLUMNS}",
-                {
-                    "keep": keep_prompt,
-                    "prompt": prompt,
-                    "metadata": None if metadata is None else Jsonb(metadata),
-                    "id": session_id,
-                    "holder": holder,
-                    "now": self._clock(),
-                },
-            )
+            row = self._one(_UPDATE, params)
         except psycopg.errors.UntranslatableCharacter as error:
             raise _unstorable(error) from None
         if row is None:
-            raise self._refused(session_id)
-        return _record(row)
+            raise self._refused(session_id, owner)
+        record, new_prompt, prior_kv = row[:-5], row[-5], row[-4:]
+        return _record(record), _kv_report(prior_kv) if new_prompt else None
 
     def touch(self, session_id: str, now: float) -> None:
         if not self._one(
@@ -405,16 +445,21 @@ class PostgreSQLStore:
             raise base.not_found(session_id)
         return [Message(role, content) for role, content in rows]
 
-    def clear(self, session_id: str, *, holder: Holder = None) -> None:
-        params = {"id": session_id, "holder": holder, "now": self._clock()}
+    def clear(self, session_id: str, now: float, *, holder: Holder = None, owner: Owner = None) -> KVReport:
+        """One statement (see _CLEAR); when the session changed under it, or to tell a lease from a missing session,
+        a transaction whose UPDATE holds the row lock (so the lease check holds) until the messages are gone."""
+        params = {"id": session_id, "holder": holder, "now": self._clock(), "owner": owner, "active": now}
+        row = self._one(_CLEAR, params)
+        if row is None:
+            raise base.not_found(session_id)
+        if row[-1]:
+            return _kv_report(row[:-1])
         with self._conn() as conn, conn.transaction():
-            row = conn.execute(  # also takes the row lock, so the lease check holds until the messages are gone
-                f"UPDATE sessionserve_sessions SET {_RESET_KV} WHERE session_id = %(id)s AND {_FREE} RETURNING 1",
-                params,
-            ).fetchone()
-            if row is None:
-                raise self._refused(session_id)
+            prior = conn.execute(_CLEAR_LOCKED, params).fetchone()
+            if prior is None:
+                raise self._refused(session_id, owner)
             conn.execute("DELETE FROM sessionserve_messages WHERE session_id = %(id)s", params)
+        return _kv_report(prior)
 
     # ---- leases and expiry -------------------------------------------------------------------------
     def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:

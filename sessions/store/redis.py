@@ -58,14 +58,24 @@ def _record(session_id: str, fields: dict[str, str]) -> SessionRecord:
         float(fields["created_at"]),
         float(fields["last_active_at"]),
         fields.get("owner"),
-        KVReport(
-            fields.get("kv_tier", "none"),
-            int(fields.get("kv_tokens", "0")),
-            fields.get("kv_replica", ""),
-            TokenUsage.from_json(fields.get("kv_usage")),
-        ),
+        _kv_report(fields),
         fields.get("kv_policy", "pinned"),
     )
+
+
+def _kv_report(fields: dict[str, str]) -> KVReport:
+    """From a record's fields, or the scripts' kv_fields (absent fields: nothing reported)."""
+    return KVReport(
+        fields.get("kv_tier", "none"),
+        int(fields.get("kv_tokens", "0")),
+        fields.get("kv_replica", ""),
+        TokenUsage.from_json(fields.get("kv_usage")),
+    )
+
+
+def _pairs(flat: builtins.list[str]) -> dict[str, str]:
+    """HGETALL's answer (field, value, ...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _only(owner: Owner) -> tuple[str, str]:
@@ -187,21 +197,31 @@ class RedisStore:
             raise base.busy(session_id)
         if outcome == "missing":
             return None
-        return _record(session_id, dict(zip(outcome[::2], outcome[1::2], strict=True)))
+        return _record(session_id, _pairs(outcome))
 
     def update(
-        self, session_id: str, *, system_prompt: Prompt = UNCHANGED, metadata: Metadata = None, holder: Holder = None
-    ) -> SessionRecord:
+        self,
+        session_id: str,
+        now: float,
+        *,
+        system_prompt: Prompt = UNCHANGED,
+        metadata: Metadata = None,
+        holder: Holder = None,
+        owner: Owner = None,
+    ) -> tuple[SessionRecord, KVReport | None]:
         if isinstance(system_prompt, Unchanged):
             mode, prompt = "keep", ""
         else:
             mode, prompt = ("clear", "") if system_prompt is None else ("set", system_prompt)
         encoded = "" if metadata is None else json.dumps(metadata)
-        outcome = self._run("UPDATE", session_id, holder or "", self._clock(), self._ttl_ms, mode, prompt, encoded)
-        if outcome[0] != "ok":
-            self._refused(session_id, outcome[0])
-        flat = outcome[1:]
-        return _record(session_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        outcome = self._run(
+            "UPDATE", session_id, holder or "", self._clock(), self._ttl_ms, mode, prompt, encoded, repr(now),
+            *_only(owner),
+        )  # fmt: skip
+        if isinstance(outcome, str):
+            self._refused(session_id, outcome)
+        reset, fields = outcome
+        return _record(session_id, _pairs(fields)), None if reset is None else _kv_report(_pairs(reset))
 
     def touch(self, session_id: str, now: float) -> None:
         if self._run("TOUCH", session_id, self._clock(), self._ttl_ms, repr(now)) != "ok":
@@ -286,10 +306,11 @@ class RedisStore:
             raise base.not_found(session_id)
         return _decode(rows)
 
-    def clear(self, session_id: str, *, holder: Holder = None) -> None:
-        outcome = self._run("CLEAR", session_id, holder or "", self._clock(), self._ttl_ms)
-        if outcome != "ok":
+    def clear(self, session_id: str, now: float, *, holder: Holder = None, owner: Owner = None) -> KVReport:
+        outcome = self._run("CLEAR", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *_only(owner))
+        if isinstance(outcome, str):
             self._refused(session_id, outcome)
+        return _kv_report(_pairs(outcome))
 
     # ---- leases and expiry -------------------------------------------------------------------------
     def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:

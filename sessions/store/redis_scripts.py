@@ -53,7 +53,16 @@ local function set_active(id, active)
   redis.call('ZADD', owner_key(redis.call('HGET', rec, 'owner')), active, id)
 end
 -- A KV report is the fields kv_tier, kv_tokens, kv_replica and kv_usage of the record; absent = nothing reported.
-local function forget_kv(rec) redis.call('HDEL', rec, 'kv_tier', 'kv_tokens', 'kv_replica', 'kv_usage') end
+local KV = {'kv_tier', 'kv_tokens', 'kv_replica', 'kv_usage'}
+local function forget_kv(rec) redis.call('HDEL', rec, unpack(KV)) end
+-- The KV report's fields that are set, as HGETALL answers them (field, value, ...).
+local function kv_fields(rec)
+  local out = {}
+  for i, value in ipairs(redis.call('HMGET', rec, unpack(KV))) do
+    if value then table.insert(out, KV[i]); table.insert(out, value) end
+  end
+  return out
+end
 local function remove(id)
   local rec = rec_key(id)
   local owner = redis.call('HGET', rec, 'owner')
@@ -138,11 +147,18 @@ return 'ok'
 """
 )
 
-# ARGV: the guard's only
-CLEAR = _edit("""
+# ARGV: ..., ttl_ms, last_active_at, owner_flag ('1' = only the next one's, '0' = any), owner. Answers the KV report
+# it reset (kv_fields).
+CLEAR = _edit(
+    """
+local was = kv_fields(rec)
 redis.call('DEL', msg_key(id))
 forget_kv(rec)
-""")
+set_active(id, ARGV[6])
+""",
+    owner="(ARGV[7] == '1' and ARGV[8] or nil)",
+    answer="was",
+)
 
 # ARGV: ..., ttl_ms, owner_flag ('1' = only the next one's, '0' = any), owner. Answers the record's fields as they
 # were (refreshing keys that are gone does nothing).
@@ -155,23 +171,23 @@ remove(id)
     answer="was",
 )
 
-# ARGV: prefix, id, holder, now, ttl_ms, prompt_mode ('keep' | 'clear' | 'set'), prompt, metadata ('' = keep)
-UPDATE = (
-    _LIB
-    + """
-local id, holder, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local rec, refused = writable(id, holder, now)
-if not rec then return {refused} end
+# ARGV: ..., ttl_ms, prompt_mode ('keep' | 'clear' | 'set'), prompt, metadata ('' = keep), last_active_at, owner_flag,
+# owner. Answers {the KV report a new prompt reset (kv_fields; nil if the prompt did not change), the record's fields}.
+UPDATE = _edit(
+    """
 local prompt = redis.call('HGET', rec, 'system_prompt')
-if (ARGV[6] == 'clear' and prompt) or (ARGV[6] == 'set' and prompt ~= ARGV[7]) then forget_kv(rec) end
+local reset = false
+if (ARGV[6] == 'clear' and prompt) or (ARGV[6] == 'set' and prompt ~= ARGV[7]) then
+  reset = kv_fields(rec)
+  forget_kv(rec)
+end
 if ARGV[6] == 'clear' then redis.call('HDEL', rec, 'system_prompt') end
 if ARGV[6] == 'set' then redis.call('HSET', rec, 'system_prompt', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', rec, 'metadata', ARGV[8]) end
-refresh(id, now, ttl)
-local out = redis.call('HGETALL', rec)
-table.insert(out, 1, 'ok')
-return out
-"""
+set_active(id, ARGV[9])
+""",
+    owner="(ARGV[10] == '1' and ARGV[11] or nil)",
+    answer="{reset, redis.call('HGETALL', rec)}",
 )
 
 # ARGV: ..., until (the lease's end). Leased, the refresh after it makes the keys persist.

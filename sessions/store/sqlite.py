@@ -175,6 +175,20 @@ class SQLiteStore:
         if base.lease_is_foreign(row[0], row[1], holder, self._clock()):
             raise base.busy(session_id)
 
+    def _writable_record(
+        self, conn: sqlite3.Connection, session_id: str, holder: str | None, owner: Owner
+    ) -> SessionRecord:
+        """The record, for a caller who may see it (else not found, before any lease check) and change it."""
+        row = conn.execute(
+            f"SELECT {_RECORD_COLUMNS}, lease_holder, lease_until FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            raise base.not_found(session_id)
+        record = base.visible(_record(row[:-2]), session_id, owner)
+        if base.lease_is_foreign(row[-2], row[-1], holder, self._clock()):
+            raise base.busy(session_id)
+        return record
+
     def create(self, record: SessionRecord, *, limit: int | None = None) -> None:
         metadata = json.dumps(record.metadata)
         values = base.record_row(record, metadata)
@@ -247,29 +261,37 @@ class SQLiteStore:
             ).fetchall()
         return [Message(role, content) for role, content in rows]
 
-    def clear(self, session_id: str, *, holder: Holder = None) -> None:
+    def clear(self, session_id: str, now: float, *, holder: Holder = None, owner: Owner = None) -> KVReport:
         with self._write() as conn:
-            self._require_writable(conn, session_id, holder)
+            freed = self._writable_record(conn, session_id, holder, owner).kv
             conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
-            conn.execute(f"UPDATE sessions SET {_NO_KV} WHERE session_id = ?", (session_id,))
+            conn.execute(f"UPDATE sessions SET {_NO_KV}, last_active_at = ? WHERE session_id = ?", (now, session_id))
+        return freed
 
     def update(
-        self, session_id: str, *, system_prompt: Prompt = UNCHANGED, metadata: Metadata = None, holder: Holder = None
-    ) -> SessionRecord:
+        self,
+        session_id: str,
+        now: float,
+        *,
+        system_prompt: Prompt = UNCHANGED,
+        metadata: Metadata = None,
+        holder: Holder = None,
+        owner: Owner = None,
+    ) -> tuple[SessionRecord, KVReport | None]:
         with self._write() as conn:
-            self._require_writable(conn, session_id, holder)
-            if not isinstance(system_prompt, Unchanged):  # a different prompt: the KV no longer matches
+            before = self._writable_record(conn, session_id, holder, owner)
+            new_prompt = not isinstance(system_prompt, Unchanged) and system_prompt != before.system_prompt
+            if new_prompt:  # the KV no longer matches
                 conn.execute(
-                    f"UPDATE sessions SET system_prompt = :prompt, {_NO_KV}"
-                    " WHERE session_id = :id AND system_prompt IS NOT :prompt",
-                    {"prompt": system_prompt, "id": session_id},
+                    f"UPDATE sessions SET system_prompt = ?, {_NO_KV} WHERE session_id = ?", (system_prompt, session_id)
                 )
             if metadata is not None:
                 conn.execute(
                     "UPDATE sessions SET metadata = ? WHERE session_id = ?", (json.dumps(metadata), session_id)
                 )
+            conn.execute("UPDATE sessions SET last_active_at = ? WHERE session_id = ?", (now, session_id))
             row = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
-        return _record(row)
+        return _record(row), before.kv if new_prompt else None
 
     def touch(self, session_id: str, now: float) -> None:
         with self._write() as conn:

@@ -76,10 +76,11 @@ def test_append_to_missing_session(store):
     assert store.count() == 0
 
 
-@pytest.mark.parametrize("method", ["messages", "clear"])
-def test_reads_of_missing_session_raise(store, method):
+def test_reads_and_edits_of_a_missing_session_raise(store):
     with pytest.raises(SessionNotFound):
-        getattr(store, method)("nope")
+        store.messages("nope")
+    with pytest.raises(SessionNotFound):
+        store.clear("nope", 5.0)
     with pytest.raises(SessionNotFound):
         store.touch("nope", 5.0)
 
@@ -114,7 +115,7 @@ def test_sqlite_append_rolls_back_a_failure_midway(tmp_path):
 def test_clear_keeps_record_and_system_prompt(store):
     store.create(record(system_prompt="Be terse."))
     store.append("s1", [U1, A1], now=101.0)
-    store.clear("s1")
+    store.clear("s1", 101.5)
     assert store.messages("s1") == []
     assert store.get("s1").system_prompt == "Be terse."
     store.append("s1", [U2], now=102.0)  # numbering restarts cleanly after clear
@@ -246,7 +247,7 @@ def test_sqlite_upgrades_the_file_of_an_earlier_version(tmp_path, version):
     reopened = SQLiteStore(path)  # opening an upgraded file again changes nothing
     assert reopened.get("s1").kv == KVReport("device", 7, "r1")
     assert reopened.get("s2") == record("s2")
-    reopened.clear("s1")
+    assert reopened.clear("s1", 200.0) == KVReport("device", 7, "r1")
     assert reopened.get("s1").kv == KVReport()
     reopened.close()
 

@@ -29,8 +29,8 @@ def mutations(store, holder):
     """Every lease-guarded mutation, as (name, call)."""
     return [
         ("append", lambda: store.append("s1", [U1], now=200.0, holder=holder)),
-        ("clear", lambda: store.clear("s1", holder=holder)),
-        ("update", lambda: store.update("s1", metadata={"x": 1}, holder=holder)),
+        ("clear", lambda: store.clear("s1", 200.0, holder=holder)),
+        ("update", lambda: store.update("s1", 200.0, metadata={"x": 1}, holder=holder)),
         ("delete", lambda: store.delete("s1", holder=holder)),
     ]
 
@@ -58,8 +58,8 @@ def test_the_holder_mutates_and_renews(store):
     store.acquire_lease("s1", "turn-a", ttl_s=60)
     store.acquire_lease("s1", "turn-a", ttl_s=60)  # renewal by the same holder
     store.append("s1", [U1, A1], now=150.0, holder="turn-a")
-    assert store.update("s1", system_prompt=None, holder="turn-a").system_prompt is None
-    store.clear("s1", holder="turn-a")
+    assert store.update("s1", 150.0, system_prompt=None, holder="turn-a")[0].system_prompt is None
+    store.clear("s1", 150.0, holder="turn-a")
     assert store.messages("s1") == []
     store.release_lease("s1", "turn-a")
     store.acquire_lease("s1", "turn-b", ttl_s=60)  # free again
@@ -177,14 +177,14 @@ def test_list_accepts_the_bounds(store):
 def test_update_prompt_and_metadata(store):
     store.create(record())
     store.append("s1", [U1], now=150.0)
-    updated = store.update("s1", system_prompt="Be verbose.")
-    assert updated == record(system_prompt="Be verbose.", last_active_at=150.0)
+    updated, _ = store.update("s1", 160.0, system_prompt="Be verbose.")
+    assert updated == record(system_prompt="Be verbose.", last_active_at=160.0)  # an edit is activity
     assert store.get("s1") == updated
-    updated = store.update("s1", metadata={"lang": "fr", "n": [1, {"x": None}]})
+    updated, _ = store.update("s1", 170.0, metadata={"lang": "fr", "n": [1, {"x": None}]})
     assert updated.system_prompt == "Be verbose." and updated.metadata == {"lang": "fr", "n": [1, {"x": None}]}
-    updated = store.update("s1", system_prompt=None, metadata={})
+    updated, _ = store.update("s1", 180.0, system_prompt=None, metadata={})
     assert (updated.system_prompt, updated.metadata) == (None, {})
-    assert store.update("s1", system_prompt=UNCHANGED) == updated  # nothing to change
+    assert store.update("s1", 180.0, system_prompt=UNCHANGED) == (updated, None)  # nothing to change
     assert store.get("s1") == updated
     assert store.messages("s1") == [U1]  # history untouched
     updated.metadata["mutated"] = True
@@ -193,7 +193,7 @@ def test_update_prompt_and_metadata(store):
 
 def test_update_missing_session(store):
     with pytest.raises(SessionNotFound):
-        store.update("nope", system_prompt="x")
+        store.update("nope", 150.0, system_prompt="x")
 
 
 # ---- KV reports ------------------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def test_the_kv_reports_token_usage_persists_with_each_turn_and_resets_with_the_
     store.append("s1", [U1, A1], now=160.0, kv=second)
     assert store.get("s1").kv.usage == TokenUsage(70, 40, 1, 22, 81)
     assert store.list("alice")[0].kv == second
-    store.clear("s1")
+    assert store.clear("s1", 170.0) == second  # what it reset
     assert store.get("s1").kv == KVReport()  # a new history starts its accounting afresh
 
 
@@ -238,8 +238,8 @@ def test_the_kv_policy_is_stored_with_the_record_and_survives_history_edits(stor
     store.create(record(kv_policy=policy))
     assert store.get("s1").kv_policy == policy
     store.append("s1", [U1, A1], now=150.0, kv=ON_DEVICE)
-    store.clear("s1")
-    store.update("s1", system_prompt="Be verbose.")
+    store.clear("s1", 160.0)
+    store.update("s1", 170.0, system_prompt="Be verbose.")
     assert store.get("s1").kv_policy == policy
     assert store.list("alice")[0].kv_policy == policy
 
@@ -361,18 +361,41 @@ def test_append_and_read_honours_the_lease(store):
     assert store.messages("s1") == [U1]
 
 
-def test_clear_resets_the_kv_report(store):
+def test_clear_resets_the_kv_report_and_answers_what_it_reset(store):
     store.create(record())
     store.append("s1", [U1, A1], now=150.0, kv=ON_DEVICE)
-    store.clear("s1")
-    assert store.get("s1") == record(last_active_at=150.0)
+    assert store.clear("s1", 155.0) == ON_DEVICE
+    assert store.get("s1") == record(last_active_at=155.0)
+    assert store.clear("s1", 156.0) == KVReport()  # nothing reported: nothing to free
     store.append("s1", [U1], now=160.0, kv=ON_HOST)
     store.acquire_lease("s1", "turn-a", ttl_s=60)
     with pytest.raises(SessionBusy):
-        store.clear("s1")
-    assert store.get("s1").kv == ON_HOST  # a refused clear resets nothing
-    store.clear("s1", holder="turn-a")
-    assert store.get("s1").kv == KVReport()
+        store.clear("s1", 170.0)
+    assert store.get("s1") == record(last_active_at=160.0, kv=ON_HOST)  # a refused clear changes nothing
+    assert store.messages("s1") == [U1]
+    assert store.clear("s1", 170.0, holder="turn-a") == ON_HOST
+    assert store.get("s1").kv == KVReport() and store.messages("s1") == []
+
+
+@pytest.mark.parametrize("leased", [False, True])
+def test_clear_and_update_for_an_owner_see_only_their_sessions(store, leased):
+    store.create(record())  # alice's
+    store.append("s1", [U1, A1], now=150.0, kv=ON_DEVICE)
+    if leased:  # another owner learns nothing from a lease either: not found, not busy
+        store.acquire_lease("s1", "turn-a", ttl_s=60)
+    for other in ("bob", ""):
+        with pytest.raises(SessionNotFound):
+            store.clear("s1", 160.0, owner=other)
+        with pytest.raises(SessionNotFound):
+            store.update("s1", 160.0, system_prompt="hijack", owner=other)
+    with pytest.raises(SessionNotFound):
+        store.clear("nope", 160.0, owner="alice")
+    assert store.get("s1") == record(last_active_at=150.0, kv=ON_DEVICE) and store.messages("s1") == [U1, A1]
+    holder = "turn-a" if leased else None
+    updated, freed = store.update("s1", 170.0, metadata={"t": 1}, holder=holder, owner="alice")
+    assert (updated.metadata, updated.last_active_at, freed) == ({"t": 1}, 170.0, None)
+    assert store.clear("s1", 180.0, holder=holder, owner="alice") == ON_DEVICE
+    assert store.messages("s1") == [] and store.get("s1").last_active_at == 180.0
 
 
 @pytest.mark.parametrize(
@@ -381,19 +404,25 @@ def test_clear_resets_the_kv_report(store):
 def test_a_new_system_prompt_resets_the_kv_report(store, before, after):
     store.create(record(system_prompt=before))
     store.append("s1", [U1], now=150.0, kv=ON_DEVICE)
-    updated = store.update("s1", system_prompt=after)
-    assert updated == record(system_prompt=after, last_active_at=150.0) == store.get("s1")
+    updated, freed = store.update("s1", 160.0, system_prompt=after)
+    assert updated == record(system_prompt=after, last_active_at=160.0) == store.get("s1")
+    assert freed == ON_DEVICE  # the report it reset: what to free
     assert store.messages("s1") == [U1]
+    assert store.update("s1", 170.0, system_prompt="another")[1] == KVReport()  # a change with nothing reported
 
 
 @pytest.mark.parametrize("prompt", ["Be terse.", None])
 def test_an_update_that_keeps_the_system_prompt_keeps_the_kv_report(store, prompt):
     store.create(record(system_prompt=prompt))
     store.append("s1", [U1], now=150.0, kv=ON_DEVICE)
-    assert store.update("s1", system_prompt=prompt).kv == ON_DEVICE  # the same prompt again
-    assert store.update("s1", metadata={"lang": "fr"}).kv == ON_DEVICE
-    assert store.update("s1", system_prompt=UNCHANGED, metadata={}).kv == ON_DEVICE
-    assert store.get("s1") == record(system_prompt=prompt, metadata={}, last_active_at=150.0, kv=ON_DEVICE)
+    for update in (
+        {"system_prompt": prompt},  # the same prompt again
+        {"metadata": {"lang": "fr"}},
+        {"system_prompt": UNCHANGED, "metadata": {}},
+    ):
+        updated, freed = store.update("s1", 160.0, **update)
+        assert (updated.kv, freed) == (ON_DEVICE, None), update
+    assert store.get("s1") == record(system_prompt=prompt, metadata={}, last_active_at=160.0, kv=ON_DEVICE)
 
 
 def test_a_refused_update_keeps_the_kv_report(store):
@@ -401,7 +430,7 @@ def test_a_refused_update_keeps_the_kv_report(store):
     store.append("s1", [U1], now=150.0, kv=ON_DEVICE)
     store.acquire_lease("s1", "turn-a", ttl_s=60)
     with pytest.raises(SessionBusy):
-        store.update("s1", system_prompt="Be verbose.")
+        store.update("s1", 160.0, system_prompt="Be verbose.")
     assert store.get("s1") == record(last_active_at=150.0, kv=ON_DEVICE)
 
 

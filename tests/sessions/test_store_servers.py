@@ -43,6 +43,8 @@ def test_unreachable_server_raises_quickly_and_the_same_store_recovers(backend, 
             ("acquire_lease", lambda: store.acquire_lease("s1", "turn-a", 60)),
             ("load", lambda: store.load("s1", owner="alice")),  # PostgreSQL: a pipeline
             ("append_and_read", lambda: store.append_and_read("s1", [A1], now=160.0, owner="alice")),
+            ("clear", lambda: store.clear("s1", 160.0, owner="alice")),
+            ("update", lambda: store.update("s1", 160.0, metadata={"x": 1}, owner="alice")),
             ("delete", lambda: store.delete("s1", owner="alice")),
         ]:
             started = time.monotonic()
@@ -186,13 +188,46 @@ def test_postgresql_counts_sessions_through_an_operators_truncate(postgres_url):
     store.close()
 
 
+def test_postgresql_clear_also_clears_an_append_that_committed_while_it_waited(postgres_url):
+    """clear's one statement deletes the messages its snapshot saw. An append committed after that snapshot, while
+    the clear waited for the row lock, changed the row version, so the clear takes its transaction path and
+    clears that append too, answering the KV report the append left (the one a replica must free)."""
+    reset_postgres(postgres_url)
+    store = PostgreSQLStore(postgres_url)
+    store.create(record())
+    store.append("s1", [U1], now=150.0, kv=KVReport("device", 1, "r1"))
+    cleared: dict[str, KVReport] = {}
+    with psycopg.connect(postgres_url) as writer, psycopg.connect(postgres_url, autocommit=True) as watcher:
+        (seq,) = writer.execute(  # an append, as _APPEND writes it, left uncommitted: it holds the row lock
+            "UPDATE sessionserve_sessions SET next_seq = next_seq + 1, last_active_at = 160, kv_tokens = 2"
+            " WHERE session_id = 's1' RETURNING next_seq - 1"
+        ).fetchone()
+        writer.execute(
+            "INSERT INTO sessionserve_messages (session_id, seq, role, content) VALUES ('s1', %s, 'assistant', 'a1')",
+            (seq,),
+        )
+        clearing = threading.Thread(target=lambda: cleared.update(report=store.clear("s1", 170.0)))
+        clearing.start()
+        deadline = time.monotonic() + 10
+        while not watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone()[0]:  # the clear's snapshot is taken: it waits for the row
+            assert time.monotonic() < deadline, "the clear never waited for the append's row lock"
+            time.sleep(0.02)
+        writer.commit()
+    clearing.join(10)
+    assert store.messages("s1") == []
+    assert cleared["report"] == KVReport("device", 2, "r1")
+    assert store.get("s1").kv == KVReport() and store.get("s1").last_active_at == 170.0
+
+
 def test_postgresql_refuses_nul_characters_clearly(postgres_url):
     reset_postgres(postgres_url)
     store = PostgreSQLStore(postgres_url)
     store.create(record())
     for call in (
         lambda: store.append("s1", [Message("user", "a\x00b")], now=1.0),
-        lambda: store.update("s1", metadata={"k": "a\x00b"}),
+        lambda: store.update("s1", 1.0, metadata={"k": "a\x00b"}),
         lambda: store.create(record("s2", system_prompt="\x00")),
         lambda: store.create(record("s2", kv=KVReport("host", 1, "r\x00"))),
         lambda: store.append("s1", [U1], now=1.0, kv=KVReport("host", 1, "r\x00")),
@@ -261,10 +296,10 @@ def test_redis_keeps_a_kv_report_as_record_fields_absent_until_reported(redis_ur
     store.append("s1", [A1], now=160.0, kv=KVReport("host", 9, "r2"))
     assert raw_redis.hmget("kv-1:s:s1", fields) == ["host", "9", "r2"]
     assert raw_redis.lrange("kv-1:m:s1", 0, -1) == ['["user", "u1"]', '["assistant", "a1"]']
-    store.clear("s1")
+    assert store.clear("s1", 165.0) == KVReport("host", 9, "r2")
     assert not set(fields) & set(raw_redis.hkeys("kv-1:s:s1"))
     store.append("s1", [U1], now=170.0, kv=KVReport("device", 3, "r2"))
-    store.update("s1", system_prompt="Be verbose.")
+    assert store.update("s1", 175.0, system_prompt="Be verbose.")[1] == KVReport("device", 3, "r2")
     assert not set(fields) & set(raw_redis.hkeys("kv-1:s:s1"))
     store.create(record("s2", kv=KVReport("device", 4, "")))
     assert raw_redis.hmget("kv-1:s:s2", fields) == ["device", "4", ""]

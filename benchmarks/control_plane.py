@@ -46,7 +46,7 @@ OPERATIONS = ("health", "create", "info", "history", "append", "delete")  # dele
 ROLES = {
     "ingress": ("ray::ServeReplica:control-plane:Ingress",),
     "model replica": ("ray::ServeReplica:control-plane:LLMServer",),
-    "proxy": ("ray::ProxyActor",),
+    "proxy": ("ray::ProxyActor", "ray::HAProxyManager", "haproxy"),  # HAProxy's process is named by its binary
     "store": ("postgres", "redis-server"),
 }
 
@@ -62,10 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--ingress",
-        choices=("proxy", "direct", "replica"),
+        choices=("proxy", "direct", "replica", "haproxy"),
         default="proxy",
         help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP; replica: the model "
-        "replica serves HTTP (serving.ingress)",
+        "replica serves HTTP; haproxy: HAProxy in front of the ingress replica (serving.ingress)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)

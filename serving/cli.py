@@ -22,6 +22,7 @@ class IngressOption(str, Enum):
     proxy = "proxy"
     direct = "direct"
     replica = "replica"
+    haproxy = "haproxy"
 
 
 @app.command()
@@ -36,7 +37,7 @@ def serve(
         IngressOption | None,
         typer.Option(
             help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP itself; replica: "
-            "the one model replica serves HTTP itself"
+            "the one model replica serves HTTP itself; haproxy: HAProxy on the port, in front of the ingress replicas"
         ),
     ] = None,
 ) -> None:
@@ -96,9 +97,12 @@ def serve(
     url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{served_port}"
     ready = served_port is not None and lifecycle.wait_ready(url, stop.event)
     if ready:
-        via = {"proxy": "Ray Serve's proxy", "direct": "direct ingress", "replica": "the model replica itself"}[
-            http.ingress
-        ]
+        via = {
+            "proxy": "Ray Serve's proxy",
+            "direct": "direct ingress",
+            "replica": "the model replica itself",
+            "haproxy": "HAProxy in front of the ingress replicas",
+        }[http.ingress]
         console.print(
             f"[green]sessionserve ready[/] on {url} ({via}; Ctrl-C or SIGTERM drains and stops)", soft_wrap=True
         )

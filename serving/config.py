@@ -139,11 +139,12 @@ class ServingConfig(_Section):
     shutdown_grace_s: float = Field(
         30, ge=0, description="on SIGTERM/SIGINT, how long running turns may finish before they are cancelled"
     )
-    ingress: Literal["proxy", "direct", "replica"] = Field(
+    ingress: Literal["proxy", "direct", "replica", "haproxy"] = Field(
         "proxy",
         description="proxy: Ray Serve's HTTP proxy forwards to the ingress replica; direct: the ingress replica "
         "serves HTTP on `port` itself (RAY_SERVE_ENABLE_DIRECT_INGRESS), one process hop less per request; "
-        "replica: the one model replica serves HTTP itself, no hop at all (replicas: 1)",
+        "replica: the one model replica serves HTTP itself, no hop at all (replicas: 1); haproxy: HAProxy on `port` "
+        "of each node forwards to the ingress replicas' own ports (RAY_SERVE_ENABLE_HA_PROXY)",
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="our log lines (one per turn, with its request id) as text with key=value fields or JSON"
@@ -154,8 +155,8 @@ class ServingConfig(_Section):
         if self.ingress == "replica" and self.replicas != 1:
             raise ValueError(
                 f"serving.ingress: replica makes the model replica serve HTTP itself, so there is one of it, not "
-                f"{self.replicas}: set serving.replicas to 1, or use ingress direct or proxy to route sessions over "
-                f"several replicas"
+                f"{self.replicas}: set serving.replicas to 1, or use ingress direct, haproxy or proxy to route "
+                f"sessions over several replicas"
             )
         return self
 

@@ -48,7 +48,8 @@ class BenchContext:
     ignore_eos: bool = False  # generate past EOS: every reply is exactly max_new_tokens long
     notes: dict[str, Any] = field(default_factory=dict)
     serve_port: int | None = None  # sessionserve-http: a Ray Serve proxy already started here (tests); None: its own
-    ingress: Literal["proxy", "direct", "replica"] = "proxy"  # sessionserve-http on its own Ray: serving.ingress
+    # sessionserve-http on its own Ray: serving.ingress
+    ingress: Literal["proxy", "direct", "replica", "haproxy"] = "proxy"
 
 
 class System(Protocol):

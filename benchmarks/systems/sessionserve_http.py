@@ -49,7 +49,7 @@ class HTTPSystem:
         port = self.context.serve_port
         if port is None:  # our own cluster, started as `sessionserve serve` starts it
             port = _free_port()
-            if direct_ingress.serves_directly(self.context.ingress) and ray.is_initialized():
+            if self.context.ingress != "proxy" and ray.is_initialized():
                 raise RuntimeError("direct ingress needs a Ray started here, after its variables are set")
             if problem := direct_ingress.prepare_local_ray(self.context.ingress, "127.0.0.1", port):
                 raise RuntimeError(problem)
@@ -119,8 +119,8 @@ class HTTPSystem:
             serve.shutdown()
             ray.shutdown()
             # a later Ray in this process starts without direct ingress's variables again
-            if direct_ingress.serves_directly(self.context.ingress):
-                for name in direct_ingress.local_env(0):
+            if self.context.ingress != "proxy":
+                for name in direct_ingress.local_env(self.context.ingress, 0):
                     os.environ.pop(name, None)
         shutil.rmtree(self.store_dir, ignore_errors=True)
 
@@ -129,6 +129,7 @@ class HTTPSystem:
             "proxy": "Ray Serve proxy -> Ingress (FastAPI) -> LLMServer replica",
             "direct": "Ingress replica (FastAPI, direct ingress) -> LLMServer replica",
             "replica": "Ingress replica holding the LLMServer (FastAPI, direct ingress; no hop)",
+            "haproxy": "HAProxy -> Ingress replica (FastAPI, direct ingress) -> LLMServer replica",
         }
         return {
             "path": f"openai.AsyncOpenAI stream -> {hops[self.context.ingress]} "

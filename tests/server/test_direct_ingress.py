@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from serving.config import load_config
 from serving.server import direct_ingress
+from tests.cluster import free_port
 
 # Serve's instance details while the ingress replica starts (the app's group lists the proxy) and once it runs.
 PROXY = {"ip": "127.0.0.1", "port": 41235, "instance_id": "", "name": "SERVE_PROXY_ACTOR-3f2a"}
@@ -21,7 +22,7 @@ def group(app: str, *targets: dict, protocol: str = "HTTP") -> dict:
 
 
 def test_the_local_environment_gives_the_ingress_exactly_the_configured_port():
-    env = direct_ingress.local_env(8123)
+    env = direct_ingress.local_env("direct", 8123)
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     low, high = int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
     assert list(range(low, high)) == [8123]  # Ray allocates from range(MIN, MAX)
@@ -29,10 +30,20 @@ def test_the_local_environment_gives_the_ingress_exactly_the_configured_port():
     assert direct_ingress.mode_of(env) == "direct"
 
 
+def test_with_haproxy_the_replicas_keep_rays_port_range_and_haproxy_the_configured_port():
+    env = direct_ingress.local_env("haproxy", 8123)
+    assert env == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+    assert direct_ingress.mode_of(env) == "haproxy"
+    assert direct_ingress.http_options("haproxy", "0.0.0.0", 8123) == {"host": "0.0.0.0", "port": 8123}
+    assert direct_ingress.http_options("direct", "0.0.0.0", 8123) == {"host": "0.0.0.0", "port": 0}
+    assert not direct_ingress.serves_directly("haproxy")  # clients reach HAProxy on serving.port, not a replica
+
+
 def test_mode_of_follows_ray_haproxy_implies_direct():
     assert direct_ingress.mode_of({}) == "proxy"
     assert direct_ingress.mode_of({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}) == "proxy"
-    assert direct_ingress.mode_of({"RAY_SERVE_ENABLE_HA_PROXY": "1"}) == "direct"
+    assert direct_ingress.mode_of({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}) == "direct"
+    assert direct_ingress.mode_of({"RAY_SERVE_ENABLE_HA_PROXY": "1"}) == "haproxy"
 
 
 def test_a_mismatch_names_the_variable_and_both_ways_out():
@@ -46,6 +57,16 @@ def test_a_mismatch_names_the_variable_and_both_ways_out():
     assert direct_ingress.mismatch("replica", "direct", "h:6379") is None  # the model replica serves directly
     wanted_replica = direct_ingress.mismatch("replica", "proxy", "h:6379")
     assert wanted_replica and "serving.ingress is replica" in wanted_replica
+
+
+def test_haproxy_needs_a_cluster_started_for_it_and_direct_runs_on_one():
+    assert direct_ingress.mismatch("haproxy", "haproxy", "h:6379") is None
+    assert direct_ingress.mismatch("direct", "haproxy", "h:6379") is None  # each replica still has its own port
+    for cluster, way_out in (("proxy", "--ingress proxy"), ("direct", "--ingress direct")):
+        refused = direct_ingress.mismatch("haproxy", cluster, "h:6379")
+        assert refused and "RAY_SERVE_ENABLE_HA_PROXY=1" in refused and way_out in refused, refused
+    wanted_proxy = direct_ingress.mismatch("proxy", "haproxy", "h:6379")
+    assert wanted_proxy and "--ingress haproxy" in wanted_proxy
 
 
 def test_ingress_ports_skip_the_proxy_listed_until_a_replica_runs():
@@ -62,13 +83,14 @@ def test_ingress_ports_skip_the_proxy_listed_until_a_replica_runs():
 def test_the_config_key_defaults_to_proxy_and_refuses_anything_else():
     assert load_config().serving.ingress == "proxy"
     assert load_config(None, {"serving": {"ingress": "direct"}}).serving.ingress == "direct"
-    with pytest.raises(ValidationError, match="'proxy', 'direct' or 'replica'"):
-        load_config(None, {"serving": {"ingress": "haproxy"}})
+    assert load_config(None, {"serving": {"ingress": "haproxy"}}).serving.ingress == "haproxy"
+    with pytest.raises(ValidationError, match="'proxy', 'direct', 'replica' or 'haproxy'"):
+        load_config(None, {"serving": {"ingress": "nginx"}})
 
 
 def test_the_model_replica_serves_http_only_when_there_is_one_of_it():
     assert load_config(None, {"serving": {"ingress": "replica"}}).serving.replicas == 1
-    with pytest.raises(ValidationError, match=r"set serving\.replicas to 1, or use ingress direct or proxy"):
+    with pytest.raises(ValidationError, match=r"set serving\.replicas to 1, or use ingress direct, haproxy or proxy"):
         load_config(None, {"serving": {"ingress": "replica", "replicas": 2}})
 
 
@@ -84,6 +106,24 @@ def test_prepare_local_ray_sets_the_variables_or_says_why_not(monkeypatch):
         assert in_use == f"port {port} on 127.0.0.1 is already in use"
         assert env == {}
     assert direct_ingress.prepare_local_ray("direct", "127.0.0.1", port) is None
-    assert env == direct_ingress.local_env(port)
+    assert env == direct_ingress.local_env("direct", port)
     refused = direct_ingress.prepare_local_ray("proxy", "127.0.0.1", port)  # the variable is now in the environment
     assert refused and "--ingress direct" in refused
+
+
+def test_prepare_local_ray_for_haproxy_checks_haproxys_own_ports(monkeypatch):
+    env: dict[str, str] = {}
+    monkeypatch.setattr(os, "environ", env)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        stats = taken.getsockname()[1]
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(stats)
+        in_use = direct_ingress.prepare_local_ray("haproxy", "127.0.0.1", free_port())
+        assert in_use and f"RAY_SERVE_HAPROXY_STATS_PORT ({stats})" in in_use and "RAY_SERVE_ENABLE_HA_PROXY" not in env
+    env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
+    assert direct_ingress.prepare_local_ray("haproxy", "127.0.0.1", free_port()) is None
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    for ingress in ("direct", "replica", "proxy"):  # a local Ray would inherit HAProxy, which takes serving.port
+        refused = direct_ingress.prepare_local_ray(ingress, "127.0.0.1", free_port())
+        assert refused and "--ingress haproxy" in refused, refused

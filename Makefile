@@ -35,8 +35,11 @@ lint: install
 system-deps:  # redis-server, PostgreSQL (store tests) and chromium (web page tests); apt-get only when missing
 	bash scripts/install-system-deps.sh
 
+# What needs neither the model nor Ray runs on two workers, as in test-fast; the rest serially, one Ray cluster for
+# all of it. Both parts always run; the target fails if either did.
 test: system-deps model lint
-	$(VENV)/bin/pytest -q -ra --durations=15
+	$(VENV)/bin/pytest -q -ra -n 2 -m "not model and not ray"; fast=$$?; \
+	$(VENV)/bin/pytest -q -ra --durations=15 -m "model or ray" && exit $$fast
 
 test-fast: system-deps install  # two workers: each starts its own PostgreSQL and Redis (free ports, temp dirs)
 	$(VENV)/bin/pytest -q -ra -n 2 -m "not model and not ray"

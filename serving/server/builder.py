@@ -26,6 +26,9 @@ def api_keys(config: Config) -> tuple[str, ...]:
 
 
 KV_PERSIST_TIMEOUT_S = 30.0
+# How often a stopping replica checks that its requests are done (Ray's default: every 2 s, so each replica took at
+# least 2 s to stop, one deployment after the other). Our drain has already let the turns finish or cancelled them.
+SHUTDOWN_WAIT_LOOP_S = 0.25
 SEPARATE_USER_THREAD = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
 
 
@@ -62,6 +65,7 @@ def build_app(config: Config) -> serve.Application:
     model_replica: dict[str, Any] = {
         # A stopping replica writes its sessions' KV to disk (LLMServer.__del__; the engine gives it 30 s).
         "graceful_shutdown_timeout_s": KV_PERSIST_TIMEOUT_S + 15,
+        "graceful_shutdown_wait_loop_s": SHUTDOWN_WAIT_LOOP_S,
         "ray_actor_options": {
             "num_cpus": serving.cpus_per_replica,
             "num_gpus": serving.gpus_per_replica,
@@ -79,7 +83,7 @@ def build_app(config: Config) -> serve.Application:
     model = LLMServer.options(
         num_replicas=serving.replicas, request_router_config=SESSION_AFFINITY, **model_replica
     ).bind(settings, replicas_per_node(serving.replicas))
-    return Ingress.bind(model, settings, api_keys(config))
+    return Ingress.options(graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S).bind(model, settings, api_keys(config))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

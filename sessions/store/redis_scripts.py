@@ -102,10 +102,12 @@ return 'ok'
 )
 
 
-def _edit(body: str, *, owner: str = "nil", answer: str = "'ok'") -> str:
-    """A script that changes a session if `holder` (and `owner`, a Lua expression: nil = any) may: ARGV = prefix,
-    id, holder ('' = none), now, ttl_ms, ... `body` runs with id, rec, now and ttl set; the keys' TTL is refreshed
-    after it. Answers `answer`, or 'missing' or 'busy'."""
+def _edit(body: str, *, owner_at: int | None = None, answer: str = "'ok'") -> str:
+    """A script that changes a session if `holder` may: ARGV = prefix, id, holder ('' = none), now, ttl_ms, ...
+    With `owner_at`, ARGV[owner_at] is the owner flag: '1' = only the sessions of the owner that follows, '0' = any.
+    `body` runs with id, rec, now and ttl set; the keys' TTL is refreshed after it. Answers `answer`, or 'missing'
+    or 'busy'."""
+    owner = "nil" if owner_at is None else f"(ARGV[{owner_at}] == '1' and ARGV[{owner_at + 1}] or nil)"
     guard = f"""
 local id, holder, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local rec, refused = writable(id, holder, now, {owner})
@@ -131,7 +133,7 @@ APPEND_READ = _edit(
 for i = 9, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
 set_active(id, ARGV[6])
 """,
-    owner="(ARGV[7] == '1' and ARGV[8] or nil)",
+    owner_at=7,
     answer="redis.call('LRANGE', msg_key(id), 0, -1)",
 )
 
@@ -156,7 +158,7 @@ redis.call('DEL', msg_key(id))
 forget_kv(rec)
 set_active(id, ARGV[6])
 """,
-    owner="(ARGV[7] == '1' and ARGV[8] or nil)",
+    owner_at=7,
     answer="was",
 )
 
@@ -167,7 +169,7 @@ DELETE = _edit(
 local was = redis.call('HGETALL', rec)
 remove(id)
 """,
-    owner="(ARGV[6] == '1' and ARGV[7] or nil)",
+    owner_at=6,
     answer="was",
 )
 
@@ -186,7 +188,7 @@ if ARGV[6] == 'set' then redis.call('HSET', rec, 'system_prompt', ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', rec, 'metadata', ARGV[8]) end
 set_active(id, ARGV[9])
 """,
-    owner="(ARGV[10] == '1' and ARGV[11] or nil)",
+    owner_at=10,
     answer="{reset, redis.call('HGETALL', rec)}",
 )
 

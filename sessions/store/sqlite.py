@@ -285,11 +285,10 @@ class SQLiteStore:
                 conn.execute(
                     f"UPDATE sessions SET system_prompt = ?, {_NO_KV} WHERE session_id = ?", (system_prompt, session_id)
                 )
-            if metadata is not None:
-                conn.execute(
-                    "UPDATE sessions SET metadata = ? WHERE session_id = ?", (json.dumps(metadata), session_id)
-                )
-            conn.execute("UPDATE sessions SET last_active_at = ? WHERE session_id = ?", (now, session_id))
+            conn.execute(
+                "UPDATE sessions SET metadata = COALESCE(?, metadata), last_active_at = ? WHERE session_id = ?",
+                (None if metadata is None else json.dumps(metadata), now, session_id),
+            )
             row = conn.execute(f"SELECT {_RECORD_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
         return _record(row), before.kv if new_prompt else None
 

@@ -82,12 +82,12 @@ def serve(
             http.ingress, http.host, http.port, request_timeout_s=http.request_timeout_s
         )
     )
-    deploy = lifecycle.BackgroundDeploy(
-        lambda: ray_serve.run(build_app(settings), name=APP_NAME, route_prefix="/"), stop.event
+    deploy = lifecycle.DeployWatch(
+        lambda: lifecycle.deploy_app(build_app(settings), APP_NAME), lambda: lifecycle.app_failure(APP_NAME), stop.event
     ).start()
     served_port: int | None = http.port
     if direct_ingress.serves_directly(http.ingress):
-        served_port = direct_ingress.wait_ingress_port(APP_NAME, stop.event)
+        served_port = direct_ingress.wait_ingress_port(APP_NAME, stop.event, check=deploy.check)
         if served_port is not None and served_port != http.port:
             console.print(
                 f"direct ingress: the cluster gave the ingress port {served_port} (its "
@@ -95,7 +95,7 @@ def serve(
                 soft_wrap=True,
             )
     url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{served_port}"
-    ready = served_port is not None and lifecycle.wait_ready(url, stop.event)
+    ready = served_port is not None and lifecycle.wait_ready(url, stop.event, check=deploy.check)
     if ready:
         via = {
             "proxy": "Ray Serve's proxy",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 IngressMode = Literal["proxy", "direct", "replica", "haproxy"]
@@ -160,7 +160,9 @@ def ingress_ports(details: Mapping[str, Any], app_name: str) -> list[int]:
     )
 
 
-def wait_ingress_port(app_name: str, stop: threading.Event, interval_s: float = 0.5) -> int | None:
+def wait_ingress_port(
+    app_name: str, stop: threading.Event, interval_s: float = 0.5, check: Callable[[], None] = lambda: None
+) -> int | None:
     """The port the app's ingress replica listens on, once Ray has started it; None if asked to stop first.
 
     Ray's public API does not say which port it gave a replica; its instance details (the dashboard's
@@ -169,6 +171,9 @@ def wait_ingress_port(app_name: str, stop: threading.Event, interval_s: float = 
     from ray.serve.context import _get_global_client
 
     while not stop.is_set():
+        check()  # the deploy's status: it may set `stop`
+        if stop.is_set():
+            break
         ports = ingress_ports(_get_global_client().get_serve_details(), app_name)
         if ports:
             return ports[0]

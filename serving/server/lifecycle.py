@@ -47,32 +47,78 @@ class StopSignal:
         self.event.set()
 
 
-class BackgroundDeploy:
-    """`serve.run` waits until every replica is up, which may be never (a replica no node can place): it runs in a
-    daemon thread so that a signal still stops us; a failure is kept and sets the stop event."""
+class DeployWatch:
+    """Deploys without waiting for the replicas, then is polled from the main thread while it waits for the port and
+    /ready: a failed deploy is kept and sets the stop event.
 
-    def __init__(self, deploy: Callable[[], object], stop: threading.Event) -> None:
-        self.error: BaseException | None = None
-        self._deploy, self._stop = deploy, stop
-        self._thread = threading.Thread(target=self._run, name="sessionserve-deploy", daemon=True)
+    `serve.run` would wait until every replica is up, which may be never (a replica no node can place), so it would
+    need a thread of its own; but a thread still polling Serve when `ray.shutdown()` runs calls `ray.init()` again
+    (Ray's auto-connect) and the finished core worker ends the whole process with status 1. Here nothing touches Ray
+    outside the main thread and the bounded stop steps."""
 
-    def start(self) -> BackgroundDeploy:
-        self._thread.start()
-        return self
+    def __init__(self, deploy: Callable[[], object], failure: Callable[[], str | None], stop: threading.Event) -> None:
+        self.error: str | None = None
+        self._deploy, self._failure, self._stop = deploy, failure, stop
 
-    def _run(self) -> None:
+    def start(self) -> DeployWatch:
         try:
             self._deploy()
-        except BaseException as error:
-            if not self._stop.is_set():  # once we are stopping, serve.shutdown() itself ends serve.run with an error
-                self.error = error
-                self._stop.set()
+        except Exception as error:  # the app is refused (a store its processes cannot share) or Serve is down
+            self._fail(str(error))
+        return self
+
+    def check(self) -> None:
+        """One look at the app's status; never raises (a GCS hiccup is not a failed deploy: the next look decides)."""
+        if self.error is not None:
+            return
+        try:
+            message = self._failure()
+        except Exception:
+            log.debug("deploy status poll failed", exc_info=True)
+            return
+        if message:
+            self._fail(message)
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        self._stop.set()
 
 
-def wait_ready(url: str, stop: threading.Event, timeout_s: float | None = None, interval_s: float = 0.5) -> bool:
-    """Poll GET {url}/ready until it answers 200; False if asked to stop (or timed out) first."""
+def deploy_app(app: object, app_name: str) -> None:
+    """Hand the app to Serve's controller and return at once (see DeployWatch)."""
+    from ray import serve
+
+    serve.run_many(
+        [serve.RunTarget(target=app, name=app_name, route_prefix="/")],
+        wait_for_ingress_deployment_creation=False,
+        wait_for_applications_running=False,
+    )
+
+
+def app_failure(app_name: str) -> str | None:
+    """Serve's message when the app's deploy failed (a replica's constructor raised), else None."""
+    from ray import serve
+
+    status = serve.status().applications.get(app_name)
+    if status is not None and status.status == "DEPLOY_FAILED":
+        return f"deploying {app_name} failed: {status.message}"
+    return None
+
+
+def wait_ready(
+    url: str,
+    stop: threading.Event,
+    timeout_s: float | None = None,
+    interval_s: float = 0.5,
+    check: Callable[[], None] = lambda: None,
+) -> bool:
+    """Poll GET {url}/ready until it answers 200; False if asked to stop (or timed out) first. `check` runs before
+    every poll (the deploy's status: it may set `stop`)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+        check()
+        if stop.is_set():
+            break
         try:
             if httpx.get(f"{url}/ready", timeout=10).status_code == 200:
                 return True

@@ -131,6 +131,23 @@ def test_ready_stays_503_while_the_model_is_not_loaded_and_sigterm_then_exits_0(
     assert_clean_exit(server, within_s=25)
 
 
+def test_a_model_replica_that_cannot_load_ends_serve_with_status_1_and_serves_nothing(start_serve, tmp_path):
+    # Serve retries the replica's constructor, then marks the app DEPLOY_FAILED: serve says why and stops cleanly.
+    config = tiny_config(f"sqlite:///{tmp_path / 'sessions.db'}", 5)
+    config["model"]["name"] = str(tmp_path / "no-such-model")
+    server = start_serve(config)
+    code = server.wait(240)
+    output = server.output()
+    assert code == 1, output[-5000:]
+    assert "sessionserve could not start: deploying sessionserve failed" in output, output[-5000:]
+    assert "no-such-model" in output and not any("ready on" in line for line in server.lines)
+    assert not server.port_open()
+    deadline = time.monotonic() + 20
+    while server.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not server.leftovers(), f"Ray processes left behind: {server.leftovers()}"
+
+
 def test_sigterm_while_idle_exits_0_and_closes_the_port(start_serve, tmp_path):
     server = start_serve(tiny_config(f"sqlite:///{tmp_path / 'sessions.db'}", 10))
     server.wait_for_line("ready on")

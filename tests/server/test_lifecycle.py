@@ -1,4 +1,4 @@
-"""serving.server.lifecycle without Ray: signals become an event, every stop step is bounded, deploy errors kept."""
+"""serving.server.lifecycle without Ray: signals become an event, every stop step is bounded, deploy failures kept."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import psutil
 
-from serving.server.lifecycle import BackgroundDeploy, StopSignal, bounded, reap, wait_port_closed, wait_ready
+from serving.server.lifecycle import DeployWatch, StopSignal, bounded, reap, wait_port_closed, wait_ready
 
 
 def test_sigterm_and_sigint_set_the_stop_event_instead_of_exiting():
@@ -62,20 +62,33 @@ def test_wait_ready_returns_false_once_asked_to_stop():
     assert time.monotonic() - started < 5
 
 
-def test_a_deploy_error_stops_the_server_but_one_caused_by_stopping_does_not_count():
+def test_a_refused_deploy_stops_the_server_at_once():
     stop = threading.Event()
 
-    def fail() -> None:
+    def refuse() -> None:
         raise ValueError("memory:// is refused")
 
-    failed = BackgroundDeploy(fail, stop).start()
-    assert stop.wait(5) and isinstance(failed.error, ValueError)
+    watch = DeployWatch(refuse, lambda: None, stop).start()
+    assert stop.is_set() and watch.error == "memory:// is refused"
 
-    stopping = threading.Event()
-    stopping.set()
-    during_shutdown = BackgroundDeploy(fail, stopping).start()
-    during_shutdown._thread.join(5)
-    assert during_shutdown.error is None
+
+def test_a_deploy_that_fails_later_ends_the_wait_for_ready_and_a_status_hiccup_does_not():
+    stop, looks = threading.Event(), []
+
+    def failure() -> str | None:
+        looks.append(1)
+        if len(looks) == 1:
+            raise ConnectionError("GCS hiccup")  # not a failed deploy: the next look decides
+        return "deploying sessionserve failed: boom" if len(looks) == 3 else None
+
+    watch = DeployWatch(lambda: None, failure, stop).start()
+    assert not stop.is_set()
+    started = time.monotonic()
+    assert wait_ready("http://127.0.0.1:9", stop, interval_s=0.05, check=watch.check) is False
+    assert time.monotonic() - started < 5
+    assert watch.error == "deploying sessionserve failed: boom" and len(looks) == 3
+    watch.check()  # a failure is kept, not looked up again
+    assert len(looks) == 3
 
 
 def test_wait_port_closed_is_true_for_a_closed_port():

@@ -1,11 +1,13 @@
 """The disk tier: an idle session's KV as one safetensors file, bound to the token ids it encodes.
 
-A file `<kv_dir>/<sha256(key)>.safetensors` holds one tensor, `blocks` [n, layers, 2, block_size, kv_heads,
-head_dim] (block-major, so the first k blocks are one contiguous read), and metadata: the format version, the
-engine's identity (model, dtype, block size, KV shape), the session key, the token count and a hash chain:
-chain[i] = sha256(chain[i-1] + token ids of block i), chain[-1] = sha256(identity). A prompt reuses only the leading
-blocks whose chain entries equal the chain of its own tokens, so KV of another model, dtype or block size, of
-another session, or of a history edited since, is never served; a file that cannot be read is discarded. Any replica
+A file `<kv_dir>/<sha256(key)>.safetensors` holds two tensors, `blocks` [n, layers, 2, block_size, kv_heads,
+head_dim] (block-major, so the first k blocks are one contiguous read) and the `token_ids` they encode, and metadata:
+the format version, the engine's identity (model, dtype, block size, KV shape), the session key and a hash chain:
+chain[i] = sha256(chain[i-1] + token ids of block i), chain[-1] = sha256(identity). A prompt reuses the stored KV
+only when the stored token ids hash to the chain (the file is what was written, by an engine like this one), and
+then only their common prefix with its own tokens, to the token (a reply re-tokenized differently may part from the
+stored ids in the middle of a block): KV of another model, dtype or block size, of another session, or of a history
+edited since, is never served; a file that cannot be read is discarded. Any replica
 sharing the directory may load any session's file: the binding, not ownership, is what makes it safe. (Bit flips
 inside the tensor data are not detected: checksumming the data would cost ~40 ms per 1,000 tokens of SmolLM2.)
 
@@ -33,11 +35,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from serving.engine.token_ids import common_prefix_length
 from serving.engine.types import KVTier
 
 log = logging.getLogger(__name__)
 
-FORMAT = "sessionserve-kv/1"
+FORMAT = "sessionserve-kv/2"  # 2: the token ids are stored, matched to the token
 SUFFIX = ".safetensors"
 
 
@@ -59,26 +62,21 @@ def hash_chain(identity: str, token_ids: Sequence[int], block_size: int) -> list
     return chain
 
 
-def matching_tokens(identity: str, chain: Sequence[str], num_tokens: int, prompt: Sequence[int], bs: int) -> int:
-    """How many leading tokens of `prompt` the stored KV (`chain` over `num_tokens` tokens) encodes exactly."""
-    digest = hashlib.sha256(identity.encode()).digest()
-    matched = 0
-    for i, stored in enumerate(chain):
-        n = min(bs, num_tokens - i * bs)
-        if n <= 0 or len(prompt) < i * bs + n:
-            break
-        digest = hashlib.sha256(digest + array("q", prompt[i * bs : i * bs + n]).tobytes()).digest()
-        if digest.hex() != stored:
-            break
-        matched += n
-    return matched
+def matching_tokens(
+    identity: str, chain: Sequence[str], token_ids: Sequence[int], prompt: Sequence[int], bs: int
+) -> int:
+    """How many leading tokens of `prompt` the stored KV (over `token_ids`, bound by `chain`) encodes exactly: 0
+    unless the token ids hash to the chain under this identity, else their common prefix with the prompt."""
+    if hash_chain(identity, token_ids, bs) != list(chain):
+        return 0
+    return common_prefix_length(token_ids, prompt)
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """A session's KV taken out of a pool, waiting to be written (and served from memory until it is)."""
 
-    num_tokens: int
+    token_ids: list[int]
     chain: list[str]
     blocks: torch.Tensor  # [n, layers, 2, block_size, kv_heads, head_dim] on the CPU
 
@@ -123,7 +121,7 @@ class DiskKVStore:
         blocks = self.io.gather(tier, block_ids)
         if blocks.numel() * blocks.element_size() > self.budget_bytes:
             return  # bigger than the whole disk tier: dropped, like a session bigger than the host tier
-        snapshot = Snapshot(len(token_ids), hash_chain(self.identity, token_ids, self.block_size), blocks)
+        snapshot = Snapshot(list(token_ids), hash_chain(self.identity, token_ids, self.block_size), blocks)
         with self._lock:
             self._pending[key] = snapshot
         self._queue.put(key)
@@ -135,7 +133,7 @@ class DiskKVStore:
         with self._lock:
             snapshot = self._pending.get(key)
         if snapshot is not None:
-            matched = self._matched(snapshot.chain, snapshot.num_tokens, prompt)
+            matched = self._matched(snapshot.chain, snapshot.token_ids, prompt)
             tokens = min(matched, max_tokens)
             if matched and not tokens:
                 return None  # a one-token prompt: nothing it could reuse
@@ -147,7 +145,7 @@ class DiskKVStore:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 self._check(meta, key)
-                matched = self._matched(json.loads(meta["chain"]), int(meta["num_tokens"]), prompt)
+                matched = self._matched(json.loads(meta["chain"]), f.get_tensor("token_ids").tolist(), prompt)
                 tokens = min(max_tokens, matched)
                 blocks = f.get_slice("blocks")[: self._blocks(tokens)]
         except Exception as error:  # truncated, foreign, wrong shape: never served, recomputed
@@ -196,8 +194,8 @@ class DiskKVStore:
     def _blocks(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def _matched(self, chain: list[str], num_tokens: int, prompt: Sequence[int]) -> int:
-        return matching_tokens(self.identity, chain, num_tokens, prompt, self.block_size)
+    def _matched(self, chain: list[str], token_ids: Sequence[int], prompt: Sequence[int]) -> int:
+        return matching_tokens(self.identity, chain, token_ids, prompt, self.block_size)
 
     def _check(self, meta: dict[str, str], key: str) -> None:
         for name, expected in (("format", FORMAT), ("identity", self.identity), ("key", key)):
@@ -237,10 +235,10 @@ class DiskKVStore:
             "format": FORMAT,
             "identity": self.identity,
             "key": key,
-            "num_tokens": str(snapshot.num_tokens),
             "chain": json.dumps(snapshot.chain),
         }
-        save_file({"blocks": snapshot.blocks}, str(tmp), metadata=metadata)
+        token_ids = torch.tensor(snapshot.token_ids, dtype=torch.int64)
+        save_file({"blocks": snapshot.blocks, "token_ids": token_ids}, str(tmp), metadata=metadata)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -38,14 +38,17 @@ async def first_turn(engine: PagedEngine, prompt: list[int], key: str) -> list[i
     return [*prompt, *reply, 5, 6, 7, 8]
 
 
-def test_hash_chain_matches_only_the_tokens_it_encodes():
-    chain = hash_chain("m", list(range(10)), 4)  # blocks of 4, 4 and a partial 2
+def test_stored_kv_matches_a_prompt_to_the_token_and_only_when_its_tokens_hash_to_its_chain():
+    stored = list(range(10))
+    chain = hash_chain("m", stored, 4)  # blocks of 4, 4 and a partial 2
     assert len(chain) == 3
-    assert matching_tokens("m", chain, 10, [*range(10), 99], 4) == 10
-    assert matching_tokens("m", chain, 10, [*range(9), 99], 4) == 8  # the partial block differs
-    assert matching_tokens("m", chain, 10, [0, 1, 2, 3, 4, 77, 6, 7, 8, 9], 4) == 4
-    assert matching_tokens("other model", chain, 10, list(range(10)), 4) == 0
-    assert matching_tokens("m", chain, 10, list(range(7)), 4) == 4  # a shorter prompt: whole blocks it has
+    assert matching_tokens("m", chain, stored, [*range(10), 99], 4) == 10
+    assert matching_tokens("m", chain, stored, [*range(9), 99], 4) == 9  # the partial block differs at its end
+    assert matching_tokens("m", chain, stored, [0, 1, 2, 3, 4, 77, 6, 7, 8, 9], 4) == 5  # mid-block, to the token
+    assert matching_tokens("m", chain, stored, list(range(7)), 4) == 7  # a shorter prompt: all of it
+    assert matching_tokens("other model", chain, stored, list(range(10)), 4) == 0
+    assert matching_tokens("m", chain, [0, 1, 2, 3, 4, 5, 6, 7, 8, 42], [*range(9), 42], 4) == 0  # ids not the chain's
+    assert matching_tokens("m", chain, stored, [], 4) == 0
 
 
 async def test_past_the_host_budget_a_session_goes_to_disk_and_back_exactly(engines, tiny_model):
@@ -134,14 +137,14 @@ async def test_kv_written_by_another_model_is_recomputed_not_served(engines, tin
     assert a2[0].cached_tokens == 0 and a2[0].kv_stale and tokens(a2) == reference(tiny_model, second, 6)
 
 
-async def test_an_edited_history_reuses_only_the_blocks_before_the_edit(engines, tiny_model):
+async def test_an_edited_history_reuses_only_the_tokens_before_the_edit(engines, tiny_model):
     first = engines()
     second = await first_turn(first, PROMPT_A, "a")
     await first.shutdown()
-    edited = [*second[:10], 4242, *second[11:]]  # token 10 changed: blocks 0-1 (tokens 0-7) still match
+    edited = [*second[:10], 4242, *second[11:]]  # token 10 changed, the third of block 2 (blocks of 4)
     restarted = engines()
     a2 = await run(restarted, "a2", edited, key="a", max_new_tokens=6)
-    assert a2[0].cached_tokens == 8 and tokens(a2) == reference(tiny_model, edited, 6)
+    assert a2[0].cached_tokens == 10 and tokens(a2) == reference(tiny_model, edited, 6)  # to the token
 
 
 @pytest.mark.model

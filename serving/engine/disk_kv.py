@@ -7,9 +7,9 @@ chain[i] = sha256(chain[i-1] + token ids of block i), chain[-1] = sha256(identit
 only when the stored token ids hash to the chain (the file is what was written, by an engine like this one), and
 then only their common prefix with its own tokens, to the token (a reply re-tokenized differently may part from the
 stored ids in the middle of a block): KV of another model, dtype or block size, of another session, or of a history
-edited since, is never served; a file that cannot be read is discarded. Any replica
-sharing the directory may load any session's file: the binding, not ownership, is what makes it safe. (Bit flips
-inside the tensor data are not detected: checksumming the data would cost ~40 ms per 1,000 tokens of SmolLM2.)
+edited since, is never served; a file that cannot be read is discarded. Any replica sharing the directory may load
+any session's file: the binding, not ownership, is what makes it safe. (Bit flips inside the tensor data are not
+detected: checksumming the data would cost ~40 ms per 1,000 tokens of SmolLM2.)
 
 Writes run on a writer thread (tmp file, fsync, rename), never on the engine's step loop, and a reader never sees a
 half-written file: until its write is done, a session's KV is served from the snapshot taken in memory.

@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 
-.PHONY: install model serve test test-fast lint bench clean system-deps gpu-wheels gpu-site test-gpu bench-gpu
+.PHONY: install model serve test test-fast lint bench clean system-deps gpu-wheels gpu-site test-gpu bench-gpu bench-gpu-multiturn
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -80,6 +80,16 @@ bench-gpu: gpu-site  # decode scaling of the CUDA attention backends on SmolLM2-
 	mkdir -p benchmarks/out
 	$(GPU_ENV) $(GPU_PY) -m benchmarks.decode_scaling --model builtin:smollm2-135m-random \
 		--device $(GPU_TEST_DEVICE) $(BENCH_GPU_ARGS) --out benchmarks/out/gpu-$(GPU_TEST_DEVICE).json
+
+# Issue 13's preset at full size (24 sessions of 12-18 turns) against transformers' continuous batching, in-process
+# (no Ray); random SmolLM2 weights (answers have fixed lengths, so timing needs no trained model). KV budget: a third
+# of the live sessions at full length (~5,600 tokens x 23 KiB/token in bfloat16 x 8 sessions = ~1 GiB).
+BENCH_GPU_MULTITURN_ARGS ?= --dtype bfloat16 --kv-cache-memory 1GiB --request-rate 1
+bench-gpu-multiturn: gpu-site
+	mkdir -p benchmarks/out
+	$(GPU_ENV) $(GPU_PY) -m benchmarks.multiturn --workload vllm-multiturn --systems sessionserve,hf-cb \
+		--model builtin:smollm2-135m-random --device $(GPU_TEST_DEVICE) $(BENCH_GPU_MULTITURN_ARGS) \
+		--out benchmarks/out/gpu-vllm-multiturn-$(GPU_TEST_DEVICE).json
 
 clean:
 	rm -rf $(VENV)

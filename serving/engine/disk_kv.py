@@ -133,7 +133,7 @@ class DiskKVStore:
         with self._lock:
             snapshot = self._pending.get(key)
         if snapshot is not None:
-            matched = self._matched(snapshot.chain, snapshot.token_ids, prompt)
+            matched = common_prefix_length(snapshot.token_ids, prompt)  # our own memory: no chain to verify
             tokens = min(matched, max_tokens)
             if matched and not tokens:
                 return None  # a one-token prompt: nothing it could reuse
@@ -145,7 +145,8 @@ class DiskKVStore:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 self._check(meta, key)
-                matched = self._matched(json.loads(meta["chain"]), f.get_tensor("token_ids").tolist(), prompt)
+                stored = f.get_tensor("token_ids").tolist()
+                matched = matching_tokens(self.identity, json.loads(meta["chain"]), stored, prompt, self.block_size)
                 tokens = min(max_tokens, matched)
                 blocks = f.get_slice("blocks")[: self._blocks(tokens)]
         except Exception as error:  # truncated, foreign, wrong shape: never served, recomputed
@@ -193,9 +194,6 @@ class DiskKVStore:
 
     def _blocks(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
-
-    def _matched(self, chain: list[str], token_ids: Sequence[int], prompt: Sequence[int]) -> int:
-        return matching_tokens(self.identity, chain, token_ids, prompt, self.block_size)
 
     def _check(self, meta: dict[str, str], key: str) -> None:
         for name, expected in (("format", FORMAT), ("identity", self.identity), ("key", key)):

@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP; replica: the model "
         "replica serves HTTP; haproxy: HAProxy in front of the ingress replica (serving.ingress)",
     )
+    parser.add_argument(
+        "--ingress-replicas", type=int, default=1, help="ingress replicas (serving.ingress_replicas; haproxy or proxy)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     args.operations = args.operations.split(",")
@@ -90,7 +93,7 @@ def _store_url(kind: str, stack: ExitStack) -> str:
     return server.url
 
 
-def _deploy(store: str, ingress: IngressMode, stack: ExitStack) -> str:
+def _deploy(store: str, ingress: IngressMode, ingress_replicas: int, stack: ExitStack) -> str:
     from tests.servers import free_port
 
     port = free_port()
@@ -114,7 +117,7 @@ def _deploy(store: str, ingress: IngressMode, stack: ExitStack) -> str:
             "model": {"name": "builtin:tiny-random-llama", "device": "cpu", "dtype": "float32", "torch_threads": 1},
             "engine": {"kv_cache_memory": "64MiB", "host_cache_memory": "0"},
             "sessions": {"store": store, "max_sessions": 10**6},
-            "serving": {"cpus_per_replica": 0.5, "ingress": ingress},
+            "serving": {"cpus_per_replica": 0.5, "ingress": ingress, "ingress_replicas": ingress_replicas},
         },
     )
     serve.run(build_app(config), name="control-plane", route_prefix="/")
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with ExitStack() as stack:
         store = _store_url(args.store, stack)
-        url = _deploy(store, args.ingress, stack)
+        url = _deploy(store, args.ingress, args.ingress_replicas, stack)
         results = asyncio.run(_run(url, args))
     table = Table(title=f"session operations vs /health ({args.clients} clients, {args.sessions} sessions)")
     for column in ("operation", "ops/s", "p50 ms", "p90 ms", "vs /health", "CPU ms/op: client", "ingress", "store"):
@@ -253,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "store": args.store,
             "ingress": args.ingress,
+            "ingress_replicas": args.ingress_replicas,
             "sessions": args.sessions,
             "clients": args.clients,
             "seconds": args.seconds,

@@ -83,7 +83,7 @@ def serve(
         )
     )
     deploy = lifecycle.DeployWatch(
-        lambda: lifecycle.deploy_app(build_app(settings), APP_NAME), lambda: lifecycle.app_failure(APP_NAME), stop.event
+        lambda: lifecycle.deploy_app(build_app(settings), APP_NAME), lambda: lifecycle.app_status(APP_NAME), stop.event
     ).start()
     served_port: int | None = http.port
     if direct_ingress.serves_directly(http.ingress):

@@ -146,6 +146,12 @@ class ServingConfig(_Section):
         "replica: the one model replica serves HTTP itself, no hop at all (replicas: 1); haproxy: HAProxy on `port` "
         "of each node forwards to the ingress replicas' own ports (RAY_SERVE_ENABLE_HA_PROXY)",
     )
+    ingress_replicas: int = Field(
+        1,
+        ge=1,
+        description="ingress replicas (CPU only: HTTP, auth, the session operations served from the store); more "
+        "than one needs something to spread requests over them: haproxy or proxy",
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="our log lines (one per turn, with its request id) as text with key=value fields or JSON"
     )
@@ -157,6 +163,12 @@ class ServingConfig(_Section):
                 f"serving.ingress: replica makes the model replica serve HTTP itself, so there is one of it, not "
                 f"{self.replicas}: set serving.replicas to 1, or use ingress direct, haproxy or proxy to route "
                 f"sessions over several replicas"
+            )
+        if self.ingress_replicas > 1 and self.ingress in ("direct", "replica"):
+            raise ValueError(
+                f"serving.ingress: {self.ingress} gives one replica the configured port, so it serves HTTP alone, "
+                f"not with {self.ingress_replicas} ingress replicas: set serving.ingress_replicas to 1, or use ingress "
+                f"haproxy (HAProxy spreads requests over the ingress replicas' own ports) or proxy"
             )
         return self
 

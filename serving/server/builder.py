@@ -83,7 +83,8 @@ def build_app(config: Config) -> serve.Application:
     model = LLMServer.options(
         num_replicas=serving.replicas, request_router_config=SESSION_AFFINITY, **model_replica
     ).bind(settings, replicas_per_node(serving.replicas))
-    return Ingress.options(graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S).bind(model, settings, api_keys(config))
+    ingress = Ingress.options(num_replicas=serving.ingress_replicas, graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S)
+    return ingress.bind(model, settings, api_keys(config))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

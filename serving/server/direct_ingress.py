@@ -161,7 +161,7 @@ def ingress_ports(details: Mapping[str, Any], app_name: str) -> list[int]:
 
 
 def wait_ingress_port(
-    app_name: str, stop: threading.Event, interval_s: float = 0.5, check: Callable[[], None] = lambda: None
+    app_name: str, stop: threading.Event, interval_s: float = 0.5, check: Callable[[], object] = lambda: None
 ) -> int | None:
     """The port the app's ingress replica listens on, once Ray has started it; None if asked to stop first.
 

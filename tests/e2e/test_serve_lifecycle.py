@@ -12,6 +12,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,17 +99,19 @@ def create(url: str, sid: str) -> None:
     assert response.status_code == 201, response.text
 
 
-def sigterm_during_a_long_turn(server: ServeProcess) -> dict[str, Any]:
+def sigterm_during_a_long_turn(server: ServeProcess, ingress_urls: Sequence[str] = ()) -> dict[str, Any]:
     """SIGTERM while session "long" streams a long turn: a new turn (session "late") is refused with 503 draining +
-    Retry-After, the running one finishes, the process exits 0. Returns the finished turn's `done` event."""
+    Retry-After, through the server's URL and each of `ingress_urls` (every ingress replica drains), the running one
+    finishes, the process exits 0. Returns the finished turn's `done` event."""
     create(server.url, "long")
     create(server.url, "late")
     streaming, events = start_long_turn(server.url, "long")
     server.signal(signal.SIGTERM)
     time.sleep(1.5)  # the CLI notices the signal within a second, then asks the ingress to drain
-    refused = httpx.post(f"{server.url}/v1/sessions/late/query", json={"prompt": "hi", "max_new_tokens": 2})
-    assert refused.status_code == 503 and "retry-after" in refused.headers, (refused.status_code, refused.text)
-    assert refused.json()["error"]["code"] == "draining"
+    for url in (server.url, *ingress_urls):
+        refused = httpx.post(f"{url}/v1/sessions/late/query", json={"prompt": "hi", "max_new_tokens": 2})
+        assert refused.status_code == 503 and "retry-after" in refused.headers, (url, refused.status_code, refused.text)
+        assert refused.json()["error"]["code"] == "draining"
     streaming.join(120)
     assert events and events[-1][0] == "done", events[-3:]
     assert_clean_exit(server, within_s=60)

@@ -94,6 +94,16 @@ def test_the_model_replica_serves_http_only_when_there_is_one_of_it():
         load_config(None, {"serving": {"ingress": "replica", "replicas": 2}})
 
 
+def test_several_ingress_replicas_need_something_in_front_that_spreads_requests_over_them():
+    for ingress in ("haproxy", "proxy"):
+        assert load_config(None, {"serving": {"ingress": ingress, "ingress_replicas": 3}}).serving.ingress_replicas == 3
+    for ingress in ("direct", "replica"):  # one replica gets the configured port
+        with pytest.raises(ValidationError, match=r"set serving\.ingress_replicas to 1, or use ingress haproxy"):
+            load_config(None, {"serving": {"ingress": ingress, "ingress_replicas": 2}})
+    with pytest.raises(ValidationError, match="ingress_replicas"):
+        load_config(None, {"serving": {"ingress_replicas": 0}})
+
+
 def test_prepare_local_ray_sets_the_variables_or_says_why_not(monkeypatch):
     env: dict[str, str] = {}
     monkeypatch.setattr(os, "environ", env)  # what the local Ray would inherit

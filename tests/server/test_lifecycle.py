@@ -8,10 +8,11 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
 
-from serving.server.lifecycle import DeployWatch, StopSignal, bounded, reap, wait_port_closed, wait_ready
+from serving.server.lifecycle import AppStatus, DeployWatch, StopSignal, bounded, reap, wait_port_closed, wait_ready
 
 
 def test_sigterm_and_sigint_set_the_stop_event_instead_of_exiting():
@@ -62,24 +63,50 @@ def test_wait_ready_returns_false_once_asked_to_stop():
     assert time.monotonic() - started < 5
 
 
+class AlwaysReady(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_ready_waits_until_every_replica_of_the_app_runs_not_only_the_one_that_answers():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), AlwaysReady)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    looks: list[int] = []
+
+    def deployed() -> bool:  # a second ingress replica is still starting for the first two looks
+        looks.append(1)
+        return len(looks) >= 3
+
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert wait_ready(url, threading.Event(), timeout_s=10, interval_s=0.05, check=deployed) is True
+        assert len(looks) == 3
+    finally:
+        server.shutdown()
+
+
 def test_a_refused_deploy_stops_the_server_at_once():
     stop = threading.Event()
 
     def refuse() -> None:
         raise ValueError("memory:// is refused")
 
-    watch = DeployWatch(refuse, lambda: None, stop).start()
+    watch = DeployWatch(refuse, lambda: AppStatus(False, None), stop).start()
     assert stop.is_set() and watch.error == "memory:// is refused"
 
 
 def test_a_deploy_that_fails_later_ends_the_wait_for_ready_and_a_status_hiccup_does_not():
     stop, looks = threading.Event(), []
 
-    def failure() -> str | None:
+    def failure() -> AppStatus:
         looks.append(1)
         if len(looks) == 1:
             raise ConnectionError("GCS hiccup")  # not a failed deploy: the next look decides
-        return "deploying sessionserve failed: boom" if len(looks) == 3 else None
+        return AppStatus(False, "deploying sessionserve failed: boom" if len(looks) == 3 else None)
 
     watch = DeployWatch(lambda: None, failure, stop).start()
     assert not stop.is_set()

@@ -3,7 +3,8 @@
 Deploys the Ray Serve app (one model replica, the tiny random model: no operation measured here runs the model) on
 loopback with the chosen store, fills it with `--sessions` sessions, then `--clients` concurrent clients run each
 operation for `--seconds`: create, info, history read, append, delete, and `/health` (which never leaves the
-ingress). Reports ops/s and p50/p90 ms per operation and each operation's throughput relative to `/health`, and
+ingress), in `--rounds` turns (every operation once per round), so that what else the machine does meanwhile
+weighs on every operation alike. Reports ops/s and p50/p90 ms per operation and each operation's throughput relative to `/health`, and
 the CPU milliseconds each operation cost each process serving it (this process is the client; then the ingress, the
 model replica, Ray's proxy, the store's server, and the rest of the machine): on one small machine they all share
 the same cores, so the ratio depends on who else is busy, while CPU per operation does not.
@@ -56,7 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--store", default="sqlite", help="sqlite, postgresql, redis, or a store URL")
     parser.add_argument("--sessions", type=int, default=1000, help="sessions in the store before timing")
     parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
-    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per operation")
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per operation, all rounds together")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="run the operations in turn this many times (noise falls on all alike)"
+    )
     parser.add_argument(
         "--operations", default=",".join(OPERATIONS), help=f"comma-separated subset of {','.join(OPERATIONS)}"
     )
@@ -75,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.operations = args.operations.split(",")
     if set(args.operations) - set(OPERATIONS) or "health" not in args.operations:
         parser.error(f"--operations: a subset of {','.join(OPERATIONS)} that includes health")
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     if "delete" in args.operations and "create" not in args.operations:
         parser.error("--operations: delete removes what create made, so it needs create")
     return args
@@ -133,9 +139,9 @@ async def _measure(
     operation: Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]],
     url: str,
     most: int | None = None,
-) -> dict[str, Any]:
+) -> tuple[list[float], float]:
     """`clients` loops calling `operation` (numbered 0, 1, ...; at most `most` calls) until `seconds` pass; every
-    call must succeed."""
+    call must succeed. Returns each call's latency and the wall time, in seconds."""
     latencies: list[float] = []
     counter = itertools.count()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -155,7 +161,10 @@ async def _measure(
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
-        wall = time.perf_counter() - started
+        return latencies, time.perf_counter() - started
+
+
+def _summary(latencies: list[float], wall: float) -> dict[str, Any]:
     ms = sorted(x * 1000 for x in latencies)
     return {
         "ops": len(ms),
@@ -200,6 +209,8 @@ def _cpu_ms_per_op(before: tuple[float, dict[int, tuple[str, float]]], ops: int)
 
 
 def _operations(ids: list[str], run: str) -> dict[str, Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]]:
+    """Each operation's call number i; `run` names what create makes (and delete removes) in one round."""
+
     def pick(i: int) -> str:
         return ids[i % len(ids)]
 
@@ -214,6 +225,8 @@ def _operations(ids: list[str], run: str) -> dict[str, Callable[[httpx.AsyncClie
 
 
 async def _run(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every operation in turn, `--rounds` times over (seconds / rounds each time), so that what else the machine
+    does meanwhile falls on every operation alike; each operation's numbers are its rounds' together."""
     run = uuid.uuid4().hex[:8]
     ids = [f"{run}-{i}" for i in range(args.sessions)]
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
@@ -221,15 +234,30 @@ async def _run(url: str, args: argparse.Namespace) -> dict[str, Any]:
             batch = ids[chunk : chunk + 64]
             body = {"messages": [MESSAGE, {"role": "assistant", "content": "noted"}] * 2}
             await asyncio.gather(*(http.post("/v1/sessions", json={"session_id": sid, **body}) for sid in batch))
+    names = [name for name in OPERATIONS if name in args.operations]
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    wall = dict.fromkeys(names, 0.0)
+    cpu_ms: dict[str, dict[str, float]] = {name: {} for name in names}  # total CPU ms by role
+    for round_number in range(args.rounds):
+        created = 0
+        for name, operation in _operations(ids, f"{run}r{round_number}").items():
+            if name not in names:
+                continue
+            seconds = args.seconds / args.rounds
+            console.print(f"round {round_number + 1}/{args.rounds}: timing {name} for {seconds:g} s")
+            cpu_before = _cpu_seconds()
+            most = created if name == "delete" else None  # delete removes what create made this round
+            taken, elapsed = await _measure(args.clients, seconds, operation, url, most)
+            created = len(taken) if name == "create" else created
+            for role, ms in _cpu_ms_per_op(cpu_before, len(taken)).items():
+                cpu_ms[name][role] = cpu_ms[name].get(role, 0.0) + ms * len(taken)
+            latencies[name] += taken
+            wall[name] += elapsed
     results: dict[str, Any] = {}
-    for name, operation in _operations(ids, run).items():
-        if name not in args.operations:
-            continue
-        most = results["create"]["ops"] if name == "delete" else None  # delete removes what create made
-        console.print(f"timing {name} for {args.seconds:g} s")
-        cpu_before = _cpu_seconds()
-        results[name] = await _measure(args.clients, args.seconds, operation, url, most)
-        results[name]["cpu_ms_per_op"] = _cpu_ms_per_op(cpu_before, results[name]["ops"])
+    for name in names:
+        results[name] = _summary(latencies[name], wall[name])
+        ops = max(results[name]["ops"], 1)
+        results[name]["cpu_ms_per_op"] = {role: round(ms / ops, 3) for role, ms in cpu_ms[name].items()}
         console.print(f"{name}: {results[name]}")
     health = results["health"]["ops_per_s"]
     for result in results.values():
@@ -260,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "sessions": args.sessions,
             "clients": args.clients,
             "seconds": args.seconds,
+            "rounds": args.rounds,
         },
         "operations": results,
         "target": {"vs_health_at_least": TARGET_RATIO, "worst": worst, "met": worst >= TARGET_RATIO},

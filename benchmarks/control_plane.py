@@ -4,10 +4,11 @@ Deploys the Ray Serve app (one model replica, the tiny random model: no operatio
 loopback with the chosen store, fills it with `--sessions` sessions, then `--clients` concurrent clients run each
 operation for `--seconds`: create, info, history read, append, delete, and `/health` (which never leaves the
 ingress), in `--rounds` turns (every operation once per round), so that what else the machine does meanwhile
-weighs on every operation alike. Reports ops/s and p50/p90 ms per operation and each operation's throughput relative to `/health`, and
-the CPU milliseconds each operation cost each process serving it (this process is the client; then the ingress, the
-model replica, Ray's proxy, the store's server, and the rest of the machine): on one small machine they all share
-the same cores, so the ratio depends on who else is busy, while CPU per operation does not.
+weighs on every operation alike. Reports ops/s and p50/p90 ms per operation and each operation's throughput
+relative to `/health`, and the CPU milliseconds each operation cost each process serving it (this process is the
+client; then the ingress, the model replica, Ray's proxy, the store's server, and the rest of the machine): on one
+small machine they all share the same cores, so the ratio depends on who else is busy, while CPU per operation does
+not.
 
     .venv/bin/python -m benchmarks.control_plane --store sqlite --out results-control-plane.json
     .venv/bin/python -m benchmarks.control_plane --store sqlite --ingress direct   # no proxy hop (serving.ingress)

@@ -171,11 +171,12 @@ def test_secrets_come_from_a_secret_and_the_config_names_none() -> None:
     assert raw["serving"].get("api_keys", []) == []
 
 
-def test_the_config_map_is_configs_gpu_yaml_but_for_the_replica_count() -> None:
+def test_the_config_map_is_configs_gpu_yaml_but_for_the_replica_counts() -> None:
     in_cluster = load_config(None, sessionserve_config()).model_dump()
     in_image = load_config(ROOT / "configs" / "gpu.yaml").model_dump()
+    assert in_cluster["serving"]["ingress_replicas"] == 2, "one ingress replica would be lost with its node"
     for config in (in_cluster, in_image):
-        del config["serving"]["replicas"]
+        del config["serving"]["replicas"], config["serving"]["ingress_replicas"]
     assert in_cluster == in_image
 
 

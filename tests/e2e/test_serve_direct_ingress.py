@@ -54,7 +54,7 @@ def ingress_replica_urls() -> list[str]:
     ports = {c.laddr.port for c in psutil.net_connections("tcp") if c.pid in pids and c.status == psutil.CONN_LISTEN}
     urls = []
     for port in sorted(ports):
-        with contextlib.suppress(httpx.HTTPError):
+        with contextlib.suppress(httpx.HTTPError, ValueError):  # not HTTP, or not our JSON
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json() == {"status": "ok"}:
                 urls.append(f"http://127.0.0.1:{port}")
     return urls

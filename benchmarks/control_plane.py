@@ -199,13 +199,17 @@ def _cpu_seconds() -> tuple[float, dict[int, tuple[str, float]]]:
     return busy, processes
 
 
-def _cpu_ms_per_op(before: tuple[float, dict[int, tuple[str, float]]], ops: int) -> dict[str, float]:
-    """CPU ms per operation since `before`, by role, and the rest of the machine (Ray's own processes, the kernel)."""
+def _cpu_spent(before: tuple[float, dict[int, tuple[str, float]]]) -> dict[str, float]:
+    """CPU seconds since `before`, by role, and the rest of the machine (Ray's own processes, the kernel)."""
     busy, processes = _cpu_seconds()
     spent = dict.fromkeys(["client", *ROLES], 0.0)
     for pid, (role, seconds) in processes.items():
         spent[role] += seconds - before[1].get(pid, (role, 0.0))[1]  # a process started since counts from zero
     spent["rest"] = busy - before[0] - sum(spent.values())
+    return spent
+
+
+def _ms_per_op(spent: dict[str, float], ops: int) -> dict[str, float]:
     return {role: round(1000 * seconds / max(ops, 1), 3) for role, seconds in spent.items()}
 
 
@@ -238,27 +242,26 @@ async def _run(url: str, args: argparse.Namespace) -> dict[str, Any]:
     names = [name for name in OPERATIONS if name in args.operations]
     latencies: dict[str, list[float]] = {name: [] for name in names}
     wall = dict.fromkeys(names, 0.0)
-    cpu_ms: dict[str, dict[str, float]] = {name: {} for name in names}  # total CPU ms by role
+    cpu: dict[str, dict[str, float]] = {name: {} for name in names}  # CPU seconds by role
+    seconds = args.seconds / args.rounds
     for round_number in range(args.rounds):
         created = 0
         for name, operation in _operations(ids, f"{run}r{round_number}").items():
             if name not in names:
                 continue
-            seconds = args.seconds / args.rounds
             console.print(f"round {round_number + 1}/{args.rounds}: timing {name} for {seconds:g} s")
             cpu_before = _cpu_seconds()
             most = created if name == "delete" else None  # delete removes what create made this round
             taken, elapsed = await _measure(args.clients, seconds, operation, url, most)
             created = len(taken) if name == "create" else created
-            for role, ms in _cpu_ms_per_op(cpu_before, len(taken)).items():
-                cpu_ms[name][role] = cpu_ms[name].get(role, 0.0) + ms * len(taken)
+            for role, spent in _cpu_spent(cpu_before).items():
+                cpu[name][role] = cpu[name].get(role, 0.0) + spent
             latencies[name] += taken
             wall[name] += elapsed
     results: dict[str, Any] = {}
     for name in names:
         results[name] = _summary(latencies[name], wall[name])
-        ops = max(results[name]["ops"], 1)
-        results[name]["cpu_ms_per_op"] = {role: round(ms / ops, 3) for role, ms in cpu_ms[name].items()}
+        results[name]["cpu_ms_per_op"] = _ms_per_op(cpu[name], results[name]["ops"])
         console.print(f"{name}: {results[name]}")
     health = results["health"]["ops_per_s"]
     for result in results.values():

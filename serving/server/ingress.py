@@ -128,7 +128,7 @@ class Ingress:
         self._local: LLMServer | None = None
         self._replica_kv: ReplicaKV | None = None
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self._replicas_known = False  # has a routed call to the ingress deployment taught its handle the replicas?
+        self._ingress_handle: DeploymentHandle | None = None  # this deployment's, once it knows every replica
         if model is None:
             self._local = LLMServer.func_or_class(config)
             self.model: Any = InProcessModel(self._local)
@@ -261,22 +261,22 @@ class Ingress:
         snapshots = [metrics.METRICS.snapshot(self.replica_id), *await self._other_replicas_snapshots()]
         return Response(metrics.render(snapshots), media_type=CONTENT_TYPE_LATEST)
 
-    async def metrics_snapshot(self) -> metrics.Snapshot:
+    async def metrics_snapshot(self) -> metrics.MetricsSnapshot:
         """This replica's numbers, for the ingress replica that answers a scrape."""
         return metrics.METRICS.snapshot(self.replica_id)
 
-    async def _other_replicas_snapshots(self) -> list[metrics.Snapshot]:
+    async def _other_replicas_snapshots(self) -> list[metrics.MetricsSnapshot]:
         """The other ingress replicas' numbers (with the model in this replica, there are none). When one does not
         answer in time, this scrape has only this replica's (the `sessionserve_ingress_replicas` gauge says so)."""
         if self._local is not None:
             return []
-        context = serve.get_replica_context()
-        replicas = serve.get_deployment_handle(context.deployment, context.app_name)
         try:
-            if not self._replicas_known:  # a broadcast goes to the replicas the handle knows of; a routed call
-                await replicas.metrics_snapshot.remote()  # first waits until it knows them
-                self._replicas_known = True
-            answers = await replicas.broadcast("metrics_snapshot").results_async(timeout_s=5)
+            if self._ingress_handle is None:  # a broadcast goes to the replicas the handle knows of; a routed call
+                context = serve.get_replica_context()  # first waits until it knows them
+                handle = serve.get_deployment_handle(context.deployment, context.app_name)
+                await handle.metrics_snapshot.remote()
+                self._ingress_handle = handle
+            answers = await self._ingress_handle.broadcast("metrics_snapshot").results_async(timeout_s=5)
         except Exception as error:
             log.warning("/metrics: the other ingress replicas' numbers are left out: %s", error)
             return []

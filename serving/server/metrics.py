@@ -3,7 +3,7 @@
 Model replicas live in other processes, so they hand their numbers to the ingress with every reply
 (`ReplicaReport`: gauges + the turns finished since the last report); the ingress is the one place an
 operator scrapes. With several ingress replicas, each keeps the numbers of the requests it served; the one that
-answers a scrape adds up every replica's `Snapshot` (`render`), so any of them answers for all.
+answers a scrape adds up every replica's `MetricsSnapshot` (`render`), so any of them answers for all.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ReplicaReport:
 
 
 @dataclass(frozen=True, slots=True)
-class Snapshot:
+class MetricsSnapshot:
     """One ingress replica's numbers, and when it last heard from each model replica (whose gauges it relays)."""
 
     replica: str  # the ingress replica's id
@@ -113,8 +113,8 @@ class Metrics:
         for source in report.inherited_warmups:
             self.inherited_warmups.labels(source).inc()
 
-    def snapshot(self, replica: str) -> Snapshot:
-        return Snapshot(replica, list(self.registry.collect()), dict(self.reported_at))
+    def snapshot(self, replica: str) -> MetricsSnapshot:
+        return MetricsSnapshot(replica, list(self.registry.collect()), dict(self.reported_at))
 
 
 class _Families:
@@ -127,7 +127,7 @@ class _Families:
         return self.families
 
 
-def merge(snapshots: Sequence[Snapshot]) -> list[Metric]:
+def merge(snapshots: Sequence[MetricsSnapshot]) -> list[Metric]:
     """Every ingress replica's numbers as one: counters and histograms add up (a series' creation time is the
     earliest), a model replica's engine gauges come from the ingress it reported to last, and other gauges (live
     sessions, counted from the shared store) from the first snapshot, the answering replica's own."""
@@ -140,7 +140,8 @@ def merge(snapshots: Sequence[Snapshot]) -> list[Metric]:
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for index, snapshot in enumerate(snapshots):
         for family in snapshot.families:
-            merged.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+            if family.name not in merged:
+                merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
             series = values.setdefault(family.name, {})
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
@@ -163,7 +164,7 @@ def merge(snapshots: Sequence[Snapshot]) -> list[Metric]:
     return [*merged.values(), replicas]
 
 
-def render(snapshots: Sequence[Snapshot]) -> bytes:
+def render(snapshots: Sequence[MetricsSnapshot]) -> bytes:
     """Prometheus' text format of every ingress replica's numbers, added up (`merge`)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(merge(snapshots)))  # type: ignore[arg-type]  # a collector is anything with collect()

@@ -199,6 +199,7 @@ class SessionClient(_SessionMethods):
         return protocol.MessagesResponse.model_validate(response.json()).messages
 
     def append(self, session_id: str, messages: Sequence[dict]) -> list[protocol.MessageOut]:
+        """Add messages without generating; the messages as stored (content parts joined), not the whole history."""
         body = _validated(protocol.AppendRequest, messages=list(messages))
         response = self._request("POST", f"/v1/sessions/{session_id}/messages", json=body.model_dump())
         return protocol.MessagesResponse.model_validate(response.json()).messages
@@ -289,6 +290,7 @@ class LocalClient(_SessionMethods):
         return self._run(self.api.messages(session_id, window)).messages
 
     def append(self, session_id: str, messages: Sequence[dict]) -> list[protocol.MessageOut]:
+        """Add messages without generating; the messages as stored (content parts joined), not the whole history."""
         body = _validated(protocol.AppendRequest, messages=list(messages))
         return self._run(self.api.append(session_id, body)).messages
 

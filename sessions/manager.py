@@ -263,14 +263,14 @@ class SessionManager:
         return self.load(session_id, owner, window)[1]
 
     def append(self, session_id: str, messages: Sequence[Any], owner: str | None = None) -> list[Message]:
-        """Add messages without generating; the whole history after them. The session's KV stays valid: history
-        only grows."""
+        """Add messages without generating; the messages as stored (content parts joined into text). Not the whole
+        history: an append then costs the same however long the conversation is, so importing one in pieces stays
+        linear. The session's KV stays valid: history only grows."""
         parsed = _check_conversation(messages)
         if not parsed:
             raise InvalidRequest("messages is empty: send at least one {role, content} message to append")
-        return self.store.append_and_read(
-            session_id, parsed, self._clock(), holder=self._holder(session_id), owner=owner
-        )
+        self.store.append(session_id, parsed, self._clock(), holder=self._holder(session_id), owner=owner)
+        return parsed
 
     def clear(self, session_id: str, owner: str | None = None) -> None:
         """Delete the messages but keep the session and its system prompt; its KV no longer matches, so free it."""

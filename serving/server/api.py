@@ -171,9 +171,8 @@ class HistoryAPI:
         self, session_id: str, request: protocol.AppendRequest, owner: str | None = None
     ) -> protocol.MessagesResponse:
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
-
-        history = await asyncio.to_thread(self.manager.append, session_id, messages, owner)
-        return _messages_response(session_id, history)
+        stored = await asyncio.to_thread(self.manager.append, session_id, messages, owner)
+        return _messages_response(session_id, stored)
 
     @_as_api_errors
     async def clear(self, session_id: str, owner: str | None = None) -> None:

@@ -346,6 +346,8 @@ class Ingress:
 
     @app.post("/v1/sessions/{session_id}/messages", response_model=protocol.MessagesResponse, responses=ERRORS)
     async def append(self, session_id: str, body: protocol.AppendRequest, owner: Owner) -> protocol.MessagesResponse:
+        """Append messages without generating. Answers the messages as stored, not the whole history (GET reads it),
+        so an append costs the same however long the conversation is."""
         return await self._sessions().append(session_id, body, owner)
 
     @app.delete("/v1/sessions/{session_id}/messages", status_code=204, responses=ERRORS)

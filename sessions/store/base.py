@@ -98,21 +98,21 @@ class HistoryStore(Protocol):
         ...
 
     def append(
-        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: Holder = None,
+        kv: KVUpdate = None,
+        owner: Owner = None,
     ) -> None:
-        """Append all messages or none, and set last_active_at; SessionNotFound if the session is missing.
+        """Append all messages or none, and set last_active_at, for a caller who must own the session (`owner`;
+        None: any caller); SessionNotFound if the session is missing or another owner's (see `owned_by`).
 
-        `kv` (None: keep the record's) sets the record's KV report in the same atomic write as the messages.
+        `kv` (None: keep the record's) sets the record's KV report in the same atomic write as the messages. One
+        round trip on a network store, the owner check included.
         """
-        ...
-
-    def append_and_read(
-        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, owner: Owner = None
-    ) -> builtins.list[Message]:
-        """Append as `append` does, for a caller who must own the session (`owner`; None: any caller), and return
-        the whole history after it. The append route answers with that history; on a network store this is one
-        round trip, not three (owner check, append, read back). SessionNotFound also when another owner's (see
-        `owned_by`)."""
         ...
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:

@@ -93,20 +93,18 @@ class MemoryStore:
             return _copy(session.record)
 
     def append(
-        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: Holder = None,
+        kv: KVUpdate = None,
+        owner: Owner = None,
     ) -> None:
         batch = base.check_messages(messages)
         with self._lock:
-            _extend(self._writable(session_id, holder), batch, now, kv)
-
-    def append_and_read(
-        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, owner: Owner = None
-    ) -> builtins.list[Message]:
-        batch = base.check_messages(messages)
-        with self._lock:
-            session = self._owned_writable(session_id, holder, owner)
-            _extend(session, batch, now, None)
-            return list(session.messages)
+            _extend(self._owned_writable(session_id, holder, owner), batch, now, kv)
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)

@@ -57,43 +57,33 @@ _PRIOR = (
 )
 _PRIOR_KV = "prior_tier, prior_tokens, prior_replica, prior_usage"
 _OPTIONS = ("timeout", "pool_size")  # our own URL query parameters, not libpq's
+# Joined into a lease write: its commit does not wait for the WAL flush (set_config(..., true) lasts until the
+# statement's own transaction ends, after its commit record). Leases lapse by themselves, as the SQLite store's are
+# written without fsync: one a server crash loses frees the session early, and a turn's commit still checks it. The
+# turn's append, committed durably, flushes the WAL past every lease write before it.
+_NO_FLUSH_WAIT = "(SELECT set_config('synchronous_commit', 'off', true)) AS no_flush_wait"
 
 
 # Append a batch: the session row's UPDATE takes its row lock, checks the lease (and the owner, if given) and
 # reserves the batch's ordinals; the INSERT writes the batch at them. No row back: refused (see _refused).
-def _bump_and_insert(*, unchanged_since_snapshot: bool) -> str:
-    """The CTEs of an append; optionally the session row must be the version the statement's snapshot saw."""
-    seen = " FROM seen" if unchanged_since_snapshot else ""
-    same = " AND sessionserve_sessions.xmin = seen.version" if unchanged_since_snapshot else ""
-    return (
-        "bumped AS ("
-        "  UPDATE sessionserve_sessions SET next_seq = next_seq + %(n)s, last_active_at = %(active)s,"
-        f"  {_SET_KV_IF_GIVEN}"
-        f" {seen} WHERE session_id = %(id)s AND {_FREE} AND {_OWNED}{same}"
-        "  RETURNING next_seq - %(n)s AS first),"
-        " inserted AS ("
-        "  INSERT INTO sessionserve_messages (session_id, seq, role, content)"
-        "  SELECT %(id)s, bumped.first + t.ord - 1, t.role, t.content FROM bumped,"
-        "  unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS t(role, content, ord))"
-    )
-
-
-_APPEND = f"WITH {_bump_and_insert(unchanged_since_snapshot=False)} SELECT first FROM bumped"
-# Append and answer the history before it as the statement's snapshot saw it, all as one [[role, content], ...] array
-# (the batch follows it). The CTEs cannot see each other's writes, so that history is only complete if nothing changed
-# the session between the snapshot and the row lock: every write to a session's messages also updates its row, so
-# the UPDATE requires the row version the snapshot saw (PostgreSQL re-checks it on the newest version after waiting
-# for a concurrent writer's lock); otherwise no row comes back and append_and_read takes the two-statement path.
-_APPEND_READ = (
-    "WITH seen AS (SELECT xmin AS version FROM sessionserve_sessions WHERE session_id = %(id)s),"
-    f" {_bump_and_insert(unchanged_since_snapshot=True)}"
-    " SELECT ARRAY(SELECT ARRAY[role, content] FROM sessionserve_messages WHERE session_id = %(id)s ORDER BY seq)"
-    " FROM bumped"
+_APPEND = (
+    "WITH bumped AS ("
+    "  UPDATE sessionserve_sessions SET next_seq = next_seq + %(n)s, last_active_at = %(active)s,"
+    f"  {_SET_KV_IF_GIVEN}"
+    f"  WHERE session_id = %(id)s AND {_FREE} AND {_OWNED}"
+    "  RETURNING next_seq - %(n)s AS first),"
+    " inserted AS ("
+    "  INSERT INTO sessionserve_messages (session_id, seq, role, content)"
+    "  SELECT %(id)s, bumped.first + t.ord - 1, t.role, t.content FROM bumped,"
+    "  unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS t(role, content, ord))"
+    " SELECT first FROM bumped"
 )
 # Clear in one statement: reset the row and delete the messages the statement's snapshot saw, which are all of them
-# only if nothing changed the session between the snapshot and the row lock (as in _APPEND_READ), so the UPDATE
-# requires that row version. The answer: the KV report it reset and whether it cleared; a visible session that was
-# not cleared (leased, or changed under the statement) takes clear()'s transaction path.
+# only if nothing changed the session between the snapshot and the row lock. Every write to a session's messages
+# also updates its row, so the UPDATE requires the row version the snapshot saw (PostgreSQL re-checks it on the
+# newest version after waiting for a concurrent writer's lock). The answer: the KV report it reset and whether it
+# cleared; a visible session that was not cleared (leased, or changed under the statement) takes clear()'s
+# transaction path.
 _CLEAR = (
     "WITH seen AS (SELECT xmin AS version, kv_tier, kv_tokens, kv_replica, kv_usage FROM sessionserve_sessions"
     f"  WHERE session_id = %(id)s AND {_OWNED}),"
@@ -381,29 +371,17 @@ class PostgreSQLStore:
 
     # ---- messages ----------------------------------------------------------------------------------
     def append(
-        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: Holder = None,
+        kv: KVUpdate = None,
+        owner: Owner = None,
     ) -> None:
-        if self._one(_APPEND, self._append_params(session_id, messages, now, holder, kv, None)) is None:
-            raise self._refused(session_id)
-
-    def append_and_read(
-        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, owner: Owner = None
-    ) -> builtins.list[Message]:
-        """One statement (see _APPEND_READ); when the session changed under it or the append was refused, the append
-        and the read pipelined in one implicit transaction, so the read (a new snapshot, READ COMMITTED) sees this
-        append and every one committed before it."""
-        params = self._append_params(session_id, messages, now, holder, None, owner)
-        row = self._one(_APPEND_READ, params)
-        if row is not None:
-            return [*(Message(role, content) for role, content in row[0]), *base.check_messages(messages)]
-        with self._conn() as conn:
-            with conn.pipeline():
-                appended = conn.execute(_APPEND, params)
-                history = conn.execute(_HISTORY, {"id": session_id, "window": None})
-            first, rows = appended.fetchone(), history.fetchall()
-        if first is None:
+        if self._one(_APPEND, self._append_params(session_id, messages, now, holder, kv, owner)) is None:
             raise self._refused(session_id, owner)
-        return [Message(role, content) for role, content in rows]
 
     def _append_params(
         self,
@@ -467,7 +445,7 @@ class PostgreSQLStore:
         now = self._clock()
         if not self._one(
             "UPDATE sessionserve_sessions SET lease_holder = %(holder)s, lease_until = %(until)s"
-            f" WHERE session_id = %(id)s AND {_FREE} RETURNING 1",
+            f" FROM {_NO_FLUSH_WAIT} WHERE session_id = %(id)s AND {_FREE} RETURNING 1",
             {"holder": holder, "until": now + ttl_s, "id": session_id, "now": now},
         ):
             raise self._refused(session_id)
@@ -475,7 +453,7 @@ class PostgreSQLStore:
     def release_lease(self, session_id: str, holder: str) -> None:
         self._exec(
             "UPDATE sessionserve_sessions SET lease_holder = NULL, lease_until = NULL"
-            " WHERE session_id = %s AND lease_holder = %s",
+            f" FROM {_NO_FLUSH_WAIT} WHERE session_id = %s AND lease_holder = %s",
             (session_id, holder),
         )
 

@@ -264,24 +264,22 @@ class RedisStore:
 
     # ---- messages ----------------------------------------------------------------------------------
     def append(
-        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: Holder = None,
+        kv: KVUpdate = None,
+        owner: Owner = None,
     ) -> None:
         batch = [json.dumps([m.role, m.content]) for m in base.check_messages(messages)]
         report = ("0", "", 0, "", "") if kv is None else ("1", kv.tier, kv.tokens, kv.replica, kv.usage.to_json())
-        outcome = self._run("APPEND", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *report, *batch)
+        outcome = self._run(
+            "APPEND", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *report, *_only(owner), *batch
+        )
         if outcome != "ok":
             self._refused(session_id, outcome)
-
-    def append_and_read(
-        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, owner: Owner = None
-    ) -> builtins.list[Message]:
-        batch = [json.dumps([m.role, m.content]) for m in base.check_messages(messages)]
-        outcome = self._run(
-            "APPEND_READ", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *_only(owner), *batch
-        )
-        if isinstance(outcome, str):
-            self._refused(session_id, outcome)
-        return _decode(outcome)
 
     def load(
         self, session_id: str, window: int | None = None, *, owner: Owner = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 NAMES = (
     *("CREATE", "APPEND", "TOUCH", "CLEAR", "DELETE", "UPDATE", "ACQUIRE", "RELEASE", "EXPIRE_IDLE", "COUNT", "LIST"),
-    *("APPEND_READ", "MESSAGES"),
+    "MESSAGES",
 )
 
 # Shared helpers, prepended to every script. `now` is the caller's wall clock; a lease is live while until > now.
@@ -117,24 +117,16 @@ if not rec then return refused end
 
 
 # ARGV: ..., last_active_at, report ('1' = set the KV report to the next four, '0' = keep it), kv_tier, kv_tokens,
-# kv_replica, kv_usage, message...
-APPEND = _edit("""
-for i = 12, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
+# kv_replica, kv_usage, owner_flag ('1' = only for the next, '0' = any), owner, message...
+APPEND = _edit(
+    """
+for i = 14, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
 if ARGV[7] == '1' then
   redis.call('HSET', rec, 'kv_tier', ARGV[8], 'kv_tokens', ARGV[9], 'kv_replica', ARGV[10], 'kv_usage', ARGV[11])
 end
 set_active(id, ARGV[6])
-""")
-
-# ARGV: ..., last_active_at, owner_flag ('1' = only for the next, '0' = any), owner, message... Answers the whole
-# history after the append.
-APPEND_READ = _edit(
-    """
-for i = 9, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
-set_active(id, ARGV[6])
 """,
-    owner_at=7,
-    answer="redis.call('LRANGE', msg_key(id), 0, -1)",
+    owner_at=12,
 )
 
 # ARGV: prefix, id, now, ttl_ms, last_active_at

@@ -166,13 +166,16 @@ class SQLiteStore:
         if conn.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
             raise base.not_found(session_id)
 
-    def _require_writable(self, conn: sqlite3.Connection, session_id: str, holder: str | None) -> None:
+    def _require_writable(
+        self, conn: sqlite3.Connection, session_id: str, holder: str | None, owner: Owner = None
+    ) -> None:
+        """Not found (also another owner's, checked before the lease: others cannot probe it), busy, or writable."""
         row = conn.execute(
-            "SELECT lease_holder, lease_until FROM sessions WHERE session_id = ?", (session_id,)
+            "SELECT owner, lease_holder, lease_until FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
-        if row is None:
+        if row is None or (owner is not None and row[0] != owner):
             raise base.not_found(session_id)
-        if base.lease_is_foreign(row[0], row[1], holder, self._clock()):
+        if base.lease_is_foreign(row[1], row[2], holder, self._clock()):
             raise base.busy(session_id)
 
     def _writable_record(
@@ -215,11 +218,18 @@ class SQLiteStore:
             return record
 
     def append(
-        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, kv: KVUpdate = None
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        now: float,
+        *,
+        holder: Holder = None,
+        kv: KVUpdate = None,
+        owner: Owner = None,
     ) -> None:
         batch = base.check_messages(messages)
         with self._write() as conn:
-            self._require_writable(conn, session_id, holder)
+            self._require_writable(conn, session_id, holder, owner)
             (last,) = conn.execute(
                 "SELECT COALESCE(MAX(seq), -1) FROM messages WHERE session_id = ?", (session_id,)
             ).fetchone()
@@ -240,15 +250,6 @@ class SQLiteStore:
         base.check_window(window)
         record = base.visible(self.get(session_id), session_id, owner)
         return record, self.messages(session_id, window)
-
-    def append_and_read(
-        self, session_id: str, messages: Sequence[Message], now: float, *, holder: Holder = None, owner: Owner = None
-    ) -> builtins.list[Message]:
-        """Three steps, not one transaction: in-process calls cost no round trip, and what a concurrent writer does
-        between them is what a reader after the append would see anyway."""
-        base.visible(self.get(session_id), session_id, owner)
-        self.append(session_id, messages, now, holder=holder)
-        return self.messages(session_id)
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)

@@ -89,8 +89,11 @@ def test_create_with_generated_id_and_initial_messages(client):
 
 def test_history_window_append_and_clear(client):
     sid = client.create_session(new_id(), system_prompt="Keep me.")
-    client.append(sid, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
-    client.append(sid, [{"role": "user", "content": [{"type": "text", "text": "c"}]}])
+    first = client.append(sid, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    second = client.append(sid, [{"role": "user", "content": [{"type": "text", "text": "c"}]}])
+    # an append answers the messages it stored (content parts joined), not the history before them
+    assert [(m.role, m.content) for m in first] == [("user", "a"), ("assistant", "b")]
+    assert [(m.role, m.content) for m in second] == [("user", "c")]
     assert [m.content for m in client.history(sid, window=2)] == ["b", "c"]
     client.clear(sid)
     assert client.history(sid) == []

@@ -41,8 +41,8 @@ def test_unreachable_server_raises_quickly_and_the_same_store_recovers(backend, 
             ("get", lambda: store.get("s1")),
             ("append", lambda: store.append("s1", [A1], now=160.0)),
             ("acquire_lease", lambda: store.acquire_lease("s1", "turn-a", 60)),
-            ("load", lambda: store.load("s1", owner="alice")),  # PostgreSQL: a pipeline
-            ("append_and_read", lambda: store.append_and_read("s1", [A1], now=160.0, owner="alice")),
+            ("load", lambda: store.load("s1", owner="alice")),
+            ("append for its owner", lambda: store.append("s1", [A1], now=160.0, owner="alice")),
             ("clear", lambda: store.clear("s1", 160.0, owner="alice")),
             ("update", lambda: store.update("s1", 160.0, metadata={"x": 1}, owner="alice")),
             ("delete", lambda: store.delete("s1", owner="alice")),
@@ -68,7 +68,8 @@ def test_unreachable_server_raises_quickly_and_the_same_store_recovers(backend, 
     if backend == "postgresql":  # durable data survives; Redis runs without persistence here
         assert store.messages("s1") == [U1]
         store.append("s1", [A1], now=170.0)
-        assert store.append_and_read("s1", [U1], now=180.0, owner="alice") == [U1, A1, U1]
+        store.append("s1", [U1], now=180.0, owner="alice")
+        assert store.messages("s1") == [U1, A1, U1]
     else:
         store.create(record("s2"))
         assert store.get("s2") == record("s2")
@@ -235,6 +236,27 @@ def test_postgresql_refuses_nul_characters_clearly(postgres_url):
         with pytest.raises(InvalidRequest, match=r"NUL|cannot store"):
             call()
     assert store.messages("s1") == [] and store.get("s1") == record() and store.count() == 1
+    store.close()
+
+
+def test_postgresql_lease_writes_skip_the_flush_wait_for_their_own_commit_only(postgres_url):
+    """Lease writes commit without waiting for the WAL flush; the setting must not outlive them on the pooled
+    connection, or every later append on it (a turn's commit) would stop being durable."""
+    reset_postgres(postgres_url)
+    joiner = "&" if "?" in postgres_url else "?"
+    store = PostgreSQLStore(f"{postgres_url}{joiner}pool_size=1&options=-csynchronous_commit%3Don")
+    store.create(record())
+    store.acquire_lease("s1", "turn-a", ttl_s=60)
+    with store._conn() as conn:  # the pool's only connection: the one the lease was written on
+        assert conn.execute("SELECT current_setting('synchronous_commit')").fetchone() == ("on",)
+    store.append("s1", [U1], now=150.0, holder="turn-a")
+    store.release_lease("s1", "turn-a")
+    with store._conn() as conn:
+        assert conn.execute("SELECT current_setting('synchronous_commit')").fetchone() == ("on",)
+    with psycopg.connect(postgres_url) as other:  # both lease writes committed
+        assert other.execute("SELECT lease_holder FROM sessionserve_sessions").fetchone() == (None,)
+    assert store.messages("s1") == [U1]
+    store.acquire_lease("s1", "turn-b", ttl_s=60)  # released: another turn may take it
     store.close()
 
 

@@ -62,7 +62,9 @@ def build_app(config: Config) -> serve.Application:
     check_store(config)
     serving = config.serving
     settings = config.model_dump(mode="json")
+    logging_config = {"enable_access_log": serving.access_log}  # every replica of both deployments
     model_replica: dict[str, Any] = {
+        "logging_config": logging_config,
         # A stopping replica writes its sessions' KV to disk (LLMServer.__del__; the engine gives it 30 s).
         "graceful_shutdown_timeout_s": KV_PERSIST_TIMEOUT_S + 15,
         "graceful_shutdown_wait_loop_s": SHUTDOWN_WAIT_LOOP_S,
@@ -83,7 +85,11 @@ def build_app(config: Config) -> serve.Application:
     model = LLMServer.options(
         num_replicas=serving.replicas, request_router_config=SESSION_AFFINITY, **model_replica
     ).bind(settings, replicas_per_node(serving.replicas))
-    ingress = Ingress.options(num_replicas=serving.ingress_replicas, graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S)
+    ingress = Ingress.options(
+        num_replicas=serving.ingress_replicas,
+        graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
+        logging_config=logging_config,
+    )
     return ingress.bind(model, settings, api_keys(config))
 
 

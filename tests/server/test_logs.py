@@ -5,6 +5,7 @@ tokens and times, under the request id of the HTTP request (x-request-id, genera
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -47,6 +48,22 @@ def one_turn_line(request_id: str) -> str:
     return next(iter(found.values()))[0]
 
 
+def access_lines(request_id: str, wait_s: float) -> list[str]:
+    """Ray Serve's access-log lines for a request (`... <request id> -- POST /route 200 12.3ms`) in any replica's
+    log, once there are some or after `wait_s` (Ray writes them as the request ends, around the client's reply)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = [
+            line
+            for path in (logs_dir() / "serve").glob("replica_*.log")
+            for line in path.read_text(errors="replace").splitlines()
+            if re.search(rf" {re.escape(request_id)} -- [A-Z]+ \S+ \S+ [\d.]+ms$", line)  # method route status time
+        ]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.25)
+
+
 def text_fields(line: str) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in line.split(TEXT_MARK, 1)[1].split())
 
@@ -73,6 +90,8 @@ def test_text_turn_line_carries_the_given_request_id(http_url):
     assert float(fields["ttft_ms"]) == pytest.approx(reply["timing"]["ttft_ms"], abs=0.1)
     assert float(fields["total_ms"]) == pytest.approx(reply["timing"]["total_ms"], abs=0.1)
     assert fields["finish_reason"] == reply["finish_reason"]
+    # serving.access_log (default true): Ray Serve's line for the request, in the ingress replica's log
+    assert any(" -- POST " in line and "/query 200 " in line for line in access_lines(request_id, wait_s=10))
 
 
 def test_a_streamed_turn_without_request_id_gets_one_generated_and_logged(http_url):
@@ -92,7 +111,7 @@ def test_a_streamed_turn_without_request_id_gets_one_generated_and_logged(http_u
 @pytest.fixture(scope="module")
 def json_url(tokenizer_dir, serve_port, tmp_path_factory):
     store = f"sqlite:///{tmp_path_factory.mktemp('logs') / 'sessions.db'}"
-    config = app_config(store, model=TINY, serving={"log_format": "json"})
+    config = app_config(store, model=TINY, serving={"log_format": "json", "access_log": False})
     with serve_app(config, serve_port, "sessionserve-logs", "/logs") as url:
         yield url
 
@@ -123,3 +142,5 @@ def test_json_turn_lines_for_session_and_stateless_chat_completions(json_url):
         assert record["completion_tokens"] == usage["completion_tokens"]
         assert record["cached_tokens"] == usage["prompt_tokens_details"]["cached_tokens"]
         assert 0 <= record["ttft_ms"] <= record["total_ms"] and "time" in record
+        # serving.access_log: false: no access line (the default's appears within 10 s: the text test above)
+        assert access_lines(ids[kind], wait_s=2) == [], kind

@@ -279,8 +279,8 @@ def choose_backend(
         checks["flash_attn"] = f"flash-attn runs on CUDA, not {device}"
         # eager flex_attention (off CUDA) is exact but evaluates its masks over the whole pool: forced only (tests)
         checks["flex"] = None if wanted == "flex" else f"flex_attention is fused on CUDA only, not on {device}"
-        checks["cpu"] = None if device.type == "cpu" and dtype == torch.float32 else (
-            f"the cpu kernel serves float32 on the CPU, not {dtype} on {device}"
+        checks["cpu"] = None if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else (
+            f"the cpu kernel serves float32 and bfloat16 on the CPU, not {dtype} on {device}"
         )  # fmt: skip
     checks["portable"] = None
     if wanted != "auto":

@@ -1,4 +1,5 @@
-"""`CpuPagedBackend`: attention that reads the KV pool where it lies, through a small C++ kernel (fp32, CPU).
+"""`CpuPagedBackend`: attention that reads the KV pool where it lies, through a small C++ kernel (CPU; float32 or
+bfloat16 storage, fp32 arithmetic).
 
 csrc/paged_attention.cpp is built once per machine and source version with torch.utils.cpp_extension (seconds;
 cached under torch's extensions directory, in a folder named after the source's hash so that checkouts with

@@ -53,6 +53,25 @@ def two_threads():
 # second (one decode) takes its one-kv-head items
 @pytest.mark.parametrize("shapes", [MIXED, [(1, 300)]])
 def test_backend_equals_dense_attention(backend_name, block, layer, heads, kv_heads, shapes, two_threads):
+    check_backend_against_dense(backend_name, block, layer, heads, kv_heads, shapes, torch.float32)
+
+
+# bfloat16 storage: the kernel widens K/V and queries as it loads them and computes in fp32, so it matches fp32
+# attention over the same (bf16-rounded) values up to the rounding of its bf16 output
+@pytest.mark.parametrize("backend_name", ["cpu"])
+@pytest.mark.parametrize("block", [BLOCK, 5])
+@pytest.mark.parametrize("layer", [LayerAttention(), LayerAttention(window=40), LayerAttention(softcap=2.0)])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
+@pytest.mark.parametrize("shapes", [MIXED, [(1, 300)]])
+def test_bfloat16_storage_equals_fp32_attention_over_the_same_values(
+    backend_name, block, layer, heads, kv_heads, shapes, two_threads
+):
+    check_backend_against_dense(backend_name, block, layer, heads, kv_heads, shapes, torch.bfloat16)
+
+
+def check_backend_against_dense(backend_name, block, layer, heads, kv_heads, shapes, dtype):
+    """One step of `shapes` (new rows, context) through the backend, each sequence's rows against dense fp32
+    attention over the values the pool holds."""
     torch.manual_seed(0)
     rng = random.Random(0)
     dim, num_blocks = 32, 400
@@ -63,7 +82,7 @@ def test_backend_equals_dense_attention(backend_name, block, layer, heads, kv_he
         "flex-compiled": lambda: FlexPagedBackend(block, num_blocks, compiled=True, dynamic=False),
     }
     backend = backends[backend_name]()
-    raw = torch.zeros(2, num_blocks, block, kv_heads, dim)
+    raw = torch.zeros(2, num_blocks, block, kv_heads, dim, dtype=dtype)
     key_pool, value_pool = backend.pool_views(raw[0], raw[1])
     free = list(range(num_blocks))
     rng.shuffle(free)
@@ -71,22 +90,29 @@ def test_backend_equals_dense_attention(backend_name, block, layer, heads, kv_he
     for rows, context in shapes:
         blocks = [free.pop() for _ in range(-(-context // block))]
         sequences.append(StepSequence(start=row, rows=rows, context=context, block_ids=blocks))
-        k, v = torch.randn(kv_heads, context, dim), torch.randn(kv_heads, context, dim)
+        k, v = torch.randn(kv_heads, context, dim, dtype=dtype), torch.randn(kv_heads, context, dim, dtype=dtype)
         slots = torch.tensor([b * block + i for b in blocks for i in range(block)][:context])
         sequence_meta = backend.prepare([StepSequence(0, context, context, blocks)], context, torch.device("cpu"))
         pool = KVPair(key_pool, value_pool)
         backend.write(pool, KVPair(k[None], v[None]), slots, sequence_meta)  # the backend's own layout
         dense.append((k, v))
         row += rows
-    query = torch.randn(1, heads, row, dim)
+    query = torch.randn(1, heads, row, dim, dtype=dtype)
     # this step's fresh K/V, as the model hands them over (already written into the pool)
     key = torch.cat([k[:, s.context - s.rows :] for (k, _), s in zip(dense, sequences, strict=True)], 1)[None]
     value = torch.cat([v[:, s.context - s.rows :] for (_, v), s in zip(dense, sequences, strict=True)], 1)[None]
     metadata = backend.prepare(sequences, row, torch.device("cpu"))
     out = backend.forward(LayerTensors(query, key, value, key_pool, value_pool), metadata, layer, 0.2)
+    assert out.dtype == dtype
     for seq, (k, v) in zip(sequences, dense, strict=True):
-        expected = dense_reference(query, k, v, seq, layer, 0.2)
-        torch.testing.assert_close(out[seq.start : seq.start + seq.rows], expected, atol=2e-5, rtol=1e-4)
+        expected = dense_reference(query.float(), k.float(), v.float(), seq, layer, 0.2)
+        got = out[seq.start : seq.start + seq.rows].float()
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+        elif seq.fresh and seq.rows > 1 and layer.softcap is None:  # torch's SDPA, which rounds as it goes in bf16
+            torch.testing.assert_close(got, expected, atol=1e-2, rtol=1.6e-2)
+        else:  # the kernel: no further from it than rounding to bf16 goes (half a unit in the last of its 8 bits)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=2**-8)
 
 
 def test_the_backend_choice_falls_back_to_portable(monkeypatch):
@@ -96,7 +122,8 @@ def test_the_backend_choice_falls_back_to_portable(monkeypatch):
     monkeypatch.delenv("SESSIONSERVE_ATTENTION", raising=False)
     cpu = torch.device("cpu")
     assert select_backend(BLOCK, 64, cpu, torch.float32).name == "cpu"
-    assert select_backend(BLOCK, 64, cpu, torch.bfloat16).name == "portable"  # the kernel is fp32 only
+    assert select_backend(BLOCK, 64, cpu, torch.bfloat16).name == "cpu"
+    assert select_backend(BLOCK, 64, cpu, torch.float16).name == "portable"  # the kernel stores fp32 or bf16
     monkeypatch.setenv("SESSIONSERVE_ATTENTION", "portable")
     assert select_backend(BLOCK, 64, cpu, torch.float32).name == "portable"
 
@@ -123,7 +150,8 @@ CUDA, CPU = torch.device("cuda"), torch.device("cpu")
         (CUDA, torch.bfloat16, 256, set(), "flex", ["flash-attn is not installed"]),
         (CUDA, torch.bfloat16, 8, set(), "portable", ["not installed", "multiple of 16, not 8"]),
         (CPU, torch.float32, 16, {"flash_attn"}, "cpu", ["runs on CUDA", "fused on CUDA only"]),
-        (CPU, torch.bfloat16, 16, set(), "portable", ["runs on CUDA", "fused on CUDA only", "float32 on the CPU"]),
+        (CPU, torch.bfloat16, 16, set(), "cpu", ["runs on CUDA", "fused on CUDA only"]),
+        (CPU, torch.float16, 16, set(), "portable", ["runs on CUDA", "fused on CUDA only", "and bfloat16 on the CPU"]),
     ],
 )
 def test_choose_backend_by_device_dtype_block_size_and_packages(

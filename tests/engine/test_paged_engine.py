@@ -7,11 +7,11 @@ import asyncio
 import pytest
 import torch
 
-from serving.config import EngineConfig
+from serving.config import EngineConfig, ModelConfig
 from serving.engine.paged_engine import PagedEngine
 from serving.engine.types import EngineFailed, GenerationChunk, GenerationRequest, KVInfo, SamplingParams
-from serving.models import LoadedModel
-from tests.support import generate_reference
+from serving.models import SMOLLM2, LoadedModel, load_model
+from tests.support import generate_reference, logit_gap
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -109,6 +109,40 @@ async def test_multi_turn_reuses_kv_and_equals_generate(smol, smollm2, tokenizer
     assert second[0].cached_tokens == len(first_ids) + len(reply) - 1 >= len(first_ids)
     assert second[0].prompt_tokens == len(second_ids)
     assert tokens(second) == reference(smollm2, second_ids, 8)
+
+
+# bf16 keeps 8 mantissa bits and kernels round in different orders, so tokens may differ from `generate` at near
+# ties (as on a GPU, tests/gpu): each token the engine picks must score within this of the step's best logit under
+# the dense bf16 model's own logits for the same sequence
+BF16_LOGIT_TOLERANCE = 0.15
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16(smollm2_dir) -> LoadedModel:
+    return load_model(ModelConfig(name=SMOLLM2, device="cpu", dtype="bfloat16"))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("backend", ["cpu", "portable"])
+async def test_bf16_on_the_cpu_picks_tokens_within_the_logit_tolerance(smollm2_bf16, tokenizer, monkeypatch, backend):
+    """Four chats batched, then a warm turn over one's cached KV: every token near the best under the dense model."""
+    monkeypatch.setenv("SESSIONSERVE_ATTENTION", backend)
+    engine = PagedEngine(smollm2_bf16, EngineConfig(kv_cache_memory="32MiB", host_cache_memory="0"))
+    try:
+        assert engine.core.runner.backend.name == backend
+        prompts = [chat_ids(tokenizer, q) for q in QUESTIONS[:4]]
+        first = await asyncio.gather(
+            *(run(engine, f"b{i}", ids, key=f"s{i}", max_new_tokens=12) for i, ids in enumerate(prompts))
+        )
+        follow = tokenizer("<|im_end|>\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n").input_ids
+        second_ids = prompts[0] + tokens(first[0]) + follow
+        second = await run(engine, "warm", second_ids, key="s0", max_new_tokens=12)
+    finally:
+        await engine.shutdown()
+    assert second[0].cached_tokens >= len(prompts[0])
+    for ids, chunks in [*zip(prompts, first, strict=True), (second_ids, second)]:
+        gap = logit_gap(smollm2_bf16, ids, tokens(chunks))
+        assert gap <= BF16_LOGIT_TOLERANCE, f"a token {gap:.3f} below the best logit"
 
 
 # ------------------------------------------------------------------------------------- mechanics (tiny model)

@@ -1,7 +1,9 @@
 // Paged attention on the CPU: every query row reads its sequence's K/V where it lies in the pool, through the
 // block table (no gathered copy). One kernel serves decode rows (one query per sequence) and prefill chunks
 // over a cached prefix (many queries per sequence), causal, with an optional sliding window and logit
-// soft-capping. fp32 throughout (softmax in fp32 like transformers' eager/sdpa paths).
+// soft-capping. Queries, K/V and the output are float32 or bfloat16 (one dtype for all); the arithmetic is fp32
+// throughout (softmax in fp32 like transformers' eager/sdpa paths): bf16 is widened as it is loaded, which halves
+// the bytes a decode step reads for the same work.
 //
 // Layout, head-major within each block so that one kv head's part of a block is one contiguous run:
 // K blocks are [kv_heads, head_dim, block_size] (transposed: the scores of a block's keys are head_dim vector
@@ -17,6 +19,7 @@
 // (`block_generic`), same arithmetic.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -37,12 +40,27 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // 16 floats (int32s); gcc maps them onto whatever vector registers the target has (one zmm with AVX-512)
 typedef float vec __attribute__((vector_size(64)));
 typedef int32_t ivec __attribute__((vector_size(64)));
+typedef uint32_t uvec __attribute__((vector_size(64)));
+typedef uint16_t hvec __attribute__((vector_size(32)));  // 16 bfloat16s
 
 inline vec load(const float* p) {
   vec v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+
+// 16 bfloat16s widened to floats: a bfloat16 is the top half of a float's bits
+inline vec load(const c10::BFloat16* p) {
+  hvec h;
+  std::memcpy(&h, p, sizeof h);
+  const uvec bits = __builtin_convertvector(h, uvec) << 16;
+  vec v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline float widen(float x) { return x; }
+inline float widen(c10::BFloat16 x) { return static_cast<float>(x); }
 
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
@@ -100,8 +118,8 @@ struct Rows {
 
 // MB query vectors against one block of 16 keys: scores, mask, online-softmax update, acc += p . v.
 // `keys` is how many of the block's keys any of them attends (the rest may not hold this sequence's KV).
-template <int DV, int MB>
-void block_fast(Rows r, const float* kt, const float* v, int32_t key0, int keys, float cap) {
+template <int DV, int MB, typename T>
+void block_fast(Rows r, const T* kt, const T* v, int32_t key0, int keys, float cap) {
   constexpr int dim = DV * kLanes;
   constexpr int P = MB <= 2 ? 4 : 2;  // independent partial sums per score vector, to hide the FMA latency
   vec s[MB][P] = {};
@@ -143,7 +161,7 @@ void block_fast(Rows r, const float* kt, const float* v, int32_t key0, int keys,
   for (int m = 0; m < MB; ++m)
     for (int x = 0; x < DV; ++x) acc[m][x] = load(r.acc + m * dim + x * kLanes) * correction[m];
   for (int j = 0; j < keys; ++j) {
-    const float* row = v + j * dim;
+    const T* row = v + j * dim;
     for (int x = 0; x < DV; ++x) {
       const vec value = load(row + x * kLanes);
       for (int m = 0; m < MB; ++m) acc[m][x] += prob[m][j] * value;
@@ -154,8 +172,8 @@ void block_fast(Rows r, const float* kt, const float* v, int32_t key0, int keys,
 }
 
 // All of an item's query vectors against one 16-key block, MB at a time (as many as fit in registers).
-template <int DV>
-void blocks_fast(Rows r, int64_t m_count, const float* kt, const float* v, int32_t key0, int keys, float cap) {
+template <int DV, typename T>
+void blocks_fast(Rows r, int64_t m_count, const T* kt, const T* v, int32_t key0, int keys, float cap) {
   constexpr int most = DV <= 4 ? 4 : (DV == 8 ? 2 : 1);
   const int64_t dim = DV * kLanes;
   int64_t m = 0;
@@ -170,7 +188,8 @@ void blocks_fast(Rows r, int64_t m_count, const float* kt, const float* v, int32
 
 // The same for any block size and head_dim, one query vector at a time (`scores`: block_size floats rounded up
 // to whole vectors).
-void block_generic(Rows r, int64_t m_count, int64_t dim, const float* kt, const float* v, int64_t block_size,
+template <typename T>
+void block_generic(Rows r, int64_t m_count, int64_t dim, const T* kt, const T* v, int64_t block_size,
                    int32_t key0, float cap, float* scores) {
   const int64_t padded = (block_size + kLanes - 1) / kLanes * kLanes;
   for (int64_t m = 0; m < m_count; ++m) {
@@ -178,9 +197,9 @@ void block_generic(Rows r, int64_t m_count, int64_t dim, const float* kt, const 
     for (int64_t j = 0; j < padded; ++j) scores[j] = 0.f;
     for (int64_t d = 0; d < dim; ++d) {
       const float qd = q[d];
-      const float* row = kt + d * block_size;
+      const T* row = kt + d * block_size;
 #pragma omp simd
-      for (int64_t j = 0; j < block_size; ++j) scores[j] += qd * row[j];
+      for (int64_t j = 0; j < block_size; ++j) scores[j] += qd * widen(row[j]);
     }
     float block_max = kNegInf;
     for (int64_t j = 0; j < padded; ++j) {
@@ -206,9 +225,9 @@ void block_generic(Rows r, int64_t m_count, int64_t dim, const float* kt, const 
     for (int64_t j = 0; j < block_size; ++j) {
       const float p = scores[j];
       if (p == 0.f) continue;  // not attended: the key may not hold this sequence's KV
-      const float* value = v + j * dim;
+      const T* value = v + j * dim;
 #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) acc[d] += p * value[d];
+      for (int64_t d = 0; d < dim; ++d) acc[d] += p * widen(value[d]);
     }
   }
 }
@@ -217,11 +236,10 @@ struct Item {
   int64_t seq, kv_head_begin, kv_head_end, row_begin, row_end;  // rows relative to the sequence's first query row
 };
 
-void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                     const at::Tensor& block_tables, const at::Tensor& seq_info, double scale, int64_t window,
-                     double softcap) {
-  TORCH_CHECK(query.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kFloat, "fp32 only");
-  TORCH_CHECK(v_pool.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "fp32 only");
+template <typename T>
+void paged_attention_as(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                        const at::Tensor& block_tables, const at::Tensor& seq_info, double scale, int64_t window,
+                        double softcap) {
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && k_pool.dim() == 4 && v_pool.dim() == 4, "bad ranks");
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "pools must be contiguous");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "head_dim must be contiguous");
@@ -236,10 +254,10 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
   const int64_t group = heads / kv_heads;
   const int64_t q_row_stride = query.stride(0), q_head_stride = query.stride(1);
   const int64_t o_row_stride = out.stride(0), o_head_stride = out.stride(1);
-  const float* q_base = query.data_ptr<float>();
-  const float* k_base = k_pool.data_ptr<float>();
-  const float* v_base = v_pool.data_ptr<float>();
-  float* o_base = out.data_ptr<float>();
+  const T* q_base = query.data_ptr<T>();
+  const T* k_base = k_pool.data_ptr<T>();
+  const T* v_base = v_pool.data_ptr<T>();
+  T* o_base = out.data_ptr<T>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int64_t table_width = block_tables.size(1);
   const int32_t* info = seq_info.data_ptr<int32_t>();
@@ -282,8 +300,8 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
       for (int64_t m = 0; m < m_count; ++m) {
         const int64_t r = m / group % tile, head = item.kv_head_begin * group + m / per_head * group + m % group;
         const int64_t position = context - rows + item.row_begin + r;
-        const float* src = q_base + (first_row + item.row_begin + r) * q_row_stride + head * q_head_stride;
-        for (int64_t d = 0; d < dim; ++d) q[m * dim + d] = src[d] * fscale;
+        const T* src = q_base + (first_row + item.row_begin + r) * q_row_stride + head * q_head_stride;
+        for (int64_t d = 0; d < dim; ++d) q[m * dim + d] = widen(src[d]) * fscale;
         hi[m] = static_cast<int32_t>(position);
         lo[m] = static_cast<int32_t>(window > 0 ? std::max<int64_t>(0, position - window + 1) : 0);
       }
@@ -296,7 +314,7 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
       for (int64_t b = first_block; b <= last_block; ++b) {
         if (b + kPrefetchAhead <= last_block) {
           const int64_t ahead = static_cast<int64_t>(table[b + kPrefetchAhead]) * block_numel + head0;
-          for (int64_t line = 0; line < run; line += 16) {
+          for (int64_t line = 0; line < run; line += 64 / sizeof(T)) {  // one 64-byte cache line each
             __builtin_prefetch(k_base + ahead + line);
             __builtin_prefetch(v_base + ahead + line);
           }
@@ -305,8 +323,8 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
         const int keys = static_cast<int>(std::min<int64_t>(block_size, last_key - key0 + 1));
         for (int64_t h = 0; h < item_heads; ++h) {
           const int64_t offset = static_cast<int64_t>(table[b]) * block_numel + head0 + h * head_numel;
-          const float* kt = k_base + offset;
-          const float* v = v_base + offset;
+          const T* kt = k_base + offset;
+          const T* v = v_base + offset;
           const Rows head_state = state.at(h * per_head, dim);
           if (!fast) {
             block_generic(head_state, per_head, dim, kt, v, block_size, key0, cap, scores.data());
@@ -322,12 +340,25 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
       }
       for (int64_t m = 0; m < m_count; ++m) {
         const int64_t r = m / group % tile, head = item.kv_head_begin * group + m / per_head * group + m % group;
-        float* dst = o_base + (first_row + item.row_begin + r) * o_row_stride + head * o_head_stride;
+        T* dst = o_base + (first_row + item.row_begin + r) * o_row_stride + head * o_head_stride;
         const float inv = 1.f / row_sum[m];
-        for (int64_t d = 0; d < dim; ++d) dst[d] = acc[m * dim + d] * inv;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<T>(acc[m * dim + d] * inv);
       }
     }
   });
+}
+
+void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                     const at::Tensor& block_tables, const at::Tensor& seq_info, double scale, int64_t window,
+                     double softcap) {
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "float32 or bfloat16 only");
+  TORCH_CHECK(k_pool.scalar_type() == dtype && v_pool.scalar_type() == dtype && out.scalar_type() == dtype,
+              "query, pools and output must share one dtype");
+  if (dtype == at::kFloat)
+    paged_attention_as<float>(out, query, k_pool, v_pool, block_tables, seq_info, scale, window, softcap);
+  else
+    paged_attention_as<c10::BFloat16>(out, query, k_pool, v_pool, block_tables, seq_info, scale, window, softcap);
 }
 
 }  // namespace

@@ -58,15 +58,14 @@ def test_backend_equals_dense_attention(backend_name, block, layer, heads, kv_he
 
 # bfloat16 storage: the kernel widens K/V and queries as it loads them and computes in fp32, so it matches fp32
 # attention over the same (bf16-rounded) values up to the rounding of its bf16 output
-@pytest.mark.parametrize("backend_name", ["cpu"])
 @pytest.mark.parametrize("block", [BLOCK, 5])
 @pytest.mark.parametrize("layer", [LayerAttention(), LayerAttention(window=40), LayerAttention(softcap=2.0)])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
 @pytest.mark.parametrize("shapes", [MIXED, [(1, 300)]])
-def test_bfloat16_storage_equals_fp32_attention_over_the_same_values(
-    backend_name, block, layer, heads, kv_heads, shapes, two_threads
+def test_the_cpu_kernel_in_bfloat16_equals_fp32_attention_over_the_same_values(
+    block, layer, heads, kv_heads, shapes, two_threads
 ):
-    check_backend_against_dense(backend_name, block, layer, heads, kv_heads, shapes, torch.bfloat16)
+    check_backend_against_dense("cpu", block, layer, heads, kv_heads, shapes, torch.bfloat16)
 
 
 def check_backend_against_dense(backend_name, block, layer, heads, kv_heads, shapes, dtype):

@@ -26,7 +26,7 @@ from serving.engine.llm_engine import LLMEngine
 from serving.engine.model_runner import kv_shape
 from serving.engine.types import GenerationRequest, SamplingParams
 from serving.models import SMOLLM2_RANDOM, LoadedModel, load_model
-from tests.support import generate_reference, logit_gap
+from tests.support import BF16_LOGIT_TOLERANCE, generate_reference, logit_gap
 
 DEVICE = os.environ.get("SESSIONSERVE_GPU_TEST_DEVICE", "cuda")
 MODEL = os.environ.get("SESSIONSERVE_GPU_TEST_MODEL", SMOLLM2_RANDOM)
@@ -39,9 +39,6 @@ pytestmark = [
 
 FP32_BACKENDS = ["portable", "flex"]  # flash-attn serves fp16/bf16 only
 BF16_BACKENDS = FP32_BACKENDS + (["flash_attn"] if "flash_attn" in installed_packages() else [])
-# |best logit - logit of the engine's token| <= this, per step: bf16 keeps 8 mantissa bits (~0.4% of a logit of
-# magnitude up to ~8 here, through 30 layers whose kernels round differently)
-BF16_LOGIT_TOLERANCE = 0.15
 
 
 @pytest.fixture(scope="module")

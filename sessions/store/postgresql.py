@@ -380,21 +380,9 @@ class PostgreSQLStore:
         kv: KVUpdate = None,
         owner: Owner = None,
     ) -> None:
-        if self._one(_APPEND, self._append_params(session_id, messages, now, holder, kv, owner)) is None:
-            raise self._refused(session_id, owner)
-
-    def _append_params(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        now: float,
-        holder: Holder,
-        kv: KVUpdate,
-        owner: Owner,
-    ) -> dict[str, Any]:
         batch = base.check_messages(messages)
         _refuse_nul(*(m.content for m in batch), None if kv is None else kv.replica)
-        return {
+        params = {
             "n": len(batch),
             "active": now,
             "id": session_id,
@@ -405,6 +393,8 @@ class PostgreSQLStore:
             "contents": [m.content for m in batch],
             **_kv_params(kv),
         }
+        if self._one(_APPEND, params) is None:
+            raise self._refused(session_id, owner)
 
     def load(
         self, session_id: str, window: int | None = None, *, owner: Owner = None

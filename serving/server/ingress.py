@@ -108,7 +108,7 @@ def _model_deployment_problem() -> str | None:
     return None
 
 
-@serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=1024)  # its resources: builder.build_app
 @serve.ingress(app)
 class Ingress:
     """Authenticate, validate, route by session, translate errors, drain; the model is elsewhere (or, with

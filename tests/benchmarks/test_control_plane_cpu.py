@@ -23,7 +23,7 @@ def test_this_process_is_the_client_and_its_cpu_is_counted_per_operation():
     cpu = _ms_per_op(_cpu_spent(before), ops=100)
     assert 2.5 <= cpu["client"] <= 6  # 300 ms over 100 operations, give or take the test's own overhead
     assert set(cpu) == {"client", "ingress", "model replica", "proxy", "store", "rest"}
-    assert cpu["ingress"] == cpu["store"] == 0
+    assert cpu["ingress"] == 0  # no Ray here ("store" is not: the other pytest worker's servers may be busy)
 
 
 @pytest.mark.parametrize(

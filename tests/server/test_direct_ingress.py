@@ -65,18 +65,18 @@ def test_auto_follows_a_joined_cluster_and_a_named_mode_is_itself():
 
 
 def test_serve_resolves_auto_into_a_validated_config_or_says_why_it_cannot(monkeypatch):
-    from serving.cli import serving_through
+    from serving.cli import resolve_ingress
     from serving.config import Config
 
     for name in (direct_ingress.ENABLE, direct_ingress.HA_PROXY):  # what a local Ray would inherit
         monkeypatch.delenv(name, raising=False)
 
-    settings, problem = serving_through(Config(), joined=None)
+    settings, problem = resolve_ingress(Config(), joined=None)
     assert problem is None and settings.serving.ingress == "direct"
     assert settings == Config.model_validate({"serving": {"ingress": "direct"}})  # nothing else changed
     two = Config.model_validate({"serving": {"ingress_replicas": 2}})
-    assert serving_through(two, joined="haproxy")[0].serving.ingress == "haproxy"
-    kept, problem = serving_through(two, joined="direct")  # a direct cluster gives one replica the port
+    assert resolve_ingress(two, joined="haproxy")[0].serving.ingress == "haproxy"
+    kept, problem = resolve_ingress(two, joined="direct")  # a direct cluster gives one replica the port
     assert kept == two and problem is not None
     assert "resolves to direct" in problem and "serving.ingress_replicas to 1" in problem, problem
 

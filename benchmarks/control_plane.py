@@ -37,7 +37,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from serving.server import direct_ingress, lifecycle
+from serving.server import cluster, direct_ingress, lifecycle
 from serving.server.direct_ingress import IngressMode
 
 console = Console(stderr=True)
@@ -115,7 +115,7 @@ def _deploy(store: str, ingress: IngressMode, ingress_replicas: int, stack: Exit
     from serving.config import load_config
     from serving.server.builder import build_app
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cluster.start_local(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     stack.callback(ray.shutdown)
     serve.start(http_options=direct_ingress.http_options(ingress, "127.0.0.1", port))
     stack.callback(serve.shutdown)

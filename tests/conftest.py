@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import pytest
 
-from serving.client import LocalClient, SessionClient
-from serving.config import ModelConfig
-from serving.models import SMOLLM2, TINY_RANDOM, LoadedModel, load_model, prepare_smollm2, prepare_smollm2_tokenizer
-from tests.support import deploy, smollm2_config
+if TYPE_CHECKING:
+    from serving.models import LoadedModel
+
+# The project's modules are imported inside the fixtures: this file loads in every pytest process, xdist's controller
+# included, which runs no test and would otherwise spend ~6 s importing torch and transformers before workers start.
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,6 +28,8 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The embedded model converted to safetensors (once per machine, ~20 s)."""
+    from serving.models import prepare_smollm2
+
     return prepare_smollm2()
 
 
@@ -48,18 +52,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def tokenizer_dir():
     """SmolLM2's tokenizer files alone (seconds): enough for the tiny random models."""
+    from serving.models import prepare_smollm2_tokenizer
+
     return prepare_smollm2_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir) -> LoadedModel:
     """The real SmolLM2-135M-Instruct, fp32 on the CPU."""
+    from serving.config import ModelConfig
+    from serving.models import SMOLLM2, load_model
+
     return load_model(ModelConfig(name=SMOLLM2, device="cpu", dtype="float32"))
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer_dir) -> LoadedModel:
     """A 2-layer random Llama with SmolLM2's tokenizer: fast, for mechanics only."""
+    from serving.config import ModelConfig
+    from serving.models import TINY_RANDOM, load_model
+
     return load_model(ModelConfig(name=TINY_RANDOM, device="cpu", dtype="float32"))
 
 
@@ -102,6 +114,9 @@ def serve_port(ray_cluster) -> int:
 
 @pytest.fixture(scope="session")
 def local_client(smollm2_dir, tmp_path_factory):
+    from serving.client import LocalClient
+    from tests.support import smollm2_config
+
     store = f"sqlite:///{tmp_path_factory.mktemp('local') / 'sessions.db'}"
     client = LocalClient(smollm2_config(store))
     yield client
@@ -110,12 +125,16 @@ def local_client(smollm2_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def http_url(smollm2_dir, serve_port, tmp_path_factory):
+    from tests.support import deploy, smollm2_config
+
     store = f"sqlite:///{tmp_path_factory.mktemp('http') / 'sessions.db'}"
     return deploy(smollm2_config(store), serve_port)
 
 
 @pytest.fixture(scope="session")
 def http_client(http_url):
+    from serving.client import SessionClient
+
     client = SessionClient(http_url)
     yield client
     client.close()

@@ -61,11 +61,20 @@ def connect(address: str | None) -> bool:
     if address:
         ray.init(address=address, ignore_reinit_error=True)
         return False
-    # Ray starts its workers at niceness 15, so on a shared machine the model replicas would yield the CPU to
-    # everything else; the server is this machine's main work.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address="local", ignore_reinit_error=True, include_dashboard=False)
+    start_local(ignore_reinit_error=True, include_dashboard=False)
     return True
+
+
+def start_local(**init_options: Any) -> None:
+    """Start a Ray on this machine for serving (`serve`, and the benchmarks that measure what it runs).
+
+    Ray starts its workers at niceness 15, so on a shared machine the ingress and model replicas would yield the CPU
+    to everything else (a store's server, a client, Ray's own daemons); the server is this machine's main work.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet that ray.init starts
+    ray.init(address="local", **init_options)
 
 
 def current_nodes() -> list[dict[str, Any]]:

@@ -51,7 +51,13 @@ def two_threads():
 # every backend; with 2 threads that is enough query tiles for the CPU kernel's whole-block work items (every kv
 # head), and one decode alone takes its one-kv-head items, a split only that kernel makes
 @pytest.mark.parametrize(
-    ("backend_name", "shapes"), [("portable", MIXED), ("cpu", MIXED), ("flex", MIXED), ("cpu", [(1, 300)])]
+    ("backend_name", "shapes"),
+    [
+        ("portable", MIXED),
+        ("cpu", MIXED),
+        pytest.param("flex", MIXED, marks=pytest.mark.slow),  # eager flex: ~1 s a case on a CPU
+        ("cpu", [(1, 300)]),
+    ],
 )
 def test_backend_equals_dense_attention(backend_name, block, layer, heads, kv_heads, shapes, two_threads):
     check_backend_against_dense(backend_name, block, layer, heads, kv_heads, shapes, torch.float32)

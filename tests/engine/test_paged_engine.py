@@ -243,6 +243,7 @@ async def test_cancel_frees_non_session_blocks(tiny_engines):
     assert engine.cache_keys() == []
 
 
+@pytest.mark.slow  # ~13 s
 async def test_a_thousand_sessions_leave_the_pools_as_they_found_them(tiny_engines):
     engine = tiny_engines(tiny_config(device_blocks=8, host_blocks=2, max_batch_size=4))
     before = engine.stats()

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- outages ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # stops and restarts the server: ~8 s for PostgreSQL
 @pytest.mark.parametrize("backend", ["postgresql", "redis"])
 def test_unreachable_server_raises_quickly_and_the_same_store_recovers(backend, store_url, open_backend, request):
     server = request.getfixturevalue("postgres_server" if backend == "postgresql" else "redis_server")

@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             "clients": args.clients,
             "seconds": args.seconds,
             "rounds": args.rounds,
+            "ray_worker_niceness": int(os.environ[cluster.WORKER_NICENESS]),  # set by start_local
         },
         "operations": results,
         "target": {"vs_health_at_least": TARGET_RATIO, "worst": worst, "met": worst >= TARGET_RATIO},

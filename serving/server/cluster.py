@@ -19,6 +19,7 @@ LOCAL_STORE_SCHEMES = ("sqlite://", "memory://")
 NETWORK_STORES = "postgresql://USER:PASSWORD@HOST:5432/DB or redis://HOST:6379/0"
 
 Node = Mapping[str, Any]  # one entry of ray.nodes()
+WORKER_NICENESS = "RAY_worker_niceness"  # Ray's variable for its workers' niceness (Ray's default: 15)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def start_local(**init_options: Any) -> None:
     """
     import ray
 
-    os.environ.setdefault("RAY_worker_niceness", "0")  # read by the raylet that ray.init starts
+    os.environ.setdefault(WORKER_NICENESS, "0")  # read by the raylet that ray.init starts
     ray.init(address="local", **init_options)
 
 

@@ -48,6 +48,12 @@ def model_deployment_processes() -> list[str]:
     return [line for line in named if "ServeReplica:sessionserve:LLMServer" in line]
 
 
+def replica_niceness() -> set[int]:
+    """The niceness of every replica process of the app (ingress and model)."""
+    named = psutil.process_iter(["cmdline", "nice"])
+    return {p.info["nice"] for p in named if "ServeReplica:sessionserve:" in " ".join(p.info["cmdline"] or [])}
+
+
 def ingress_replica_urls() -> list[str]:
     """Each ingress replica's own HTTP address: what its process listens on (Ray's actor processes are named by
     role) that answers /health; Ray's own gRPC listeners in the same process do not."""
@@ -93,6 +99,7 @@ def test_the_api_on_the_configured_port_through_each_ingress_and_a_drain_on_sigt
         assert f"ready on {server.url} ({says}" in server.output()
         assert listener in listener_of(server.port)
         assert bool(model_deployment_processes()) == (ingress != "replica")  # replica: no model replica to hop to
+        assert replica_niceness() == {0}  # not Ray's default 15: the replicas do not yield the CPU to the rest
         replicas = ingress_replica_urls()
         assert len(replicas) == own_ports, replicas
         for n, url in enumerate(replicas):  # sessions created through each replica: each counts its own requests

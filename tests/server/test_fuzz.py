@@ -12,17 +12,12 @@ import pytest
 
 from tests.support import TINY, app_config, assert_error_envelope, serve_app
 
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402  (after the importorskip above)
-from hypothesis.errors import Unsatisfiable  # noqa: E402
-
+# schemathesis and hypothesis (the test extra) are imported where used: ~3 s that every pytest process collecting this
+# file would otherwise spend, `make test-fast`'s workers included, which deselect it (marked ray)
 pytestmark = pytest.mark.ray
 
 APP, PREFIX = "sessionserve-fuzz", "/fuzz"
 MB = 2**20
-FUZZ_SETTINGS = settings(
-    max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True
-)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +38,8 @@ def http(fuzz_url) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def api_schema(fuzz_url):
     """The deployed app's own /openapi.json, as schemathesis reads it."""
+    import schemathesis
+
     return schemathesis.openapi.from_url(f"{fuzz_url}/openapi.json")
 
 
@@ -107,9 +104,11 @@ def test_the_deployed_schema_lists_every_operation(api_schema):
 
 
 def run_generated(strategy, check) -> None:
-    """Run `check(case)` on cases drawn from `strategy` under the bounded fuzz settings."""
+    """Run `check(case)` on cases drawn from `strategy` under bounded fuzz settings."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
 
-    @FUZZ_SETTINGS
+    @settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True)
     @given(case=strategy)
     def generated(case) -> None:
         check(case)
@@ -123,6 +122,8 @@ def run_generated(strategy, check) -> None:
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
 def test_generated_requests_never_get_a_server_error(api_schema, fuzz_url, method, path, mode):
+    import schemathesis
+
     operation = api_schema[path][method]
 
     def check(case) -> None:
@@ -138,6 +139,8 @@ POSTS = [(method, path) for method, path in OPERATIONS if method in ("POST", "PA
 @pytest.mark.parametrize(("method", "path"), POSTS, ids=[p for _, p in POSTS])
 def test_malformed_posts_leave_an_existing_sessions_history_alone(api_schema, fuzz_url, http, victim, method, path):
     """Malformed POSTs aimed at a live session (its id in the path, in x-session-id, or reused by a create)."""
+    import schemathesis
+
     operation = api_schema[path][method]
     fixed = {}
     if "{session_id}" in path:

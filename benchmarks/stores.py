@@ -7,12 +7,18 @@ acquire lease, commit the turn's append, release lease) as p50/p90 ms, with memo
 and Redis are started for the run (tests/servers.py; PostgreSQL with its default durable settings) unless URLs are
 given. One thread, one store object per backend, as a replica uses it.
 
+Then, as the server calls a store from its event loop (uvloop, as in Ray's replicas), `--concurrent` callers at once
+loading a session's record and last 8 messages: this process' CPU ms per load and the wall time per load, through a
+worker thread each (`asyncio.to_thread`) and, for the stores that can, on the loop with the driver's asyncio twin
+(`loop_io.run`, what `SessionManager.store_call` picks for them).
+
     .venv/bin/python -m benchmarks.stores --out results-stores.json
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -25,11 +31,12 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import uvloop
 from rich.console import Console
 from rich.table import Table
 
 from sessions.messages import Message
-from sessions.store import open_store
+from sessions.store import loop_io, open_store
 from sessions.store.base import HistoryStore, SessionRecord
 
 console = Console(stderr=True)
@@ -46,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--postgres-url", default=None, help="use this server instead of starting one")
     parser.add_argument("--redis-url", default=None, help="use this server instead of starting one")
     parser.add_argument("--turns", type=int, default=400, help="timed turns (and reads, appends) per backend")
+    parser.add_argument("--concurrent", type=int, default=16, help="callers at once in the event-loop measurement")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -80,7 +88,29 @@ def _timed(n: int, call: Callable[[int], object]) -> list[float]:
     return times
 
 
-def measure(store: HistoryStore, turns: int) -> dict[str, float]:
+def from_a_loop(store: HistoryStore, ids: list[str], calls: int, concurrent: int) -> dict[str, float]:
+    """CPU ms (this process) and wall ms per load(window=8) from an event loop, `concurrent` at a time, by each way
+    a loop can call the store: a worker thread each, and (a store that `runs_on_loop`) on the loop itself."""
+
+    async def run() -> dict[str, float]:
+        ways: dict[str, Callable[[str], Any]] = {"thread": lambda sid: asyncio.to_thread(store.load, sid, 8)}
+        if store.runs_on_loop:
+            ways["loop"] = lambda sid: loop_io.run(store.load, sid, 8)
+        numbers: dict[str, float] = {}
+        for way, load in ways.items():
+            for _ in range(20):  # warm-up: connection pools grown, statements prepared, threads started
+                await asyncio.gather(*(load(ids[i % len(ids)]) for i in range(concurrent)))
+            cpu, wall = time.process_time(), time.perf_counter()
+            for start in range(0, calls, concurrent):
+                await asyncio.gather(*(load(ids[i % len(ids)]) for i in range(start, start + concurrent)))
+            numbers[f"{way}_load_cpu_ms"] = 1000 * (time.process_time() - cpu) / calls
+            numbers[f"{way}_load_wall_ms"] = 1000 * (time.perf_counter() - wall) / calls
+        return numbers
+
+    return uvloop.run(run())
+
+
+def measure(store: HistoryStore, turns: int, concurrent: int) -> dict[str, float]:
     run = uuid.uuid4().hex[:8]
     ids = [f"bench-{run}-{i}" for i in range(20)]
     for session_id in ids:
@@ -102,9 +132,11 @@ def measure(store: HistoryStore, turns: int) -> dict[str, float]:
     turn_times = _timed(turns, one_turn)
     # what the append route does: the owner check and the append, in one call
     append_route = _timed(turns, lambda i: store.append(ids[i % 20], TURN[:1], time.time(), owner="bench"))
+    loop = from_a_loop(store, ids, max(turns, concurrent), concurrent)
     for session_id in ids:
         store.delete(session_id)
     return {
+        **loop,
         "append_per_s": len(appends) / sum(appends),
         "window_read_per_s": len(reads) / sum(reads),
         "turn_ms_p50": 1000 * statistics.median(turn_times),
@@ -124,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for backend in ["memory", *[b for b in backends if b != "memory"]]:
             store = open_store(urls[backend])
             try:
-                results[backend] = measure(store, args.turns)
+                results[backend] = measure(store, args.turns, args.concurrent)
             finally:
                 store.close()
     base = results["memory"]["turn_ms_p50"]
@@ -134,7 +166,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             numbers["target_ms_p50"] = TARGET_MS[backend]
             numbers["meets_target"] = numbers["store_share_ms_p50"] <= TARGET_MS[backend]
     report = {
-        "config": {"turns": args.turns, "window": 8, "history_messages": 40, "backends": list(results)},
+        "config": {
+            "turns": args.turns,
+            "window": 8,
+            "history_messages": 40,
+            "concurrent": args.concurrent,
+            "backends": list(results),
+        },
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -159,6 +197,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{n['append_route_ms_p50']:.3f}",
         )
     console.print(table)
+    loop_table = Table(title=f"load(window=8) from an event loop, {args.concurrent} at once: CPU ms (wall ms) per call")
+    for column in ("backend", "worker thread", "on the loop (loop_io)"):
+        loop_table.add_column(column, justify="right")
+    for backend, n in report["backends"].items():
+        ways = [f"{n[f'{way}_load_cpu_ms']:.3f} ({n[f'{way}_load_wall_ms']:.3f})" if f"{way}_load_cpu_ms" in n else "-"
+                for way in ("thread", "loop")]  # fmt: skip
+        loop_table.add_row(backend, *ways)
+    console.print(loop_table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -3,7 +3,7 @@
 This is the layer both the Ray model deployment and the in-process LocalClient call (through
 `server/api.py`); it knows nothing about HTTP or Ray. A turn's messages are committed only when its
 generation finishes, so a failed or cancelled turn leaves the stored history untouched. Store calls inside
-a turn run in worker threads: a slow or unreachable store must never stall the event loop streaming tokens.
+a turn go through `manager.store_call`: a slow or unreachable store must never stall the event loop streaming tokens.
 """
 
 from __future__ import annotations
@@ -190,12 +190,12 @@ class SessionService:
         committed only if generation finished (stop or length).
 
         `check` replaces the session's existence and owner check (404 before waiting for its lock) with one that
-        does it too (OpenAI's get-or-create), in the same worker-thread hop: each hop costs a turn's first token."""
+        does it too (OpenAI's get-or-create), in the same store call: each call costs a turn's first token."""
         _require_user_last(new_messages)
         started, timing = time.perf_counter(), TurnTiming()
-        await asyncio.to_thread(check or functools.partial(self.manager.get, session_id, owner))
+        await self.manager.store_call(check or functools.partial(self.manager.get, session_id, owner))
         async with self.manager.turn(session_id):
-            record, history = await asyncio.to_thread(self.manager.load, session_id, owner)
+            record, history = await self.manager.store_call(self.manager.load, session_id, owner)
             built_at = time.perf_counter()
             timing.store_read_s = built_at - started  # with the turn lock and lease (no wait between own turns)
             built = self.prompts.build(
@@ -233,10 +233,10 @@ class SessionService:
         the common prefix of two renderings with different user texts), run for one token that is thrown away: the
         engine's one path (reuse the matching prefix, compute the rest) leaves exactly that prefix's KV pinned.
         """
-        await asyncio.to_thread(self.manager.get, session_id, owner)  # 404 before waiting for the lock
+        await self.manager.store_call(self.manager.get, session_id, owner)  # 404 before waiting for the lock
         start = time.perf_counter()
         async with self.manager.turn(session_id):
-            record, history = await asyncio.to_thread(self.manager.load, session_id, owner)
+            record, history = await self.manager.store_call(self.manager.load, session_id, owner)
             a, b = (
                 self.prompts.build(
                     record.system_prompt,
@@ -278,7 +278,7 @@ class SessionService:
         deadline, delay = loop.time() + self.commit_timeout_s, 0.05
         while True:
             try:
-                await asyncio.to_thread(self.manager.commit_turn, session_id, turn[:-1], turn[-1], kv=report)
+                await self.manager.store_call(self.manager.commit_turn, session_id, turn[:-1], turn[-1], kv=report)
                 return
             except StoreUnavailable:
                 if loop.time() + delay > deadline:
@@ -286,7 +286,7 @@ class SessionService:
             await asyncio.sleep(delay)
             delay = min(2 * delay, 1.0)
             with contextlib.suppress(StoreUnavailable):  # the failed attempt may have committed, its answer lost
-                if await asyncio.to_thread(self.manager.history, session_id, len(turn)) == turn:
+                if await self.manager.store_call(self.manager.history, session_id, len(turn)) == turn:
                     return
 
     async def stateless(

@@ -1,7 +1,8 @@
 """A turn's store lease as an async context manager: taken on entry, renewed while the turn runs, given back on exit.
 
-Store calls run in worker threads (a network store may block for its timeout). Cancellation is handled on both ends:
-a lease being taken when the turn is cancelled is given back at once instead of blocking the session for ttl_s.
+Store calls go through loop_io.call (a network store may wait for its timeout, never blocking the loop). Cancellation
+is handled on both ends: a lease being taken when the turn is cancelled is given back at once instead of blocking the
+session for ttl_s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import uuid
 from types import TracebackType
 
 from sessions.errors import SessionError
+from sessions.store import loop_io
 from sessions.store.base import HistoryStore
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ class TurnLease:
         acquiring = asyncio.ensure_future(self._acquire())
         try:
             await asyncio.shield(acquiring)
-        except asyncio.CancelledError:  # the store call runs on in its thread: give back what it may take
+        except asyncio.CancelledError:  # the shielded store call runs on: give back what it may take
             with contextlib.suppress(Exception):
                 await acquiring
             await self._release()
@@ -50,7 +52,7 @@ class TurnLease:
         await self._release()
 
     async def _acquire(self) -> None:
-        await asyncio.to_thread(self.store.acquire_lease, self.session_id, self.holder, self.ttl_s)
+        await loop_io.call(self.store, self.store.acquire_lease, self.session_id, self.holder, self.ttl_s)
 
     async def _renew_forever(self) -> None:
         """Keep a long turn's lease alive; a failed renewal is logged and retried (the commit tells if it was lost)."""
@@ -62,7 +64,7 @@ class TurnLease:
                 log.warning("could not renew the turn lease of session %r: %s", self.session_id, error)
 
     async def _release(self) -> None:
-        release = asyncio.to_thread(self.store.release_lease, self.session_id, self.holder)
+        release = loop_io.call(self.store, self.store.release_lease, self.session_id, self.holder)
         try:  # shielded: a cancelled turn still gives its lease back
             await asyncio.shield(release)
         except Exception as error:  # it lapses by itself after ttl_s

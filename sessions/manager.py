@@ -20,16 +20,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from sessions.errors import InvalidRequest, SessionBusy, SessionError, TooManySessions
 from sessions.lease import TurnLease
 from sessions.messages import Message, parse_messages
-from sessions.store import base
+from sessions.store import base, loop_io
 from sessions.store.base import HistoryStore, SessionRecord
 from sessions.store.values import KV_POLICIES, UNCHANGED, Holder, KVUpdate, Metadata, Prompt, Unchanged
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -127,6 +129,11 @@ class SessionManager:
         self.idle_ttl_s = idle_ttl_s
         self._clock = clock
         self._turn_locks: dict[str, _TurnLock] = {}
+
+    async def store_call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """`fn` (this manager's or the store's methods, or code calling them) from an event loop without blocking it:
+        on the loop with the store's I/O awaited where the store can (`runs_on_loop`), else in a worker thread."""
+        return await loop_io.call(self.store, fn, *args, **kwargs)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def create(

@@ -1,13 +1,12 @@
 """SessionAPI: protocol models in, protocol models out, errors as APIError.
 
 The one adapter between the wire format and SessionService. The Ray model deployment and the in-process
-LocalClient both call it, so the two clients see exactly the same behaviour. Store-bound service calls run in
-worker threads so the event loop that streams tokens never waits on the store.
+LocalClient both call it, so the two clients see exactly the same behaviour. Store-bound calls go through
+`manager.store_call`, so the event loop that streams tokens never waits on the store.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
@@ -116,7 +115,7 @@ class HistoryAPI:
     ) -> protocol.SessionInfo:
         messages = parse_messages([m.model_dump(exclude_none=True) for m in request.messages])
 
-        def create() -> protocol.SessionInfo:  # one worker-thread hop for the whole operation
+        def create() -> protocol.SessionInfo:  # one store call for the whole operation
             record = self.manager.create(
                 request.session_id,
                 system_prompt=request.system_prompt,
@@ -127,15 +126,15 @@ class HistoryAPI:
             )
             return self._session_info(self.catalog.describe(record, messages))
 
-        return await asyncio.to_thread(create)
+        return await self.manager.store_call(create)
 
     @_as_api_errors
     async def get_session(self, session_id: str, owner: str | None = None) -> protocol.SessionInfo:
-        return await asyncio.to_thread(self._info, session_id, owner)
+        return await self.manager.store_call(self._info, session_id, owner)
 
     @_as_api_errors
     async def list_sessions(self, limit: int = 50, offset: int = 0, owner: str | None = None) -> protocol.SessionList:
-        records = await asyncio.to_thread(self.manager.list_sessions, owner, limit, offset)
+        records = await self.manager.store_call(self.manager.list_sessions, owner, limit, offset)
         page = [protocol.SessionSummary(**_public(record, record.kv.tier, record.kv.tokens)) for record in records]
         next_offset = offset + len(page) if len(page) == limit else None
         return protocol.SessionList(sessions=page, next_offset=next_offset)
@@ -154,34 +153,34 @@ class HistoryAPI:
             self.manager.update(session_id, owner, **changes)
             return self._info(session_id, owner)
 
-        return await asyncio.to_thread(update)
+        return await self.manager.store_call(update)
 
     @_as_api_errors
     async def destroy_session(self, session_id: str, owner: str | None = None) -> None:
-        await asyncio.to_thread(self.manager.destroy, session_id, owner)
+        await self.manager.store_call(self.manager.destroy, session_id, owner)
 
     @_as_api_errors
     async def messages(
         self, session_id: str, window: int | None = None, owner: str | None = None
     ) -> protocol.MessagesResponse:
-        return await asyncio.to_thread(self._messages, session_id, window, owner)
+        return await self.manager.store_call(self._messages, session_id, window, owner)
 
     @_as_api_errors
     async def append(
         self, session_id: str, request: protocol.AppendRequest, owner: str | None = None
     ) -> protocol.MessagesResponse:
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
-        stored = await asyncio.to_thread(self.manager.append, session_id, messages, owner)
+        stored = await self.manager.store_call(self.manager.append, session_id, messages, owner)
         return _messages_response(session_id, stored)
 
     @_as_api_errors
     async def clear(self, session_id: str, owner: str | None = None) -> None:
-        await asyncio.to_thread(self.manager.clear, session_id, owner)
+        await self.manager.store_call(self.manager.clear, session_id, owner)
 
     async def store_problem(self) -> str | None:
         """Why the history store cannot be used right now, or None."""
         try:
-            await asyncio.to_thread(self.manager.store.ping)
+            await self.manager.store_call(self.manager.store.ping)
         except Exception as error:
             return f"the history store does not answer: {to_api_error(error).message}"
         return None
@@ -218,7 +217,7 @@ class SessionAPI(HistoryAPI):
         def fork() -> protocol.SessionInfo:
             return self._info(self.service.fork(session_id, request.session_id, owner).session_id, owner)
 
-        return await asyncio.to_thread(fork)
+        return await self.manager.store_call(fork)
 
     @_as_api_errors
     async def query(

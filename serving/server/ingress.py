@@ -260,7 +260,7 @@ class Ingress:
         """Prometheus text format: requests/errors by route, TTFT/TPOT, tokens, engine gauges, live sessions; the
         numbers of every ingress replica, added up."""
         with contextlib.suppress(Exception):  # a metric must never fail the scrape
-            metrics.METRICS.live_sessions.set(await asyncio.to_thread(self.history.manager.count))
+            metrics.METRICS.live_sessions.set(await self.history.manager.store_call(self.history.manager.count))
         snapshots = [metrics.METRICS.snapshot(self.replica_id), *await self._other_replicas_snapshots()]
         return Response(metrics.render(snapshots), media_type=CONTENT_TYPE_LATEST)
 

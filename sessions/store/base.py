@@ -74,6 +74,10 @@ class HistoryStore(Protocol):
     another holder's lease is unexpired. Network backends raise StoreUnavailable when the server cannot be reached.
     """
 
+    # True: its methods may also run on an event loop under loop_io.run, their I/O awaited there (network stores
+    # whose driver has an asyncio twin); False: callers on a loop run them in a worker thread (loop_io.call).
+    runs_on_loop: bool
+
     def create(self, record: SessionRecord, *, limit: int | None = None) -> None:
         """Store a new record; SessionExists if the id is taken. With `limit`, TooManySessions if the store already
         holds that many: no create that succeeds passes the limit, whatever other processes create at the same time

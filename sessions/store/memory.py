@@ -46,6 +46,8 @@ class MemoryStore:
     `clock` is the lease clock (wall time).
     """
 
+    runs_on_loop = False  # its lock may be held by a worker thread (engine-side calls): never wait for it on a loop
+
     def __init__(self, *, idle_ttl_s: float = 86400.0, clock: Callable[[], float] = time.time) -> None:
         self.idle_ttl_s = idle_ttl_s
         self._clock = clock

@@ -18,18 +18,18 @@ import math
 import select
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
-from sessions.store import base
+from sessions.store import base, loop_io
 from sessions.store.base import MAX_OFFSET, SessionRecord
 from sessions.store.postgresql_schema import migrate
 from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
@@ -160,6 +160,41 @@ def _check_idle_connection(conn: psycopg.Connection[Any]) -> None:
         ConnectionPool.check_connection(conn)
 
 
+async def _check_idle_connection_on_loop(conn: psycopg.AsyncConnection[Any]) -> None:
+    """_check_idle_connection for the pool on the event loop."""
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("connection is closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        await AsyncConnectionPool.check_connection(conn)
+
+
+class _CursorOnLoop:
+    """An asyncio cursor seen as a blocking one from inside loop_io.run."""
+
+    def __init__(self, cursor: psycopg.AsyncCursor[tuple[Any, ...]]) -> None:
+        self._cursor = cursor
+
+    def fetchall(self) -> builtins.list[tuple[Any, ...]]:
+        return loop_io.wait(self._cursor.fetchall())
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return loop_io.wait(self._cursor.fetchone())
+
+
+class _ConnectionOnLoop:
+    """An asyncio connection seen as a blocking one from inside loop_io.run: the part of it the store calls."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: dict[str, Any] | Sequence[Any] = ()) -> _CursorOnLoop:
+        return _CursorOnLoop(loop_io.wait(self._conn.execute(sql, params)))
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        return loop_io.entered(self._conn.transaction())
+
+
 def _split_url(url: str) -> tuple[str, dict[str, str]]:
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
@@ -169,11 +204,14 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
 
 
 class PostgreSQLStore:
-    """A psycopg connection pool; autocommit, so a single statement is its own transaction (one round trip).
+    """A psycopg connection pool; autocommit, so a single statement is its own transaction (one round trip). Under
+    loop_io.run the same methods use an asyncio pool on that loop instead (opened there on first use).
 
     `timeout_s` (URL `?timeout=`) bounds connecting, waiting for a pooled connection, and each statement.
     `idle_ttl_s` is accepted for a uniform constructor (the manager drives expiry); `clock` is the lease clock.
     """
+
+    runs_on_loop = True
 
     def __init__(
         self,
@@ -221,6 +259,8 @@ class PostgreSQLStore:
             open=False,
             name="sessionserve-history",
         )
+        self._pool_size, self._timeout_s, self._conninfo = max(1, pool_size), timeout_s, conninfo
+        self._pools_on_loops = loop_io.PerLoop(self._open_pool_on_loop)
         try:
             self._pool.open(wait=True, timeout=timeout_s)
         except PoolTimeout as error:
@@ -237,11 +277,34 @@ class PostgreSQLStore:
             detail = detail.replace(self._password, "***")
         return StoreUnavailable(f"the PostgreSQL history store at {self.where} is unreachable: {detail}; retry later")
 
-    @contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+    async def _open_pool_on_loop(self) -> AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]]:
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] = AsyncConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=self._pool_size,
+            timeout=self._timeout_s,
+            kwargs={"autocommit": True},
+            check=_check_idle_connection_on_loop,
+            open=False,
+            name="sessionserve-history-loop",
+        )
         try:
-            with self._pool.connection() as conn:
-                yield conn
+            await pool.open(wait=True, timeout=self._timeout_s)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
+
+    @contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection[tuple[Any, ...]] | _ConnectionOnLoop]:
+        """A pooled connection: the blocking pool's, or under loop_io.run the loop's pool's (the one I/O seam)."""
+        try:
+            if loop_io.inside():
+                with loop_io.entered(self._pools_on_loops.get().connection()) as conn:
+                    yield _ConnectionOnLoop(conn)
+            else:
+                with self._pool.connection() as conn:
+                    yield conn
         except (psycopg.OperationalError, PoolTimeout) as error:  # includes statement/lock timeouts
             raise self._unavailable(error) from None
 
@@ -460,6 +523,7 @@ class PostgreSQLStore:
 
     def close(self) -> None:
         self._pool.close()
+        self._pools_on_loops.close_all(lambda pool: pool.close())
 
 
 def _unstorable(error: Exception) -> InvalidRequest:

@@ -23,23 +23,24 @@ import builtins  # the stores have a `list` method, so their annotations say bui
 import json
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NamedTuple, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as RetryOnLoop
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
-from sessions.store import base
+from sessions.store import base, loop_io
 from sessions.store import redis_scripts as lua
 from sessions.store.base import MAX_OFFSET, SessionRecord
 from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
 
 DEFAULT_PREFIX = "sessionserve:"
 _CLOCK_SKEW_S = 5.0  # how far the hosts' clocks may disagree when deciding which index entries might have expired
-_T = TypeVar("_T")
 
 
 def _split_url(url: str) -> tuple[str, dict[str, str]]:
@@ -93,12 +94,27 @@ def _decode(rows: builtins.list[str]) -> builtins.list[Message]:
     return [Message(role, content) for role, content in decoded]
 
 
+def _scripts(client: Any) -> dict[str, Any]:
+    return {name: client.register_script(getattr(lua, name)) for name in lua.NAMES}
+
+
+class _Client(NamedTuple):
+    """A redis-py client and the Lua scripts registered on it: the blocking one, or (under loop_io.run) the asyncio
+    one of that loop, whose commands return coroutines."""
+
+    redis: Any  # redis.Redis | redis.asyncio.Redis
+    scripts: dict[str, Any]
+
+
 class RedisStore:
-    """redis-py client with a connection pool; every call is bounded by `timeout_s` (URL `?timeout=`).
+    """redis-py client with a connection pool; every call is bounded by `timeout_s` (URL `?timeout=`). Under
+    loop_io.run the same methods use redis-py's asyncio client on that loop instead.
 
     Commands are never retried by the client: a timed-out script may have run, and running an append twice would
     duplicate messages. A connection that died while pooled is reconnected by redis-py before it is used.
     """
+
+    runs_on_loop = True
 
     def __init__(
         self,
@@ -120,15 +136,16 @@ class RedisStore:
         parts = urlsplit(url)
         self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
         self._password = parts.password or ""
-        self._redis: redis.Redis = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        self._scripts = {name: self._redis.register_script(getattr(lua, name)) for name in lua.NAMES}
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "health_check_interval": 0,
+        }
+        self._url, self._options = url, options
+        self._redis: redis.Redis = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+        self._client = _Client(self._redis, _scripts(self._redis))
+        self._clients_on_loops = loop_io.PerLoop(self._open_client_on_loop)
 
     # ---- plumbing ----------------------------------------------------------------------------------
     def _unavailable(self, error: Exception) -> StoreUnavailable:
@@ -137,15 +154,21 @@ class RedisStore:
             detail = detail.replace(self._password, "***")
         return StoreUnavailable(f"the Redis history store at {self.where} is unreachable: {detail}; retry later")
 
-    def _call(self, fn: Callable[[], _T]) -> _T:
+    async def _open_client_on_loop(self) -> _Client:
+        client = redis.asyncio.Redis.from_url(self._url, retry=RetryOnLoop(NoBackoff(), 0), **self._options)
+        return _Client(client, _scripts(client))
+
+    def _call(self, fn: Callable[[_Client], Any]) -> Any:
+        """`fn` on the blocking client, or under loop_io.run on the loop's asyncio client (the one I/O seam)."""
         try:
-            return fn()
+            if loop_io.inside():
+                return loop_io.wait(fn(self._clients_on_loops.get()))
+            return fn(self._client)
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise self._unavailable(error) from None
 
     def _run(self, name: str, *args: str | int | float) -> Any:
-        script = self._scripts[name]
-        return self._call(lambda: script(args=[self.prefix, *args]))
+        return self._call(lambda client: client.scripts[name](args=[self.prefix, *args]))
 
     def _cutoff(self) -> float:
         """Index entries idle since before this may have been expired by the server."""
@@ -188,7 +211,7 @@ class RedisStore:
             raise base.full(limit)
 
     def get(self, session_id: str) -> SessionRecord | None:
-        fields: dict[str, str] = self._call(lambda: self._redis.hgetall(f"{self.prefix}s:{session_id}"))  # type: ignore[arg-type,return-value]
+        fields: dict[str, str] = self._call(lambda client: client.redis.hgetall(f"{self.prefix}s:{session_id}"))
         return _record(session_id, fields) if fields else None
 
     def delete(self, session_id: str, *, holder: Holder = None, owner: Owner = None) -> SessionRecord | None:
@@ -253,11 +276,11 @@ class RedisStore:
         if not session_ids:
             return []
 
-        def exists_all() -> builtins.list[int]:
-            pipe = self._redis.pipeline(transaction=False)
+        def exists_all(client: _Client) -> Any:
+            pipe = client.redis.pipeline(transaction=False)
             for session_id in session_ids:
                 pipe.exists(f"{self.prefix}s:{session_id}")
-            return pipe.execute()
+            return pipe.execute()  # which resets the pipeline, whatever happens
 
         found = self._call(exists_all)
         return [session_id for session_id, hit in zip(session_ids, found, strict=True) if not hit]
@@ -287,11 +310,11 @@ class RedisStore:
         """One round trip: both reads in one MULTI/EXEC."""
         base.check_window(window)
 
-        def read() -> builtins.list[Any]:
-            with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hgetall(f"{self.prefix}s:{session_id}")
-                pipe.lrange(f"{self.prefix}m:{session_id}", _first(window), -1)
-                return pipe.execute()
+        def read(client: _Client) -> Any:
+            pipe = client.redis.pipeline(transaction=True)
+            pipe.hgetall(f"{self.prefix}s:{session_id}")
+            pipe.lrange(f"{self.prefix}m:{session_id}", _first(window), -1)
+            return pipe.execute()  # which resets the pipeline, whatever happens
 
         fields, rows = self._call(read)
         record = base.visible(_record(session_id, fields) if fields else None, session_id, owner)
@@ -327,7 +350,8 @@ class RedisStore:
         return list(self._run("EXPIRE_IDLE", repr(before), self._clock()))
 
     def ping(self) -> None:
-        self._call(self._redis.ping)
+        self._call(lambda client: client.redis.ping())
 
     def close(self) -> None:
         self._redis.close()
+        self._clients_on_loops.close_all(lambda client: client.redis.aclose())

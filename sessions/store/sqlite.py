@@ -78,6 +78,8 @@ class SQLiteStore:
     `idle_ttl_s` is accepted for a uniform constructor (the manager drives expiry); `clock` is the lease clock.
     """
 
+    runs_on_loop = False  # no asyncio driver; its commits wait for fsync in a worker thread
+
     def __init__(
         self,
         path: str | Path,

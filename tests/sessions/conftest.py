@@ -1,17 +1,60 @@
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import uvloop
 
+from sessions.store import loop_io
 from sessions.store.base import HistoryStore
 from sessions.store.memory import MemoryStore
 from sessions.store.sqlite import SQLiteStore
 
-BACKENDS = ["memory", "sqlite", "postgresql", "redis"]
+ON_LOOP = "-on-loop"  # a network backend driven through its asyncio driver (loop_io.run), as the ingress drives it
+BACKENDS = [
+    "memory",
+    "sqlite",
+    "postgresql",
+    "redis",
+    *(pytest.param(f"{name}{ON_LOOP}", marks=pytest.mark.slow) for name in ("postgresql", "redis")),
+]
 StoreFactory = Callable[..., HistoryStore]
+
+
+class OnLoop:
+    """A network store whose every method call runs under loop_io.run on an event loop in another thread: the same
+    methods, their I/O through the driver's asyncio twin. Tests call it from any thread, as they call a store."""
+
+    runs_on_loop = False  # to a caller, a blocking store (each call waits for the loop)
+
+    def __init__(self, store: HistoryStore, loop: asyncio.AbstractEventLoop) -> None:
+        assert store.runs_on_loop
+        self._store, self._loop = store, loop
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name == "close" or not callable(attr):
+            return attr
+
+        def on_loop(*args: Any, **kwargs: Any) -> Any:
+            return asyncio.run_coroutine_threadsafe(loop_io.run(attr, *args, **kwargs), self._loop).result()
+
+        return on_loop
+
+
+@pytest.fixture(scope="session")
+def store_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """One uvloop (what Ray's replicas run) in a thread of its own, for every OnLoop store of the session."""
+    loop = uvloop.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="store-loop", daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
 
 
 def reset_postgres(url: str) -> None:
@@ -35,6 +78,7 @@ def backend(request) -> str:
 @pytest.fixture
 def store_url(backend, request, tmp_path) -> str:
     """Where this test's backend keeps its data: a new file, emptied PostgreSQL tables, or a new Redis prefix."""
+    backend = backend.removesuffix(ON_LOOP)
     if backend == "memory":
         return "memory://"
     if backend == "sqlite":
@@ -47,10 +91,12 @@ def store_url(backend, request, tmp_path) -> str:
 
 
 @pytest.fixture
-def open_backend(backend, store_url) -> Iterator[StoreFactory]:
+def open_backend(backend, store_url, request) -> Iterator[StoreFactory]:
     """Opens more store objects on this test's data (for memory: the same object, nothing else can share it)."""
     opened: list[HistoryStore] = []
     memory: list[MemoryStore] = []
+    on_loop = backend.endswith(ON_LOOP)
+    backend = backend.removesuffix(ON_LOOP)
 
     def open_one(**kwargs: Any) -> HistoryStore:
         store: HistoryStore
@@ -69,7 +115,7 @@ def open_backend(backend, store_url) -> Iterator[StoreFactory]:
 
             store = RedisStore(store_url, **kwargs)
         opened.append(store)
-        return store
+        return OnLoop(store, request.getfixturevalue("store_loop")) if on_loop else store  # type: ignore[return-value]
 
     yield open_one
     for store in opened:

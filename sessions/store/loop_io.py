@@ -1,13 +1,14 @@
 """Store calls on the event loop: a store's methods as written, their network waits awaited instead of blocked on.
 
-Handing every store call to a worker thread (`asyncio.to_thread`) costs the caller more CPU than the call itself:
-16 concurrent PostgreSQL reads cost 0.38 ms of CPU each through a thread and 0.19 ms through psycopg's asyncio
-connection on the loop (README, "Session operations without a thread hop"). psycopg and redis-py each have an asyncio
-twin of their blocking API, so a network store runs its ordinary synchronous methods inside a greenlet on the loop:
-where a method would block on the server, its one I/O seam hands the driver's coroutine to `wait`, which switches
-back to the loop to await it and resumes the method with the result. One code path per operation, two ways to drive
-its I/O (SQLAlchemy's asyncio support works the same way). Stores that cannot (SQLite, memory) keep their worker
-thread: `call` picks.
+Handing every store call to a worker thread (`asyncio.to_thread`) costs the caller CPU of its own: 16 concurrent
+PostgreSQL reads cost 0.32–0.55 ms of CPU each through a thread and 0.26–0.43 ms through psycopg's asyncio connection
+on the loop (`benchmarks/stores.py`; README, "Store calls from an event loop, without a thread hop"), and a slow
+store no longer fills the loop's few executor threads. psycopg and redis-py each have an asyncio twin of their
+blocking API, so a network store runs its ordinary synchronous methods inside a greenlet on the loop: where a method
+would block on the server, its one I/O seam hands the driver's coroutine to `wait`, which switches back to the loop
+to await it and resumes the method with the result. One code path per operation, two ways to drive its I/O
+(SQLAlchemy's asyncio support works the same way). Stores that cannot (SQLite, memory) keep their worker thread:
+`call` picks.
 """
 
 from __future__ import annotations
@@ -98,20 +99,13 @@ class PerLoop:
         self._entries[loop] = opened
         return opened
 
-    def items(self) -> list[tuple[asyncio.AbstractEventLoop, Any]]:
-        """The loops and the objects opened on them (not those still opening)."""
-        return [(loop, entry) for loop, entry in self._entries.items() if not isinstance(entry, asyncio.Task)]
-
-    def close_all(self, close: Callable[[Any], Awaitable[object]]) -> None:
-        """Close each loop's object on its own loop (from any thread; a closed loop's are left to the collector)."""
-        for loop, entry in self.items():
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(_close_on, loop, close, entry)
+    def close_all(self, close: Callable[[Any], Coroutine[Any, Any, object]]) -> None:
+        """Close each loop's opened object on its own loop (from any thread; a closed loop's are left to the
+        collector), without waiting for it."""
+        for loop, entry in list(self._entries.items()):
+            if not isinstance(entry, asyncio.Task) and not loop.is_closed():
+                asyncio.run_coroutine_threadsafe(close(entry), loop)
         self._entries.clear()
-
-
-def _close_on(loop: asyncio.AbstractEventLoop, close: Callable[[Any], Awaitable[object]], entry: Any) -> None:
-    loop.create_task(close(entry))  # type: ignore[arg-type]
 
 
 async def call(store: object, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:

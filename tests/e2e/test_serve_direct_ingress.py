@@ -32,11 +32,22 @@ from tests.support import TINY
 INGRESS = "ServeReplica:sessionserve:Ingress"  # an ingress replica's process title
 
 
-def listener_of(port: int) -> str:
-    """The command line of the process listening on 127.0.0.1:port (Ray names its actor processes by role)."""
-    pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == psutil.CONN_LISTEN}
-    assert len(pids) == 1, pids
-    return " ".join(psutil.Process(pids.pop()).cmdline())
+def listener_of(port: int, settle_s: float = 10.0) -> str:
+    """The command line of the process listening on 127.0.0.1:port (Ray names its actor processes by role).
+
+    Ray reloads HAProxy as ingress replicas come up: for a moment the old process (exiting, its command line already
+    empty) and the new one both hold the port, so wait up to `settle_s` for one live listener."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == psutil.CONN_LISTEN}
+        lines = []
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                lines.append(" ".join(psutil.Process(pid).cmdline()))
+        if (len(lines) == 1 and lines[0]) or time.monotonic() > deadline:
+            assert len(lines) == 1, (pids, lines)
+            return lines[0]
+        time.sleep(0.2)
 
 
 def sse_events(response: httpx.Response) -> list[dict]:

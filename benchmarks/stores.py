@@ -1,8 +1,8 @@
 """History store latency on loopback: what each backend adds to a turn.
 
 For memory, sqlite, postgresql and redis: append calls per second (a turn's two messages each), window reads per
-second (window=8 on a 40-message session), and the store operations one turn does (load the record and history,
-acquire lease, commit the turn's append, release lease) as p50/p90 ms, with memory's time subtracted as the
+second (window=8 on a 40-message session), and the store operations one turn does (load the record and history
+taking the turn's lease, commit the turn's append giving it back) as p50/p90 ms, with memory's time subtracted as the
 "store share", and the append route's store call (the owner check with the append, one call) as p50 ms. PostgreSQL
 and Redis are started for the run (tests/servers.py; PostgreSQL with its default durable settings) unless URLs are
 given. One thread, one store object per backend, as a replica uses it.
@@ -37,7 +37,7 @@ from rich.table import Table
 
 from sessions.messages import Message
 from sessions.store import loop_io, open_store
-from sessions.store.base import HistoryStore, SessionRecord
+from sessions.store.base import HistoryStore, Lease, SessionRecord
 
 console = Console(stderr=True)
 BACKENDS = ("memory", "sqlite", "postgresql", "redis")
@@ -122,12 +122,10 @@ def measure(store: HistoryStore, turns: int, concurrent: int) -> dict[str, float
     appends = _timed(turns, lambda i: store.append(ids[i % 20], TURN, now=time.time()))
     reads = _timed(turns, lambda i: store.messages(ids[i % 20], window=8))
 
-    def one_turn(i: int) -> None:
-        session_id, holder = ids[i % 20], uuid.uuid4().hex
-        store.load(session_id, owner="bench")
-        store.acquire_lease(session_id, holder, 300.0)
-        store.append(session_id, TURN, now=time.time(), holder=holder)
-        store.release_lease(session_id, holder)
+    def one_turn(i: int) -> None:  # what SessionManager.turn and .commit call: the lease travels with both
+        session_id, lease = ids[i % 20], Lease(uuid.uuid4().hex, 300.0)
+        store.load(session_id, owner="bench", lease=lease)
+        store.append(session_id, TURN, now=time.time(), holder=lease.holder, release=True)
 
     turn_times = _timed(turns, one_turn)
     # what the append route does: the owner check and the append, in one call

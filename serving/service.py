@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -31,7 +30,7 @@ from serving.engine.types import (
 )
 from sessions.accounting import RecomputeReason, account_turn
 from sessions.errors import InvalidRequest, StoreUnavailable
-from sessions.manager import SessionManager
+from sessions.manager import SessionManager, Turn
 from sessions.messages import Message
 from sessions.prompt import PromptBuilder
 from sessions.store.base import KVReport, SessionRecord, TokenUsage
@@ -189,13 +188,14 @@ class SessionService:
         """Generate after `new_messages`: text deltas, then one TurnResult. The messages and the reply are
         committed only if generation finished (stop or length).
 
-        `check` replaces the session's existence and owner check (404 before waiting for its lock) with one that
-        does it too (OpenAI's get-or-create), in the same store call: each call costs a turn's first token."""
+        `check` runs first, before the turn waits for the session (OpenAI's get-or-create). The turn's store calls
+        are two (manager.turn, manager.commit): each call costs a turn's first token or its end."""
         _require_user_last(new_messages)
         started, timing = time.perf_counter(), TurnTiming()
-        await self.manager.store_call(check or functools.partial(self.manager.get, session_id, owner))
-        async with self.manager.turn(session_id):
-            record, history = await self.manager.store_call(self.manager.load, session_id, owner)
+        if check is not None:
+            await self.manager.store_call(check)
+        async with self.manager.turn(session_id, owner) as turn:
+            record, history = turn.record, turn.history
             built_at = time.perf_counter()
             timing.store_read_s = built_at - started  # with the turn lock and lease (no wait between own turns)
             built = self.prompts.build(
@@ -220,7 +220,7 @@ class SessionService:
                     event = replace(event, recomputed_tokens=account.recomputed_tokens, recompute_reason=account.reason)
                     if event.finish_reason != "cancelled":
                         committing, reply = time.perf_counter(), Message(role="assistant", content=event.response)
-                        await self._commit(session_id, [*new_messages, reply], account.usage)
+                        await self._commit(turn, [*new_messages, reply], account.usage)
                         timing.commit_s = time.perf_counter() - committing
                     timing.total_s = time.perf_counter() - started
                     self._finished(event)
@@ -233,10 +233,9 @@ class SessionService:
         the common prefix of two renderings with different user texts), run for one token that is thrown away: the
         engine's one path (reuse the matching prefix, compute the rest) leaves exactly that prefix's KV pinned.
         """
-        await self.manager.store_call(self.manager.get, session_id, owner)  # 404 before waiting for the lock
         start = time.perf_counter()
-        async with self.manager.turn(session_id):
-            record, history = await self.manager.store_call(self.manager.load, session_id, owner)
+        async with self.manager.turn(session_id, owner) as turn:
+            record, history = turn.record, turn.history
             a, b = (
                 self.prompts.build(
                     record.system_prompt,
@@ -269,16 +268,18 @@ class SessionService:
             ms=(time.perf_counter() - start) * 1000,
         )
 
-    async def _commit(self, session_id: str, turn: list[Message], usage: TokenUsage) -> None:
-        """Store a finished turn (one atomic append). While the store is unreachable, retry until
-        commit_timeout_s, then fail cleanly: the client gets store_unavailable and the turn is not stored."""
+    async def _commit(self, turn: Turn, messages: list[Message], usage: TokenUsage) -> None:
+        """Store a finished turn (one atomic append, the lease given back with it). While the store is unreachable,
+        retry until commit_timeout_s, then fail cleanly: the client gets store_unavailable and the turn is not
+        stored."""
+        session_id = turn.record.session_id
         kv = self.engine.kv_info(session_id)
         report = KVReport(tier=kv.tier, tokens=kv.tokens, replica=self.replica, usage=usage)
         loop = asyncio.get_running_loop()
         deadline, delay = loop.time() + self.commit_timeout_s, 0.05
         while True:
             try:
-                await self.manager.store_call(self.manager.commit_turn, session_id, turn[:-1], turn[-1], kv=report)
+                await self.manager.commit(turn, messages[:-1], messages[-1], kv=report)
                 return
             except StoreUnavailable:
                 if loop.time() + delay > deadline:
@@ -286,7 +287,7 @@ class SessionService:
             await asyncio.sleep(delay)
             delay = min(2 * delay, 1.0)
             with contextlib.suppress(StoreUnavailable):  # the failed attempt may have committed, its answer lost
-                if await self.manager.store_call(self.manager.history, session_id, len(turn)) == turn:
+                if await self.manager.store_call(self.manager.history, session_id, len(messages)) == messages:
                     return
 
     async def stateless(

@@ -45,6 +45,15 @@ class EngineClient(Protocol):
 
 
 @dataclass(slots=True)
+class Turn:
+    """A running turn: its store lease and the session as read when the lease was taken (its whole history)."""
+
+    lease: TurnLease
+    record: SessionRecord
+    history: list[Message]
+
+
+@dataclass(slots=True)
 class _TurnLock:
     """A session's lock plus how many turns hold or await it, so idle locks can be dropped instead of leaking."""
 
@@ -292,26 +301,39 @@ class SessionManager:
         *,
         holder: Holder = None,
         kv: KVUpdate = None,
+        release: bool = False,
     ) -> None:
         """Store a finished turn in one atomic append, so a failed or cancelled generation leaves no half turn.
 
-        `holder` is the turn's lease (what turn() yields); by default the lease of this process's running turn.
+        `holder` is the turn's lease (turn()'s `lease.holder`); by default the lease of this process's running turn.
         `kv` is the replica's report of the session's KV after the turn, stored in that same append (None: keep
-        the record's), so session info read from the store shows it.
+        the record's), so session info read from the store shows it. `release` gives the lease back in it too:
+        `commit` does that for a running turn.
         """
         parsed = _check_conversation([*new_messages, reply])
         if parsed[-1].role != "assistant":
             raise InvalidRequest(f"a turn's reply must be an assistant message, got role {parsed[-1].role!r}")
-        self.store.append(session_id, parsed, self._clock(), holder=holder or self._holder(session_id), kv=kv)
+        holder = holder or self._holder(session_id)
+        self.store.append(session_id, parsed, self._clock(), holder=holder, kv=kv, release=release)
+
+    async def commit(self, turn: Turn, new_messages: Sequence[Message], reply: Message, kv: KVUpdate = None) -> None:
+        """commit_turn for a running turn, its lease given back in the same write (one round trip, not two)."""
+        await turn.lease.ending()
+        holder = turn.lease.holder
+        session_id = turn.record.session_id
+        await self.store_call(self.commit_turn, session_id, new_messages, reply, holder=holder, kv=kv, release=True)
+        turn.lease.given_back()
 
     # ---- turn ordering -----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def turn(self, session_id: str, *, wait: bool = True) -> AsyncIterator[str]:
-        """Hold the session for one turn; yields the store lease's holder id (pass it to commit_turn).
+    async def turn(self, session_id: str, owner: str | None = None, *, wait: bool = True) -> AsyncIterator[Turn]:
+        """Hold the session for one turn; yields the Turn: its lease and the session's record and whole history,
+        read as the lease was taken (one store call). `commit` stores the turn and gives the lease back.
 
         Turns here run strictly in arrival order (asyncio.Lock is FIFO); with wait=False a turn already running here
-        raises SessionBusy instead of queueing. The store lease is taken once the local lock is held and renewed
-        every lease_ttl_s / 3 until the turn ends; a lease held by another process raises SessionBusy.
+        raises SessionBusy instead of queueing, and a turn that would queue first checks the session exists (and is
+        `owner`'s): 404 at once, not after the turn ahead. The store lease is taken once the local lock is held and
+        renewed every lease_ttl_s / 3 until the turn ends; a lease held by another process raises SessionBusy.
         """
         entry = self._turn_locks.get(session_id)
         if entry is None:
@@ -322,16 +344,38 @@ class SessionManager:
             )
         entry.users += 1
         try:
-            async with entry.lock, TurnLease(self.store, session_id, self.lease_ttl_s) as holder:
-                entry.holder = holder
-                try:
-                    yield holder
-                finally:
-                    entry.holder = None
+            await self._queue_for(entry, session_id, owner)
+            try:
+                lease = TurnLease(self.store, session_id, self.lease_ttl_s, owner)
+                async with lease as (record, history):
+                    entry.holder = lease.holder
+                    try:
+                        yield Turn(lease, record, history)
+                    finally:
+                        entry.holder = None
+            finally:
+                entry.lock.release()
         finally:
             entry.users -= 1
             if entry.users == 0 and self._turn_locks.get(session_id) is entry:
                 del self._turn_locks[session_id]
+
+    async def _queue_for(self, entry: _TurnLock, session_id: str, owner: str | None) -> None:
+        """Acquire the session's lock in arrival order. A turn that has to wait checks meanwhile that the session is
+        there and `owner`'s, so a caller who may not see it learns nothing from how long its 404 took."""
+        if not entry.lock.locked():
+            await entry.lock.acquire()
+            return
+        acquiring = asyncio.ensure_future(entry.lock.acquire())  # its place in the queue, taken now
+        try:
+            await self.store_call(self.get, session_id, owner)
+            await acquiring
+        except BaseException:
+            if acquiring.done() and not acquiring.cancelled():
+                entry.lock.release()
+            else:
+                acquiring.cancel()
+            raise
 
     def turns_in(self, session_id: str) -> int:
         """How many turns of this process hold or await the session (a background warm-up yields to a second)."""

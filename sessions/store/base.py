@@ -1,6 +1,7 @@
 """What a history store keeps and the protocol every backend implements, so the manager never knows which one it has.
 
-Leases: a turn holds a lease on its session (`acquire_lease`), so that idle expiry never removes the session mid-turn
+Leases: a turn holds a lease on its session (taken with its `load`, renewed by `acquire_lease`, given back with its
+commit's `append`: two round trips per turn on a network store), so that idle expiry never removes the session mid-turn
 and history edits from other processes (`append`, `clear`, `delete`, `update` with another or no `holder`) fail with
 SessionBusy instead of interleaving with the turn. Lease times are the caller's wall clock (`time.time()`), on every
 backend, so the hosts sharing a store need synchronised clocks (NTP); `now`/`before` arguments are the caller's too.
@@ -21,6 +22,7 @@ from sessions.store.values import (
     Holder,
     KVReport,
     KVUpdate,
+    Lease,
     Metadata,
     Owner,
     Prompt,
@@ -34,6 +36,7 @@ __all__ = [  # re-exported
     "Holder",
     "KVReport",
     "KVUpdate",
+    "Lease",
     "Metadata",
     "Owner",
     "Prompt",
@@ -89,11 +92,14 @@ class HistoryStore(Protocol):
         ...
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: Owner = None
+        self, session_id: str, window: int | None = None, *, owner: Owner = None, lease: Lease | None = None
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         """The record and its last `window` messages (all if None) for a caller who must own the session (`owner`;
         None: any caller): what a turn, the session's info and its history start from, in one round trip on a network
-        store. SessionNotFound if missing or another owner's (see `owned_by`)."""
+        store. SessionNotFound if missing or another owner's (see `owned_by`).
+
+        With `lease`, first take or renew it as `acquire_lease` does, atomically with the read (what a turn starts
+        with: no other holder's edit lands between them); SessionBusy if another holder's lease is unexpired."""
         ...
 
     def delete(self, session_id: str, *, holder: Holder = None, owner: Owner = None) -> SessionRecord | None:
@@ -110,11 +116,13 @@ class HistoryStore(Protocol):
         holder: Holder = None,
         kv: KVUpdate = None,
         owner: Owner = None,
+        release: bool = False,
     ) -> None:
         """Append all messages or none, and set last_active_at, for a caller who must own the session (`owner`;
         None: any caller); SessionNotFound if the session is missing or another owner's (see `owned_by`).
 
-        `kv` (None: keep the record's) sets the record's KV report in the same atomic write as the messages. One
+        `kv` (None: keep the record's) sets the record's KV report in the same atomic write as the messages; with
+        `release`, `holder`'s lease is given back in it too, as `release_lease` does (what a turn ends with). One
         round trip on a network store, the owner check included.
         """
         ...
@@ -229,6 +237,11 @@ def check_page(limit: int, offset: int) -> None:
         raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_PAGE}, got {limit!r}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise InvalidRequest(f"offset must be a whole number >= 0, got {offset!r}")
+
+
+def check_release(holder: Holder, release: bool) -> None:
+    if release and not holder:
+        raise InvalidRequest("append(release=True) gives back the caller's lease: name it as holder")
 
 
 def check_lease(holder: str, ttl_s: float) -> None:

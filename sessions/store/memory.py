@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from sessions.messages import Message
 from sessions.store import base
 from sessions.store.base import SessionRecord
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, Unchanged
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Lease, Metadata, Owner, Prompt, Unchanged
 
 
 @dataclass(slots=True)
@@ -103,10 +103,15 @@ class MemoryStore:
         holder: Holder = None,
         kv: KVUpdate = None,
         owner: Owner = None,
+        release: bool = False,
     ) -> None:
         batch = base.check_messages(messages)
+        base.check_release(holder, release)
         with self._lock:
-            _extend(self._owned_writable(session_id, holder, owner), batch, now, kv)
+            session = self._owned_writable(session_id, holder, owner)
+            _extend(session, batch, now, kv)
+            if release and session.lease_holder == holder:
+                session.lease_holder = session.lease_until = None
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)
@@ -114,12 +119,17 @@ class MemoryStore:
             return _last(self._session(session_id).messages, window)
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: Owner = None
+        self, session_id: str, window: int | None = None, *, owner: Owner = None, lease: Lease | None = None
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         base.check_window(window)
+        if lease is not None:
+            base.check_lease(*lease)
         with self._lock:
             session = self._session(session_id)
-            return _copy(base.visible(session.record, session_id, owner)), _last(session.messages, window)
+            record = base.visible(session.record, session_id, owner)
+            if lease is not None:
+                self._take(session_id, lease)
+            return _copy(record), _last(session.messages, window)
 
     def clear(self, session_id: str, now: float, *, holder: Holder = None, owner: Owner = None) -> KVReport:
         with self._lock:
@@ -174,8 +184,12 @@ class MemoryStore:
     def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> None:
         base.check_lease(holder, ttl_s)
         with self._lock:
-            session = self._writable(session_id, holder)
-            session.lease_holder, session.lease_until = holder, self._clock() + ttl_s
+            self._take(session_id, Lease(holder, ttl_s))
+
+    def _take(self, session_id: str, lease: Lease) -> None:
+        """Under the lock."""
+        session = self._writable(session_id, lease.holder)
+        session.lease_holder, session.lease_until = lease.holder, self._clock() + lease.ttl_s
 
     def release_lease(self, session_id: str, holder: str) -> None:
         with self._lock:

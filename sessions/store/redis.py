@@ -37,7 +37,18 @@ from sessions.messages import Message
 from sessions.store import base, loop_io
 from sessions.store import redis_scripts as lua
 from sessions.store.base import MAX_OFFSET, SessionRecord
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
+from sessions.store.values import (
+    UNCHANGED,
+    Holder,
+    KVReport,
+    KVUpdate,
+    Lease,
+    Metadata,
+    Owner,
+    Prompt,
+    TokenUsage,
+    Unchanged,
+)
 
 DEFAULT_PREFIX = "sessionserve:"
 _CLOCK_SKEW_S = 5.0  # how far the hosts' clocks may disagree when deciding which index entries might have expired
@@ -295,20 +306,34 @@ class RedisStore:
         holder: Holder = None,
         kv: KVUpdate = None,
         owner: Owner = None,
+        release: bool = False,
     ) -> None:
         batch = [json.dumps([m.role, m.content]) for m in base.check_messages(messages)]
+        base.check_release(holder, release)
         report = ("0", "", 0, "", "") if kv is None else ("1", kv.tier, kv.tokens, kv.replica, kv.usage.to_json())
         outcome = self._run(
-            "APPEND", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *report, *_only(owner), *batch
-        )
+            "APPEND", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *report,
+            "1" if release else "0", *_only(owner), *batch,
+        )  # fmt: skip
         if outcome != "ok":
             self._refused(session_id, outcome)
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: Owner = None
+        self, session_id: str, window: int | None = None, *, owner: Owner = None, lease: Lease | None = None
     ) -> tuple[SessionRecord, builtins.list[Message]]:
-        """One round trip: both reads in one MULTI/EXEC."""
+        """One round trip: both reads in one MULTI/EXEC; with `lease`, one script (LEASED_LOAD)."""
         base.check_window(window)
+        if lease is not None:
+            base.check_lease(*lease)
+            now = self._clock()
+            outcome = self._run(
+                "LEASED_LOAD", session_id, lease.holder, now, self._ttl_ms, repr(now + lease.ttl_s), *_only(owner),
+                _first(window),
+            )  # fmt: skip
+            if isinstance(outcome, str):
+                self._refused(session_id, outcome)
+            fields, rows = outcome
+            return _record(session_id, _pairs(fields)), _decode(rows)
 
         def read(client: _Client) -> Any:
             pipe = client.redis.pipeline(transaction=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 NAMES = (
     *("CREATE", "APPEND", "TOUCH", "CLEAR", "DELETE", "UPDATE", "ACQUIRE", "RELEASE", "EXPIRE_IDLE", "COUNT", "LIST"),
-    "MESSAGES",
+    *("MESSAGES", "LEASED_LOAD"),
 )
 
 # Shared helpers, prepended to every script. `now` is the caller's wall clock; a lease is live while until > now.
@@ -117,16 +117,20 @@ if not rec then return refused end
 
 
 # ARGV: ..., last_active_at, report ('1' = set the KV report to the next four, '0' = keep it), kv_tier, kv_tokens,
-# kv_replica, kv_usage, owner_flag ('1' = only for the next, '0' = any), owner, message...
+# kv_replica, kv_usage, release ('1' = give holder's lease back), owner_flag ('1' = only for the next, '0' = any),
+# owner, message...
 APPEND = _edit(
     """
-for i = 14, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
+for i = 15, #ARGV do redis.call('RPUSH', msg_key(id), ARGV[i]) end
 if ARGV[7] == '1' then
   redis.call('HSET', rec, 'kv_tier', ARGV[8], 'kv_tokens', ARGV[9], 'kv_replica', ARGV[10], 'kv_usage', ARGV[11])
 end
+if ARGV[12] == '1' and redis.call('HGET', rec, 'lease_holder') == holder then
+  redis.call('HDEL', rec, 'lease_holder', 'lease_until')
+end
 set_active(id, ARGV[6])
 """,
-    owner_at=12,
+    owner_at=13,
 )
 
 # ARGV: prefix, id, now, ttl_ms, last_active_at
@@ -188,6 +192,16 @@ set_active(id, ARGV[9])
 ACQUIRE = _edit("""
 redis.call('HSET', rec, 'lease_holder', holder, 'lease_until', ARGV[6])
 """)
+
+# ARGV: ..., until (the lease's end), owner_flag, owner, start (0 or -window). ACQUIRE for the caller's session, then
+# its record's fields (as HGETALL) and its messages from start, in one script: no edit lands between them.
+LEASED_LOAD = _edit(
+    """
+redis.call('HSET', rec, 'lease_holder', holder, 'lease_until', ARGV[6])
+""",
+    owner_at=7,
+    answer="{redis.call('HGETALL', rec), redis.call('LRANGE', msg_key(id), tonumber(ARGV[9]), -1)}",
+)
 
 # ARGV: prefix, id, holder, now, ttl_ms
 RELEASE = (

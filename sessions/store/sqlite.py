@@ -23,7 +23,18 @@ from sessions.messages import Message
 from sessions.store import base
 from sessions.store.base import MAX_OFFSET, SessionRecord
 from sessions.store.group_commit import GroupCommit
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
+from sessions.store.values import (
+    UNCHANGED,
+    Holder,
+    KVReport,
+    KVUpdate,
+    Lease,
+    Metadata,
+    Owner,
+    Prompt,
+    TokenUsage,
+    Unchanged,
+)
 
 _SCHEMA_VERSION = 4
 _SCHEMA = (
@@ -228,8 +239,10 @@ class SQLiteStore:
         holder: Holder = None,
         kv: KVUpdate = None,
         owner: Owner = None,
+        release: bool = False,
     ) -> None:
         batch = base.check_messages(messages)
+        base.check_release(holder, release)
         with self._write() as conn:
             self._require_writable(conn, session_id, holder, owner)
             (last,) = conn.execute(
@@ -245,23 +258,35 @@ class SQLiteStore:
                     "UPDATE sessions SET kv_tier = ?, kv_tokens = ?, kv_replica = ?, kv_usage = ? WHERE session_id = ?",
                     (kv.tier, kv.tokens, kv.replica, kv.usage.to_json(), session_id),
                 )
+            if release:
+                self._release(conn, session_id, holder)
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: Owner = None
+        self, session_id: str, window: int | None = None, *, owner: Owner = None, lease: Lease | None = None
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         base.check_window(window)
-        record = base.visible(self.get(session_id), session_id, owner)
-        return record, self.messages(session_id, window)
+        if lease is None:
+            record = base.visible(self.get(session_id), session_id, owner)
+            return record, self.messages(session_id, window)
+        base.check_lease(*lease)
+        with self._write(durable=False) as conn:  # the lease, as acquire_lease writes it, and the read after it
+            record = self._writable_record(conn, session_id, lease.holder, owner)
+            self._take(conn, session_id, lease)
+            return record, self._last(conn, session_id, window)
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)
         with self._read() as conn:
             self._require(conn, session_id)
-            rows = conn.execute(
-                "SELECT role, content FROM (SELECT seq, role, content FROM messages WHERE session_id = ?"
-                " ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-                (session_id, -1 if window is None else min(window, 2**63 - 1)),
-            ).fetchall()
+            return self._last(conn, session_id, window)
+
+    @staticmethod
+    def _last(conn: sqlite3.Connection, session_id: str, window: int | None) -> builtins.list[Message]:
+        rows = conn.execute(
+            "SELECT role, content FROM (SELECT seq, role, content FROM messages WHERE session_id = ?"
+            " ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            (session_id, -1 if window is None else min(window, 2**63 - 1)),
+        ).fetchall()
         return [Message(role, content) for role, content in rows]
 
     def clear(self, session_id: str, now: float, *, holder: Holder = None, owner: Owner = None) -> KVReport:
@@ -327,17 +352,25 @@ class SQLiteStore:
         base.check_lease(holder, ttl_s)
         with self._write(durable=False) as conn:  # a lease lost in a power cut is no harm: it lapses anyway
             self._require_writable(conn, session_id, holder)
-            conn.execute(
-                "UPDATE sessions SET lease_holder = ?, lease_until = ? WHERE session_id = ?",
-                (holder, self._clock() + ttl_s, session_id),
-            )
+            self._take(conn, session_id, Lease(holder, ttl_s))
+
+    def _take(self, conn: sqlite3.Connection, session_id: str, lease: Lease) -> None:
+        """Set the lease of a session checked writable by its holder in this write."""
+        conn.execute(
+            "UPDATE sessions SET lease_holder = ?, lease_until = ? WHERE session_id = ?",
+            (lease.holder, self._clock() + lease.ttl_s, session_id),
+        )
 
     def release_lease(self, session_id: str, holder: str) -> None:
         with self._write(durable=False) as conn:
-            conn.execute(
-                "UPDATE sessions SET lease_holder = NULL, lease_until = NULL WHERE session_id = ? AND lease_holder = ?",
-                (session_id, holder),
-            )
+            self._release(conn, session_id, holder)
+
+    @staticmethod
+    def _release(conn: sqlite3.Connection, session_id: str, holder: Holder) -> None:
+        conn.execute(
+            "UPDATE sessions SET lease_holder = NULL, lease_until = NULL WHERE session_id = ? AND lease_holder = ?",
+            (session_id, holder),
+        )
 
     def expire_idle(self, before: float) -> builtins.list[str]:
         with self._write() as conn:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Unchanged(enum.Enum):
@@ -23,6 +23,13 @@ Owner = str | None  # the caller a session must belong to (base.owned_by); None:
 Prompt = str | Unchanged | None  # update: a new system prompt, UNCHANGED, or None to clear it
 Metadata = dict[str, Any] | None  # update: new metadata (replaces it whole), or None to keep it
 KV_TIERS = ("device", "host", "disk", "none")
+
+
+class Lease(NamedTuple):
+    """A turn lease to take (or renew) with a load: who holds it, and for how long."""
+
+    holder: str
+    ttl_s: float
 
 
 KV_POLICIES = ("pinned", "evictable", "none")  # what a session's KV is worth keeping (see SessionRecord.kv_policy)

@@ -222,8 +222,8 @@ def test_commit_turn_stores_prompt_and_reply_together(manager, clock):
 
 async def test_commit_turn_stores_the_replicas_kv_report_with_the_turn(manager, other_replica, engine):
     manager.create("s1", system_prompt="Be terse.", owner="alice")
-    async with manager.turn("s1") as holder:
-        manager.commit_turn("s1", [U1], A1, holder=holder, kv=KVReport("device", 42, "replica-1"))
+    async with manager.turn("s1") as turn:
+        manager.commit_turn("s1", [U1], A1, holder=turn.lease.holder, kv=KVReport("device", 42, "replica-1"))
     seen = other_replica.get("s1")  # the ingress reads it from the store, not from the replica
     assert seen.kv == KVReport("device", 42, "replica-1")
     assert [r.kv for r in other_replica.list_sessions("alice")] == [seen.kv]
@@ -358,8 +358,8 @@ def test_expiry_frees_kv_of_sessions_another_replica_deleted(manager, store, clo
 async def test_orphan_sweep_spares_a_key_in_a_turn(manager, clock, engine):
     manager.create("s1")
     engine.held.add("s1")
-    async with manager.turn("s1") as holder:
-        manager.store.delete("s1", holder=holder)  # deleted while this replica is mid-turn (e.g. its lease lapsed)
+    async with manager.turn("s1") as turn:
+        manager.store.delete("s1", holder=turn.lease.holder)  # deleted while this replica is mid-turn (lease lapsed)
         assert manager.release_orphans() == []
     assert manager.release_orphans() == ["s1"]
 
@@ -431,8 +431,8 @@ def other_replica(open_backend, clock) -> SessionManager:
 
 async def test_a_turn_holds_the_store_lease_against_other_processes(manager, other_replica):
     manager.create("s1", messages=[U1, A1])
-    async with manager.turn("s1") as holder:
-        assert isinstance(holder, str) and holder
+    async with manager.turn("s1") as turn:
+        assert isinstance(turn.lease.holder, str) and turn.lease.holder
         for call in (
             lambda: other_replica.append("s1", [U2]),
             lambda: other_replica.clear("s1"),
@@ -454,10 +454,85 @@ async def test_a_turn_holds_the_store_lease_against_other_processes(manager, oth
 
 async def test_commit_turn_with_the_yielded_holder(manager, other_replica):
     manager.create("s1")
-    async with manager.turn("s1") as holder:
-        manager.store.append("s1", [U1], 0.0, holder=holder)
-        manager.commit_turn("s1", [U2], A2, holder=holder)
+    async with manager.turn("s1") as turn:
+        manager.store.append("s1", [U1], 0.0, holder=turn.lease.holder)
+        manager.commit_turn("s1", [U2], A2, holder=turn.lease.holder)
     assert manager.history("s1") == [U1, U2, A2]
+
+
+class CallCounting:
+    """The store, with the name of each method called on it recorded (and the lease-related arguments)."""
+
+    def __init__(self, store) -> None:
+        self.store, self.calls = store, []
+
+    def __getattr__(self, name):
+        attribute = getattr(self.store, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            self.calls.append((name, kwargs.get("lease") is not None or kwargs.get("release", False)))
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+async def test_a_committed_turn_is_two_store_calls_and_gives_its_lease_back_with_the_commit(open_backend, clock):
+    """The lease is taken with the load and given back with the commit: two round trips, not four."""
+    store = open_backend()
+    SessionManager(store, None, clock=clock).create("s1", system_prompt="Be terse.", messages=[U1, A1], owner="al")
+    counting = CallCounting(store)
+    manager = SessionManager(counting, None, clock=clock)
+    async with manager.turn("s1", "al") as turn:
+        assert (turn.record.system_prompt, turn.history) == ("Be terse.", [U1, A1])  # read as the lease was taken
+        with pytest.raises(SessionBusy):
+            store.acquire_lease("s1", "another-replica", ttl_s=60)
+        await manager.commit(turn, [U2], A2)
+        store.acquire_lease("s1", "another-replica", ttl_s=60)  # given back by the commit, inside the turn still
+    assert counting.calls == [("load", True), ("append", True)]  # no release at exit: nothing left to give back
+    assert store.messages("s1") == [U1, A1, U2, A2]
+    with pytest.raises(SessionBusy):  # exit did not release the lease the other replica now holds
+        store.append("s1", [U1], 0.0)
+
+
+async def test_an_uncommitted_turn_gives_its_lease_back_at_exit(open_backend, clock):
+    store = open_backend()
+    SessionManager(store, None, clock=clock).create("s1")
+    counting = CallCounting(store)
+    manager = SessionManager(counting, None, clock=clock)
+    async with manager.turn("s1"):
+        pass
+    assert counting.calls == [("load", True), ("release_lease", False)]
+    store.acquire_lease("s1", "another-replica", ttl_s=60)
+
+
+async def test_no_renewal_takes_the_lease_again_after_the_commit_gave_it_back(open_backend, clock):
+    store = open_backend()
+    manager = SessionManager(store, None, lease_ttl_s=0.15, clock=clock)  # renewed every 0.05 s
+    manager.create("s1")
+    async with manager.turn("s1") as turn:
+        await asyncio.sleep(0.12)  # renewals running
+        await manager.commit(turn, [U1], A1)
+        await asyncio.sleep(0.2)  # four renewal periods after the commit
+        store.acquire_lease("s1", "another-replica", ttl_s=60)  # free: nothing renewed the lease
+
+
+async def test_a_turn_that_would_queue_checks_its_session_first(manager):
+    """Queued behind a running turn, a request for a missing (or another owner's) session fails at once."""
+    manager.create("s1", owner="al")
+    async with manager.turn("s1", "al"):
+        for owner, session_id in (("bob", "s1"), ("al", "nope")):
+            with pytest.raises(SessionNotFound):
+                async with asyncio.timeout(5):  # not after the running turn, which never ends here
+                    async with manager.turn(session_id, owner):
+                        pass
+    async with manager.turn("s1", "al"):
+        pass
+    with pytest.raises(SessionNotFound):
+        async with manager.turn("s1", "bob"):  # not queued: the load with the lease says it
+            pass
+    assert manager._turn_locks == {}
 
 
 async def test_a_lease_held_elsewhere_makes_the_turn_busy(manager, store):

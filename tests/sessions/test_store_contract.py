@@ -12,7 +12,7 @@ import pytest
 from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionNotFound, TooManySessions
 from sessions.messages import Message
 from sessions.store import UNCHANGED, KVReport
-from sessions.store.base import SessionRecord, TokenUsage
+from sessions.store.base import Lease, SessionRecord, TokenUsage
 from tests.sessions.conftest import FakeClock
 
 U1, A1 = Message("user", "u1"), Message("assistant", "a1")
@@ -118,6 +118,85 @@ def test_expire_idle_after_release(store):
     store.release_lease("s1", "turn-a")
     assert store.expire_idle(100.0) == ["s1"]
     assert store.get("s1") is None
+
+
+# ---- a turn's lease with its load and its commit --------------------------------------------------------
+def test_load_with_a_lease_takes_it_and_reads_in_one_call(store):
+    store.create(record())
+    store.append("s1", [U1, A1, U1], now=150.0)
+    loaded = store.load("s1", 2, owner="alice", lease=Lease("turn-a", 60))
+    assert loaded == (record(last_active_at=150.0), [A1, U1])
+    assert store.load("s1", lease=Lease("turn-a", 60))[1] == [U1, A1, U1]  # renewed by the same holder
+    for name, call in mutations(store, "turn-b"):
+        with pytest.raises(SessionBusy):
+            call()
+        assert store.messages("s1") == [U1, A1, U1], name
+    with pytest.raises(SessionBusy, match="s1"):
+        store.load("s1", owner="alice", lease=Lease("turn-b", 60))
+    assert store.load("s1") == (loaded[0], [U1, A1, U1])  # a plain load is a read: never busy
+    store.append("s1", [A1], now=160.0, holder="turn-a")
+
+
+def test_load_with_a_lease_of_a_session_that_is_not_the_callers(store):
+    store.create(record())
+    for session_id, owner in (("nope", None), ("s1", "bob")):
+        with pytest.raises(SessionNotFound):
+            store.load(session_id, owner=owner, lease=Lease("turn-a", 60))
+    store.acquire_lease("s1", "turn-b", ttl_s=60)
+    with pytest.raises(SessionNotFound):  # leased too, but another owner must not learn even that
+        store.load("s1", owner="bob", lease=Lease("turn-a", 60))
+    store.release_lease("s1", "turn-b")
+    store.append("s1", [U1], now=150.0, holder="someone")  # no lease was left behind by the refusals
+
+
+def test_a_lapsed_lease_taken_over_by_a_load(open_backend):
+    clock = FakeClock(time.time())
+    store = open_backend(clock=clock)
+    store.create(record())
+    store.load("s1", lease=Lease("turn-a", 10))
+    clock.advance(10.1)  # turn-a died
+    store.load("s1", lease=Lease("turn-b", 10))
+    with pytest.raises(SessionBusy):
+        store.append("s1", [U1], now=200.0, holder="turn-a")
+    clock.advance(9.9)
+    with pytest.raises(SessionBusy):  # turn-b's lease runs from its load
+        store.append("s1", [U1], now=200.0)
+
+
+@pytest.mark.parametrize(("holder", "ttl_s"), [("", 5.0), ("a", 0), ("a", float("inf"))])
+def test_lease_arguments_of_a_load_are_checked(store, holder, ttl_s):
+    store.create(record())
+    with pytest.raises(InvalidRequest):
+        store.load("s1", lease=Lease(holder, ttl_s))
+    store.append("s1", [U1], now=150.0, holder="someone")
+
+
+def test_append_with_release_gives_the_lease_back_in_the_same_write(store):
+    store.create(record())
+    store.load("s1", lease=Lease("turn-a", 60))
+    store.append("s1", [U1, A1], now=150.0, holder="turn-a", kv=ON_HOST, release=True)
+    assert store.get("s1").kv == ON_HOST and store.messages("s1") == [U1, A1]
+    store.append("s1", [U1], now=160.0)  # free: no holder needed
+    store.acquire_lease("s1", "turn-b", ttl_s=60)
+    with pytest.raises(SessionBusy):  # a former holder can neither write nor release another's lease
+        store.append("s1", [A1], now=170.0, holder="turn-a", release=True)
+    store.append("s1", [A1], now=170.0, holder="turn-b")
+    assert store.messages("s1") == [U1, A1, U1, A1]
+
+
+def test_append_with_release_of_a_lease_that_lapsed_or_was_never_taken(open_backend):
+    clock = FakeClock(time.time())
+    store = open_backend(clock=clock)
+    store.create(record())
+    store.append("s1", [U1], now=150.0, holder="turn-a", release=True)  # nothing held: appends, releases nothing
+    store.acquire_lease("s1", "turn-b", ttl_s=10)
+    clock.advance(10.1)
+    store.append("s1", [A1], now=160.0, holder="turn-a", release=True)  # turn-b's lapsed: not foreign any more
+    store.acquire_lease("s1", "turn-c", ttl_s=10)
+    assert store.messages("s1") == [U1, A1]
+    with pytest.raises(InvalidRequest, match="holder"):
+        store.append("s1", [U1], now=170.0, release=True)
+    assert store.messages("s1") == [U1, A1]
 
 
 # ---- list ------------------------------------------------------------------------------------------------

@@ -7,15 +7,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 import pytest
 import redis
 
-from sessions.errors import InvalidRequest, StoreUnavailable
+from sessions.errors import InvalidRequest, SessionBusy, StoreUnavailable
 from sessions.messages import Message
 from sessions.store import KVReport, open_store, postgresql_schema
+from sessions.store.base import Lease
 from sessions.store.postgresql import PostgreSQLStore
 from sessions.store.postgresql_schema import SCHEMA_VERSION
 from sessions.store.redis import RedisStore
@@ -25,6 +27,7 @@ from tests.sessions.test_store_contract import record
 
 U1, A1 = Message("user", "u1"), Message("assistant", "a1")
 REPO = Path(__file__).resolve().parents[2]
+LEASE_A = Lease("turn-a", 60)
 
 
 # ---- outages ---------------------------------------------------------------------------------------------
@@ -190,6 +193,32 @@ def test_postgresql_counts_sessions_through_an_operators_truncate(postgres_url):
     store.close()
 
 
+def _behind_an_uncommitted_append(postgres_url: str, call: Callable[[], object]) -> dict[str, object]:
+    """Run `call` in a thread while an append, as _APPEND writes it, holds session s1's row lock uncommitted; commit
+    the append once `call`'s statement waits for that lock. What `call` answered, under "answer"."""
+    answered: dict[str, object] = {}
+    with psycopg.connect(postgres_url) as writer, psycopg.connect(postgres_url, autocommit=True) as watcher:
+        (seq,) = writer.execute(
+            "UPDATE sessionserve_sessions SET next_seq = next_seq + 1, last_active_at = 160, kv_tokens = 2"
+            " WHERE session_id = 's1' RETURNING next_seq - 1"
+        ).fetchone()
+        writer.execute(
+            "INSERT INTO sessionserve_messages (session_id, seq, role, content) VALUES ('s1', %s, 'assistant', 'a1')",
+            (seq,),
+        )
+        calling = threading.Thread(target=lambda: answered.update(answer=call()))
+        calling.start()
+        deadline = time.monotonic() + 10
+        while not watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone()[0]:  # the call's snapshot is taken: it waits for the row
+            assert time.monotonic() < deadline, "the call never waited for the append's row lock"
+            time.sleep(0.02)
+        writer.commit()
+    calling.join(10)
+    return answered
+
+
 def test_postgresql_clear_also_clears_an_append_that_committed_while_it_waited(postgres_url):
     """clear's one statement deletes the messages its snapshot saw. An append committed after that snapshot, while
     the clear waited for the row lock, changed the row version, so the clear takes its transaction path and
@@ -198,29 +227,25 @@ def test_postgresql_clear_also_clears_an_append_that_committed_while_it_waited(p
     store = PostgreSQLStore(postgres_url)
     store.create(record())
     store.append("s1", [U1], now=150.0, kv=KVReport("device", 1, "r1"))
-    cleared: dict[str, KVReport] = {}
-    with psycopg.connect(postgres_url) as writer, psycopg.connect(postgres_url, autocommit=True) as watcher:
-        (seq,) = writer.execute(  # an append, as _APPEND writes it, left uncommitted: it holds the row lock
-            "UPDATE sessionserve_sessions SET next_seq = next_seq + 1, last_active_at = 160, kv_tokens = 2"
-            " WHERE session_id = 's1' RETURNING next_seq - 1"
-        ).fetchone()
-        writer.execute(
-            "INSERT INTO sessionserve_messages (session_id, seq, role, content) VALUES ('s1', %s, 'assistant', 'a1')",
-            (seq,),
-        )
-        clearing = threading.Thread(target=lambda: cleared.update(report=store.clear("s1", 170.0)))
-        clearing.start()
-        deadline = time.monotonic() + 10
-        while not watcher.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        ).fetchone()[0]:  # the clear's snapshot is taken: it waits for the row
-            assert time.monotonic() < deadline, "the clear never waited for the append's row lock"
-            time.sleep(0.02)
-        writer.commit()
-    clearing.join(10)
+    cleared = _behind_an_uncommitted_append(postgres_url, lambda: store.clear("s1", 170.0))
     assert store.messages("s1") == []
-    assert cleared["report"] == KVReport("device", 2, "r1")
+    assert cleared["answer"] == KVReport("device", 2, "r1")
     assert store.get("s1").kv == KVReport() and store.get("s1").last_active_at == 170.0
+
+
+def test_postgresql_a_load_with_a_lease_sees_an_append_that_committed_while_it_waited(postgres_url):
+    """The leased load's statement reads the messages of its snapshot. An append committed after that snapshot,
+    while the load waited for the row lock, changed the row version, so the load takes the lease and then reads
+    again: the turn's history has that append, and the lease is held."""
+    reset_postgres(postgres_url)
+    store = PostgreSQLStore(postgres_url)
+    store.create(record())
+    store.append("s1", [U1], now=150.0)
+    loaded = _behind_an_uncommitted_append(postgres_url, lambda: store.load("s1", lease=LEASE_A))
+    assert loaded["answer"] == (record(last_active_at=160.0, kv=KVReport(tokens=2)), [U1, A1])
+    with pytest.raises(SessionBusy):
+        store.append("s1", [U1], now=170.0, holder="turn-b")
+    store.close()
 
 
 def test_postgresql_refuses_nul_characters_clearly(postgres_url):
@@ -247,9 +272,10 @@ def test_postgresql_lease_writes_skip_the_flush_wait_for_their_own_commit_only(p
     joiner = "&" if "?" in postgres_url else "?"
     store = PostgreSQLStore(f"{postgres_url}{joiner}pool_size=1&options=-csynchronous_commit%3Don")
     store.create(record())
-    store.acquire_lease("s1", "turn-a", ttl_s=60)
-    with store._conn() as conn:  # the pool's only connection: the one the lease was written on
-        assert conn.execute("SELECT current_setting('synchronous_commit')").fetchone() == ("on",)
+    for take in (lambda: store.acquire_lease("s1", "turn-a", ttl_s=60), lambda: store.load("s1", lease=LEASE_A)):
+        take()
+        with store._conn() as conn:  # the pool's only connection: the one the lease was written on
+            assert conn.execute("SELECT current_setting('synchronous_commit')").fetchone() == ("on",)
     store.append("s1", [U1], now=150.0, holder="turn-a")
     store.release_lease("s1", "turn-a")
     with store._conn() as conn:

@@ -509,7 +509,7 @@ class PostgreSQLStore:
         """One statement, so one snapshot for both (and half the driver's work of a pipeline of two); with `lease`,
         taken in that statement too (_LEASED_LOAD) unless the session is leased or changed under it."""
         base.check_window(window)
-        params = {"id": session_id, "window": _limit(window)}
+        params: dict[str, Any] = {"id": session_id, "window": _limit(window)}
         if lease is None:
             record, messages = _loaded(self._all(_LOAD, params), session_id)
             return base.visible(_record(record), session_id, owner), messages

@@ -58,17 +58,16 @@ class TurnLease:
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        await self.ending()
+        self._ending.set()
         if self._held:
             await self._release()
 
     async def ending(self) -> None:
         """Stop renewing, waiting out a renewal already sent: call it before a commit that gives the lease back, so
-        no renewal can take the lease again after that commit."""
+        no renewal can take the lease again after that commit. (A cancelled caller leaves that renewal running.)"""
         self._ending.set()
         if self._renewer is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+            await asyncio.shield(self._renewer)
 
     def given_back(self) -> None:
         """The turn's commit gave the lease back in its own write (`append(release=True)`): exit has nothing to do."""
@@ -86,8 +85,13 @@ class TurnLease:
                 log.warning("could not renew the turn lease of session %r: %s", self.session_id, error)
 
     async def _release(self) -> None:
-        release = loop_io.call(self.store, self.store.release_lease, self.session_id, self.holder)
+        async def give_back() -> None:
+            if self._renewer is not None:  # a renewal in flight lands first, or it could take the lease again
+                with contextlib.suppress(Exception):
+                    await self._renewer
+            await loop_io.call(self.store, self.store.release_lease, self.session_id, self.holder)
+
         try:  # shielded: a cancelled turn still gives its lease back
-            await asyncio.shield(release)
+            await asyncio.shield(give_back())
         except Exception as error:  # it lapses by itself after ttl_s
             log.warning("could not release the turn lease of session %r: %s", self.session_id, error)

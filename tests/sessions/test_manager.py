@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import pytest
 
@@ -516,6 +517,48 @@ async def test_no_renewal_takes_the_lease_again_after_the_commit_gave_it_back(op
         await manager.commit(turn, [U1], A1)
         await asyncio.sleep(0.2)  # four renewal periods after the commit
         store.acquire_lease("s1", "another-replica", ttl_s=60)  # free: nothing renewed the lease
+
+
+class SlowRenewals:
+    """The store, with acquire_lease (a turn's renewals) taking 0.3 s, called from worker threads."""
+
+    runs_on_loop = False
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def acquire_lease(self, *args, **kwargs) -> None:
+        time.sleep(0.3)
+        self.store.acquire_lease(*args, **kwargs)
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "committed"])
+async def test_a_turn_ending_during_a_renewal_leaves_the_lease_free_after_it(open_backend, clock, ending):
+    """The renewal in flight lands before the lease is given back (by exit, or by the commit), never after."""
+    store = open_backend()
+    manager = SessionManager(SlowRenewals(store), None, lease_ttl_s=0.9, clock=clock)  # renewed every 0.3 s
+    manager.create("s1")
+    renewing = asyncio.Event()
+
+    async def turn() -> None:
+        async with manager.turn("s1") as running:
+            await asyncio.sleep(0.4)  # a renewal is in flight (0.3 s to 0.6 s)
+            renewing.set()
+            if ending == "committed":
+                await manager.commit(running, [U1], A1)
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(turn())
+    await renewing.wait()
+    await asyncio.sleep(0.3 if ending == "committed" else 0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.4)  # past the renewal's landing, within what it would hold the lease for
+    store.acquire_lease("s1", "another-replica", ttl_s=60)  # free: nothing took it again
 
 
 async def test_a_turn_that_would_queue_checks_its_session_first(manager):

@@ -30,20 +30,9 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
 from sessions.store import base, loop_io
-from sessions.store.base import MAX_OFFSET, SessionRecord
+from sessions.store.base import MAX_OFFSET, Lease, SessionRecord
 from sessions.store.postgresql_schema import migrate
-from sessions.store.values import (
-    UNCHANGED,
-    Holder,
-    KVReport,
-    KVUpdate,
-    Lease,
-    Metadata,
-    Owner,
-    Prompt,
-    TokenUsage,
-    Unchanged,
-)
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
 
 _COLUMNS = (
     "session_id, system_prompt, metadata, created_at, last_active_at, owner, kv_tier, kv_tokens, kv_replica,"

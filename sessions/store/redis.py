@@ -36,19 +36,8 @@ from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
 from sessions.store import base, loop_io
 from sessions.store import redis_scripts as lua
-from sessions.store.base import MAX_OFFSET, SessionRecord
-from sessions.store.values import (
-    UNCHANGED,
-    Holder,
-    KVReport,
-    KVUpdate,
-    Lease,
-    Metadata,
-    Owner,
-    Prompt,
-    TokenUsage,
-    Unchanged,
-)
+from sessions.store.base import MAX_OFFSET, Lease, SessionRecord
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
 
 DEFAULT_PREFIX = "sessionserve:"
 _CLOCK_SKEW_S = 5.0  # how far the hosts' clocks may disagree when deciding which index entries might have expired

@@ -21,20 +21,9 @@ from typing import Any
 from sessions.errors import StoreUnavailable
 from sessions.messages import Message
 from sessions.store import base
-from sessions.store.base import MAX_OFFSET, SessionRecord
+from sessions.store.base import MAX_OFFSET, Lease, SessionRecord
 from sessions.store.group_commit import GroupCommit
-from sessions.store.values import (
-    UNCHANGED,
-    Holder,
-    KVReport,
-    KVUpdate,
-    Lease,
-    Metadata,
-    Owner,
-    Prompt,
-    TokenUsage,
-    Unchanged,
-)
+from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
 
 _SCHEMA_VERSION = 4
 _SCHEMA = (

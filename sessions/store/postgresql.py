@@ -117,10 +117,7 @@ _HISTORY = f"SELECT role, content FROM {_LAST} ORDER BY seq"
 # and parsing an array (0.44 against 0.86 ms for 200 messages here): a turn reads the whole history.
 _RECORD_ROW = "SELECT -1::bigint, {}, NULL::text, NULL::text"
 _NULLS = ", ".join("NULL" for _ in _COLUMNS.split(","))
-_MESSAGE_ROWS = (
-    f" UNION ALL (SELECT seq, {_NULLS}, role, content FROM sessionserve_messages WHERE session_id = %(id)s"
-    " ORDER BY seq DESC LIMIT %(window)s) ORDER BY 1"
-)
+_MESSAGE_ROWS = f" UNION ALL SELECT seq, {_NULLS}, role, content FROM {_LAST} ORDER BY 1"
 _LOAD = _RECORD_ROW.format(_COLUMNS) + " FROM sessionserve_sessions WHERE session_id = %(id)s" + _MESSAGE_ROWS
 # load(lease=...) in one statement: the lease taken only on the row version the statement's snapshot saw (the
 # xmin check, as in _CLEAR; PostgreSQL re-checks it on the newest version after waiting for a writer's lock), so the
@@ -183,20 +180,22 @@ def _check_idle_connection(conn: psycopg.Connection[Any]) -> None:
     An idle connection has nothing to read; if its socket is readable the server closed it or sent a FATAL (restart,
     admin shutdown), so only then pay the full check (which raises, and the pool replaces the connection).
     """
-    if conn.closed or conn.broken:
-        raise psycopg.OperationalError("connection is closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
+    if _idle_connection_spoke(conn):
         ConnectionPool.check_connection(conn)
 
 
 async def _check_idle_connection_on_loop(conn: psycopg.AsyncConnection[Any]) -> None:
     """_check_idle_connection for the pool on the event loop."""
+    if _idle_connection_spoke(conn):
+        await AsyncConnectionPool.check_connection(conn)
+
+
+def _idle_connection_spoke(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether a pooled connection's socket is readable (it needs the full check); raises if it is closed."""
     if conn.closed or conn.broken:
         raise psycopg.OperationalError("connection is closed")
     readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
-        await AsyncConnectionPool.check_connection(conn)
+    return bool(readable)
 
 
 class _CursorOnLoop:

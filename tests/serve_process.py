@@ -100,6 +100,11 @@ class ServeProcess:
                 raise AssertionError(f"no line with {text!r} (exit {self.process.poll()}):\n{self.output()[-5000:]}")
             time.sleep(0.2)
 
+    def wait_ready(self, timeout: float = 180) -> None:
+        """Until serve prints its ready line: the whole prefix, since Ray's own logs say "not ready on node ..."
+        when a proxy's health check is slow."""
+        self.wait_for_line("sessionserve ready on", timeout)
+
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.process.send_signal(signum)
 

@@ -106,7 +106,7 @@ def test_the_api_on_the_configured_port_through_each_ingress_and_a_drain_on_sigt
     config = tiny_config(store, 60, ingress_replicas=ingress_replicas)
     server = ServeProcess.start(config, tmp_path, args=["--ingress", ingress] if ingress else [], env=env)
     try:
-        server.wait_for_line("ready on")
+        server.wait_ready()
         assert f"ready on {server.url} ({says}" in server.output()
         assert listener in listener_of(server.port)
         assert bool(model_deployment_processes()) == (ingress != "replica")  # replica: no model replica to hop to
@@ -190,7 +190,7 @@ def test_joining_a_direct_ingress_cluster_serves_on_the_port_the_cluster_gives_a
         args = ["--address", head.address]  # serving.ingress auto: the cluster's own mode
         server = ServeProcess.start(config, tmp_path, args=args, env={"RAY_AUTH_MODE": "disabled"})
         try:
-            server.wait_for_line("ready on")
+            server.wait_ready()
             assert f"the cluster gave the ingress port {given}" in server.output()
             assert f"ready on http://127.0.0.1:{given} (direct ingress" in server.output()
             assert httpx.get(f"http://127.0.0.1:{given}/health", timeout=10).json() == {"status": "ok"}

@@ -133,7 +133,7 @@ def test_ready_stays_503_while_the_model_is_not_loaded_and_sigterm_then_exits_0(
     assert seen and seen[-1][0] == 503 and "not_ready" in seen[-1][1], seen[-5:]
     assert 200 not in [status for status, _ in seen]
     time.sleep(2)  # the CLI polls /ready every 0.5 s: it has seen the 503s too
-    assert not any("ready on" in line for line in server.lines), server.output()
+    assert not any("sessionserve ready on" in line for line in server.lines), server.output()
     server.signal(signal.SIGTERM)
     # Within a supervisor's grace (Kubernetes: 30 s): Serve alone waits 45 s on the replica that never started.
     assert_clean_exit(server, within_s=25)
@@ -148,13 +148,13 @@ def test_a_model_replica_that_cannot_load_ends_serve_with_status_1_and_serves_no
     assert_clean_exit(server, within_s=240, status=1)
     output = server.output()
     assert "sessionserve could not start: deploying sessionserve failed" in output, output[-5000:]
-    assert "no-such-model" in output and not any("ready on" in line for line in server.lines)
+    assert "no-such-model" in output and not any("sessionserve ready on" in line for line in server.lines)
 
 
 def test_sigterm_during_a_long_turn_lets_it_finish_within_the_grace_and_commits_it(start_serve, tmp_path):
     store = f"sqlite:///{tmp_path / 'sessions.db'}"
     server = start_serve(tiny_config(store, 120))
-    server.wait_for_line("ready on")
+    server.wait_ready()
     done = sigterm_during_a_long_turn(server)
     assert done["usage"]["completion_tokens"] > 100
     history = open_store(store).messages("long")
@@ -168,7 +168,7 @@ def test_sigterm_during_a_long_turn_lets_it_finish_within_the_grace_and_commits_
 def test_a_turn_still_running_after_a_short_grace_is_cancelled_and_not_committed(start_serve, tmp_path):
     store = f"sqlite:///{tmp_path / 'sessions.db'}"
     server = start_serve(tiny_config(store, 0.5))
-    server.wait_for_line("ready on")
+    server.wait_ready()
     create(server.url, "cut")
     short = httpx.post(f"{server.url}/v1/sessions/cut/query", json={"prompt": "first", "max_new_tokens": 3}, timeout=60)
     assert short.status_code == 200, short.text
@@ -193,7 +193,7 @@ def first_turns_then_stop(start_serve, config: dict[str, Any], kv_dir: Path, ses
     """Serve, run each session's first turn in order, stop with SIGTERM (the drain writes their KV files): each
     session's first reply."""
     server = start_serve(config)
-    server.wait_for_line("ready on")
+    server.wait_ready()
     first = {}
     for sid in sessions:
         create(server.url, sid)

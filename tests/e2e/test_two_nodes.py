@@ -148,7 +148,7 @@ def test_serve_joins_with_address_then_warns_when_a_second_node_joins(head_only,
     env = {"RAY_AUTH_MODE": "disabled"}  # as every process of this cluster (tests/cluster.py cluster_env)
     server = ServeProcess.start(config, tmp_path, args=["--address", head_only.address], env=env)
     try:
-        server.wait_for_line("ready on")
+        server.wait_ready()
         assert not any("warning:" in line for line in server.lines), server.output()[-3000:]
         head_only.join_worker()
         server.wait_for_line("warning: a node joined while serving", timeout=30)

@@ -18,19 +18,28 @@ from types import TracebackType
 from sessions.errors import SessionError
 from sessions.messages import Message
 from sessions.store import loop_io
-from sessions.store.base import HistoryStore, Lease, Owner, SessionRecord
+from sessions.store.base import HistoryPrefix, HistoryStore, Lease, Owner, SessionRecord
 
 log = logging.getLogger(__name__)
 
 
 class TurnLease:
-    """`async with TurnLease(store, session_id, ttl_s, owner) as (record, history):` - the session's record and whole
-    history, read with the lease taken; SessionBusy/SessionNotFound from the store."""
+    """`async with TurnLease(store, session_id, ttl_s, owner, after) as (record, messages):` - the session's record and
+    its messages (past `after`, the caller's held prefix, if the history is still that one: see HistoryStore.load),
+    read with the lease taken; SessionBusy/SessionNotFound from the store."""
 
-    def __init__(self, store: HistoryStore, session_id: str, ttl_s: float, owner: Owner = None) -> None:
+    def __init__(
+        self,
+        store: HistoryStore,
+        session_id: str,
+        ttl_s: float,
+        owner: Owner = None,
+        after: HistoryPrefix | None = None,
+    ) -> None:
         self.store = store
         self.session_id = session_id
         self.owner = owner
+        self.after = after
         self.lease = Lease(uuid.uuid4().hex, ttl_s)  # one holder per turn
         self._renewer: asyncio.Task[None] | None = None
         self._ending = asyncio.Event()
@@ -42,7 +51,9 @@ class TurnLease:
 
     async def __aenter__(self) -> tuple[SessionRecord, list[Message]]:
         loading = asyncio.ensure_future(
-            loop_io.call(self.store, self.store.load, self.session_id, owner=self.owner, lease=self.lease)
+            loop_io.call(
+                self.store, self.store.load, self.session_id, owner=self.owner, lease=self.lease, after=self.after
+            )
         )
         try:
             loaded = await asyncio.shield(loading)

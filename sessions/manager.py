@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from sessions.errors import InvalidRequest, SessionBusy, SessionError, TooManySessions
+from sessions.errors import InvalidRequest, SessionBusy, SessionError, SessionNotFound, TooManySessions
+from sessions.held import HeldHistories
 from sessions.lease import TurnLease
 from sessions.messages import Message, parse_messages
 from sessions.store import base, loop_io
@@ -138,6 +139,7 @@ class SessionManager:
         self.idle_ttl_s = idle_ttl_s
         self._clock = clock
         self._turn_locks: dict[str, _TurnLock] = {}
+        self._held = HeldHistories()  # what this process's turns read: the next turn reads only what came after
 
     async def store_call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """`fn` (this manager's or the store's methods, or code calling them) from an event loop without blocking it:
@@ -328,7 +330,8 @@ class SessionManager:
     @contextlib.asynccontextmanager
     async def turn(self, session_id: str, owner: str | None = None, *, wait: bool = True) -> AsyncIterator[Turn]:
         """Hold the session for one turn; yields the Turn: its lease and the session's record and whole history,
-        read as the lease was taken (one store call). `commit` stores the turn and gives the lease back.
+        read as the lease was taken (one store call: only the messages appended since this process's last turn of the
+        session, if it holds that turn's history). `commit` stores the turn and gives the lease back.
 
         Turns here run strictly in arrival order (asyncio.Lock is FIFO); with wait=False a turn already running here
         raises SessionBusy instead of queueing, and a turn that would queue first checks the session exists (and is
@@ -346,13 +349,20 @@ class SessionManager:
         try:
             await self._queue_for(entry, session_id, owner)
             try:
-                lease = TurnLease(self.store, session_id, self.lease_ttl_s, owner)
-                async with lease as (record, history):
+                held = self._held.get(session_id)
+                lease = TurnLease(
+                    self.store, session_id, self.lease_ttl_s, owner, None if held is None else held.prefix
+                )
+                async with lease as (record, messages):
+                    history = self._held.loaded(session_id, held, record, messages)
                     entry.holder = lease.holder
                     try:
                         yield Turn(lease, record, history)
                     finally:
                         entry.holder = None
+            except SessionNotFound:
+                self._held.forget(session_id)
+                raise
             finally:
                 entry.lock.release()
         finally:
@@ -388,7 +398,10 @@ class SessionManager:
         return None if entry is None else entry.holder
 
     def _release(self, session_id: str, reported: KVUpdate = None) -> None:
-        """Free the session's KV; `reported` is its record's KV report before the change, when known."""
+        """Free the session's KV (and the history its turns here hold: not needed to stay correct, the store's
+        history id says when to read it all again, but no use any more); `reported` is its record's KV report before
+        the change, when known."""
+        self._held.forget(session_id)
         if self.engine is None:
             return
         if not self.release_unreported and reported is not None and reported.tier == "none":

@@ -19,6 +19,7 @@ from sessions.messages import Message
 from sessions.store.values import (
     KV_POLICIES,
     UNCHANGED,
+    HistoryPrefix,
     Holder,
     KVReport,
     KVUpdate,
@@ -28,11 +29,13 @@ from sessions.store.values import (
     Prompt,
     TokenUsage,
     Unchanged,
+    new_history_id,
 )
 
 __all__ = [  # re-exported
     "KV_POLICIES",
     "UNCHANGED",
+    "HistoryPrefix",
     "Holder",
     "KVReport",
     "KVUpdate",
@@ -54,6 +57,9 @@ class SessionRecord:
 
     `kv` is the KV report of the last turn committed with one; history edits that invalidate the KV reset it.
     `kv_policy` ("pinned", "evictable" or "none", see KV_POLICIES) is chosen at creation and never changes.
+    `history_id` names the session's current history: a fresh one at creation and at every clear, between which its
+    messages are only ever appended to, so a caller holding a prefix of one history can read just the rest (`load`'s
+    `after`). "" (a record stored before the id existed) names none.
     """
 
     session_id: str
@@ -64,6 +70,7 @@ class SessionRecord:
     owner: str | None = None
     kv: KVReport = field(default_factory=KVReport)
     kv_policy: str = "pinned"
+    history_id: str = field(default_factory=new_history_id)
 
     def __post_init__(self) -> None:
         if self.kv_policy not in KV_POLICIES:
@@ -92,14 +99,23 @@ class HistoryStore(Protocol):
         ...
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: Owner = None, lease: Lease | None = None
+        self,
+        session_id: str,
+        window: int | None = None,
+        *,
+        owner: Owner = None,
+        lease: Lease | None = None,
+        after: HistoryPrefix | None = None,
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         """The record and its last `window` messages (all if None) for a caller who must own the session (`owner`;
         None: any caller): what a turn, the session's info and its history start from, in one round trip on a network
         store. SessionNotFound if missing or another owner's (see `owned_by`).
 
         With `lease`, first take or renew it as `acquire_lease` does, atomically with the read (what a turn starts
-        with: no other holder's edit lands between them); SessionBusy if another holder's lease is unexpired."""
+        with: no other holder's edit lands between them); SessionBusy if another holder's lease is unexpired.
+        With the lease, `after` (a prefix of a history the caller holds, e.g. from its previous turn; not with a
+        window): if the session's history is still that one, only the messages after the prefix, else all of them;
+        the record's history_id tells which (`resumes`)."""
         ...
 
     def delete(self, session_id: str, *, holder: Holder = None, owner: Owner = None) -> SessionRecord | None:
@@ -201,7 +217,7 @@ def record_row(record: SessionRecord, metadata: object) -> tuple[object, ...]:
     """The record as the SQL backends store it (their column order), with its metadata encoded by the caller."""
     kv = record.kv
     row = (record.session_id, record.system_prompt, metadata, record.created_at, record.last_active_at, record.owner)
-    return (*row, kv.tier, kv.tokens, kv.replica, kv.usage.to_json(), record.kv_policy)
+    return (*row, kv.tier, kv.tokens, kv.replica, kv.usage.to_json(), record.kv_policy, record.history_id)
 
 
 def owned_by(record: SessionRecord, owner: Owner) -> bool:
@@ -237,6 +253,28 @@ def check_page(limit: int, offset: int) -> None:
         raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_PAGE}, got {limit!r}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise InvalidRequest(f"offset must be a whole number >= 0, got {offset!r}")
+
+
+def check_after(after: HistoryPrefix | None, window: int | None, lease: Lease | None) -> None:
+    if after is None:
+        return
+    if lease is None or window is not None:
+        raise InvalidRequest("load(after=...) reads on from a held prefix for a turn: give a lease and no window")
+    if not isinstance(after.history_id, str) or isinstance(after.length, bool) or not isinstance(after.length, int):
+        raise InvalidRequest(f"after must be a HistoryPrefix(history_id: str, length: int), got {after!r}")
+    if after.length < 0:
+        raise InvalidRequest(f"after.length must be >= 0, got {after.length}")
+
+
+def resumes(history_id: str, after: HistoryPrefix | None) -> bool:
+    """Whether a load with `after` reads on from its prefix: the stored history (`history_id`) is still the one the
+    prefix is of ("" names none, so never)."""
+    return after is not None and history_id != "" and history_id == after.history_id
+
+
+def start_after(history_id: str, after: HistoryPrefix | None) -> int:
+    """The position a load's messages start from: after the held prefix if the history is still its own, else 0."""
+    return after.length if after is not None and resumes(history_id, after) else 0
 
 
 def check_release(holder: Holder, release: bool) -> None:

@@ -12,7 +12,19 @@ from dataclasses import dataclass, field, replace
 from sessions.messages import Message
 from sessions.store import base
 from sessions.store.base import SessionRecord
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Lease, Metadata, Owner, Prompt, Unchanged
+from sessions.store.values import (
+    UNCHANGED,
+    HistoryPrefix,
+    Holder,
+    KVReport,
+    KVUpdate,
+    Lease,
+    Metadata,
+    Owner,
+    Prompt,
+    Unchanged,
+    new_history_id,
+)
 
 
 @dataclass(slots=True)
@@ -119,9 +131,16 @@ class MemoryStore:
             return _last(self._session(session_id).messages, window)
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: Owner = None, lease: Lease | None = None
+        self,
+        session_id: str,
+        window: int | None = None,
+        *,
+        owner: Owner = None,
+        lease: Lease | None = None,
+        after: HistoryPrefix | None = None,
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         base.check_window(window)
+        base.check_after(after, window, lease)
         if lease is not None:
             base.check_lease(*lease)
         with self._lock:
@@ -129,12 +148,14 @@ class MemoryStore:
             record = base.visible(session.record, session_id, owner)
             if lease is not None:
                 self._take(session_id, lease)
-            return _copy(record), _last(session.messages, window)
+            start = base.start_after(record.history_id, after)
+            return _copy(record), _last(session.messages, window)[start:]
 
     def clear(self, session_id: str, now: float, *, holder: Holder = None, owner: Owner = None) -> KVReport:
         with self._lock:
             session = self._owned_writable(session_id, holder, owner)
             session.messages.clear()
+            session.record.history_id = new_history_id()
             freed, session.record.kv = session.record.kv, KVReport()
             session.record.last_active_at = now
             return freed

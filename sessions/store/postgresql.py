@@ -30,13 +30,13 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
 from sessions.store import base, loop_io
-from sessions.store.base import MAX_OFFSET, Lease, SessionRecord
+from sessions.store.base import MAX_OFFSET, HistoryPrefix, Lease, SessionRecord
 from sessions.store.postgresql_schema import migrate
 from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
 
 _COLUMNS = (
     "session_id, system_prompt, metadata, created_at, last_active_at, owner, kv_tier, kv_tokens, kv_replica,"
-    " kv_usage, kv_policy"
+    " kv_usage, kv_policy, history_id"
 )
 _FREE = "(lease_holder IS NULL OR lease_holder = %(holder)s OR lease_until <= %(now)s)"  # mutation allowed
 _OWNED = "(%(owner)s::text IS NULL OR owner = %(owner)s)"  # the caller's session (NULL: any caller)
@@ -107,17 +107,26 @@ _UPDATE = (  # the new record, whether the system prompt changed, and the KV rep
     f" FROM {_PRIOR} WHERE session_id = prior_id AND {_FREE} AND {_OWNED}"
     f" RETURNING {_COLUMNS}, NOT %(keep)s AND prior_prompt IS DISTINCT FROM %(prompt)s, {_PRIOR_KV}"
 )
-_LAST = (  # the last %(window)s messages (NULL: all), newest first: order them by seq to read them
-    "(SELECT seq, role, content FROM sessionserve_messages WHERE session_id = %(id)s ORDER BY seq DESC"
+_LAST_OF = (  # the last %(window)s messages (NULL: all) that pass {since}, newest first: order them by seq to read them
+    "(SELECT seq, role, content FROM sessionserve_messages WHERE session_id = %(id)s{since} ORDER BY seq DESC"
     " LIMIT %(window)s) AS last"
 )
-_HISTORY = f"SELECT role, content FROM {_LAST} ORDER BY seq"
+_HISTORY = f"SELECT role, content FROM {_LAST_OF.format(since='')} ORDER BY seq"
+# Where load's messages start: past the caller's held prefix of %(known)s messages if the session's history is still
+# the one named %(history)s (load's `after`), else at the first. A history's ordinals are consecutive from its first
+# message's (appends take them from next_seq; the trigger of schema 5 gives a cleared session a new history id).
+_FROM_START = (
+    " AND seq >= (SELECT CASE WHEN history_id <> '' AND history_id = %(history)s THEN"
+    " (SELECT min(seq) FROM sessionserve_messages WHERE session_id = %(id)s) + %(known)s ELSE 0 END"
+    " FROM sessionserve_sessions WHERE session_id = %(id)s)"
+)
 # load()'s answer as rows, not one array: a row (-1, the record's columns, NULL, NULL), then one (seq, NULLs, role,
 # content) per message of the last %(window)s, by seq. Plain rows cost the server and the driver less than building
-# and parsing an array (0.44 against 0.86 ms for 200 messages here): a turn reads the whole history.
+# and parsing an array (0.44 against 0.86 ms for 200 messages here): a session's first turn on a replica reads its
+# whole history.
 _RECORD_ROW = "SELECT -1::bigint, {}, NULL::text, NULL::text"
 _NULLS = ", ".join("NULL" for _ in _COLUMNS.split(","))
-_MESSAGE_ROWS = f" UNION ALL SELECT seq, {_NULLS}, role, content FROM {_LAST} ORDER BY 1"
+_MESSAGE_ROWS = f" UNION ALL SELECT seq, {_NULLS}, role, content FROM {_LAST_OF.format(since=_FROM_START)} ORDER BY 1"
 _LOAD = _RECORD_ROW.format(_COLUMNS) + " FROM sessionserve_sessions WHERE session_id = %(id)s" + _MESSAGE_ROWS
 # load(lease=...) in one statement: the lease taken only on the row version the statement's snapshot saw (the
 # xmin check, as in _CLEAR; PostgreSQL re-checks it on the newest version after waiting for a writer's lock), so the
@@ -135,14 +144,14 @@ _LEASED_LOAD = (
 _SELECT_RECORD = f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE session_id = %s"
 _CREATE = (  # the record's columns in _COLUMNS' order, then the limit (NULL: none)
     "CALL sessionserve_create(%s::text, %s::text, %s::jsonb, %s::float8, %s::float8, %s::text, %s::text, %s::int8,"
-    " %s::text, %s::text, %s::text, %s::int8, NULL)"
+    " %s::text, %s::text, %s::text, %s::text, %s::int8, NULL)"
 )
 
 
 def _record(row: tuple[Any, ...]) -> SessionRecord:
-    session_id, system_prompt, metadata, created_at, last_active_at, owner, tier, tokens, replica, usage, policy = row
+    session_id, prompt, metadata, created_at, last_active_at, owner, tier, tokens, replica, usage, policy, history = row
     kv = _kv_report((tier, tokens, replica, usage))
-    return SessionRecord(session_id, system_prompt, metadata, created_at, last_active_at, owner, kv, policy)
+    return SessionRecord(session_id, prompt, metadata, created_at, last_active_at, owner, kv, policy, history)
 
 
 def _kv_report(columns: tuple[Any, ...]) -> KVReport:
@@ -492,15 +501,23 @@ class PostgreSQLStore:
             raise self._refused(session_id, owner)
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: Owner = None, lease: Lease | None = None
+        self,
+        session_id: str,
+        window: int | None = None,
+        *,
+        owner: Owner = None,
+        lease: Lease | None = None,
+        after: HistoryPrefix | None = None,
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         """One statement, so one snapshot for both (and half the driver's work of a pipeline of two); with `lease`,
         taken in that statement too (_LEASED_LOAD) unless the session is leased or changed under it."""
         base.check_window(window)
-        params: dict[str, Any] = {"id": session_id, "window": _limit(window)}
+        base.check_after(after, window, lease)
+        params: dict[str, Any] = {"id": session_id, "window": _limit(window), "history": None, "known": 0}
+        if after is not None:
+            params |= {"history": after.history_id, "known": after.length}
         if lease is None:
-            record, messages = _loaded(self._all(_LOAD, params), session_id)
-            return base.visible(_record(record), session_id, owner), messages
+            return self._load(params, owner)
         base.check_lease(*lease)
         now = self._clock()
         params |= {"owner": owner, "holder": lease.holder, "until": now + lease.ttl_s, "now": now}
@@ -509,10 +526,14 @@ class PostgreSQLStore:
             return _record(record), messages
         self.acquire_lease(session_id, *lease)  # SessionBusy if another holder's; else it changed: read after the lease
         try:
-            return self.load(session_id, window, owner=owner)
+            return self._load(params, owner)
         except BaseException:
             self.release_lease(session_id, lease.holder)
             raise
+
+    def _load(self, params: dict[str, Any], owner: Owner) -> tuple[SessionRecord, builtins.list[Message]]:
+        record, messages = _loaded(self._all(_LOAD, params), params["id"])
+        return base.visible(_record(record), params["id"], owner), messages
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)

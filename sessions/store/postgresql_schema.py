@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _LOCK_KEY = 0x5E55_10_5E  # pg_advisory_xact_lock key for schema changes ("sessionse")
 # version -> statements that take a database from version-1 to version. Append, never edit, once released.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -114,6 +114,49 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
                 END IF;
             END IF;
         END $$""",
+    ),
+    # The history id (SessionRecord.history_id): the record's own at create, a fresh one whenever a statement deletes
+    # a session's messages (clear, whichever sessionserve version runs it), so a replica holding a prefix of the
+    # history never resumes after a clear. Rows from before it keep '' (none); the column's default gives one to the
+    # sessions that replicas still on version 4 create during a rolling upgrade, through the procedure they know
+    # (kept: create's takes the id as well, an overload).
+    5: (
+        "ALTER TABLE sessionserve_sessions ADD COLUMN history_id text NOT NULL DEFAULT ''",
+        "ALTER TABLE sessionserve_sessions"
+        " ALTER COLUMN history_id SET DEFAULT md5(random()::text || clock_timestamp())",
+        """CREATE PROCEDURE sessionserve_create(
+            p_session_id text, p_system_prompt text, p_metadata jsonb, p_created_at double precision,
+            p_last_active_at double precision, p_owner text, p_kv_tier text, p_kv_tokens bigint, p_kv_replica text,
+            p_kv_usage text, p_kv_policy text, p_history_id text, p_limit bigint, INOUT outcome text DEFAULT NULL)
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO sessionserve_sessions (session_id, system_prompt, metadata, created_at, last_active_at, owner,
+                kv_tier, kv_tokens, kv_replica, kv_usage, kv_policy, history_id)
+            VALUES (p_session_id, p_system_prompt, p_metadata, p_created_at, p_last_active_at, p_owner, p_kv_tier,
+                p_kv_tokens, p_kv_replica, p_kv_usage, p_kv_policy, p_history_id)
+            ON CONFLICT (session_id) DO NOTHING;
+            IF NOT FOUND THEN
+                outcome := 'exists';
+            ELSIF p_limit IS NULL THEN
+                outcome := 'ok';
+            ELSE
+                COMMIT;
+                IF (SELECT sum(sessions) FROM sessionserve_count) > p_limit THEN
+                    DELETE FROM sessionserve_sessions WHERE session_id = p_session_id;
+                    outcome := 'full';
+                ELSE
+                    outcome := 'ok';
+                END IF;
+            END IF;
+        END $$""",
+        """CREATE FUNCTION sessionserve_new_history() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE sessionserve_sessions SET history_id = md5(random()::text || clock_timestamp())
+            WHERE session_id IN (SELECT DISTINCT session_id FROM gone);
+            RETURN NULL;
+        END $$""",
+        "CREATE TRIGGER sessionserve_new_history AFTER DELETE ON sessionserve_messages"
+        " REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION sessionserve_new_history()",
     ),
 }
 

@@ -5,7 +5,8 @@ Key layout (all under a prefix, default `sessionserve:`, set with `?prefix=` on 
     {prefix}s:{id}          hash   the record: created_at, last_active_at, metadata (JSON), system_prompt and owner
                                    (absent = None), lease_holder and lease_until while a turn holds the lease,
                                    kv_tier, kv_tokens, kv_replica and kv_usage (JSON) once a KV report is stored
-                                   (absent = KVReport()), kv_policy unless pinned (absent = pinned)
+                                   (absent = KVReport()), kv_policy unless pinned (absent = pinned), history_id
+                                   (new at create and clear; absent in sessions stored before it: none)
     {prefix}m:{id}          list   the messages, oldest first, each a JSON array [role, content]
     {prefix}active          zset   every session id, scored by last_active_at (count, idle expiry)
     {prefix}owner:{owner}   zset   the owner's session ids, scored by last_active_at (list); owner-none for no owner
@@ -36,8 +37,19 @@ from sessions.errors import InvalidRequest, StoreUnavailable
 from sessions.messages import Message
 from sessions.store import base, loop_io
 from sessions.store import redis_scripts as lua
-from sessions.store.base import MAX_OFFSET, Lease, SessionRecord
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
+from sessions.store.base import MAX_OFFSET, HistoryPrefix, Lease, SessionRecord
+from sessions.store.values import (
+    UNCHANGED,
+    Holder,
+    KVReport,
+    KVUpdate,
+    Metadata,
+    Owner,
+    Prompt,
+    TokenUsage,
+    Unchanged,
+    new_history_id,
+)
 
 DEFAULT_PREFIX = "sessionserve:"
 _CLOCK_SKEW_S = 5.0  # how far the hosts' clocks may disagree when deciding which index entries might have expired
@@ -61,6 +73,7 @@ def _record(session_id: str, fields: dict[str, str]) -> SessionRecord:
         fields.get("owner"),
         _kv_report(fields),
         fields.get("kv_policy", "pinned"),
+        fields.get("history_id", ""),
     )
 
 
@@ -191,6 +204,7 @@ class RedisStore:
             fields += ["kv_usage", kv.usage.to_json()]
         if record.kv_policy != "pinned":
             fields += ["kv_policy", record.kv_policy]
+        fields += ["history_id", record.history_id]
         owner = ("1", record.owner) if record.owner is not None else ("0", "")
         outcome = self._run(
             "CREATE",
@@ -308,16 +322,24 @@ class RedisStore:
             self._refused(session_id, outcome)
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: Owner = None, lease: Lease | None = None
+        self,
+        session_id: str,
+        window: int | None = None,
+        *,
+        owner: Owner = None,
+        lease: Lease | None = None,
+        after: HistoryPrefix | None = None,
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         """One round trip: both reads in one MULTI/EXEC; with `lease`, one script (LEASED_LOAD)."""
         base.check_window(window)
+        base.check_after(after, window, lease)
         if lease is not None:
             base.check_lease(*lease)
             now = self._clock()
+            held = ("", 0) if after is None else after
             outcome = self._run(
                 "LEASED_LOAD", session_id, lease.holder, now, self._ttl_ms, repr(now + lease.ttl_s), *_only(owner),
-                _first(window),
+                _first(window), *held,
             )  # fmt: skip
             if isinstance(outcome, str):
                 self._refused(session_id, outcome)
@@ -342,7 +364,9 @@ class RedisStore:
         return _decode(rows)
 
     def clear(self, session_id: str, now: float, *, holder: Holder = None, owner: Owner = None) -> KVReport:
-        outcome = self._run("CLEAR", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *_only(owner))
+        outcome = self._run(
+            "CLEAR", session_id, holder or "", self._clock(), self._ttl_ms, repr(now), *_only(owner), new_history_id()
+        )
         if isinstance(outcome, str):
             self._refused(session_id, outcome)
         return _kv_report(_pairs(outcome))

@@ -145,13 +145,14 @@ return 'ok'
 """
 )
 
-# ARGV: ..., ttl_ms, last_active_at, owner_flag ('1' = only the next one's, '0' = any), owner. Answers the KV report
-# it reset (kv_fields).
+# ARGV: ..., ttl_ms, last_active_at, owner_flag ('1' = only the next one's, '0' = any), owner, the new history id.
+# Answers the KV report it reset (kv_fields).
 CLEAR = _edit(
     """
 local was = kv_fields(rec)
 redis.call('DEL', msg_key(id))
 forget_kv(rec)
+redis.call('HSET', rec, 'history_id', ARGV[9])
 set_active(id, ARGV[6])
 """,
     owner_at=7,
@@ -193,14 +194,18 @@ ACQUIRE = _edit("""
 redis.call('HSET', rec, 'lease_holder', holder, 'lease_until', ARGV[6])
 """)
 
-# ARGV: ..., until (the lease's end), owner_flag, owner, start (0 or -window). ACQUIRE for the caller's session, then
-# its record's fields (as HGETALL) and its messages from start, in one script: no edit lands between them.
+# ARGV: ..., until (the lease's end), owner_flag, owner, start (0 or -window), held history id ('' none), held length.
+# ACQUIRE for the caller's session, then its record's fields (as HGETALL) and its messages from start, or past the
+# held prefix if the history is still the held one (list positions restart at 0 with the history), in one script: no
+# edit lands between them.
 LEASED_LOAD = _edit(
     """
 redis.call('HSET', rec, 'lease_holder', holder, 'lease_until', ARGV[6])
+local start = tonumber(ARGV[9])
+if ARGV[10] ~= '' and redis.call('HGET', rec, 'history_id') == ARGV[10] then start = tonumber(ARGV[11]) end
 """,
     owner_at=7,
-    answer="{redis.call('HGETALL', rec), redis.call('LRANGE', msg_key(id), tonumber(ARGV[9]), -1)}",
+    answer="{redis.call('HGETALL', rec), redis.call('LRANGE', msg_key(id), start, -1)}",
 )
 
 # ARGV: prefix, id, holder, now, ttl_ms

@@ -23,9 +23,20 @@ from sessions.messages import Message
 from sessions.store import base
 from sessions.store.base import MAX_OFFSET, Lease, SessionRecord
 from sessions.store.group_commit import GroupCommit
-from sessions.store.values import UNCHANGED, Holder, KVReport, KVUpdate, Metadata, Owner, Prompt, TokenUsage, Unchanged
+from sessions.store.values import (
+    UNCHANGED,
+    HistoryPrefix,
+    Holder,
+    KVReport,
+    KVUpdate,
+    Metadata,
+    Owner,
+    Prompt,
+    TokenUsage,
+    Unchanged,
+)
 
-_SCHEMA_VERSION = 4
+_SCHEMA_VERSION = 5
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sessions (
         session_id     TEXT PRIMARY KEY,
@@ -43,10 +54,14 @@ _SCHEMA = (
         content    TEXT NOT NULL,
         PRIMARY KEY (session_id, seq)
     ) WITHOUT ROWID""",
+    # Deleting a history's first message (a clear, by whichever version of sessionserve shares the file) gives the
+    # session a new history id, so a turn holding a prefix of the old history reads the new one whole.
+    """CREATE TRIGGER IF NOT EXISTS messages_new_history AFTER DELETE ON messages WHEN OLD.seq = 0
+    BEGIN UPDATE sessions SET history_id = lower(hex(randomblob(16))) WHERE session_id = OLD.session_id; END""",
 )
 # Columns added to `sessions` after version 1, by ALTER TABLE at open when a file lacks them. 1 -> 2: the turn lease
 # (holder, expiry as caller wall time); 2 -> 3: the KV report of the last turn committed with one; 3 -> 4: the KV
-# report's token usage (JSON) and the session's KV policy.
+# report's token usage (JSON) and the session's KV policy; 4 -> 5: the history id ('' in rows from before it).
 _ADDED_COLUMNS = {
     "lease_holder": "TEXT",
     "lease_until": "REAL",
@@ -55,21 +70,24 @@ _ADDED_COLUMNS = {
     "kv_replica": "TEXT NOT NULL DEFAULT ''",
     "kv_usage": "TEXT NOT NULL DEFAULT '{}'",
     "kv_policy": "TEXT NOT NULL DEFAULT 'pinned'",
+    "history_id": "TEXT NOT NULL DEFAULT ''",
 }
 _OWNER_INDEX = "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, last_active_at, session_id)"  # v2
 _IDS_PER_QUERY = 500  # bound parameters per IN (...) query, far below SQLite's limit
 _RECORD_COLUMNS = (
     "session_id, system_prompt, metadata, created_at, last_active_at, owner, kv_tier, kv_tokens, kv_replica,"
-    " kv_usage, kv_policy"
+    " kv_usage, kv_policy, history_id"
 )
 _NO_KV = "kv_tier = 'none', kv_tokens = 0, kv_replica = '', kv_usage = '{}'"  # SET clause: KVReport()
 _Row = tuple[Any, ...]
 
 
 def _record(row: _Row) -> SessionRecord:
-    session_id, system_prompt, metadata, created_at, last_active_at, owner, tier, tokens, replica, usage, policy = row
+    session_id, prompt, metadata, created_at, last_active_at, owner, tier, tokens, replica, usage, policy, history = row
     kv = KVReport(tier, tokens, replica, TokenUsage.from_json(usage))
-    return SessionRecord(session_id, system_prompt, json.loads(metadata), created_at, last_active_at, owner, kv, policy)
+    return SessionRecord(
+        session_id, prompt, json.loads(metadata), created_at, last_active_at, owner, kv, policy, history
+    )
 
 
 class SQLiteStore:
@@ -251,9 +269,16 @@ class SQLiteStore:
                 self._release(conn, session_id, holder)
 
     def load(
-        self, session_id: str, window: int | None = None, *, owner: Owner = None, lease: Lease | None = None
+        self,
+        session_id: str,
+        window: int | None = None,
+        *,
+        owner: Owner = None,
+        lease: Lease | None = None,
+        after: HistoryPrefix | None = None,
     ) -> tuple[SessionRecord, builtins.list[Message]]:
         base.check_window(window)
+        base.check_after(after, window, lease)
         if lease is None:
             record = base.visible(self.get(session_id), session_id, owner)
             return record, self.messages(session_id, window)
@@ -261,7 +286,7 @@ class SQLiteStore:
         with self._write(durable=False) as conn:  # the lease, as acquire_lease writes it, and the read after it
             record = self._writable_record(conn, session_id, lease.holder, owner)
             self._take(conn, session_id, lease)
-            return record, self._last(conn, session_id, window)
+            return record, self._last(conn, session_id, window, base.start_after(record.history_id, after))
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:
         base.check_window(window)
@@ -270,11 +295,12 @@ class SQLiteStore:
             return self._last(conn, session_id, window)
 
     @staticmethod
-    def _last(conn: sqlite3.Connection, session_id: str, window: int | None) -> builtins.list[Message]:
+    def _last(conn: sqlite3.Connection, session_id: str, window: int | None, start: int = 0) -> builtins.list[Message]:
+        """The last `window` messages (all if None) from position `start` (seq is the position: see _SCHEMA)."""
         rows = conn.execute(
-            "SELECT role, content FROM (SELECT seq, role, content FROM messages WHERE session_id = ?"
+            "SELECT role, content FROM (SELECT seq, role, content FROM messages WHERE session_id = ? AND seq >= ?"
             " ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-            (session_id, -1 if window is None else min(window, 2**63 - 1)),
+            (session_id, start, -1 if window is None else min(window, 2**63 - 1)),
         ).fetchall()
         return [Message(role, content) for role, content in rows]
 

@@ -1,10 +1,11 @@
-"""The small value types of the store protocol: the KV report a turn stores, UNCHANGED, and the parameter types
-every backend repeats in its signatures."""
+"""The small value types of the store protocol: the KV report a turn stores, UNCHANGED, a lease, a held history
+prefix, and the parameter types every backend repeats in its signatures."""
 
 from __future__ import annotations
 
 import enum
 import json
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -30,6 +31,19 @@ class Lease(NamedTuple):
 
     holder: str
     ttl_s: float
+
+
+class HistoryPrefix(NamedTuple):
+    """The first `length` messages of the history named `history_id` (SessionRecord.history_id), which a caller
+    already holds: a turn's load then reads only the messages after them."""
+
+    history_id: str
+    length: int
+
+
+def new_history_id() -> str:
+    """A fresh name for a session's history: stores give one at create and at every clear."""
+    return uuid.uuid4().hex
 
 
 KV_POLICIES = ("pinned", "evictable", "none")  # what a session's KV is worth keeping (see SessionRecord.kv_policy)

@@ -58,16 +58,12 @@ def store_loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def reset_postgres(url: str) -> None:
-    """A fresh database for the next test: drop our tables (the store recreates them at start-up)."""
+    """A fresh database for the next test: drop everything of ours (the store recreates it at start-up)."""
     import psycopg
 
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "DROP TABLE IF EXISTS sessionserve_messages, sessionserve_sessions, sessionserve_schema, sessionserve_count"
-            " CASCADE"
-        )
-        conn.execute("DROP FUNCTION IF EXISTS sessionserve_count_sessions, sessionserve_count_reset")
-        conn.execute("DROP PROCEDURE IF EXISTS sessionserve_create")
+    with psycopg.connect(url, autocommit=True) as conn:  # tables, functions, procedures (every overload)
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
 
 
 @pytest.fixture(params=BACKENDS)

@@ -462,10 +462,11 @@ async def test_commit_turn_with_the_yielded_holder(manager, other_replica):
 
 
 class CallCounting:
-    """The store, with the name of each method called on it recorded (and the lease-related arguments)."""
+    """The store, with the name of each method called on it recorded (and the lease-related arguments), and the
+    messages each load answered."""
 
     def __init__(self, store) -> None:
-        self.store, self.calls = store, []
+        self.store, self.calls, self.loaded = store, [], []
 
     def __getattr__(self, name):
         attribute = getattr(self.store, name)
@@ -474,7 +475,10 @@ class CallCounting:
 
         def call(*args, **kwargs):
             self.calls.append((name, kwargs.get("lease") is not None or kwargs.get("release", False)))
-            return attribute(*args, **kwargs)
+            answer = attribute(*args, **kwargs)
+            if name == "load":
+                self.loaded.append(answer[1])
+            return answer
 
         return call
 
@@ -495,6 +499,34 @@ async def test_a_committed_turn_is_two_store_calls_and_gives_its_lease_back_with
     assert store.messages("s1") == [U1, A1, U2, A2]
     with pytest.raises(SessionBusy):  # exit did not release the lease the other replica now holds
         store.append("s1", [U1], 0.0)
+
+
+async def test_a_turn_reads_only_what_was_appended_since_the_last_turn_here_until_the_history_is_new(
+    open_backend, clock
+):
+    """The manager holds the history its turns read; the next turn's load asks for the messages after it, and gets
+    them all again when the session was cleared, or deleted and created again, elsewhere."""
+    store = open_backend()
+    counting = CallCounting(store)
+    manager, elsewhere = SessionManager(counting, None, clock=clock), SessionManager(store, None, clock=clock)
+    manager.create("s1", messages=[U1, A1])
+    async with manager.turn("s1") as turn:
+        assert turn.history == [U1, A1]
+        await manager.commit(turn, [U2], A2)
+    elsewhere.append("s1", [U1])  # another route, or another replica
+    async with manager.turn("s1") as turn:
+        assert turn.history == [U1, A1, U2, A2, U1] == store.messages("s1")
+        await manager.commit(turn, [U2], A2)
+    assert counting.loaded == [[U1, A1], [U2, A2, U1]]
+    assert counting.calls == [("create", False), ("append", False), *[("load", True), ("append", True)] * 2]
+    elsewhere.clear("s1")
+    elsewhere.append("s1", [A1])
+    async with manager.turn("s1") as turn:
+        assert turn.history == [A1] == counting.loaded[-1]  # a new history: all of it, none of the held one
+    elsewhere.destroy("s1")
+    elsewhere.create("s1", messages=[U2])
+    async with manager.turn("s1") as turn:
+        assert turn.history == [U2] == counting.loaded[-1]
 
 
 async def test_an_uncommitted_turn_gives_its_lease_back_at_exit(open_backend, clock):

@@ -21,6 +21,7 @@ U1, A1, U2, A2 = Message("user", "u1"), Message("assistant", "a1"), Message("use
 
 def record(session_id: str = "s1", now: float = 100.0, **fields) -> SessionRecord:
     values = {"system_prompt": "Be terse.", "metadata": {"k": [1, 2]}, "owner": "alice", "last_active_at": now}
+    values["history_id"] = f"history-of-{session_id}"  # fixed, so records built twice compare equal
     return SessionRecord(session_id=session_id, created_at=now, **(values | fields))
 
 
@@ -233,20 +234,22 @@ def test_sqlite_upgrades_the_file_of_an_earlier_version(tmp_path, version):
         old.execute(f"PRAGMA user_version = {version}")
         old.commit()
     store = SQLiteStore(path)
-    assert store.get("s1") == record()  # kv: nothing reported
+    assert store.get("s1") == record(history_id="")  # kv: nothing reported; no history id (a turn reads it all)
     assert store.messages("s1") == [U1]
     store.acquire_lease("s1", "turn-a", ttl_s=60)
     store.append("s1", [A1], now=150.0, holder="turn-a", kv=KVReport("device", 7, "r1"))
-    assert store.list("alice") == [record(last_active_at=150.0, kv=KVReport("device", 7, "r1"))]
+    assert store.list("alice") == [record(last_active_at=150.0, kv=KVReport("device", 7, "r1"), history_id="")]
     store.release_lease("s1", "turn-a")
     store.close()
     with closing(sqlite3.connect(path)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone() == (4,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (5,)
         raw.execute(OLD_INSERT, ("s2",))  # a process still running the old version shares the file
+        raw.execute("DELETE FROM messages WHERE session_id = 's1'")  # and clears a session as it did
         raw.commit()
     reopened = SQLiteStore(path)  # opening an upgraded file again changes nothing
     assert reopened.get("s1").kv == KVReport("device", 7, "r1")
-    assert reopened.get("s2") == record("s2")
+    assert len(reopened.get("s1").history_id) == 32  # that clear started a new history all the same
+    assert reopened.get("s2") == record("s2", history_id="")
     assert reopened.clear("s1", 200.0) == KVReport("device", 7, "r1")
     assert reopened.get("s1").kv == KVReport()
     reopened.close()

@@ -12,16 +12,18 @@ import pytest
 from sessions.errors import InvalidRequest, SessionBusy, SessionExists, SessionNotFound, TooManySessions
 from sessions.messages import Message
 from sessions.store import UNCHANGED, KVReport
-from sessions.store.base import Lease, SessionRecord, TokenUsage
+from sessions.store.base import HistoryPrefix, Lease, SessionRecord, TokenUsage
 from tests.sessions.conftest import FakeClock
 
 U1, A1 = Message("user", "u1"), Message("assistant", "a1")
+U2, A2 = Message("user", "u2"), Message("assistant", "a2")
 ON_DEVICE = KVReport("device", 1234, "replica-7")
 ON_HOST = KVReport("host", 2048, "replica-2")
 
 
 def record(session_id: str = "s1", now: float = 100.0, owner: str | None = "alice", **fields) -> SessionRecord:
     values = {"system_prompt": "Be terse.", "metadata": {"k": [1, 2]}, "last_active_at": now}
+    values["history_id"] = f"history-of-{session_id}"  # fixed, so records built twice compare equal
     return SessionRecord(session_id=session_id, created_at=now, owner=owner, **(values | fields))
 
 
@@ -61,11 +63,13 @@ def test_the_holder_mutates_and_renews(store):
     assert store.update("s1", 150.0, system_prompt=None, holder="turn-a")[0].system_prompt is None
     store.clear("s1", 150.0, holder="turn-a")
     assert store.messages("s1") == []
+    history = store.get("s1").history_id  # a clear starts a new history
     store.release_lease("s1", "turn-a")
     store.acquire_lease("s1", "turn-b", ttl_s=60)  # free again
     store.release_lease("s1", "turn-b")
     store.append("s1", [U1], now=160.0)
-    assert store.delete("s1") == record(system_prompt=None, last_active_at=160.0)  # the record as it was
+    was = record(system_prompt=None, last_active_at=160.0, history_id=history)
+    assert store.delete("s1") == was  # the record as it was
 
 
 def test_lease_of_a_missing_session(store):
@@ -169,6 +173,62 @@ def test_lease_arguments_of_a_load_are_checked(store, holder, ttl_s):
     with pytest.raises(InvalidRequest):
         store.load("s1", lease=Lease(holder, ttl_s))
     store.append("s1", [U1], now=150.0, holder="someone")
+
+
+def test_a_turns_load_after_a_held_prefix_reads_only_what_came_after_it(store):
+    store.create(record())
+    store.append("s1", [U1, A1], now=150.0)
+    first, held = store.load("s1", lease=Lease("turn-a", 60))
+    store.append("s1", [U2, A2], now=160.0, holder="turn-a", release=True)  # the turn's commit
+    store.append("s1", [U1], now=170.0)  # and a message appended by another route
+    prefix = HistoryPrefix(first.history_id, len(held))
+    loaded = store.load("s1", lease=Lease("turn-b", 60), after=prefix)
+    assert loaded == (record(last_active_at=170.0), [U2, A2, U1])  # the same history: only what follows the prefix
+    assert store.load("s1", lease=Lease("turn-b", 60), after=prefix._replace(length=5))[1] == []
+    assert store.load("s1", lease=Lease("turn-b", 60), after=prefix._replace(length=0))[1] == [U1, A1, U2, A2, U1]
+    with pytest.raises(SessionBusy):  # the lease was taken as by any leased load
+        store.append("s1", [U1], now=180.0)
+
+
+def test_a_turns_load_after_a_prefix_of_another_history_reads_the_whole_one(store):
+    """A clear starts a new history (a new id), and so does deleting and creating the session again: a held
+    prefix of the old one is not a prefix of the new, whatever its length."""
+    store.create(record())
+    store.append("s1", [U1, A1, U2], now=150.0)
+    old = HistoryPrefix(store.get("s1").history_id, 2)
+    store.clear("s1", 155.0)
+    store.append("s1", [A2, U1, A1], now=160.0)
+    cleared, messages = store.load("s1", lease=Lease("turn-a", 60), after=old)
+    assert messages == [A2, U1, A1] and cleared.history_id not in ("", old.history_id)
+    store.release_lease("s1", "turn-a")
+    store.delete("s1")
+    store.create(record(history_id="created-again"))
+    store.append("s1", [U2, A2, U1], now=170.0)
+    for prefix in (old, HistoryPrefix(cleared.history_id, 3)):
+        assert store.load("s1", lease=Lease("turn-a", 60), after=prefix)[1] == [U2, A2, U1]
+
+
+def test_a_session_stored_without_a_history_id_is_always_read_whole(store):
+    store.create(record(history_id=""))  # as the stores read sessions written before the id existed
+    store.append("s1", [U1, A1, U2], now=150.0)
+    assert store.load("s1", lease=Lease("turn-a", 60), after=HistoryPrefix("", 2))[1] == [U1, A1, U2]
+
+
+@pytest.mark.parametrize(
+    ("window", "lease", "after"),
+    [
+        (None, None, HistoryPrefix("h", 1)),
+        (2, Lease("t", 60), HistoryPrefix("h", 1)),
+        (None, Lease("t", 60), ("h", -1)),
+    ],
+)
+def test_a_load_after_a_prefix_is_a_turns_read(store, window, lease, after):
+    """`after` goes with a lease and no window; its length is a count of messages."""
+    store.create(record())
+    store.append("s1", [U1], now=150.0)
+    with pytest.raises(InvalidRequest):
+        store.load("s1", window, lease=lease, after=HistoryPrefix(*after))
+    store.append("s1", [A1], now=160.0, holder="someone")  # no lease was left behind by the refusal
 
 
 def test_append_with_release_gives_the_lease_back_in_the_same_write(store):
@@ -444,13 +504,16 @@ def test_clear_resets_the_kv_report_and_answers_what_it_reset(store):
     store.create(record())
     store.append("s1", [U1, A1], now=150.0, kv=ON_DEVICE)
     assert store.clear("s1", 155.0) == ON_DEVICE
-    assert store.get("s1") == record(last_active_at=155.0)
+    cleared = store.get("s1")
+    assert cleared == record(last_active_at=155.0, history_id=cleared.history_id)
     assert store.clear("s1", 156.0) == KVReport()  # nothing reported: nothing to free
     store.append("s1", [U1], now=160.0, kv=ON_HOST)
     store.acquire_lease("s1", "turn-a", ttl_s=60)
+    history = store.get("s1").history_id
     with pytest.raises(SessionBusy):
         store.clear("s1", 170.0)
-    assert store.get("s1") == record(last_active_at=160.0, kv=ON_HOST)  # a refused clear changes nothing
+    refused = record(last_active_at=160.0, kv=ON_HOST, history_id=history)
+    assert store.get("s1") == refused  # a refused clear changes nothing
     assert store.messages("s1") == [U1]
     assert store.clear("s1", 170.0, holder="turn-a") == ON_HOST
     assert store.get("s1").kv == KVReport() and store.messages("s1") == []

@@ -17,7 +17,7 @@ import redis
 from sessions.errors import InvalidRequest, SessionBusy, StoreUnavailable
 from sessions.messages import Message
 from sessions.store import KVReport, open_store, postgresql_schema
-from sessions.store.base import Lease
+from sessions.store.base import HistoryPrefix, Lease
 from sessions.store.postgresql import PostgreSQLStore
 from sessions.store.postgresql_schema import SCHEMA_VERSION
 from sessions.store.redis import RedisStore
@@ -161,21 +161,32 @@ def test_postgresql_migrates_a_v1_database_to_the_current_version(postgres_url, 
         )
         conn.execute(v1_insert, ("s1", 1))
         conn.execute("INSERT INTO sessionserve_messages VALUES ('s1', 0, 'user', 'u1')")
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
     store = PostgreSQLStore(postgres_url)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(4,)]
-        assert {"kv_tier", "kv_tokens", "kv_replica", "kv_usage", "kv_policy"} <= _columns(conn)
-        conn.execute(v1_insert, ("s2", 0))  # a v1 replica still running keeps working on the v4 schema
-    assert store.get("s1") == record() and store.get("s2") == record("s2")  # nothing reported yet
-    assert store.count() == 2  # v4's count: the session there before (backfilled) and the one written since
+        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(5,)]
+        assert {"kv_tier", "kv_tokens", "kv_replica", "kv_usage", "kv_policy", "history_id"} <= _columns(conn)
+        conn.execute(v1_insert, ("s2", 0))  # a v1 replica still running keeps working on the v5 schema
+        conn.execute(  # so does a v4 replica's create (its procedure, without the history id)
+            "CALL sessionserve_create('s3'::text, NULL::text, '{}'::jsonb, 1.0::float8, 1.0::float8, 'bob'::text,"
+            " 'none'::text, 0::int8, ''::text, '{}'::text, 'pinned'::text, NULL::int8, NULL)"
+        )
+    s2_history = store.get("s2").history_id
+    assert len(s2_history) == 32 and len(store.get("s3").history_id) == 32  # the column's default: one each
+    assert store.get("s1") == record(history_id="")  # from before the id: none (a turn reads all of it)
+    assert store.get("s2") == record("s2", history_id=s2_history)  # nothing reported yet
+    assert store.count() == 3  # v4's count: the session there before (backfilled) and those written since
     store.append("s1", [A1], now=150.0, kv=KVReport("device", 5, "r1"))
     assert store.messages("s1") == [U1, A1]
-    assert store.list("alice") == [record(last_active_at=150.0, kv=KVReport("device", 5, "r1")), record("s2")]
+    s1 = record(last_active_at=150.0, kv=KVReport("device", 5, "r1"), history_id="")
+    assert store.list("alice") == [s1, record("s2", history_id=s2_history)]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:  # an older replica's clear deletes the messages
+        conn.execute("DELETE FROM sessionserve_messages WHERE session_id = 's1'")
+    assert store.get("s1").history_id not in ("", s2_history)  # and the session's history gets a new id all the same
     store.close()
-    PostgreSQLStore(postgres_url).close()  # already at v4: opening again migrates nothing
+    PostgreSQLStore(postgres_url).close()  # already at v5: opening again migrates nothing
     with psycopg.connect(postgres_url) as conn:
-        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(4,)]
+        assert conn.execute("SELECT version FROM sessionserve_schema").fetchall() == [(5,)]
 
 
 def test_postgresql_counts_sessions_through_an_operators_truncate(postgres_url):
@@ -233,16 +244,18 @@ def test_postgresql_clear_also_clears_an_append_that_committed_while_it_waited(p
     assert store.get("s1").kv == KVReport() and store.get("s1").last_active_at == 170.0
 
 
-def test_postgresql_a_load_with_a_lease_sees_an_append_that_committed_while_it_waited(postgres_url):
+@pytest.mark.parametrize("held", [None, 1])
+def test_postgresql_a_load_with_a_lease_sees_an_append_that_committed_while_it_waited(postgres_url, held):
     """The leased load's statement reads the messages of its snapshot. An append committed after that snapshot,
     while the load waited for the row lock, changed the row version, so the load takes the lease and then reads
-    again: the turn's history has that append, and the lease is held."""
+    again: the turn's history has that append (past the prefix it holds, if it holds one), and the lease is held."""
     reset_postgres(postgres_url)
     store = PostgreSQLStore(postgres_url)
     store.create(record())
     store.append("s1", [U1], now=150.0)
-    loaded = _behind_an_uncommitted_append(postgres_url, lambda: store.load("s1", lease=LEASE_A))
-    assert loaded["answer"] == (record(last_active_at=160.0, kv=KVReport(tokens=2)), [U1, A1])
+    after = None if held is None else HistoryPrefix(record().history_id, held)
+    loaded = _behind_an_uncommitted_append(postgres_url, lambda: store.load("s1", lease=LEASE_A, after=after))
+    assert loaded["answer"] == (record(last_active_at=160.0, kv=KVReport(tokens=2)), [U1, A1][held or 0 :])
     with pytest.raises(SessionBusy):
         store.append("s1", [U1], now=170.0, holder="turn-b")
     store.close()

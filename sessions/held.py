@@ -2,27 +2,35 @@
 what was appended since (HistoryStore.load's `after`), not the whole conversation again.
 
 A held history is exactly a prefix of the stored one as long as the record's history_id is unchanged: between a
-create or clear (each gives a new id) a session's messages are only appended to. So nothing here needs invalidating
-for correctness; the store answers the whole history whenever the id moved on, and that answer replaces the entry.
+create or clear (each gives a new id) a session's messages are only ever appended to. So nothing here needs
+invalidating for correctness; the store answers the whole history whenever the id moved on, and that answer replaces
+the entry.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from sessions.messages import Message
 from sessions.store import base
 from sessions.store.base import HistoryPrefix, SessionRecord
 
-# Sessions whose history is kept (least recently used first out): the text of a few thousand conversations is small
-# beside the KV this process keeps for far fewer of them, and a session pushed out just reads its whole history once.
-MAX_HELD_SESSIONS = 4096
+# What the held histories may take (least recently read out first), as estimated by _size: beside the KV this
+# process keeps, the text of its conversations is small, and a session pushed out just reads its history once whole.
+MAX_HELD_BYTES = 64 * 2**20
+_MESSAGE_OVERHEAD = 120  # bytes a Message costs beyond its text (its object and its two strings' headers, roughly)
+
+
+def _size(messages: Iterable[Message]) -> int:
+    return sum(len(m.content) + _MESSAGE_OVERHEAD for m in messages)
 
 
 class HeldHistory(NamedTuple):
     history_id: str
     messages: tuple[Message, ...]
+    size: int  # _size(messages)
 
     @property
     def prefix(self) -> HistoryPrefix:
@@ -30,12 +38,13 @@ class HeldHistory(NamedTuple):
 
 
 class HeldHistories:
-    """session id -> its history as the last turn here read it (LRU, at most `max_sessions`)."""
+    """session id -> its history as the last turn here read it (LRU, at most `max_bytes` by _size's estimate)."""
 
-    def __init__(self, max_sessions: int = MAX_HELD_SESSIONS) -> None:
-        if max_sessions < 0:
-            raise ValueError(f"max_sessions must be >= 0, got {max_sessions}")
-        self.max_sessions = max_sessions
+    def __init__(self, max_bytes: int = MAX_HELD_BYTES) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.size = 0
         self._held: OrderedDict[str, HeldHistory] = OrderedDict()
 
     def get(self, session_id: str) -> HeldHistory | None:
@@ -47,18 +56,21 @@ class HeldHistories:
         self, session_id: str, held: HeldHistory | None, record: SessionRecord, messages: list[Message]
     ) -> list[Message]:
         """The whole history, from what a load with `after=held.prefix` (or none) answered; kept for the next turn."""
-        history = tuple(messages)
+        history, size = tuple(messages), _size(messages)
         if held is not None and base.resumes(record.history_id, held.prefix):
-            history = (*held.messages, *history)
-        self._held.pop(session_id, None)
-        if record.history_id and self.max_sessions:  # "" names no history: nothing to resume from
-            self._held[session_id] = HeldHistory(record.history_id, history)
-            while len(self._held) > self.max_sessions:
-                self._held.popitem(last=False)
+            history, size = (*held.messages, *history), held.size + size
+        self.forget(session_id)
+        if record.history_id and size <= self.max_bytes:  # "" names no history: nothing to resume from
+            self._held[session_id] = HeldHistory(record.history_id, history, size)
+            self.size += size
+            while self.size > self.max_bytes:
+                self.size -= self._held.popitem(last=False)[1].size
         return list(history)
 
     def forget(self, session_id: str) -> None:
-        self._held.pop(session_id, None)
+        gone = self._held.pop(session_id, None)
+        if gone is not None:
+            self.size -= gone.size
 
     def __len__(self) -> int:
         return len(self._held)

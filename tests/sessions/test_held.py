@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sessions.held import HeldHistories
+from sessions.held import HeldHistories, _size
 from sessions.messages import Message
 from sessions.store.base import HistoryPrefix, SessionRecord
 
@@ -25,17 +25,18 @@ def test_a_load_past_the_held_prefix_is_merged_and_a_whole_one_replaces_it():
 
 
 def test_the_least_recently_read_sessions_go_first_and_unnamed_histories_are_not_kept():
-    held = HeldHistories(max_sessions=2)
+    one = _size([U1])
+    held = HeldHistories(max_bytes=2 * one + one // 2)  # room for two one-message histories
     for session_id in ("a", "b"):
         held.loaded(session_id, None, record(session_id, "h"), [U1])
     taken = held.get("a")  # what a turn of "a" reads on from, taken before its load
     held.loaded("c", None, record("c", "h"), [U1])  # "a" is the least recently read: it goes
-    assert (held.get("a"), len(held)) == (None, 2)
-    assert held.loaded("a", taken, record("a", "h"), [A1]) == [U1, A1]  # the turn's own copy still merges
-    assert held.get("b") is None  # and "a" read last, "b" went
+    assert (held.get("a"), len(held), held.size) == (None, 2, 2 * one)
+    assert held.loaded("a", taken, record("a", "h"), [U1]) == [U1, U1]  # the turn's own copy still merges
+    assert (held.get("b"), held.get("c"), len(held), held.size) == (None, None, 1, 2 * one)  # both read before "a"
     held.loaded("d", None, record("d", ""), [U1])  # stored before history ids: nothing to resume from
     assert held.get("d") is None
     held.forget("a")
-    assert held.get("a") is None and len(held) == 1
-    nothing = HeldHistories(max_sessions=0)
-    assert nothing.loaded("a", None, record("a", "h"), [U1]) == [U1] and len(nothing) == 0
+    assert (len(held), held.size) == (0, 0)
+    assert held.loaded("e", None, record("e", "h"), [U1] * 3) == [U1] * 3  # larger than the budget: not kept
+    assert held.get("e") is None and held.size == 0

@@ -126,8 +126,11 @@ _FROM_START = (
 # whole history.
 _RECORD_ROW = "SELECT -1::bigint, {}, NULL::text, NULL::text"
 _NULLS = ", ".join("NULL" for _ in _COLUMNS.split(","))
-_MESSAGE_ROWS = f" UNION ALL SELECT seq, {_NULLS}, role, content FROM {_LAST_OF.format(since=_FROM_START)} ORDER BY 1"
-_LOAD = _RECORD_ROW.format(_COLUMNS) + " FROM sessionserve_sessions WHERE session_id = %(id)s" + _MESSAGE_ROWS
+_MESSAGE_ROWS = " UNION ALL SELECT seq, {nulls}, role, content FROM {last} ORDER BY 1"
+_RECORD_OF_ID = _RECORD_ROW.format(_COLUMNS) + " FROM sessionserve_sessions WHERE session_id = %(id)s"
+_LOAD = _RECORD_OF_ID + _MESSAGE_ROWS.format(nulls=_NULLS, last=_LAST_OF.format(since=""))
+_AFTER_ROWS = _MESSAGE_ROWS.format(nulls=_NULLS, last=_LAST_OF.format(since=_FROM_START))  # a turn's: see load()
+_LOAD_AFTER = _RECORD_OF_ID + _AFTER_ROWS
 # load(lease=...) in one statement: the lease taken only on the row version the statement's snapshot saw (the
 # xmin check, as in _CLEAR; PostgreSQL re-checks it on the newest version after waiting for a writer's lock), so the
 # messages read from that snapshot are all of them. No record row if missing (or another owner's); its columns NULL
@@ -139,7 +142,7 @@ _LEASED_LOAD = (
     f"  AND sessionserve_sessions.xmin = seen.version RETURNING {_COLUMNS}) "
     + _RECORD_ROW.format("leased.*")
     + " FROM seen LEFT JOIN leased ON true"
-    + _MESSAGE_ROWS
+    + _AFTER_ROWS
 )
 _SELECT_RECORD = f"SELECT {_COLUMNS} FROM sessionserve_sessions WHERE session_id = %s"
 _CREATE = (  # the record's columns in _COLUMNS' order, then the limit (NULL: none)
@@ -160,7 +163,7 @@ def _kv_report(columns: tuple[Any, ...]) -> KVReport:
 
 
 def _loaded(rows: builtins.list[tuple[Any, ...]], session_id: str) -> tuple[tuple[Any, ...], builtins.list[Message]]:
-    """_LOAD's or _LEASED_LOAD's rows as the record's columns and the messages; SessionNotFound without a record."""
+    """The rows of a load's statement as the record's columns and the messages; SessionNotFound without a record."""
     if not rows or rows[0][0] != -1:
         raise base.not_found(session_id)
     return rows[0][1:-2], [Message(row[-2], row[-1]) for row in rows[1:]]
@@ -532,7 +535,7 @@ class PostgreSQLStore:
             raise
 
     def _load(self, params: dict[str, Any], owner: Owner) -> tuple[SessionRecord, builtins.list[Message]]:
-        record, messages = _loaded(self._all(_LOAD, params), params["id"])
+        record, messages = _loaded(self._all(_LOAD_AFTER if params["history"] else _LOAD, params), params["id"])
         return base.visible(_record(record), params["id"], owner), messages
 
     def messages(self, session_id: str, window: int | None = None) -> builtins.list[Message]:

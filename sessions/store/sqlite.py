@@ -54,10 +54,6 @@ _SCHEMA = (
         content    TEXT NOT NULL,
         PRIMARY KEY (session_id, seq)
     ) WITHOUT ROWID""",
-    # Deleting a history's first message (a clear, by whichever version of sessionserve shares the file) gives the
-    # session a new history id, so a turn holding a prefix of the old history reads the new one whole.
-    """CREATE TRIGGER IF NOT EXISTS messages_new_history AFTER DELETE ON messages WHEN OLD.seq = 0
-    BEGIN UPDATE sessions SET history_id = lower(hex(randomblob(16))) WHERE session_id = OLD.session_id; END""",
 )
 # Columns added to `sessions` after version 1, by ALTER TABLE at open when a file lacks them. 1 -> 2: the turn lease
 # (holder, expiry as caller wall time); 2 -> 3: the KV report of the last turn committed with one; 3 -> 4: the KV
@@ -73,6 +69,12 @@ _ADDED_COLUMNS = {
     "history_id": "TEXT NOT NULL DEFAULT ''",
 }
 _OWNER_INDEX = "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions (owner, last_active_at, session_id)"  # v2
+# v5: deleting a history's first message (a clear, by whichever version of sessionserve shares the file) gives the
+# session a new history id, so a turn holding a prefix of the old history reads the new one whole.
+_NEW_HISTORY_TRIGGER = (
+    "CREATE TRIGGER IF NOT EXISTS messages_new_history AFTER DELETE ON messages WHEN OLD.seq = 0"
+    " BEGIN UPDATE sessions SET history_id = lower(hex(randomblob(16))) WHERE session_id = OLD.session_id; END"
+)
 _IDS_PER_QUERY = 500  # bound parameters per IN (...) query, far below SQLite's limit
 _RECORD_COLUMNS = (
     "session_id, system_prompt, metadata, created_at, last_active_at, owner, kv_tier, kv_tokens, kv_replica,"
@@ -129,6 +131,7 @@ class SQLiteStore:
                 if name not in columns:
                     conn.execute(f"ALTER TABLE sessions ADD COLUMN {name} {kind}")
             conn.execute(_OWNER_INDEX)
+            conn.execute(_NEW_HISTORY_TRIGGER)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @contextmanager

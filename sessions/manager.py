@@ -47,7 +47,8 @@ class EngineClient(Protocol):
 
 @dataclass(slots=True)
 class Turn:
-    """A running turn: its store lease and the session as read when the lease was taken (its whole history)."""
+    """A running turn: its store lease and the session as read when the lease was taken (its whole history: what this
+    process held of it, and the messages the load read after that)."""
 
     lease: TurnLease
     record: SessionRecord

@@ -9,6 +9,7 @@ the entry.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -38,7 +39,10 @@ class HeldHistory(NamedTuple):
 
 
 class HeldHistories:
-    """session id -> its history as the last turn here read it (LRU, at most `max_bytes` by _size's estimate)."""
+    """session id -> its history as the last turn here read it (LRU, at most `max_bytes` by _size's estimate).
+
+    Turns use it on the event loop, and the manager's edits (run in worker threads for stores without an asyncio
+    driver) forget entries: a lock keeps the size accounting exact."""
 
     def __init__(self, max_bytes: int = MAX_HELD_BYTES) -> None:
         if max_bytes < 0:
@@ -46,6 +50,7 @@ class HeldHistories:
         self.max_bytes = max_bytes
         self.size = 0
         self._held: OrderedDict[str, HeldHistory] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, session_id: str) -> HeldHistory | None:
         """What a turn's load reads on from (`held.prefix`); taken before the load, so an eviction while the load
@@ -59,15 +64,20 @@ class HeldHistories:
         history, size = tuple(messages), _size(messages)
         if held is not None and base.resumes(record.history_id, held.prefix):
             history, size = (*held.messages, *history), held.size + size
-        self.forget(session_id)
-        if record.history_id and size <= self.max_bytes:  # "" names no history: nothing to resume from
-            self._held[session_id] = HeldHistory(record.history_id, history, size)
-            self.size += size
-            while self.size > self.max_bytes:
-                self.size -= self._held.popitem(last=False)[1].size
+        with self._lock:
+            self._forget(session_id)
+            if record.history_id and size <= self.max_bytes:  # "" names no history: nothing to resume from
+                self._held[session_id] = HeldHistory(record.history_id, history, size)
+                self.size += size
+                while self.size > self.max_bytes:
+                    self.size -= self._held.popitem(last=False)[1].size
         return list(history)
 
     def forget(self, session_id: str) -> None:
+        with self._lock:
+            self._forget(session_id)
+
+    def _forget(self, session_id: str) -> None:
         gone = self._held.pop(session_id, None)
         if gone is not None:
             self.size -= gone.size

@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
+# Tests keep bytecode even where the environment says not to (PYTHONDONTWRITEBYTECODE=1): without it every pytest
+# worker rewrites each test module's asserts again (~4 s a process here) and every serve process, Ray worker and
+# subprocess of the suite compiles the project's modules again.
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(VENV)/bin/pytest
 
 .PHONY: install model serve test test-fast lint bench clean system-deps gpu-wheels gpu-site test-gpu bench-gpu bench-gpu-multiturn
 
@@ -38,11 +42,11 @@ system-deps:  # redis-server, PostgreSQL (store tests) and chromium (web page te
 # What needs neither the model nor Ray runs on two workers, as in test-fast; the rest serially, one Ray cluster for
 # all of it. Both parts always run; the target fails if either did.
 test: system-deps model lint
-	$(VENV)/bin/pytest -q -ra -n 2 --dist worksteal -m "not model and not ray"; fast=$$?; \
-	$(VENV)/bin/pytest -q -ra --durations=15 -m "model or ray" && exit $$fast
+	$(PYTEST) -q -ra -n 2 --dist worksteal -m "not model and not ray"; fast=$$?; \
+	$(PYTEST) -q -ra --durations=15 -m "model or ray" && exit $$fast
 
 test-fast: system-deps install  # two workers: each starts its own PostgreSQL and Redis (free ports, temp dirs)
-	$(VENV)/bin/pytest -q -ra -n 2 --dist worksteal -m "not model and not ray and not slow"
+	$(PYTEST) -q -ra -n 2 --dist worksteal -m "not model and not ray and not slow"
 
 bench: model
 	$(PY) -m benchmarks.multiturn --quick --out benchmarks/out/quick.json

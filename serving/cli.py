@@ -85,7 +85,7 @@ def serve(
     from ray import serve as ray_serve
 
     from serving.logs import configure_logging
-    from serving.models import SMOLLM2, prepare_smollm2
+    from serving.model_files import SMOLLM2, smollm2_prepared
     from serving.server import cluster
     from serving.server.builder import build_app
 
@@ -107,8 +107,10 @@ def serve(
         typer.echo(check.message, err=True)
         raise typer.Exit(code=2)
     watch = cluster.NodeWatch(store, warn=lambda message: typer.echo(f"warning: {message}", err=True)).start()
-    if settings.model.name == SMOLLM2:
-        prepare_smollm2()  # convert once here, not inside every replica
+    if settings.model.name == SMOLLM2 and not smollm2_prepared():
+        from serving.models import prepare_smollm2  # torch: only to convert, once per machine
+
+        prepare_smollm2()  # here, not inside every replica
     ray_serve.start(
         http_options=direct_ingress.http_options(
             http.ingress, http.host, http.port, request_timeout_s=http.request_timeout_s

@@ -1,7 +1,9 @@
 """Where a model's files are, and its tokenizer: builtin names, the conversion cache, the embedded GGUF.
 
 Nothing here converts or loads weights, so the ingress (which counts tokens but runs no model) can load a
-tokenizer without preparing a model; converting weights and loading models is `serving/models.py`.
+tokenizer without preparing a model; converting weights and loading models is `serving/models.py`. transformers
+is imported only to load a tokenizer: it imports torch (~300 MiB, seconds), which the `serve` driver, which only
+names the model, never needs.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
-from typing import Protocol
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Protocol
 
 from serving.config import cache_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY_RANDOM = "builtin:tiny-random-llama"  # SmolLM2's tokenizer on a 2-layer random Llama: for mechanics tests
@@ -46,6 +49,11 @@ def smollm2_folder() -> Path:
     return cache_dir() / "models" / "smollm2-135m-instruct"
 
 
+def smollm2_prepared() -> bool:
+    """Whether the embedded model has been converted to safetensors (`serving.models.prepare_smollm2`)."""
+    return (smollm2_folder() / "model.safetensors").exists() and (smollm2_folder() / "tokenizer.json").exists()
+
+
 def prepare_smollm2_tokenizer() -> Path:
     """SmolLM2's tokenizer alone (seconds, no weights): all the tiny random models need, e.g. in `make test-fast`."""
     if (smollm2_folder() / "tokenizer.json").exists():
@@ -53,6 +61,8 @@ def prepare_smollm2_tokenizer() -> Path:
     target = cache_dir() / "models" / "smollm2-135m-instruct-tokenizer"
     if (target / "tokenizer.json").exists():
         return target
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
     return save_once(target, tokenizer)
 
@@ -77,6 +87,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         raise ModelNotAvailable(f"unknown builtin model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
     else:
         source = name
+    from transformers import AutoTokenizer
+
     try:
         tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(source)
     except OSError as error:

@@ -33,6 +33,7 @@ from serving.model_files import (
     save_once,
     smollm2_folder,
     smollm2_gguf_dir,
+    smollm2_prepared,
 )
 
 __all__ = [
@@ -76,7 +77,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def prepare_smollm2(progress: bool = True) -> Path:
     """Dequantize the embedded GGUF once into a safetensors folder; returns that folder."""
     target = smollm2_folder()
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+    if smollm2_prepared():
         return target
     source = smollm2_gguf_dir()
     log.info("converting %s to %s (once, ~30 s)", SMOLLM2_GGUF, target)

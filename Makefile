@@ -1,6 +1,6 @@
 # make serve: set up .venv (torch first, then the project, then the embedded model) and serve on 127.0.0.1:8000.
 # make test:  the same set-up, then lint (ruff, mypy, import layers) and the whole test suite.
-# make test-fast: what needs neither the real model nor Ray, nor compiles kernels (the tokenizer alone), < 1 min.
+# make test-fast: what needs neither the real model nor Ray, nor compiles kernels (the tokenizer alone); aim: < 1 min.
 # make gpu-wheels, then on the GPU machine make test-gpu / make bench-gpu: README, "Running on a GPU".
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -2,8 +2,8 @@
 
 Nothing here converts or loads weights, so the ingress (which counts tokens but runs no model) can load a
 tokenizer without preparing a model; converting weights and loading models is `serving/models.py`. transformers
-is imported only to load a tokenizer: it imports torch (~300 MiB, seconds), which the `serve` driver, which only
-names the model, never needs.
+is imported only where a tokenizer is loaded: it imports torch (~300 MiB, seconds), and the `serve` driver, which
+imports this module, only names the model.
 """
 
 from __future__ import annotations

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -12,6 +15,22 @@ import httpx
 from serving.config import Config, load_config
 
 APP_NAME = "sessionserve-test"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def imported_with(modules: Iterable[str], packages: Iterable[str]) -> list[str]:
+    """The modules of `packages` that importing `modules` brings in, in a fresh interpreter (this process has
+    imported everything already)."""
+    script = (
+        "import importlib, json, sys\n"
+        f"for name in {list(modules)!r}: importlib.import_module(name)\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {list(packages)!r})))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    found: list[str] = json.loads(result.stdout)
+    return found
 
 
 def smollm2_config(store: str, **engine: object) -> Config:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
+from tests.support import REPO, imported_with
 
-REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("torch", "ray", "fastapi", "transformers", "pydantic", "serving")
 
 
@@ -17,12 +13,4 @@ def test_sessions_imports_nothing_heavy():
         for path in (REPO / "sessions").rglob("*.py")
     )
     assert "sessions.manager" in modules and "sessions.store.sqlite" in modules
-    script = (
-        "import importlib, json, sys\n"
-        f"for name in {modules!r}: importlib.import_module(name)\n"
-        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
-    )
-    assert json.loads(result.stdout) == []
+    assert imported_with(modules, FORBIDDEN) == []

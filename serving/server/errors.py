@@ -23,13 +23,26 @@ def to_api_error(error: Exception) -> APIError:
         return error
     if isinstance(error, EngineFailed):
         return APIError(503, "engine_unavailable", str(error))
+    if _replica_lost(error):
+        return APIError(
+            503,
+            "replica_unavailable",
+            f"the model replica handling this request stopped or cannot be reached ({type(error).__name__}): retry; "
+            "another replica takes the session over from its stored history",
+        )
     if isinstance(error, session_errors.SessionError):
         status = next((s for cls, s in STATUS_BY_ERROR.items() if isinstance(error, cls)), 400)
         return APIError(status, error.code, str(error))
     return APIError(500, "internal_error", f"the server failed to handle the request ({type(error).__name__})")
 
 
-# How long a client should wait before retrying a 503 (draining, engine or store unavailable).
+def _replica_lost(error: Exception) -> bool:
+    """Ray's RayActorError or a subclass (ActorDiedError, ActorUnavailableError), as the ingress' calls to a model
+    replica raise them; matched by name, so that this module does not import Ray (LocalClient runs without it)."""
+    return any(cls.__name__ == "RayActorError" and cls.__module__ == "ray.exceptions" for cls in type(error).__mro__)
+
+
+# How long a client should wait before retrying a 503 (draining; engine, store or replica unavailable).
 RETRY_AFTER_S = 5
 
 

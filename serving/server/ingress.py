@@ -29,7 +29,7 @@ from serving.server import auth, metrics, protocol
 from serving.server.api import HistoryAPI
 from serving.server.auth import Owner
 from serving.server.control_plane import ReplicaKV, ingress_history
-from serving.server.errors import error_body, error_headers
+from serving.server.errors import error_body, error_headers, to_api_error
 from serving.server.in_process_model import InProcessModel
 from serving.server.llm_server import LLMServer, Reply
 from serving.server.metrics import ReplicaReport
@@ -164,6 +164,8 @@ class Ingress:
         self._in_flight.add(call)
         try:
             reply = await call
+        except Exception as error:  # Ray's own, such as the replica having died: the error envelope all the same
+            raise to_api_error(error) from error
         finally:
             self._in_flight.discard(call)
         metrics.METRICS.observe_report(reply.report)
@@ -179,8 +181,10 @@ class Ingress:
         try:
             replica = await events.__anext__()
             first = await events.__anext__()
-        except BaseException:
+        except BaseException as error:
             self._in_flight.discard(events)
+            if isinstance(error, Exception):  # not a cancellation (a drain's): Ray's errors get the envelope too
+                raise to_api_error(error) from error
             raise
         if isinstance(first, protocol.APIError):
             self._in_flight.discard(events)
@@ -194,6 +198,8 @@ class Ingress:
                         metrics.METRICS.observe_report(event)
                     else:
                         yield sse(event)
+            except Exception as error:  # the replica stopped mid-stream: an error event ends it, not a cut connection
+                yield sse(to_api_error(error))
             finally:
                 self._in_flight.discard(events)
 
@@ -250,7 +256,10 @@ class Ingress:
         if problem is None:
             problem = await self.history.store_problem()
         if problem is None:
-            problem = await self.model.ready.remote()
+            try:
+                problem = await self.model.ready.remote()
+            except Exception as error:  # no replica answers (one died, say): not ready, as a 503 that says so
+                problem = f"a model replica does not answer: {to_api_error(error).message}"
         if problem is not None:
             raise protocol.APIError(503, "not_ready", problem)
         return {"status": "ready"}

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import REPO
+
 RAY = str(Path(sys.executable).with_name("ray"))
 RESULT = "tests.cluster result: "
 HEAD_RESOURCES = {"node_head": 1, "sessionserve_model": 1}
@@ -134,7 +135,7 @@ def start_node(name: str, args: list[str], temp_dir: Path, env: dict[str, str]) 
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=env,
-            cwd=ROOT,
+            cwd=REPO,
         )
     return RayNode(name, process, temp_dir, log)
 
@@ -166,7 +167,7 @@ class TwoNodeCluster:
             capture_output=True,
             text=True,
             timeout=timeout,
-            cwd=ROOT,
+            cwd=REPO,
             env=self.env,
         )
         if result.returncode != 0:
@@ -187,7 +188,7 @@ def cluster_env(address: str) -> dict[str, str]:
     head whenever ~/.ray/auth_token exists (any local `ray.init` writes one), but not for a node or driver that
     joins with an explicit address, which then cannot connect."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    return env | FAST_NODE_DEATH | {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    return env | FAST_NODE_DEATH | {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
 
 # What a node logs when its raylet has not registered with the GCS within the 30 s Ray allows (fixed, in

@@ -23,7 +23,8 @@ from typing import Any
 import psutil
 import yaml
 
-from tests.cluster import ROOT, free_port, port_open
+from tests.cluster import free_port, port_open
+from tests.paths import REPO
 from tests.support import TINY
 
 
@@ -70,14 +71,14 @@ class ServeProcess:
         path.write_text(yaml.safe_dump(config))
         ray_tmp = Path(tempfile.mkdtemp(prefix="sslc-", dir="/tmp"))  # short: Ray's socket paths live under it
         environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        environment |= {"RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(ROOT), "SESSIONSERVE_DATA_DIR": str(workdir)}
+        environment |= {"RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(REPO), "SESSIONSERVE_DATA_DIR": str(workdir)}
         environment |= env or {}
         process = subprocess.Popen(
             [sys.executable, "-m", "serving.cli", "serve", "--config", str(path), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            cwd=ROOT,
+            cwd=REPO,
             env=environment,
             start_new_session=True,
         )

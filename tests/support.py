@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 
 from serving.config import Config, load_config
+from tests.paths import REPO
 
 APP_NAME = "sessionserve-test"
-REPO = Path(__file__).resolve().parent.parent
 
 
 def imported_with(modules: Iterable[str], packages: Iterable[str]) -> list[str]:

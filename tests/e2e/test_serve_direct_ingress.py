@@ -24,8 +24,9 @@ import pytest
 
 from serving.server import direct_ingress
 from sessions.store import open_store
-from tests.cluster import ROOT, free_port, port_open, two_node_cluster
+from tests.cluster import free_port, port_open, two_node_cluster
 from tests.e2e.test_serve_lifecycle import sigterm_during_a_long_turn
+from tests.paths import REPO
 from tests.serve_process import ServeProcess, tiny_config
 from tests.support import TINY
 
@@ -159,7 +160,7 @@ def serve_refused(args: list[str], env: dict[str, str], tmp_path) -> subprocess.
     config.write_text(f"sessions: {{store: 'sqlite:///{tmp_path / 'sessions.db'}'}}\nmodel: {{name: '{TINY}'}}\n")
     return subprocess.run(
         [sys.executable, "-m", "serving.cli", "serve", "--config", str(config), *args],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
     )  # fmt: skip
 
 
@@ -204,7 +205,7 @@ def test_joining_a_direct_ingress_cluster_serves_on_the_port_the_cluster_gives_a
 
 def test_proxy_ingress_with_the_direct_variable_in_the_environment_is_refused_before_ray_starts(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env |= {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "PYTHONPATH": str(ROOT)}
+    env |= {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "PYTHONPATH": str(REPO)}
     started = time.monotonic()
     result = serve_refused(["--ingress", "proxy", "--port", str(free_port())], env, tmp_path)
     assert result.returncode == 2 and "--ingress direct" in result.stderr, result.stdout + result.stderr
@@ -212,7 +213,7 @@ def test_proxy_ingress_with_the_direct_variable_in_the_environment_is_refused_be
 
 
 def test_direct_ingress_on_a_port_in_use_is_refused(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"PYTHONPATH": str(REPO)}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -19,7 +19,8 @@ import uuid
 import httpx
 import pytest
 
-from tests.cluster import ROOT, TwoNodeCluster, free_port, two_node_cluster
+from tests.cluster import TwoNodeCluster, free_port, two_node_cluster
+from tests.paths import REPO
 from tests.serve_process import ServeProcess, tiny_config
 from tests.support import REPLICA_HEADER, TINY, app_config, wait_healthy
 
@@ -132,7 +133,7 @@ def test_serve_with_sqlite_on_two_nodes_is_refused(cluster, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "serving.cli", "serve", "--config", str(config), "--address", cluster.address,
          "--port", str(free_port())],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
     )  # fmt: skip
     assert result.returncode != 0, result.stdout + result.stderr
     assert "refusing to start" in result.stderr and "2 alive nodes" in result.stderr, result.stderr[-3000:]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tests.support import REPO, imported_with
+from tests.paths import REPO
+from tests.support import imported_with
 
 FORBIDDEN = ("torch", "ray", "fastapi", "transformers", "pydantic", "serving")
 

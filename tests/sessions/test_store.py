@@ -6,7 +6,6 @@ import subprocess
 import sys
 import threading
 from contextlib import closing
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,8 @@ from sessions.errors import InvalidRequest, SessionExists, SessionNotFound
 from sessions.messages import Message
 from sessions.store import KVReport, MemoryStore, SQLiteStore, open_store
 from sessions.store.base import SessionRecord
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 U1, A1, U2, A2 = Message("user", "u1"), Message("assistant", "a1"), Message("user", "u2"), Message("assistant", "a2")
 
 

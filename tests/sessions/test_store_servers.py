@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -22,11 +21,11 @@ from sessions.store.postgresql import PostgreSQLStore
 from sessions.store.postgresql_schema import SCHEMA_VERSION
 from sessions.store.redis import RedisStore
 from sessions.store.sqlite import SQLiteStore
+from tests.paths import REPO
 from tests.sessions.conftest import reset_postgres
 from tests.sessions.test_store_contract import record
 
 U1, A1 = Message("user", "u1"), Message("assistant", "a1")
-REPO = Path(__file__).resolve().parents[2]
 LEASE_A = Lease("turn-a", 60)
 
 

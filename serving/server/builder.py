@@ -65,9 +65,10 @@ def build_app(config: Config) -> serve.Application:
     settings = config.model_dump(mode="json")
     logging_config = {"enable_access_log": serving.access_log}  # every replica of both deployments
     # Ray runs a replica's code on a loop of its own thread by default, so each request, each handle call and each
-    # streamed chunk crosses threads twice. Ours never blocks its loop (store calls and the engine run in threads),
-    # so it shares Ray's: 10-20% less ingress CPU per session operation (README, "Session operations next to
-    # /health"), and with `ingress: replica` HTTP overhead over in-process 2.6-3.9 ms vs 5.5-8.7 ms.
+    # streamed chunk crosses threads twice. Ours never blocks its loop (the engine and SQLite run in threads, a
+    # network store's calls await its asyncio driver), so it shares Ray's: 10-20% less ingress CPU per session
+    # operation (docs/control-plane-measurements.md, "Replicas on Ray's loop"), and with `ingress: replica` HTTP
+    # overhead over in-process 2.6-3.9 ms vs 5.5-8.7 ms.
     on_rays_loop = {"env_vars": {SEPARATE_USER_THREAD: "0"}}
     # The ingress' handle routes its calls on that same loop too (its calls go over gRPC: Ingress.__init__).
     ingress_env = {"env_vars": {**on_rays_loop["env_vars"], ROUTER_OWN_LOOP: "0"}}

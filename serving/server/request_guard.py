@@ -2,7 +2,8 @@
 
 A plain ASGI middleware, not Starlette's `@app.middleware("http")`: that one runs each request through an extra
 task group and memory streams, and re-wraps `receive` for a request with a body; without it `/health` served ~40%
-more requests per second and the session operations 10–30% more (`benchmarks/control_plane.py`, README).
+more requests per second and the session operations 10–30% more (`benchmarks/control_plane.py`;
+`docs/control-plane-measurements.md`, "Direct ingress").
 """
 
 from __future__ import annotations

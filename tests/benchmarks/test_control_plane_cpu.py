@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from benchmarks.control_plane import _cpu_seconds, _cpu_spent, _ms_per_op, _role
+from benchmarks.control_plane import _cpu_seconds, _cpu_spent, _cpu_vs_health, _ms_per_op, _role
 
 
 def _spin(seconds: float) -> None:
@@ -24,6 +24,14 @@ def test_this_process_is_the_client_and_its_cpu_is_counted_per_operation():
     assert 2.5 <= cpu["client"] <= 6  # 300 ms over 100 operations, give or take the test's own overhead
     assert set(cpu) == {"client", "ingress", "model replica", "proxy", "store", "rest"}
     assert cpu["ingress"] == 0  # no Ray here ("store" is not: the other pytest worker's servers may be busy)
+
+
+def test_the_cpu_ratio_counts_every_process_an_operation_cost():
+    results = {
+        "health": {"cpu_ms_per_op": {"client": 2.0, "ingress": 0.8, "store": 0.0, "rest": 0.2}},  # 3.0 ms
+        "append": {"cpu_ms_per_op": {"client": 2.0, "ingress": 1.6, "store": 0.4, "rest": 0.2}},  # 4.2 ms
+    }
+    assert _cpu_vs_health(results) == {"health": 1.0, "append": 0.71}
 
 
 @pytest.mark.parametrize(

@@ -39,11 +39,12 @@ lint: install
 system-deps:  # redis-server, PostgreSQL (store tests) and chromium (web page tests); apt-get only when missing
 	bash scripts/install-system-deps.sh
 
-# What needs neither the model nor Ray runs on two workers, as in test-fast; the rest serially, one Ray cluster for
-# all of it. Both parts always run; the target fails if either did.
+# What needs neither the model nor Ray runs on two workers, as in test-fast; then the rest on two workers again, one
+# of them running every test on the session's Ray cluster (tests/conftest.py, SHARED_CLUSTER), the other what starts
+# its own processes. Both parts always run; the target fails if either did.
 test: system-deps model lint
 	$(PYTEST) -q -ra -n 2 --dist worksteal -m "not model and not ray"; fast=$$?; \
-	$(PYTEST) -q -ra --durations=15 -m "model or ray" && exit $$fast
+	$(PYTEST) -q -ra -n 2 --dist loadgroup --durations=15 -m "model or ray" && exit $$fast
 
 test-fast: system-deps install  # two workers: each starts its own PostgreSQL and Redis (free ports, temp dirs)
 	$(PYTEST) -q -ra -n 2 --dist worksteal -m "not model and not ray and not slow"

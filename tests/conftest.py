@@ -36,8 +36,12 @@ def smollm2_dir():
 MODEL_FIXTURES = {"smollm2_dir", "smollm2", "local_client", "http_url", "http_client"}
 RAY_FIXTURES = {"ray_cluster", "serve_port", "http_url", "http_client"}
 BROWSER_FIXTURES = {"chromium_page"}  # tests/web/conftest.py
+# With `--dist loadgroup` (make test) every test on the session's Ray cluster runs in one worker, so only that
+# worker starts it; the other worker runs what starts its own processes (serve, Ray nodes) or needs no Ray.
+SHARED_CLUSTER = "shared-ray-cluster"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
@@ -45,6 +49,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.model)
         if used & RAY_FIXTURES:
             item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.xdist_group(SHARED_CLUSTER))
         if used & BROWSER_FIXTURES:
             item.add_marker(pytest.mark.browser)
 

@@ -107,8 +107,13 @@ class Coalescer:
                 self.waiting = later + self.waiting[2 * BATCH_MAX :]
                 now = time.time()
                 params = {"ids": [sid for sid, _ in batch], "contents": [MESSAGE.content] * len(batch)}
-                cursor = await self._conn.execute(BATCHED_APPEND, params | {"active": now, "now": now})
-                stored = {sid for (sid,) in await cursor.fetchall()}
+                try:
+                    cursor = await self._conn.execute(BATCHED_APPEND, params | {"active": now, "now": now})
+                    stored = {sid for (sid,) in await cursor.fetchall()}
+                except Exception as error:  # every append of the batch fails with it
+                    for _, future in batch:
+                        future.set_exception(error)
+                    continue
                 self.statements += 1
                 for sid, future in batch:
                     future.set_result(sid in stored)

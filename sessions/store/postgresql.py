@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -240,7 +240,8 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     ours = {key: value for key, value in query if key in _OPTIONS}
-    rest = urlencode([(key, value) for key, value in query if key not in _OPTIONS])
+    # percent-encoded as libpq decodes a URI (a space as %20: libpq reads '+' as itself)
+    rest = urlencode([(key, value) for key, value in query if key not in _OPTIONS], quote_via=quote)
     return urlunsplit(parts._replace(query=rest)), ours
 
 

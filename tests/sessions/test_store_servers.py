@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -296,6 +297,17 @@ def test_postgresql_lease_writes_skip_the_flush_wait_for_their_own_commit_only(p
         assert other.execute("SELECT lease_holder FROM sessionserve_sessions").fetchone() == (None,)
     assert store.messages("s1") == [U1]
     store.acquire_lease("s1", "turn-b", ttl_s=60)  # released: another turn may take it
+    store.close()
+
+
+def test_postgresql_passes_libpq_options_with_spaces_from_the_url(postgres_url):
+    """`?options=-c name=value` (percent-encoded) reaches the server as written, next to our own query parameters."""
+    options = quote("-c application_name=sessionserve-options-test")
+    store = PostgreSQLStore(f"{postgres_url}?options={options}&timeout=3")
+    store.ping()
+    with psycopg.connect(postgres_url) as conn:
+        names = {name for (name,) in conn.execute("SELECT application_name FROM pg_stat_activity")}
+    assert "sessionserve-options-test" in names
     store.close()
 
 

@@ -1,8 +1,8 @@
 """What coalescing PostgreSQL appends would save: the CPU of this process and of PostgreSQL per append, one statement
 per append (the store's `append` on the loop, as the ingress runs it) against one statement per batch of whatever
-appends are waiting when the loop gets to them. A probe for a design not built (docs/control-plane-measurements.md,
+appends are waiting when the loop gets to them. A probe for a design not on main (docs/control-plane-measurements.md,
 "Coalescing store calls"): its batched statement is the store's append reduced to what the probe's sessions need
-(no owner, lease holder or KV report), and the probe checks that both ways stored every message.
+(no owner, lease holder, KV report or ordered row lock), and the probe checks that both ways stored every message.
 
 Each of `--concurrent` clients loops: wait a random 0..`--spread-ms` (requests arrive apart), spend `--busy-ms` of
 CPU on the loop (a request's HTTP and FastAPI work), append one message to one of 300 sessions.

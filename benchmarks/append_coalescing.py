@@ -23,10 +23,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
 import uvloop
 
+from benchmarks.control_plane import _cpu_seconds, _cpu_spent, _store_url
 from sessions.messages import Message
 from sessions.store import loop_io
 from sessions.store.base import SessionRecord
@@ -56,18 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spread-ms", type=float, default=2.0, help="each request waits a random 0..this first")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
-
-
-def _postgres_cpu_s() -> float:
-    total = 0.0
-    for process in psutil.process_iter(["name"]):
-        if (process.info["name"] or "").startswith("postgres"):
-            try:
-                times = process.cpu_times()
-            except psutil.Error:  # a backend that ended meanwhile
-                continue
-            total += times.user + times.system
-    return total
 
 
 class Coalescer:
@@ -147,9 +135,10 @@ async def _measure(
             await append(i)
 
     statements_before = coalescer.statements
-    cpu, postgres, wall = time.process_time(), _postgres_cpu_s(), time.perf_counter()
+    before, wall = _cpu_seconds(), time.perf_counter()
     await asyncio.gather(*(client() for _ in range(args.concurrent)))
-    cpu, postgres, wall = time.process_time() - cpu, _postgres_cpu_s() - postgres, time.perf_counter() - wall
+    spent, wall = _cpu_spent(before), time.perf_counter() - wall  # this process is the "client", PostgreSQL "store"
+    cpu, postgres = spent["client"], spent["store"]
     statements = args.appends if way == "each" else coalescer.statements - statements_before
     await coalescer.close()
     return {
@@ -163,8 +152,6 @@ async def _measure(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from benchmarks.control_plane import _store_url
-
     with ExitStack() as stack:
         url = args.postgres_url or _store_url("postgresql", stack)
         store = PostgreSQLStore(url)

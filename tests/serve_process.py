@@ -120,14 +120,23 @@ class ServeProcess:
     def port_open(self) -> bool:
         return port_open(self.port)
 
-    def leftovers(self) -> list[str]:
-        """Processes still in the serve process's group (Ray's GCS, raylet, agents) once it has exited."""
+    def own_processes(self) -> list[psutil.Process]:
+        """The live processes of this serve and of the Ray it started (GCS, raylet, agents, replicas): its process
+        group and its descendants, never another Ray on the machine (the suite runs a shared cluster beside it)."""
+        pids: set[int] = set()
+        with contextlib.suppress(psutil.Error):
+            pids |= {child.pid for child in psutil.Process(self.process.pid).children(recursive=True)}
         found = []
-        for proc in psutil.process_iter(["pid", "name", "status"]):
+        for proc in psutil.process_iter(["pid", "name", "status", "cmdline", "nice"]):
             with contextlib.suppress(psutil.Error, ProcessLookupError):
-                if os.getpgid(proc.pid) == self.process.pid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                    found.append(f"{proc.pid} {proc.info['name']}")
+                ours = proc.pid in pids or os.getpgid(proc.pid) == self.process.pid
+                if ours and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
         return found
+
+    def leftovers(self) -> list[str]:
+        """Processes of this serve's Ray still alive once serve has exited."""
+        return [f"{proc.pid} {proc.info['name']}" for proc in self.own_processes()]
 
     def close(self) -> None:
         if self.process.poll() is None:

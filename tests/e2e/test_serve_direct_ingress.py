@@ -55,21 +55,28 @@ def sse_events(response: httpx.Response) -> list[dict]:
     return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
 
 
-def model_deployment_processes() -> list[str]:
-    named = (" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
-    return [line for line in named if "ServeReplica:sessionserve:LLMServer" in line]
+def command_lines(server: ServeProcess) -> dict[int, str]:
+    """The command line of each process of `server`'s own Ray (Ray names its actor processes by role)."""
+    return {proc.pid: " ".join(proc.info["cmdline"] or []) for proc in server.own_processes()}
 
 
-def replica_niceness() -> set[int]:
+def model_deployment_processes(server: ServeProcess) -> list[str]:
+    return [line for line in command_lines(server).values() if "ServeReplica:sessionserve:LLMServer" in line]
+
+
+def replica_niceness(server: ServeProcess) -> set[int]:
     """The niceness of every replica process of the app (ingress and model)."""
-    named = psutil.process_iter(["cmdline", "nice"])
-    return {p.info["nice"] for p in named if "ServeReplica:sessionserve:" in " ".join(p.info["cmdline"] or [])}
+    return {
+        proc.info["nice"]
+        for proc in server.own_processes()
+        if "ServeReplica:sessionserve:" in " ".join(proc.info["cmdline"] or [])
+    }
 
 
-def ingress_replica_urls() -> list[str]:
-    """Each ingress replica's own HTTP address: what its process listens on (Ray's actor processes are named by
-    role) that answers /health; Ray's own gRPC listeners in the same process do not."""
-    pids = {p.pid for p in psutil.process_iter(["cmdline"]) if INGRESS in " ".join(p.info["cmdline"] or [])}
+def ingress_replica_urls(server: ServeProcess) -> list[str]:
+    """Each ingress replica's own HTTP address: what its process listens on that answers /health; Ray's own gRPC
+    listeners in the same process do not."""
+    pids = {pid for pid, line in command_lines(server).items() if INGRESS in line}
     ports = {c.laddr.port for c in psutil.net_connections("tcp") if c.pid in pids and c.status == psutil.CONN_LISTEN}
     urls = []
     for port in sorted(ports):
@@ -110,9 +117,9 @@ def test_the_api_on_the_configured_port_through_each_ingress_and_a_drain_on_sigt
         server.wait_ready()
         assert f"ready on {server.url} ({says}" in server.output()
         assert listener in listener_of(server.port)
-        assert bool(model_deployment_processes()) == (ingress != "replica")  # replica: no model replica to hop to
-        assert replica_niceness() == {0}  # not Ray's default 15: the replicas do not yield the CPU to the rest
-        replicas = ingress_replica_urls()
+        assert bool(model_deployment_processes(server)) == (ingress != "replica")  # replica: no model replica to hop to
+        assert replica_niceness(server) == {0}  # not Ray's default 15: the replicas do not yield the CPU to the rest
+        replicas = ingress_replica_urls(server)
         assert len(replicas) == own_ports, replicas
         for n, url in enumerate(replicas):  # sessions created through each replica: each counts its own requests
             for m in range(n + 1):
